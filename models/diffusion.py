@@ -1,0 +1,139 @@
+"""Diffusion objectives and samplers over packed token sequences.
+
+Both objectives work on token space ([L, P] patches), which is the latent space cut into
+patches: the MSE over tokens equals the MSE over the latent. Timesteps are one per video;
+`seg_ids` broadcasts them to tokens (padding tokens are masked out of every loss).
+
+DDPM (Ho et al. 2020): q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), epsilon
+prediction, the simple loss of Algorithm 1, ancestral sampling of Algorithm 2 (on a
+respaced subsequence of timesteps when fewer steps are asked for).
+Rectified flow (Liu et al. 2022; Esser et al. 2024): x_t = (1 - t) x_0 + t eps, velocity
+target eps - x_0, logit-normal t, Euler sampling from t = 1 to 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t [L,P], t_model [V]) -> [L,P]
+
+
+def per_token(t_V: torch.Tensor, seg_ids_L: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-video value to tokens; padding tokens (id V) get the value 0."""
+    return torch.cat([t_V, t_V.new_zeros(1)])[seg_ids_L]
+
+
+class DDPM:
+    name = "ddpm"
+
+    def __init__(self, num_steps: int = 1000, schedule: str = "linear",
+                 beta_start: float = 1e-4, beta_end: float = 0.02):
+        self.num_steps = num_steps
+        if schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+        elif schedule == "cosine":  # Nichol & Dhariwal 2021
+            s = 0.008
+            f = lambda t: math.cos((t / num_steps + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+            betas = torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(num_steps)],
+                                 dtype=torch.float64)
+        else:
+            raise ValueError(f"objective.schedule: unknown schedule {schedule!r}, expected 'linear' or 'cosine'")
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0)
+
+    def sample_t(self, num_videos: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randint(0, self.num_steps, (num_videos,), generator=generator).double()
+
+    def model_time(self, t_V: torch.Tensor) -> torch.Tensor:
+        return t_V.float()
+
+    def q_sample(self, x0, t_tok, noise):
+        """Sample q(x_t | x_0) in closed form; t_tok holds each token's integer timestep."""
+        abar = self.alphas_cumprod[t_tok.long()].to(x0.dtype)[:, None]
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def q_step(self, x_prev, t: int, noise):
+        """One step of the forward process q(x_t | x_{t-1}) (for tests of the closed form)."""
+        b = float(self.betas[t])
+        return math.sqrt(1 - b) * x_prev + math.sqrt(b) * noise
+
+    def loss_terms(self, model_fn: ModelFn, x0_LP, t_V, noise_LP, seg_ids_L):
+        """Per-token epsilon-prediction MSE (mean over the patch dim), shape [L]."""
+        x_t = self.q_sample(x0_LP, per_token(t_V, seg_ids_L), noise_LP)
+        eps = model_fn(x_t, self.model_time(t_V))
+        return (eps.float() - noise_LP.float()).pow(2).mean(-1)
+
+    @torch.no_grad()
+    def sample(self, model_fn: ModelFn, noise_LP, num_videos: int, steps: int | None = None,
+               generator: torch.Generator | None = None, x_init=None, t_start: int | None = None):
+        """Ancestral sampling (Algorithm 2) on a respaced schedule of `steps` timesteps.
+
+        `x_init`/`t_start` start from a partly noised input (SDEdit) instead of pure noise.
+        """
+        steps = steps or self.num_steps
+        last = self.num_steps - 1 if t_start is None else t_start
+        ts = torch.linspace(0, last, min(steps, last + 1)).round().long().unique().flip(0)
+        abar = self.alphas_cumprod
+        x = noise_LP if x_init is None else x_init
+        for i, t in enumerate(ts.tolist()):
+            t_prev = ts[i + 1].item() if i + 1 < len(ts) else -1
+            a_t = abar[t].item()
+            a_prev = abar[t_prev].item() if t_prev >= 0 else 1.0
+            beta = 1 - a_t / a_prev  # respaced beta between t_prev and t
+            t_V = torch.full((num_videos,), float(t))
+            eps = model_fn(x, t_V).to(x.dtype)
+            mean = (x - beta / math.sqrt(1 - a_t) * eps) / math.sqrt(1 - beta)
+            if t_prev >= 0:
+                var = beta * (1 - a_prev) / (1 - a_t)  # posterior variance beta-tilde
+                z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+                x = mean + math.sqrt(var) * z
+            else:
+                x = mean
+        return x
+
+
+class RectifiedFlow:
+    name = "flow"
+
+    def __init__(self, logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0):
+        self.logit_mean, self.logit_std, self.shift = logit_mean, logit_std, shift
+
+    def sample_t(self, num_videos: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        u = torch.randn(num_videos, generator=generator, dtype=torch.float64)
+        t = torch.sigmoid(self.logit_mean + self.logit_std * u)
+        return self.shift * t / (1 + (self.shift - 1) * t)  # resolution shift (1 = none)
+
+    def model_time(self, t_V: torch.Tensor) -> torch.Tensor:
+        return (t_V * 1000).float()
+
+    def q_sample(self, x0, t_tok, noise):
+        t = t_tok.to(x0.dtype)[:, None]
+        return (1 - t) * x0 + t * noise
+
+    def loss_terms(self, model_fn: ModelFn, x0_LP, t_V, noise_LP, seg_ids_L):
+        x_t = self.q_sample(x0_LP, per_token(t_V, seg_ids_L), noise_LP)
+        v = model_fn(x_t, self.model_time(t_V))
+        return (v.float() - (noise_LP - x0_LP).float()).pow(2).mean(-1)
+
+    @torch.no_grad()
+    def sample(self, model_fn: ModelFn, noise_LP, num_videos: int, steps: int | None = None,
+               generator: torch.Generator | None = None, x_init=None, t_start: float | None = None):
+        steps = steps or 50
+        t0 = 1.0 if t_start is None else float(t_start)
+        ts = torch.linspace(t0, 0.0, steps + 1, dtype=torch.float64)
+        x = noise_LP if x_init is None else x_init
+        for i in range(steps):
+            t_V = torch.full((num_videos,), float(ts[i]), dtype=torch.float64)
+            v = model_fn(x, self.model_time(t_V)).to(x.dtype)
+            x = x + float(ts[i + 1] - ts[i]) * v
+        return x
+
+
+def make_objective(name: str, **kw):
+    if name == "ddpm":
+        return DDPM(**kw)
+    if name == "flow":
+        return RectifiedFlow(**kw)
+    raise ValueError(f"objective.name: unknown objective {name!r}, expected 'ddpm' or 'flow'")

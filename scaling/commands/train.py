@@ -1,0 +1,38 @@
+"""`vidscale train RECIPE`: train a recipe here (one or more local processes)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.steps=20 (repeatable)")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train a recipe", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="YAML recipe, e.g. recipes/debug.yaml")
+    add_recipe_args(p)
+    p.add_argument("--run-dir", help="run directory (default runs/<name>-<time>)")
+    p.add_argument("--nproc", type=int, default=None, help="world size: processes to start (default cluster.nproc)")
+    return p
+
+
+def run(args) -> int:
+    from scaling.config import load_config
+
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"train.run_dir={args.run_dir}")
+    if args.nproc is not None:
+        overrides.append(f"cluster.nproc={args.nproc}")
+    cfg = load_config(args.recipe, overrides)
+    if cfg.cluster.nproc > 1:
+        from cluster.local import launch_local
+        return launch_local(cfg)
+    from scaling.train import train
+    result = train(cfg)
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,369 @@
+"""Recipes: typed, nested dataclasses hold every default once; YAML and `--set` override.
+
+    cfg = load_config("recipes/debug.yaml", ["train.steps=20", "parallel.ulysses=2"])
+
+Unknown keys, wrong types and bad values raise `RecipeError`, a one-line message that
+names the file, the key and what was expected, before any worker starts.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf  # noqa: F401
+from omegaconf.errors import OmegaConfBaseException
+
+
+class RecipeError(ValueError):
+    """A user mistake in a recipe or an override; the message is one line."""
+
+
+@dataclass
+class ModelArgs:
+    size: str = "debug"
+    """Row of the size table (`models/sizes.py`): debug, tiny, small, S, B, L, XL, 30M, 1B .. 30B."""
+    hidden: int = 0
+    """Override the table's width (0 keeps it). Sweeps use hidden/depth for custom shapes."""
+    depth: int = 0
+    """Override the table's depth (0 keeps it)."""
+    heads: int = 0
+    """Override the table's head count (0 keeps it)."""
+    mlp_ratio: float = 0.0
+    """Override the table's MLP ratio (0 keeps it)."""
+    patch: list[int] = field(default_factory=lambda: [1, 2, 2])
+    """Patch size (pt, ph, pw) over latent frames, rows and columns."""
+    in_channels: int = 4
+    """Latent channels C (must match the data's latent encoder)."""
+    text_dim: int = 384
+    """Width of the text-encoder tokens (384 for the packaged MiniLM)."""
+    qk_norm: bool = True
+    attn_backend: str = "sdpa"
+    """Packed attention kernel: sdpa (per-video SDPA; CPU), varlen (flash; GPU), dense (reference)."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward (fairscale checkpoint_wrapper)."""
+    ac_offload: bool = False
+    """With activation checkpointing, keep the saved block inputs in CPU memory."""
+    compile: bool = False
+    """torch.compile each block."""
+
+
+@dataclass
+class DataArgs:
+    source: str = "synthetic"
+    """'synthetic' (generated latents) or a directory of prepared shards (`vidscale prepare`)."""
+    synthetic_videos: int = 256
+    """Videos in one synthetic epoch."""
+    frames: list[int] = field(default_factory=lambda: [1, 4])
+    """Synthetic latent frame range [min, max]."""
+    sizes: list[list[int]] = field(default_factory=lambda: [[8, 8], [8, 12], [12, 8], [16, 16], [8, 16]])
+    """Synthetic latent (H, W) choices."""
+    text_tokens: list[int] = field(default_factory=lambda: [4, 16])
+    """Synthetic caption length range [min, max]."""
+    lookahead: int = 64
+    """Videos buffered by the packer (first-fit-decreasing over this window)."""
+    shuffle_buffer: int = 256
+    workers: int = 0
+    """Loader worker processes (0 reads in the training process)."""
+    on_error: str = "skip"
+    """Undecodable sample or truncated shard: 'skip' (count and go on) or 'fail'."""
+    drop_tokens: float = 0.0
+    """NaViT token dropping: fraction of tokens of long videos dropped at random (0 = off)."""
+    drop_min_tokens: int = 1024
+    """Only videos with at least this many tokens get tokens dropped."""
+    # preparation (vidscale prepare)
+    encoder: str = "pixel"
+    """Latent encoder: 'pixel' (built-in stand-in), 'wan:PATH', 'cogvideox:PATH', 'vae:RUN_DIR'."""
+    text_encoder: str = "minilm"
+    """Text encoder: 'minilm' (packaged all-MiniLM-L6-v2) or a local T5/UMT5/CLIP path."""
+    clip_frames: int = 17
+    """Frames per clip (1 + 4k suits 4x temporal compression)."""
+    fps: float = 0.0
+    """Resample to this frame rate (0 keeps the source rate)."""
+    max_area: int = 0
+    """Resize so H*W <= max_area keeping aspect (0 keeps native size)."""
+    max_clips: int = 4
+    """Clips cut from one long video at most."""
+    shard_max_bytes: int = 64_000_000
+    captions: str = ""
+    """Caption sidecar (jsonl or csv with 'file' and 'caption'); default: a .txt beside each video."""
+
+
+@dataclass
+class ObjectiveArgs:
+    name: str = "flow"
+    """'flow' (rectified flow, velocity target) or 'ddpm' (epsilon prediction)."""
+    schedule: str = "linear"
+    """DDPM beta schedule: linear or cosine."""
+    num_steps: int = 1000
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+    caption_dropout: float = 0.0
+    """Probability of training a video with an empty caption (for classifier-free guidance)."""
+    cond_frames: int = 0
+    """Image-to-video: condition on up to this many clean leading latent frames (0 = off)."""
+
+
+@dataclass
+class OptimArgs:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup: int = 10
+    """Linear warmup steps, then cosine decay to min_lr_ratio * lr."""
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (0 = off)."""
+    ema_decay: float = 0.999
+    """EMA of the weights (0 = off)."""
+
+
+@dataclass
+class TrainArgs:
+    steps: int = 100
+    seed: int = 0
+    tokens_per_batch: int = 1024
+    """Token budget of one packed micro-batch (per data-parallel rank)."""
+    grad_accum: int = 1
+    dtype: str = "fp32"
+    """fp32 or bf16 (autocast on CPU, bf16 ZeRO on GPU)."""
+    device: str = "auto"
+    """auto (cuda when present), cpu or cuda."""
+    run_dir: str = ""
+    """Run directory (default runs/<recipe>-<time>)."""
+    val_every: int = 0
+    """Validation loss every N steps (0 = only at the end)."""
+    val_videos: int = 16
+
+
+@dataclass
+class ParallelArgs:
+    ulysses: int = 1
+    """Ulysses (all-to-all) sequence-parallel degree."""
+    ring: int = 1
+    """Ring-attention sequence-parallel degree (sp = ulysses * ring)."""
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage (0 = plain torch, no DeepSpeed)."""
+    backend: str = "auto"
+    """Collectives: auto (nccl on GPU, gloo on CPU), gloo or nccl."""
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    reduce_bucket_size: int = 50_000_000
+    prefetch_bucket_size: int = 50_000_000
+    overlap_comm: bool = True
+    timeout_s: int = 300
+    """Collective timeout: a failing rank never leaves the others waiting longer."""
+
+
+@dataclass
+class CheckpointArgs:
+    every: int = 0
+    """Save every N steps (0 = only at the end)."""
+    keep_last: int = 2
+    keep_every: int = 0
+    """Also keep every M-th step's checkpoint (0 = off)."""
+    async_save: bool = False
+    resume: str = ""
+    """'' (fresh), 'auto' (latest complete checkpoint in the run dir) or a checkpoint path."""
+
+
+@dataclass
+class LoggingArgs:
+    every: int = 1
+    """Log (and sync the loss to the host) every N steps."""
+    tensorboard: bool = True
+    progress: bool = True
+    sample_every: int = 0
+    """Write sample videos to TensorBoard every N steps (0 = off)."""
+    sample_prompts: list[str] = field(default_factory=lambda: ["a red square moving right"])
+
+
+@dataclass
+class SlurmArgs:
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time: str = "01:00:00"
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    constraint: str = ""
+    extra: list[str] = field(default_factory=list)
+    """Extra '#SBATCH' options, e.g. ['--exclusive']."""
+    signal_seconds: int = 90
+    """Pre-emption signal (USR1) this many seconds before the time limit."""
+    ray: bool = False
+    """Start a Ray cluster inside the allocation and launch through Ray."""
+
+
+@dataclass
+class ClusterArgs:
+    launcher: str = "local"
+    """local, ray or slurm."""
+    nproc: int = 1
+    """World size (processes, one per device)."""
+    address: str = ""
+    """Ray cluster address ('' starts an embedded local cluster)."""
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 2
+    slurm: SlurmArgs = field(default_factory=SlurmArgs)
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    objective: ObjectiveArgs = field(default_factory=ObjectiveArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    parallel: ParallelArgs = field(default_factory=ParallelArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
+    cluster: ClusterArgs = field(default_factory=ClusterArgs)
+
+
+# ---------------------------------------------------------------------------------------
+def _keys(dc, prefix="") -> list[str]:
+    out = []
+    for f in fields(dc):
+        sub = getattr(dc, f.name)
+        out.append(prefix + f.name)
+        if is_dataclass(sub):
+            out += _keys(sub, prefix + f.name + ".")
+    return out
+
+
+_ALL_KEYS = _keys(Config())
+
+
+def _one_line(err: OmegaConfBaseException, where: str) -> RecipeError:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0]
+    if "Key" in type(err).__name__ or "not in struct" in msg or "ConfigAttributeError" in type(err).__name__:
+        close = difflib.get_close_matches(key, _ALL_KEYS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return RecipeError(f"{where}: unknown key '{key}'{hint}")
+    if "Validation" in type(err).__name__:
+        return RecipeError(f"{where}: key '{key}': {msg}")
+    return RecipeError(f"{where}: key '{key}': {msg}")
+
+
+def _merge(base, other, where: str):
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        raise _one_line(e, where) from None
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- recipe YAML (optionally with `base: other.yaml`) <- `key=value` overrides."""
+    cfg = OmegaConf.structured(Config)
+    if recipe is not None:
+        for layer, path in _recipe_layers(Path(recipe)):
+            cfg = _merge(cfg, layer, str(path))
+    dotlist = []
+    for o in overrides:
+        if "=" not in o:
+            raise RecipeError(f"--set {o!r}: expected key=value, e.g. train.steps=20")
+        dotlist.append(o)
+    for o in dotlist:
+        try:
+            layer = OmegaConf.from_dotlist([o])
+        except OmegaConfBaseException as e:
+            raise RecipeError(f"--set {o!r}: {str(e).splitlines()[0]}") from None
+        cfg = _merge(cfg, layer, f"--set {o}")
+    obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(obj, str(recipe) if recipe else "<defaults>")
+    return obj
+
+
+def _recipe_layers(path: Path) -> list[tuple[Any, Path]]:
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # yaml scanner errors are multi-line
+        raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, type(OmegaConf.create({}))):
+        raise RecipeError(f"{path}: expected a mapping of recipe keys at the top level")
+    layers = []
+    base = raw.pop("base", None) if "base" in raw else None
+    if base:
+        layers += _recipe_layers((path.parent / str(base)).resolve())
+    layers.append((raw, path))
+    return layers
+
+
+def validate(cfg: Config, where: str) -> None:
+    """Value checks that types alone cannot express. Raises RecipeError (one line)."""
+    from models.sizes import SIZES
+
+    def bad(key, value, expected):
+        raise RecipeError(f"{where}: key '{key}' = {value!r}: expected {expected}")
+
+    if cfg.model.size not in SIZES:
+        bad("model.size", cfg.model.size, f"one of {list(SIZES)}")
+    if len(cfg.model.patch) != 3 or min(cfg.model.patch) < 1:
+        bad("model.patch", cfg.model.patch, "three positive integers [pt, ph, pw]")
+    if cfg.model.attn_backend not in ("sdpa", "varlen", "dense"):
+        bad("model.attn_backend", cfg.model.attn_backend, "sdpa, varlen or dense")
+    if cfg.objective.name not in ("flow", "ddpm"):
+        bad("objective.name", cfg.objective.name, "'flow' or 'ddpm'")
+    if cfg.objective.schedule not in ("linear", "cosine"):
+        bad("objective.schedule", cfg.objective.schedule, "'linear' or 'cosine'")
+    if not 0 <= cfg.objective.caption_dropout < 1:
+        bad("objective.caption_dropout", cfg.objective.caption_dropout, "a probability in [0, 1)")
+    for key, v in [("train.steps", cfg.train.steps), ("train.tokens_per_batch", cfg.train.tokens_per_batch),
+                   ("train.grad_accum", cfg.train.grad_accum), ("parallel.ulysses", cfg.parallel.ulysses),
+                   ("parallel.ring", cfg.parallel.ring), ("cluster.nproc", cfg.cluster.nproc),
+                   ("logging.every", cfg.logging.every)]:
+        if v < 1:
+            bad(key, v, "a positive integer")
+    if cfg.checkpoint.every < 0:
+        bad("checkpoint.every", cfg.checkpoint.every, "0 (only at the end) or a positive integer")
+    if cfg.optim.lr <= 0:
+        bad("optim.lr", cfg.optim.lr, "a positive learning rate")
+    if cfg.train.dtype not in ("fp32", "bf16"):
+        bad("train.dtype", cfg.train.dtype, "fp32 or bf16")
+    if cfg.train.device not in ("auto", "cpu", "cuda"):
+        bad("train.device", cfg.train.device, "auto, cpu or cuda")
+    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
+        bad("parallel.zero_stage", cfg.parallel.zero_stage, "0, 1, 2 or 3")
+    if cfg.parallel.backend not in ("auto", "gloo", "nccl"):
+        bad("parallel.backend", cfg.parallel.backend, "auto, gloo or nccl")
+    if cfg.data.on_error not in ("skip", "fail"):
+        bad("data.on_error", cfg.data.on_error, "'skip' or 'fail'")
+    if cfg.cluster.launcher not in ("local", "ray", "slurm"):
+        bad("cluster.launcher", cfg.cluster.launcher, "local, ray or slurm")
+    if len(cfg.data.frames) != 2 or not 1 <= cfg.data.frames[0] <= cfg.data.frames[1]:
+        bad("data.frames", cfg.data.frames, "[min, max] latent frames with 1 <= min <= max")
+    for hw in cfg.data.sizes:
+        if len(hw) != 2 or hw[0] % cfg.model.patch[1] or hw[1] % cfg.model.patch[2]:
+            bad("data.sizes", hw, f"[H, W] divisible by the patch {cfg.model.patch[1:]}")
+    if cfg.data.frames[0] % cfg.model.patch[0] or cfg.data.frames[1] % cfg.model.patch[0]:
+        bad("data.frames", cfg.data.frames, f"frame counts divisible by pt={cfg.model.patch[0]}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(cfg))
+
+
+def model_config(args: ModelArgs):
+    """The `DiTConfig` a recipe's model section describes."""
+    from models.sizes import config_for
+
+    over: dict[str, Any] = dict(patch=tuple(args.patch), in_channels=args.in_channels, text_dim=args.text_dim,
+                                qk_norm=args.qk_norm, attn_backend=args.attn_backend)
+    for k in ("hidden", "depth", "heads", "mlp_ratio"):
+        if getattr(args, k):
+            over[k] = getattr(args, k)
+    return config_for(args.size, **over)

@@ -1,0 +1,228 @@
+"""The training loop: `train(cfg)` is the one entry point every launcher calls.
+
+Per step: fetch the step's packed micro-batches for this data-parallel rank, count the
+real tokens of the whole step across data-parallel ranks, take this rank's sequence
+slice, draw timesteps and noise from a generator keyed by (seed, step, micro, dp rank),
+and back-propagate sum(token losses) * engine.loss_scale / (real tokens of the step).
+That normalisation makes the gradient the mean over every real token of the optimizer
+step, whatever the padding, the uneven sp slices or the ZeRO averaging (see zero.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.loader import build_loader
+from models.diffusion import make_objective
+from models.dit import VideoDiT
+from models.packed import PackedMeta
+from scaling.config import Config, model_config, save_config
+from scaling.flops import measure_peak_flops, train_flops
+from scaling.metrics import MetricsLogger
+from scaling.parallel_dims import ParallelDims, pick_backend, pick_device
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_generator(seed: int, step: int, micro: int, dp_rank: int) -> torch.Generator:
+    """Same (step, micro, dp rank) -> same timesteps and noise, on any sp layout or restart."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 65_537 + dp_rank)
+
+
+def build_objective(cfg: Config):
+    o = cfg.objective
+    if o.name == "ddpm":
+        return make_objective("ddpm", num_steps=o.num_steps, schedule=o.schedule)
+    return make_objective("flow", logit_mean=o.logit_mean, logit_std=o.logit_std, shift=o.shift)
+
+
+def drop_captions(meta: PackedMeta, p: float, gen: torch.Generator) -> PackedMeta:
+    """Classifier-free guidance training: empty the caption of each video with probability p."""
+    if p <= 0:
+        return meta
+    keep = torch.rand(meta.num_videos, generator=gen) >= p
+    pieces, bounds = [], [0]
+    for i in range(meta.num_videos):
+        s, e = meta.text_bounds[i], meta.text_bounds[i + 1]
+        if keep[i]:
+            pieces.append(meta.text[s:e])
+        bounds.append(bounds[-1] + (e - s if keep[i] else 0))
+    text = torch.cat(pieces) if pieces else meta.text[:0]
+    return replace(meta, text=text, text_bounds=tuple(bounds))
+
+
+def diffusion_inputs(objective, tokens_LP: torch.Tensor, meta: PackedMeta, gen: torch.Generator):
+    """Timesteps [V] and noise [L, P] for a full (unsharded) packed batch."""
+    t_V = objective.sample_t(meta.num_videos, gen)
+    noise = torch.randn(tokens_LP.shape, generator=gen, dtype=tokens_LP.dtype)
+    return t_V, noise
+
+
+def build_model(cfg: Config, device: torch.device) -> VideoDiT:
+    """Construct on the meta device, materialise on `device`, then `init_weights()`."""
+    with torch.device("meta"):
+        model = VideoDiT(model_config(cfg.model))
+    model = model.to_empty(device=device)
+    torch.manual_seed(cfg.train.seed)
+    model.init_weights()
+    return model
+
+
+def default_run_dir(cfg: Config) -> str:
+    return str(Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+class Trainer:
+    """Holds everything a step needs. `train(cfg)` drives it; tests can drive it step by step."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.dims = ParallelDims.from_env(cfg.parallel.ulysses, cfg.parallel.ring)
+        mcfg = model_config(cfg.model)
+        ParallelDims.validate(self.dims.world, cfg.parallel.ulysses, cfg.parallel.ring, mcfg.heads)
+        self.device = pick_device(cfg.train.device, self.dims.local_rank)
+        self.dims.init(pick_backend(cfg.parallel.backend, self.device), cfg.parallel.timeout_s)
+        self.run_dir = Path(cfg.train.run_dir or default_run_dir(cfg)).absolute()
+        self.is_main = self.dims.rank == 0
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        seed_all(cfg.train.seed)
+        self.mcfg = mcfg
+        self.engine = self._build_engine()
+        self.model = self.engine.module
+        self.loader = build_loader(cfg, self.dims.dp_rank, self.dims.dp, multiple=self.dims.sp)
+        self.objective = build_objective(cfg)
+        self.step = 0
+        self.tokens_seen = 0
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                         if cfg.train.dtype == "bf16" else None)
+
+    def _build_engine(self):
+        if self.cfg.parallel.zero_stage == 0:
+            if self.dims.world > 1:
+                raise ValueError("parallel.zero_stage=0 runs a single process; use zero_stage 1-3 "
+                                 f"for a world of {self.dims.world}")
+            from scaling.engine import TorchEngine
+            return TorchEngine(build_model(self.cfg, self.device), self.cfg)
+        from scaling.zero import build_zero_engine
+        return build_zero_engine(self.cfg, self.dims, self.device)
+
+    # -- one optimizer step -----------------------------------------------------------
+    def _global_sum(self, x: float | int) -> float:
+        if not self.dims.distributed:
+            return float(x)
+        import torch.distributed as dist
+        t = torch.tensor([float(x)], dtype=torch.float64)
+        dist.all_reduce(t, group=self.dims.group("dp"))
+        return float(t.item())
+
+    def micro_loss(self, tokens_LP, meta: PackedMeta, micro: int) -> tuple[torch.Tensor, int]:
+        """Sum of this rank's real-token losses for one micro-batch, and its real-token count."""
+        gen = step_generator(self.cfg.train.seed, self.step, micro, self.dims.dp_rank)
+        meta = drop_captions(meta, self.cfg.objective.caption_dropout, gen)
+        t_V, noise = diffusion_inputs(self.objective, tokens_LP, meta, gen)
+        if self.dims.sp > 1:
+            n = meta.seq_len // self.dims.sp
+            sl = slice(self.dims.sp_rank * n, (self.dims.sp_rank + 1) * n)
+            tokens_LP, noise, meta = tokens_LP[sl], noise[sl], meta.shard(self.dims.sp_rank, self.dims.sp)
+        meta = meta.to(self.device)
+        x0, noise, t_V = tokens_LP.to(self.device), noise.to(self.device), t_V.to(self.device)
+
+        def model_fn(x_t, t_model):
+            return self.model(x_t, t_model, meta)
+
+        if self.autocast is not None:
+            with self.autocast:
+                terms = self.objective.loss_terms(model_fn, x0, t_V, noise, meta.seg_ids)
+        else:
+            terms = self.objective.loss_terms(model_fn, x0, t_V, noise, meta.seg_ids)
+        real = meta.real_mask()
+        return (terms * real).sum(), int(meta.num_real)
+
+    def train_step(self) -> dict:
+        """One optimizer step over `train.grad_accum` micro-batches. Returns device tensors."""
+        batches = [next(self.loader) for _ in range(self.cfg.train.grad_accum)]
+        local_real = sum(m.num_real for _, m in batches)
+        global_real = self._global_sum(local_real)  # real tokens of the step, all dp ranks
+        loss_sum = torch.zeros((), device=self.device)
+        flops = 0
+        for micro, (tokens, meta) in enumerate(batches):
+            s, _ = self.micro_loss(tokens, meta, micro)
+            self.engine.backward(s * (self.engine.loss_scale / global_real))
+            loss_sum += s.detach()
+            flops += train_flops(self.mcfg, meta)
+        grad_norm = self.engine.step()
+        self.step += 1
+        self.tokens_seen += int(global_real)
+        return {"loss_sum": loss_sum, "global_real": global_real, "grad_norm": grad_norm,
+                "flops": flops / max(self.dims.sp, 1), "local_tokens": sum(m.seq_len for _, m in batches)}
+
+    def reduce_loss(self, out: dict) -> float:
+        """Mean loss per real token over the step, across dp and sp (a host sync: log steps only)."""
+        s = out["loss_sum"].double().cpu()
+        if self.dims.distributed:
+            import torch.distributed as dist
+            dist.all_reduce(s)
+        return float(s) / out["global_real"]
+
+
+def train(cfg: Config) -> dict:
+    """Train a recipe. Runs on one process or as one rank of a torch.distributed world."""
+    tr = Trainer(cfg)
+    c = cfg
+    peak = measure_peak_flops(tr.device, torch.bfloat16 if c.train.dtype == "bf16" else torch.float32,
+                              seconds=0.5) if tr.is_main else 0.0
+    log = MetricsLogger(tr.run_dir, tr.is_main, c.logging.tensorboard, c.logging.progress,
+                        total=c.train.steps, initial=tr.step)
+    if tr.is_main:
+        (tr.run_dir / "peak_flops.json").write_text(json.dumps({"peak_flops": peak}))
+    last_loss = float("nan")
+    t_last, tok_last, flops_acc = time.perf_counter(), 0, 0.0
+    try:
+        while tr.step < c.train.steps:
+            out = tr.train_step()
+            flops_acc += out["flops"]
+            tok_last += out["local_tokens"]
+            log.advance()
+            if tr.step % c.logging.every == 0 or tr.step == c.train.steps:
+                last_loss = tr.reduce_loss(out)
+                dt = time.perf_counter() - t_last
+                rec = {"loss": last_loss, "tokens": tr.tokens_seen, "lr": tr.engine.lr,
+                       "grad_norm": float(out["grad_norm"]), "tokens_per_s": tok_last / dt,
+                       "mfu": (flops_acc / dt) / peak if peak else 0.0,
+                       "packing_efficiency": tr.loader.efficiency,
+                       "memory_gb": _memory_gb(tr.device)}
+                log.log(tr.step, rec)
+                t_last, tok_last, flops_acc = time.perf_counter(), 0, 0.0
+    finally:
+        log.close()
+    result = {"run_dir": str(tr.run_dir), "steps": tr.step, "loss": last_loss, "tokens": tr.tokens_seen}
+    tr.dims.destroy()
+    return result
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except Exception:
+        return 0.0
+
+
+if __name__ == "__main__":  # a rank started by a launcher: config path in the environment
+    from scaling.config import load_config
+    train(load_config(os.environ["VIDSCALE_CONFIG"]))
