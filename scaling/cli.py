@@ -12,6 +12,7 @@ from scaling.config import RecipeError
 SUBCOMMANDS = [
     ("train", "scaling.commands.train"),
     ("info", "scaling.commands.info"),
+    ("bench", "scaling.commands.bench"),
 ]
 
 
