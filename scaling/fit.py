@@ -1,0 +1,334 @@
+"""Scaling-law fits of a sweep's final losses (Hoffmann et al. 2022, "Chinchilla").
+
+Approach 2 (IsoFLOP profiles): for each compute budget, a parabola of loss in log N; its
+vertex is that budget's compute-optimal N*. Power laws N* = c_N C^a and D* = c_D C^b are
+then least-squares lines in log-log space through the vertices.
+
+Approach 3 (parametric): L(N, D) = E + A / N^alpha + B / D^beta, fitted on log loss,
+    log L_hat = logsumexp(log E, log A - alpha log N, log B - beta log D),
+with a Huber loss (delta 1e-3) on the log residuals, minimised by L-BFGS-B from the best
+starts of a variable-projection grid: for fixed (alpha, beta) the model is linear in
+(E, A, B), solved by non-negative least squares on relative residuals, which is what makes
+the grid cheap enough to be dense. Under C = k N D the optimum is
+    N_opt = G (C/k)^a, D_opt = (C/k)^b / G, G = (alpha A / (beta B))^(1/(alpha+beta)),
+    a = beta / (alpha + beta), b = alpha / (alpha + beta).
+k is 6 without a flops column (C = 6 N D) and otherwise the median of flops / (N D)
+(our FLOPs model counts attention, so k is above 6 and grows with sequence length).
+
+Uncertainty: a bootstrap that resamples runs with replacement within each compute budget
+(so every resample keeps the IsoFLOP design); 95% percentile intervals.
+
+Outlier rule (stated once, applied by `prepare`/`fit`): a run is dropped before fitting if
+its loss is not a finite positive number or its status is not 'done'; after a first
+approach-3 fit, a run whose log-loss residual exceeds max(4 x 1.4826 x MAD, 0.02) (a
+robust 4-sigma, and at least 2% in loss) is an outlier, dropped, and the fit repeated
+once. In approach 2 a budget whose parabola opens downwards or whose vertex falls outside
+the sampled range of N is left out of the power law (no extrapolated minima). Every
+dropped run or budget is listed in the result.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import minimize, nnls
+
+HUBER_DELTA = 1e-3
+OUTLIER_SIGMAS = 4.0
+OUTLIER_MIN = 0.02
+
+
+# --- data ------------------------------------------------------------------------------
+@dataclass
+class Runs:
+    """Fittable runs: parameters N, tokens D, compute C, final loss L, budget group id."""
+    N: np.ndarray
+    D: np.ndarray
+    C: np.ndarray
+    L: np.ndarray
+    group: np.ndarray
+    names: list[str]
+    k: float
+    """FLOPs per parameter per token: C = k N D."""
+    dropped: list[dict] = field(default_factory=list)
+
+    def take(self, idx) -> "Runs":
+        idx = np.asarray(idx)
+        return Runs(self.N[idx], self.D[idx], self.C[idx], self.L[idx], self.group[idx],
+                    [self.names[i] for i in idx], self.k, list(self.dropped))
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """Rows of a results CSV as dicts. One-line ValueError for a missing file or column."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: results file not found")
+    with open(p, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols = set(rows[0]) if rows else set()
+    missing = [c for c in ("params", "tokens", "loss") if c not in cols]
+    if missing:
+        raise ValueError(f"{p}: missing column(s) {missing}; a results CSV needs params, tokens, loss "
+                         f"(flops optional), found {sorted(cols)}")
+    return rows
+
+
+def _num(row: dict, key: str) -> float:
+    try:
+        return float(row.get(key, "") or "nan")
+    except ValueError:
+        return float("nan")
+
+
+def prepare(rows: list[dict], where: str = "results") -> Runs:
+    """Rows -> Runs, applying the first half of the outlier rule (bad loss, not done)."""
+    keep, dropped = [], []
+    for i, r in enumerate(rows):
+        name = r.get("name") or f"row{i + 1}"
+        status = (r.get("status") or "done").strip()
+        n, d, loss = _num(r, "params"), _num(r, "tokens"), _num(r, "loss")
+        if status != "done":
+            dropped.append({"name": name, "reason": f"status {status}"})
+        elif not (math.isfinite(loss) and loss > 0):
+            dropped.append({"name": name, "reason": f"loss {r.get('loss')!r} is not a positive number"})
+        elif not (n > 0 and d > 0):
+            raise ValueError(f"{where}: row {i + 1} ({name}): params and tokens must be positive numbers, "
+                             f"got {r.get('params')!r}, {r.get('tokens')!r}")
+        else:
+            keep.append((name, n, d, loss, _num(r, "flops"), _num(r, "budget")))
+    if len(keep) < 5:
+        raise ValueError(f"{where}: {len(keep)} usable runs; a scaling-law fit needs at least 5 "
+                         f"(dropped: {[d['name'] + ': ' + d['reason'] for d in dropped]})")
+    names = [k[0] for k in keep]
+    N, D, L, C, budget = (np.array([k[j] for k in keep], dtype=np.float64) for j in (1, 2, 3, 4, 5))
+    if np.all(np.isfinite(C) & (C > 0)):
+        k = float(np.median(C / (N * D)))
+    else:
+        k, C = 6.0, 6.0 * N * D
+    # IsoFLOP groups: the nominal budget when given, else compute rounded to 1/10 decade
+    key = budget if np.all(np.isfinite(budget) & (budget > 0)) else np.round(np.log10(C) * 10) / 10
+    _, group = np.unique(key, return_inverse=True)
+    return Runs(N, D, C, L, group, names, k, dropped)
+
+
+# --- approach 3: parametric fit ------------------------------------------------------------
+def _lse(terms: np.ndarray) -> np.ndarray:
+    """logsumexp over axis 0 (scipy's is ~10x slower at this size, and this runs in the bootstrap)."""
+    m = terms.max(axis=0)
+    return m + np.log(np.exp(terms - m).sum(axis=0))
+
+
+def _predict_log(theta: np.ndarray, logN: np.ndarray, logD: np.ndarray) -> np.ndarray:
+    e, a, b, alpha, beta = theta
+    return _lse(np.stack([np.full_like(logN, e), a - alpha * logN, b - beta * logD]))
+
+
+def _objective(theta, logN, logD, logL, delta):
+    """Huber of log residuals (divided by delta so L-BFGS sees O(1) values) and its gradient."""
+    e, a, b, alpha, beta = theta
+    terms = np.stack([np.full_like(logN, e), a - alpha * logN, b - beta * logD])
+    lse = _lse(terms)
+    w = np.exp(terms - lse)  # softmax weights: d lse / d (e, a, b)
+    r = logL - lse
+    absr = np.abs(r)
+    h = np.where(absr <= delta, 0.5 * r * r, delta * (absr - 0.5 * delta)) / delta
+    g_r = -np.clip(r, -delta, delta) / delta  # d h / d lse
+    grad = np.array([np.sum(g_r * w[0]), np.sum(g_r * w[1]), np.sum(g_r * w[2]),
+                     np.sum(g_r * w[1] * -logN), np.sum(g_r * w[2] * -logD)])
+    return float(h.sum()), grad
+
+
+_EXP_GRID = np.linspace(0.05, 1.5, 30)
+_BOUNDS = [(-10, 10), (-30, 60), (-30, 60), (1e-3, 3.0), (1e-3, 3.0)]
+
+
+def _varpro_starts(N, D, L, top: int) -> list[np.ndarray]:
+    """Best (alpha, beta) of a grid, each with its NNLS-optimal (E, A, B), as log-space starts."""
+    logN, logD, logL = np.log(N), np.log(D), np.log(L)
+    cands = []
+    for alpha in _EXP_GRID:
+        xn = N ** -alpha
+        for beta in _EXP_GRID:
+            X = np.stack([np.ones_like(N), xn, D ** -beta], axis=1) / L[:, None]  # relative residuals
+            scale = np.linalg.norm(X, axis=0)
+            coef, _ = nnls(X / scale, np.ones_like(L))
+            coef = np.maximum(coef / scale, 1e-12)
+            theta = np.array([math.log(coef[0]), math.log(coef[1]), math.log(coef[2]), alpha, beta])
+            theta = np.clip(theta, [lo for lo, _ in _BOUNDS], [hi for _, hi in _BOUNDS])
+            cands.append((_objective(theta, logN, logD, logL, HUBER_DELTA)[0], theta))
+    cands.sort(key=lambda c: c[0])
+    return [t for _, t in cands[:top]]
+
+
+def fit_parametric(N, D, L, starts: list[np.ndarray] | None = None, top: int = 6) -> np.ndarray:
+    """theta = (log E, log A, log B, alpha, beta) minimising the Huber loss on log L."""
+    logN, logD, logL = np.log(N), np.log(D), np.log(L)
+    starts = list(starts or []) + (_varpro_starts(N, D, L, top) if top else [])
+    best, best_f = None, math.inf
+    for s in starts:
+        res = minimize(_objective, s, args=(logN, logD, logL, HUBER_DELTA), jac=True, method="L-BFGS-B",
+                       bounds=_BOUNDS, options={"maxiter": 2000, "ftol": 1e-14, "gtol": 1e-10})
+        if res.fun < best_f:
+            best, best_f = res.x, float(res.fun)
+    assert best is not None
+    return best
+
+
+def law(theta: np.ndarray, k: float) -> dict:
+    """The named parameters of theta and the compute-optimal exponents."""
+    e, la, lb, alpha, beta = (float(x) for x in theta)
+    A, B = math.exp(la), math.exp(lb)
+    a, b = beta / (alpha + beta), alpha / (alpha + beta)
+    G = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
+    return {"E": math.exp(e), "A": A, "B": B, "alpha": alpha, "beta": beta, "a": a, "b": b, "G": G, "k": k}
+
+
+def optimum(p: dict, C: float) -> tuple[float, float, float]:
+    """(N_opt, D_opt, loss) at compute C under the parametric law p."""
+    x = C / p["k"]
+    n = p["G"] * x ** p["a"]
+    d = x / n
+    return n, d, p["E"] + p["A"] / n ** p["alpha"] + p["B"] / d ** p["beta"]
+
+
+# --- approach 2: IsoFLOP parabolas -----------------------------------------------------------
+def isoflop_minima(runs: Runs) -> tuple[list[dict], list[dict]]:
+    """Per budget: the parabola loss = c2 x^2 + c1 x + c0 in x = log N, and its vertex."""
+    minima, skipped = [], []
+    for g in np.unique(runs.group):
+        m = runs.group == g
+        C = float(np.exp(np.mean(np.log(runs.C[m]))))
+        x, y = np.log(runs.N[m]), runs.L[m]
+        if len(np.unique(x)) < 3:
+            skipped.append({"budget": C, "reason": f"{len(np.unique(x))} model sizes (a parabola needs 3)"})
+            continue
+        c2, c1, c0 = np.polyfit(x, y, 2)
+        if c2 <= 0:
+            skipped.append({"budget": C, "reason": "the parabola opens downwards"})
+            continue
+        xs = -c1 / (2 * c2)
+        if not x.min() <= xs <= x.max():
+            skipped.append({"budget": C, "reason": "the minimum lies outside the sampled model sizes"})
+            continue
+        n = math.exp(xs)
+        minima.append({"budget": C, "N_opt": n, "D_opt": C / (runs.k * n), "loss": float(np.polyval([c2, c1, c0], xs)),
+                       "parabola": [float(c2), float(c1), float(c0)]})
+    return minima, skipped
+
+
+def power_laws(minima: list[dict]) -> dict | None:
+    """Lines through log N*, log D* against log C. None with fewer than 2 usable budgets."""
+    if len(minima) < 2:
+        return None
+    lc = np.log([m["budget"] for m in minima])
+    a, log_cn = np.polyfit(lc, np.log([m["N_opt"] for m in minima]), 1)
+    b, log_cd = np.polyfit(lc, np.log([m["D_opt"] for m in minima]), 1)
+    return {"a": float(a), "b": float(b), "log_cN": float(log_cn), "log_cD": float(log_cd)}
+
+
+# --- the whole fit -----------------------------------------------------------------------
+def _outliers(runs: Runs, theta: np.ndarray) -> np.ndarray:
+    r = np.log(runs.L) - _predict_log(theta, np.log(runs.N), np.log(runs.D))
+    mad = 1.4826 * np.median(np.abs(r - np.median(r)))
+    return np.abs(r) > max(OUTLIER_SIGMAS * mad, OUTLIER_MIN)
+
+
+def _bootstrap_indices(group: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    idx = []
+    for g in np.unique(group):
+        members = np.flatnonzero(group == g)
+        idx.append(rng.choice(members, size=len(members), replace=True))
+    return np.concatenate(idx)
+
+
+def _ci(values: list[float]) -> list[float] | None:
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)])
+    if len(v) < 10:
+        return None
+    return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+
+
+def fit(rows: list[dict], budgets: list[float] = (), bootstrap: int = 200, seed: int = 0,
+        where: str = "results") -> dict:
+    """Approach 2 and 3 with bootstrap 95% intervals and predictions at `budgets` (FLOPs)."""
+    try:  # L-BFGS-B's tiny BLAS calls are ~70x slower with threaded OpenBLAS on a busy machine
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return _fit(rows, budgets, bootstrap, seed, where)
+    with threadpool_limits(1):
+        return _fit(rows, budgets, bootstrap, seed, where)
+
+
+def _fit(rows, budgets, bootstrap, seed, where) -> dict:
+    runs = prepare(rows, where)
+    theta = fit_parametric(runs.N, runs.D, runs.L)
+    out_mask = _outliers(runs, theta)
+    outliers = []
+    if out_mask.any() and (~out_mask).sum() >= 5:
+        outliers = [runs.names[i] for i in np.flatnonzero(out_mask)]
+        runs = runs.take(np.flatnonzero(~out_mask))
+        theta = fit_parametric(runs.N, runs.D, runs.L, starts=[theta])
+    p = law(theta, runs.k)
+    minima, skipped = isoflop_minima(runs)
+    pl = power_laws(minima)
+
+    # bootstrap: refit from the full-data optimum and the best grid starts
+    rng = np.random.default_rng(seed)
+    keys = ("E", "A", "B", "alpha", "beta", "a", "b")
+    boot = {k: [] for k in keys}
+    boot2 = {"a": [], "b": []}
+    boot_pred = {c: {"N_opt": [], "D_opt": [], "loss": []} for c in budgets}
+    boot_laws = []
+    for _ in range(bootstrap):
+        r = runs.take(_bootstrap_indices(runs.group, rng))
+        pb = law(fit_parametric(r.N, r.D, r.L, starts=[theta], top=0), runs.k)
+        boot_laws.append(pb)
+        for k in keys:
+            boot[k].append(pb[k])
+        for c in budgets:
+            for name, v in zip(("N_opt", "D_opt", "loss"), optimum(pb, c)):
+                boot_pred[c][name].append(v)
+        pl_b = power_laws(isoflop_minima(r)[0])
+        if pl_b is not None:
+            boot2["a"].append(pl_b["a"])
+            boot2["b"].append(pl_b["b"])
+
+    resid = np.log(runs.L) - _predict_log(theta, np.log(runs.N), np.log(runs.D))
+    result = {k: p[k] for k in keys}
+    result.update({
+        "G": p["G"], "k": runs.k, "n_runs": int(len(runs.L)),
+        "ci": {k: _ci(boot[k]) for k in keys},
+        "approach2": ({"a": pl["a"], "b": pl["b"], "log_cN": pl["log_cN"], "log_cD": pl["log_cD"],
+                       "ci": {"a": _ci(boot2["a"]), "b": _ci(boot2["b"])}} if pl else
+                      {"a": None, "b": None, "ci": {"a": None, "b": None}}),
+        "isoflop": minima,
+        "skipped_budgets": skipped,
+        "outliers": outliers,
+        "dropped": runs.dropped,
+        "residuals": [{"name": n, "params": float(N), "tokens": float(D), "flops": float(C), "loss": float(L),
+                       "log_residual": float(rr)} for n, N, D, C, L, rr in
+                      zip(runs.names, runs.N, runs.D, runs.C, runs.L, resid)],
+        "huber_delta": HUBER_DELTA, "bootstrap": bootstrap,
+        "outlier_rule": (f"dropped: status other than 'done' or a non-positive/non-finite loss; then runs with "
+                         f"|log residual| > max({OUTLIER_SIGMAS:g} x 1.4826 x MAD, {OUTLIER_MIN:g}) "
+                         f"after a first approach-3 fit"),
+        "predictions": [],
+        "_boot_laws": boot_laws,  # for the report's confidence band; stripped from JSON output
+    })
+    for c in budgets:
+        n, d, loss = optimum(p, c)
+        pred = {"budget": float(c), "N_opt": n, "D_opt": d, "loss": loss,
+                "ci": {k: _ci(v) for k, v in boot_pred[c].items()}}
+        if pl:
+            n2 = math.exp(pl["log_cN"]) * c ** pl["a"]
+            pred["approach2"] = {"N_opt": n2, "D_opt": math.exp(pl["log_cD"]) * c ** pl["b"]}
+        result["predictions"].append(pred)
+    return result
+
+
+def public(result: dict) -> dict:
+    """The result without private fields (what --json prints and report.md embeds)."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
