@@ -13,6 +13,7 @@ SUBCOMMANDS = [
     ("train", "scaling.commands.train"),
     ("info", "scaling.commands.info"),
     ("bench", "scaling.commands.bench"),
+    ("fit", "scaling.commands.fit"),
 ]
 
 
