@@ -1,21 +1,49 @@
 """Packed, resumable, data-parallel loading.
 
 `build_loader(cfg, dp_rank, dp_size, multiple)` returns an iterator of packed batches
-`(tokens [L, P], PackedMeta)`, one token budget each, with `state_dict()` /
-`load_state_dict()` so a checkpoint can resume it exactly. Every sequence-parallel rank
-of a data-parallel group builds the same loader (same dp_rank) and so gets the identical
-batch; the engine then takes its slice.
+`(tokens [L, P], PackedMeta)` of at most `train.tokens_per_batch` real tokens each, padded
+only up to `multiple` (the sequence-parallel degree), with `state_dict()` /
+`load_state_dict()`. Every sequence-parallel rank of a data-parallel group builds the same
+loader (same dp_rank) and gets the identical batch; the engine takes its slice.
+
+How an epoch is planned (all from the index: nothing is decoded to plan):
+  1. the epoch's global sample order: `source.order(epoch)` (shards shuffled by seed and
+     epoch, tar order inside a shard; a plain shuffle for synthetic data);
+  2. dp rank r takes the contiguous block [r*n/dp, (r+1)*n/dp) of it: every sample exactly
+     once per epoch over the ranks, and a rank reads ~1/dp of the shards sequentially;
+  3. the packer (data/packing.py) turns the block's token counts into a list of bins.
+Loading then streams the block's samples (workers split the bins round robin, and the
+training process receives the bins in plan order) and packs each bin.
+
+Resume guarantee. The state is a small JSON-serialisable dict: the epoch, the segment of the
+epoch order this rank owns, how many of its bins the TRAINING PROCESS has taken from
+`next()` (batches prefetched by workers do not count), later queued segments, and counters.
+Shard, offset and packer buffer are a pure function of these and the index, so they are
+recomputed, never stored. Restored with the same index, seed, budget, lookahead, patch,
+token dropping and dp size, the loader yields exactly the batches (same samples, order,
+packing, bit-identical tensors) the uninterrupted loader would have yielded next. With a
+different dp size, `remap_loader_states` gives every not-yet-consumed sample of each
+unfinished epoch to exactly one new rank (the packing of those samples differs).
+
+Corrupt samples and truncated shards are skipped and counted (`data.on_error=skip`) or
+raise (`fail`). A rank never waits on another: each rank's iterator is endless (it rolls
+into its next epoch), so every rank can take the same number of steps however many
+samples its shards lost.
 """
 from __future__ import annotations
 
+import logging
 import random
 from typing import Iterator
 
 import torch
 
-from data.packing import Item, Packer
+from data.packing import Item, Packer, drop_tokens, pack_dropped, too_long
 from data.synthetic import synthetic_video
 from models.packed import PackedMeta, pack
+
+log = logging.getLogger("vidscale.data")
+STATE_VERSION = 1
 
 
 class SyntheticSource:
@@ -26,115 +54,306 @@ class SyntheticSource:
         self.n = cfg.data.synthetic_videos
         self._tokens: dict[int, int] = {}
 
-    def keys(self) -> list[str]:
-        return [str(i) for i in range(self.n)]
+    def __len__(self) -> int:
+        return self.n
 
-    def load(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def name(self, i: int) -> str:
+        return f"synthetic:{i}"
+
+    def order(self, epoch: int) -> list[int]:
+        ids = list(range(self.n))
+        random.Random(self.cfg.train.seed * 7919 + epoch).shuffle(ids)
+        return ids
+
+    def _load(self, i: int):
         c = self.cfg
-        return synthetic_video(int(key), c.train.seed, c.model.in_channels, c.data.frames, c.data.sizes,
+        return synthetic_video(i, c.train.seed, c.model.in_channels, c.data.frames, c.data.sizes,
                                c.data.text_tokens, c.model.text_dim, c.model.patch)
 
-    def tokens(self, key: str) -> int:
-        i = int(key)
+    def tokens(self, i: int) -> int:
         if i not in self._tokens:
-            lat, _ = self.load(key)
+            lat, _ = self._load(i)
             pt, ph, pw = self.cfg.model.patch
             _, T, H, W = lat.shape
             self._tokens[i] = (T // pt) * (H // ph) * (W // pw)
         return self._tokens[i]
 
+    def stream(self, ids: list[int]):
+        for i in ids:
+            lat, text = self._load(i)
+            yield i, (lat, text, {}), ""
+
+
+# -- segments: runs of positions in an epoch's order, as [[start, end), ...] ranges ------
+def _to_ranges(positions) -> list[list[int]]:
+    out: list[list[int]] = []
+    for p in sorted(positions):
+        if out and out[-1][1] == p:
+            out[-1][1] = p + 1
+        else:
+            out.append([p, p + 1])
+    return out
+
+
+def _positions(ranges) -> list[int]:
+    return [p for a, b in ranges for p in range(a, b)]
+
+
+def _block(n: int, rank: int, size: int) -> list[list[int]]:
+    lo, hi = rank * n // size, (rank + 1) * n // size
+    return [[lo, hi]] if hi > lo else []
+
 
 class PackedLoader:
-    """Shuffles keys per epoch, splits them over data-parallel ranks, packs them.
+    """Plans, loads and packs one dp rank's share of each epoch (see the module doc)."""
 
-    State: epoch, how many of this rank's keys went into the packer, and the keys in the
-    packer (buffered or in open bins). Restoring rebuilds the packer from keys, so the
-    batches after a restore are exactly those an uninterrupted loader would yield.
-    """
-
-    def __init__(self, source, budget: int, dp_rank: int, dp_size: int, seed: int,
-                 lookahead: int = 64, multiple: int = 1, patch=(1, 2, 2)):
+    def __init__(self, source, budget: int, dp_rank: int, dp_size: int, seed: int, lookahead: int = 64,
+                 multiple: int = 1, patch=(1, 2, 2), workers: int = 0, on_error: str = "skip",
+                 drop: float = 0.0, drop_min_tokens: int = 1024):
         self.source, self.budget, self.seed = source, budget, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.lookahead, self.multiple, self.patch = lookahead, multiple, tuple(patch)
-        self.epoch, self.pos = 0, 0
-        self.packer = Packer(budget, lookahead)
-        self._ready: list = []
-        self.consumed_in_epoch: list[str] = []  # keys of batches already yielded this epoch
-        self.real_tokens = 0
-        self.padded_tokens = 0
+        self.workers, self.on_error = workers, on_error
+        self.drop, self.drop_min_tokens = drop, drop_min_tokens
+        self.n = len(source)
+        if self.n < dp_size:
+            raise ValueError(f"data: {self.n} samples cannot feed {dp_size} data-parallel ranks")
+        self.epoch, self.batch = 0, 0
+        self.ranges: list[list[int]] | None = None  # None: this rank's default block of the epoch
+        self.queue: list[dict] = []                  # explicit segments after a remap
+        self.stats = {"batches": 0, "samples": 0, "skipped": 0, "real_tokens": 0, "budget_tokens": 0,
+                      "padded_tokens": 0}
+        self._plan_key = None
+        self._plan: tuple[list[int], list[list[int]]] = ([], [])
+        self._it = None
+        self._empty_segments = 0
 
-    def rank_keys(self, epoch: int) -> list[str]:
-        keys = self.source.keys()
-        rng = random.Random(self.seed * 7919 + epoch)
-        rng.shuffle(keys)
-        # equal share per rank (the tail that does not divide is dropped this epoch)
-        n = len(keys) // self.dp_size * self.dp_size
-        return keys[:n][self.dp_rank::self.dp_size]
+    # -- planning ----------------------------------------------------------------------
+    def kept_tokens(self, i: int) -> int:
+        return drop_tokens(self.source.tokens(i), self.drop, self.drop_min_tokens)
 
-    def _fill(self) -> None:
-        keys = self.rank_keys(self.epoch)
-        while not self._ready:
-            if self.pos < len(keys):
-                k = keys[self.pos]
-                self.pos += 1
-                self.packer.push(Item(k, self.source.tokens(k)))
-                self._ready += self.packer.pop_ready()
-            else:
-                self._ready += self.packer.flush()
-                if not self._ready:  # epoch exhausted and nothing left: next epoch
-                    self.epoch += 1
-                    self.pos = 0
-                    self.consumed_in_epoch = []
-                    keys = self.rank_keys(self.epoch)
-                    if not keys:
-                        raise ValueError("data: an epoch has fewer videos than data-parallel ranks")
+    def segment_ranges(self) -> list[list[int]]:
+        return self.ranges if self.ranges is not None else _block(self.n, self.dp_rank, self.dp_size)
 
+    def plan(self) -> tuple[list[int], list[list[int]]]:
+        """(positions of this segment in the epoch order, bins as lists of positions)."""
+        key = (self.epoch, str(self.ranges))
+        if self._plan_key != key:
+            positions = _positions(self.segment_ranges())
+            order = self.source.order(self.epoch)
+            bins: list[list[int]] = []
+            p = Packer(self.budget, self.lookahead)
+            for pos in positions:
+                i = order[pos]
+                k = self.kept_tokens(i)
+                if k > self.budget:
+                    raise too_long(self.source.name(i), k, self.budget)
+                bins += [[it.key for it in b.items] for b in p.push(Item(pos, k))]
+            bins += [[it.key for it in b.items] for b in p.flush()]
+            self._plan_key, self._plan, self._order = key, (positions, bins), order
+        return self._plan
+
+    # -- iteration ---------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[torch.Tensor, PackedMeta]]:
         return self
 
+    def _advance(self) -> None:
+        if self.queue:
+            seg = self.queue.pop(0)
+            self.epoch, self.ranges = seg["epoch"], seg["ranges"]
+        else:
+            self.epoch, self.ranges = self.epoch + 1, None
+        self.batch, self._it = 0, None
+
+    def _batches(self):
+        positions, bins = self.plan()
+        spec = _Spec(self, positions, bins)
+        if self.workers <= 0:
+            return produce(spec, 0, 1)
+        from torch.utils.data import DataLoader
+        return iter(DataLoader(_BinDataset(spec, self.workers), batch_size=None, num_workers=self.workers,
+                               collate_fn=_identity, worker_init_fn=_worker_init, prefetch_factor=2))
+
     def __next__(self) -> tuple[torch.Tensor, PackedMeta]:
-        self._fill()
-        b = self._ready.pop(0)
-        self.consumed_in_epoch += [it.key for it in b.items]
-        samples = [self.source.load(it.key) for it in b.items]
-        tokens, meta = pack([s[0] for s in samples], [s[1] for s in samples], self.patch,
-                            pad_to=self.budget, multiple=self.multiple,
-                            names=tuple(it.key for it in b.items))
-        self.real_tokens += meta.num_real
-        self.padded_tokens += meta.seq_len
-        return tokens, meta
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos,
-                "buffer": [it.key for it in self.packer.buffer],
-                "open": [[it.key for it in b.items] for b in self.packer.open],
-                "ready": [[it.key for it in b.items] for b in self._ready],
-                "consumed": list(self.consumed_in_epoch)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        mk = lambda k: Item(k, self.source.tokens(k))  # noqa: E731
-        self.epoch, self.pos = sd["epoch"], sd["pos"]
-        self.packer = Packer(self.budget, self.lookahead)
-        self.packer.buffer = [mk(k) for k in sd["buffer"]]
-        from data.packing import Bin
-        self.packer.open = []
-        for keys in sd["open"]:
-            b = Bin(self.budget)
-            for k in keys:
-                b.add(mk(k))
-            self.packer.open.append(b)
-        self._ready = []
-        for keys in sd.get("ready", []):
-            b = Bin(self.budget)
-            for k in keys:
-                b.add(mk(k))
-            self._ready.append(b)
-        self.consumed_in_epoch = list(sd.get("consumed", []))
+        while True:
+            _, bins = self.plan()
+            if self.batch >= len(bins):
+                self._advance()
+                self._empty_segments += 1
+                if self._empty_segments > len(self.queue) + 3:  # whole epochs without one readable sample
+                    raise ValueError(f"data: no readable sample for dp rank {self.dp_rank} in epochs up to "
+                                     f"{self.epoch} of {self.n} samples (every shard corrupt?)")
+                continue
+            if self._it is None:
+                self._it = self._batches()
+            b, tokens, meta, errors = next(self._it)
+            assert b == self.batch, f"loader invariant: bins arrive in plan order ({b} != {self.batch})"
+            self.batch += 1
+            self.stats["skipped"] += len(errors)
+            for e in errors:
+                log.warning("data: skipped %s", e)
+            if meta is None:  # every sample of this bin was unreadable
+                continue
+            self._empty_segments = 0
+            self.stats["batches"] += 1
+            self.stats["samples"] += meta.num_videos
+            self.stats["real_tokens"] += meta.num_real
+            self.stats["budget_tokens"] += max(self.budget, meta.seq_len)
+            self.stats["padded_tokens"] += meta.seq_len
+            return tokens, meta
 
     @property
     def efficiency(self) -> float:
-        return self.real_tokens / max(self.padded_tokens, 1)
+        """Packing efficiency so far: real tokens / token budget of the yielded batches."""
+        return self.stats["real_tokens"] / max(self.stats["budget_tokens"], 1)
+
+    # counters under the names the first checkpoint code used (they live in `stats`)
+    @property
+    def real_tokens(self) -> int:
+        return self.stats["real_tokens"]
+
+    @real_tokens.setter
+    def real_tokens(self, v: int) -> None:
+        self.stats["real_tokens"] = v
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.stats["padded_tokens"]
+
+    @padded_tokens.setter
+    def padded_tokens(self, v: int) -> None:
+        self.stats["padded_tokens"] = v
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        positions, bins = self.plan()
+        consumed = [p for b in bins[:self.batch] for p in b]
+        return {"version": STATE_VERSION, "dp_rank": self.dp_rank, "dp_size": self.dp_size, "seed": self.seed,
+                "n": self.n, "epoch": self.epoch, "ranges": self.segment_ranges(), "default": self.ranges is None,
+                "batch": self.batch, "consumed": _to_ranges(consumed),
+                "queue": [dict(q) for q in self.queue], "stats": dict(self.stats)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {sd.get('version')!r}: expected {STATE_VERSION}")
+        for k, mine in (("n", self.n), ("seed", self.seed), ("dp_size", self.dp_size), ("dp_rank", self.dp_rank)):
+            if sd[k] != mine:
+                hint = " (use data.loader.remap_loader_states for a new dp size)" if k in ("dp_size", "dp_rank") else ""
+                raise ValueError(f"loader state has {k}={sd[k]} but this loader has {k}={mine}{hint}")
+        self.epoch, self.batch = sd["epoch"], sd["batch"]
+        self.ranges = None if sd.get("default", False) else [list(r) for r in sd["ranges"]]
+        self.queue = [{"epoch": q["epoch"], "ranges": [list(r) for r in q["ranges"]]} for q in sd["queue"]]
+        self.stats = dict(sd["stats"])
+        self._it, self._empty_segments = None, 0
+
+
+def remap_loader_states(states: list[dict], new_dp: int) -> list[dict]:
+    """Loader states of `len(states)` dp ranks -> states for `new_dp` ranks such that every
+    sample not yet consumed in any unfinished epoch goes to exactly one new rank.
+
+    The old ranks may be in different epochs. Up to the latest epoch E any of them reached,
+    the remaining positions of each epoch (its default blocks and queued segments, minus
+    what was consumed) are split contiguously over the new ranks as queued segments; from
+    epoch E + 1 on, the new ranks take their default blocks."""
+    if new_dp < 1:
+        raise ValueError(f"new dp size must be positive, got {new_dp}")
+    if not states:
+        raise ValueError("no loader states to remap")
+    ranks = sorted(s["dp_rank"] for s in states)
+    if ranks != list(range(states[0]["dp_size"])):
+        raise ValueError(f"loader states of dp ranks {ranks}: expected one per rank 0..{states[0]['dp_size'] - 1}")
+    n, old_dp, seed = states[0]["n"], states[0]["dp_size"], states[0]["seed"]
+    last = max(max([s["epoch"]] + [q["epoch"] for q in s["queue"]]) for s in states)
+    first = min(s["epoch"] for s in states)
+    remaining: dict[int, set[int]] = {e: set() for e in range(first, last + 1)}
+    for s in states:
+        remaining[s["epoch"]] |= set(_positions(s["ranges"])) - set(_positions(s["consumed"]))
+        seen = s["epoch"]
+        for q in s["queue"]:
+            remaining[q["epoch"]] |= set(_positions(q["ranges"]))
+            seen = q["epoch"]
+        for e in range(seen + 1, last + 1):  # epochs this rank would have reached by its default plan
+            remaining[e] |= set(_positions(_block(n, s["dp_rank"], old_dp)))
+    out = []
+    for r in range(new_dp):
+        segs = []
+        for e in range(first, last + 1):
+            pos = sorted(remaining[e])
+            mine = pos[r * len(pos) // new_dp:(r + 1) * len(pos) // new_dp]
+            if mine:
+                segs.append({"epoch": e, "ranges": _to_ranges(mine)})
+        if not segs:  # nothing left for this rank before epoch E + 1: an empty segment at E
+            segs.append({"epoch": last, "ranges": []})
+        head = segs.pop(0)
+        stats = {k: sum(s["stats"][k] for s in states) // new_dp for k in states[0]["stats"]}
+        out.append({"version": STATE_VERSION, "dp_rank": r, "dp_size": new_dp, "seed": seed, "n": n,
+                    "epoch": head["epoch"], "ranges": head["ranges"], "default": False, "batch": 0,
+                    "consumed": [], "queue": segs, "stats": stats})
+    return out
+
+
+# -- producing packed bins (in the training process or in loader workers) ---------------
+class _Spec:
+    """What a producer needs, as plain picklable data (workers get a copy)."""
+
+    def __init__(self, ld: PackedLoader, positions: list[int], bins: list[list[int]]):
+        self.source, self.order, self.positions, self.bins = ld.source, ld._order, positions, bins
+        self.start, self.epoch, self.seed = ld.batch, ld.epoch, ld.seed
+        self.patch, self.budget, self.multiple = ld.patch, ld.budget, ld.multiple
+        self.on_error, self.drop, self.drop_min = ld.on_error, ld.drop, ld.drop_min_tokens
+
+
+def produce(spec: _Spec, worker: int, nworkers: int):
+    """Yield (bin index, tokens, meta or None, skipped errors) for this worker's bins in order."""
+    mine = [b for b in range(spec.start, len(spec.bins)) if b % nworkers == worker]
+    wanted = {p for b in mine for p in spec.bins[b]}
+    stream_pos = [p for p in spec.positions if p in wanted]  # stream (tar) order
+    by_id = {spec.order[p]: p for p in stream_pos}
+    stream = spec.source.stream([spec.order[p] for p in stream_pos])
+    got: dict[int, object] = {}
+    for b in mine:
+        while any(p not in got for p in spec.bins[b]):
+            i, sample, err = next(stream)
+            if sample is None and spec.on_error == "fail":
+                raise ValueError(f"data: {err} (data.on_error=fail; 'skip' counts and goes on)")
+            got[by_id[i]] = sample if sample is not None else err
+        members = [(p, got.pop(p)) for p in spec.bins[b]]
+        good = [(p, s) for p, s in members if not isinstance(s, str)]
+        errors = [s for _, s in members if isinstance(s, str)]
+        if not good:
+            yield b, None, None, errors
+            continue
+        yield (b, *_pack(spec, b, good), errors)
+
+
+def _pack(spec: _Spec, b: int, good) -> tuple[torch.Tensor, PackedMeta]:
+    lats = [s[0].float() for _, s in good]
+    texts = [s[1].float() for _, s in good]
+    names = tuple(spec.source.name(spec.order[p]) for p, _ in good)
+    if spec.drop > 0:
+        keep = [drop_tokens(spec.source.tokens(spec.order[p]), spec.drop, spec.drop_min) for p, _ in good]
+        gen = torch.Generator().manual_seed((spec.seed * 1_000_003 + spec.epoch) * 65_537 + b)
+        return pack_dropped(lats, texts, spec.patch, keep, gen, pad_to=sum(keep), multiple=spec.multiple,
+                            names=names)
+    return pack(lats, texts, spec.patch, pad_to=None, multiple=spec.multiple, names=names)
+
+
+class _BinDataset(torch.utils.data.IterableDataset):
+    def __init__(self, spec: _Spec, nworkers: int):
+        self.spec, self.nworkers = spec, nworkers
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        # the DataLoader asks workers round robin, so bins come back in plan order
+        return produce(self.spec, info.id if info else 0, info.num_workers if info else 1)
+
+
+def _identity(x):
+    return x
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
 
 
 def build_loader(cfg, dp_rank: int = 0, dp_size: int = 1, multiple: int = 1) -> PackedLoader:
@@ -143,5 +362,6 @@ def build_loader(cfg, dp_rank: int = 0, dp_size: int = 1, multiple: int = 1) -> 
     else:
         from data.shards import ShardSource  # real shards (vidscale prepare)
         source = ShardSource(cfg.data.source, cfg)
-    return PackedLoader(source, cfg.train.tokens_per_batch, dp_rank, dp_size, cfg.train.seed,
-                        cfg.data.lookahead, multiple, cfg.model.patch)
+    d = cfg.data
+    return PackedLoader(source, cfg.train.tokens_per_batch, dp_rank, dp_size, cfg.train.seed, d.lookahead,
+                        multiple, cfg.model.patch, d.workers, d.on_error, d.drop_tokens, d.drop_min_tokens)

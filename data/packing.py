@@ -1,22 +1,29 @@
 """NaViT-style packing: whole videos of mixed sizes into fixed token budgets.
 
-Streaming first-fit-decreasing: keep a lookahead buffer of videos, sort it by token count
-(largest first), and place each into the first open bin with room. A bin is emitted when
-the buffer cannot fill it further. Padding is only added up to a multiple (what sequence
-parallelism needs) and the remainder of the budget of a final, partial bin.
+Streaming greedy decreasing fit over a lookahead buffer: once `lookahead` videos are
+buffered, one bin is built from the largest buffered video plus, repeatedly, the largest
+buffered video that still fits; the buffer refills from the stream and the next bin is
+built. Starting every bin with the largest video keeps big videos from starving; filling
+with the largest that fits leaves a gap smaller than the smallest buffered video, so with
+a mixed-size stream bins come out >= 99% full. Padding is added only up to a multiple (what
+sequence parallelism needs) and in the last bins of a stream.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
+
+import torch
+
+from models.packed import PackedMeta, patch_coords, patchify, seg_ids_from_bounds
 
 
 @dataclass
 class Item:
-    """One video as the packer sees it: its token count and an opaque payload."""
-    key: str
+    """One video as the packer sees it: its token count and an opaque key."""
+    key: Any
     tokens: int
-    payload: Any = None
 
 
 @dataclass
@@ -29,73 +36,102 @@ class Bin:
         return self.budget - self.used
 
     def add(self, it: Item) -> None:
+        assert it.tokens <= self.room(), "packer invariant: a bin never exceeds its budget"
         self.items.append(it)
         self.used += it.tokens
 
 
+def too_long(key, tokens: int, budget: int) -> ValueError:
+    return ValueError(f"video {key!r} has {tokens} tokens, more than the micro-batch budget "
+                      f"train.tokens_per_batch={budget}: raise the budget (sequence parallelism splits "
+                      f"long packed sequences), or drop tokens (data.drop_tokens)")
+
+
 class Packer:
-    """Streaming FFD packer. `push` items, `pop_ready` full bins, `flush` at the end.
+    """`push` items; bins come out of `push` once the buffer is full, and of `flush` at the end.
 
-    State (the buffered items and open bins) is plain data so the loader can checkpoint it.
-    """
+    Deterministic: ties between equal token counts go to the earlier item."""
 
-    def __init__(self, budget: int, lookahead: int = 64, max_open: int = 4, fill: float = 0.98):
+    def __init__(self, budget: int, lookahead: int = 64):
         if budget < 1:
             raise ValueError(f"train.tokens_per_batch must be positive, got {budget}")
-        self.budget, self.lookahead, self.max_open, self.fill = budget, lookahead, max_open, fill
-        self.buffer: list[Item] = []
-        self.open: list[Bin] = []
+        self.budget, self.lookahead = budget, max(1, lookahead)
+        self._sizes: list[tuple[int, int]] = []  # sorted (tokens, arrival) of the buffer
+        self._items: dict[int, Item] = {}
+        self._arrival = 0
 
-    def push(self, it: Item) -> None:
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def push(self, it: Item) -> list[Bin]:
         if it.tokens > self.budget:
-            raise ValueError(f"video {it.key!r} has {it.tokens} tokens, more than the micro-batch budget "
-                             f"train.tokens_per_batch={self.budget}: raise the budget, use sequence "
-                             f"parallelism with a larger budget, or drop tokens (data.drop_tokens)")
-        self.buffer.append(it)
+            raise too_long(it.key, it.tokens, self.budget)
+        # largest first and earliest first among equals: sort by (tokens, -arrival)
+        bisect.insort(self._sizes, (it.tokens, -self._arrival))
+        self._items[-self._arrival] = it
+        self._arrival += 1
+        return [self._build()] if len(self._sizes) >= self.lookahead else []
 
-    def _place(self, force: bool) -> list[Bin]:
-        ready = []
-        self.buffer.sort(key=lambda i: -i.tokens)
-        rest = []
-        for it in self.buffer:
-            for b in self.open:
-                if b.room() >= it.tokens:
-                    b.add(it)
-                    break
-            else:
-                if len(self.open) < self.max_open or force:
-                    b = Bin(self.budget)
-                    b.add(it)
-                    self.open.append(b)
-                else:
-                    rest.append(it)
-        self.buffer = rest
-        # emit bins that are full enough, or the fullest when too many are open
-        keep = []
-        for b in sorted(self.open, key=lambda b: -b.used):
-            smallest = min((i.tokens for i in self.buffer), default=self.budget + 1)
-            if b.used >= self.fill * self.budget or b.room() < smallest and self.buffer or force:
-                ready.append(b)
-            else:
-                keep.append(b)
-        self.open = keep
-        return ready
+    def _take(self, pos: int) -> Item:
+        _, a = self._sizes.pop(pos)
+        return self._items.pop(a)
 
-    def pop_ready(self) -> list[Bin]:
-        if len(self.buffer) < self.lookahead:
-            return []
-        return self._place(force=False)
+    def _build(self) -> Bin:
+        b = Bin(self.budget)
+        b.add(self._take(len(self._sizes) - 1))
+        while self._sizes and b.room() >= self._sizes[0][0]:
+            # the largest buffered item that fits: last entry with tokens <= room
+            pos = bisect.bisect_right(self._sizes, (b.room(), 1)) - 1
+            b.add(self._take(pos))
+        return b
 
     def flush(self) -> list[Bin]:
         out = []
-        while self.buffer or self.open:
-            out += self._place(force=True)
+        while self._sizes:
+            out.append(self._build())
         return out
 
 
 def pack_all(items: Iterable[Item], budget: int, lookahead: int = 64) -> Iterator[Bin]:
     p = Packer(budget, lookahead)
     for it in items:
-        p.push(it)
-        yield from p.pop_ready()
+        yield from p.push(it)
     yield from p.flush()
+
+
+def drop_tokens(n: int, drop: float, min_tokens: int) -> int:
+    """Tokens kept of an n-token video under NaViT token dropping."""
+    if drop <= 0 or n < min_tokens:
+        return n
+    return max(1, n - int(drop * n))
+
+
+def pack_dropped(latents: list[torch.Tensor], texts: list[torch.Tensor], patch, keep: list[int],
+                 gen: torch.Generator, pad_to: int, multiple: int = 1, names: tuple = ()
+                 ) -> tuple[torch.Tensor, PackedMeta]:
+    """Like `models.packed.pack`, but keeps a random `keep[i]` of video i's tokens (sorted, so
+    each video stays t-major; coordinates keep the real positions for RoPE)."""
+    toks, coords, bounds, grid = [], [], [0], []
+    for lat, k in zip(latents, keep):
+        _, T, H, W = lat.shape
+        g = (T // patch[0], H // patch[1], W // patch[2])
+        x, c = patchify(lat, patch), patch_coords(*g)
+        if k < x.shape[0]:
+            sel = torch.randperm(x.shape[0], generator=gen)[:k].sort().values
+            x, c = x[sel], c[sel]
+        toks.append(x)
+        coords.append(c)
+        bounds.append(bounds[-1] + x.shape[0])
+        grid.append(g)
+    n = bounds[-1]
+    assert n <= pad_to, "packer invariant: a bin never exceeds its budget"
+    seq_len = -(-pad_to // multiple) * multiple
+    tokens = torch.cat(toks + [toks[0].new_zeros(seq_len - n, toks[0].shape[1])], 0)
+    coords.append(torch.zeros(seq_len - n, 3, dtype=torch.long))
+    tb = [0]
+    for t in texts:
+        tb.append(tb[-1] + t.shape[0])
+    meta = PackedMeta(bounds=tuple(bounds), seq_len=seq_len, coords=torch.cat(coords, 0),
+                      seg_ids=seg_ids_from_bounds(tuple(bounds), seq_len), text=torch.cat(texts, 0),
+                      text_bounds=tuple(tb), grid=tuple(grid), names=tuple(names))
+    return tokens, meta

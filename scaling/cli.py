@@ -13,6 +13,8 @@ SUBCOMMANDS = [
     ("train", "scaling.commands.train"),
     ("info", "scaling.commands.info"),
     ("bench", "scaling.commands.bench"),
+    ("prepare", "scaling.commands.prepare"),
+    ("make-videos", "scaling.commands.make_videos"),
     ("fit", "scaling.commands.fit"),
 ]
 

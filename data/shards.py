@@ -1,0 +1,223 @@
+"""webdataset shards of video latents, their index, and reading them back.
+
+A sample in a tar shard is three members sharing a key:
+    KEY.safetensors  tensors "latent" [C, T, H, W] and "text" [Lt, Dt], bf16 (exact bytes)
+    KEY.json         caption, source file, fps, original (H, W), frame range, shapes
+    KEY.txt          the caption (for people reading the tar)
+Shards roll over once they pass `max_bytes` (so a shard can exceed it by one sample).
+`OUT/index.json` lists per shard the sample keys, latent shapes (T, H, W) and token counts
+(at the patch used when preparing), so the packer and the loader plan without decoding:
+
+    {"version": 1, "samples": N, "shards": [{"name", "samples", "keys", "shapes", "tokens"}],
+     "channels": C, "text_dim": Dt, "patch": [pt, ph, pw], "encoder", "text_encoder", ...}
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+INDEX = "index.json"
+EXTS = ("safetensors", "json")  # members a complete sample must have
+
+
+def encode_sample(latent_CTHW: torch.Tensor, text_LD: torch.Tensor, meta: dict) -> dict[str, bytes]:
+    from safetensors.torch import save
+
+    st = save({"latent": latent_CTHW.to(torch.bfloat16).contiguous(), "text": text_LD.to(torch.bfloat16).contiguous()})
+    return {"safetensors": st, "json": json.dumps(meta).encode(), "txt": meta.get("caption", "").encode()}
+
+
+def decode_sample(raw: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Raw tar members -> (latent bf16 [C,T,H,W], text bf16 [Lt,Dt], meta). Raises on bad bytes."""
+    from safetensors.torch import load
+
+    missing = [e for e in EXTS if e not in raw]
+    if missing:
+        raise ValueError(f"sample {raw.get('__key__')!r} lacks {missing} (truncated shard?)")
+    t = load(raw["safetensors"])
+    return t["latent"], t["text"], json.loads(raw["json"])
+
+
+class ShardWriter:
+    """Writes samples into rolling `shard-NNNNNN.tar` files and `index.json` on close."""
+
+    def __init__(self, out: str | Path, max_bytes: int = 64_000_000, patch=(1, 2, 2), info: dict | None = None):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.max_bytes, self.patch, self.info = max_bytes, tuple(patch), dict(info or {})
+        self.shards: list[dict] = []
+        self._f = self._tar = None
+        self.count = 0
+
+    def _roll(self) -> None:
+        import webdataset as wds
+
+        self._close_tar()
+        name = f"shard-{len(self.shards):06d}.tar"
+        self._f = open(self.out / name, "wb")
+        self._tar = wds.TarWriter(self._f, encoder=False)
+        self.shards.append({"name": name, "samples": 0, "keys": [], "shapes": [], "tokens": []})
+
+    def _close_tar(self) -> None:
+        if self._tar is not None:
+            self._tar.close()  # also closes the file
+            self._tar = self._f = None
+
+    def write(self, latent_CTHW: torch.Tensor, text_LD: torch.Tensor, meta: dict) -> str:
+        if self._tar is None or self._f.tell() >= self.max_bytes:
+            self._roll()
+        key = f"{self.count:09d}"
+        _, T, H, W = latent_CTHW.shape
+        meta = {**meta, "shape": list(latent_CTHW.shape), "text_len": int(text_LD.shape[0])}
+        self._tar.write({"__key__": key, **encode_sample(latent_CTHW, text_LD, meta)})
+        s = self.shards[-1]
+        s["samples"] += 1
+        s["keys"].append(key)
+        s["shapes"].append([T, H, W])
+        s["tokens"].append(tokens_of((T, H, W), self.patch))
+        self.count += 1
+        return key
+
+    def close(self, **extra) -> dict:
+        self._close_tar()
+        index = {"version": 1, "samples": self.count, "shards": self.shards, "patch": list(self.patch),
+                 **self.info, **extra}
+        tmp = self.out / (INDEX + ".tmp")
+        tmp.write_text(json.dumps(index))
+        tmp.replace(self.out / INDEX)  # atomic: a reader never sees half an index
+        return index
+
+
+def tokens_of(shape_THW, patch) -> int:
+    T, H, W = shape_THW
+    pt, ph, pw = patch
+    return (T // pt) * (H // ph) * (W // pw)
+
+
+def read_index(root: str | Path) -> dict:
+    p = Path(root) / INDEX
+    if not Path(root).is_dir():
+        raise ValueError(f"data.source = {str(root)!r}: no such directory (expected shards from 'vidscale prepare')")
+    if not p.is_file():
+        raise ValueError(f"data.source = {str(root)!r}: no {INDEX} there (expected shards from 'vidscale prepare')")
+    try:
+        index = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+    if "shards" not in index or "samples" not in index:
+        raise ValueError(f"{p}: expected keys 'samples' and 'shards'")
+    return index
+
+
+def check_source(cfg) -> dict:
+    """Pre-flight for a shard `data.source`: index present, channels, text width and patch
+    compatible with the model. Raises ValueError with one line."""
+    index = read_index(cfg.data.source)
+    src = cfg.data.source
+    if index.get("samples", 0) < 1:
+        raise ValueError(f"data.source = {src!r}: the index holds no samples")
+    C, D = index.get("channels"), index.get("text_dim")
+    if C is not None and C != cfg.model.in_channels:
+        raise ValueError(f"data.source = {src!r} holds {C}-channel latents but model.in_channels = "
+                         f"{cfg.model.in_channels}: set model.in_channels={C}")
+    if D is not None and D != cfg.model.text_dim:
+        raise ValueError(f"data.source = {src!r} holds {D}-wide text tokens but model.text_dim = "
+                         f"{cfg.model.text_dim}: set model.text_dim={D}")
+    pt, ph, pw = cfg.model.patch
+    for s in index["shards"]:
+        for T, H, W in s["shapes"]:
+            if T % pt or H % ph or W % pw:
+                raise ValueError(f"data.source = {src!r}: a latent of shape T,H,W={T},{H},{W} in {s['name']} "
+                                 f"is not divisible by model.patch={list(cfg.model.patch)}")
+    return index
+
+
+class ShardSource:
+    """Samples of prepared shards, addressed by global id (position in the index).
+
+    `order(epoch)` is the epoch's global sample order: shards shuffled by (seed, epoch),
+    samples in tar order inside a shard, so a contiguous run of the order is a sequential
+    read. `stream(ids)` reads those ids in that order and yields (id, sample or None, error).
+    """
+
+    def __init__(self, root: str | Path, cfg):
+        self.root = Path(root)
+        self.index = check_source(cfg)
+        self.patch = tuple(cfg.model.patch)
+        self.seed = cfg.train.seed
+        self.shard_of: list[int] = []
+        self.key_of: list[str] = []
+        self._tokens: list[int] = []
+        self.first: list[int] = []  # global id of each shard's first sample
+        for si, s in enumerate(self.index["shards"]):
+            self.first.append(len(self.key_of))
+            for k, shp in zip(s["keys"], s["shapes"]):
+                self.shard_of.append(si)
+                self.key_of.append(k)
+                self._tokens.append(tokens_of(shp, self.patch))
+        self.n = len(self.key_of)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def tokens(self, i: int) -> int:
+        return self._tokens[i]
+
+    def name(self, i: int) -> str:
+        return f"{self.index['shards'][self.shard_of[i]]['name']}:{self.key_of[i]}"
+
+    def order(self, epoch: int) -> list[int]:
+        shards = list(range(len(self.index["shards"])))
+        random.Random(self.seed * 7919 + epoch).shuffle(shards)
+        return [self.first[s] + j for s in shards for j in range(self.index["shards"][s]["samples"])]
+
+    def stream(self, ids: list[int]) -> Iterator[tuple[int, tuple | None, str]]:
+        """Read `ids` (grouped by shard, tar order inside a shard, as `order` gives them).
+        Samples not wanted are dropped before decoding. Missing or undecodable samples come
+        out as (id, None, reason), in order, so the caller can count them."""
+        import webdataset as wds
+
+        groups: list[tuple[int, list[int]]] = []
+        for i in ids:
+            if not groups or groups[-1][0] != self.shard_of[i]:
+                groups.append((self.shard_of[i], []))
+            groups[-1][1].append(i)
+        for si, gids in groups:
+            url = str(self.root / self.index["shards"][si]["name"])
+            want = {self.key_of[i]: i for i in gids}
+            errors: list[str] = []
+
+            def handler(exn: Exception) -> bool:  # webdataset's own handlers sleep 0.5 s per warning
+                errors.append(f"{type(exn).__name__}: {exn}")
+                return True
+            seen: set[str] = set()
+            pending = list(gids)  # in tar order
+            for raw in wds.tarfile_samples([{"url": url}], handler=handler):
+                key = raw.get("__key__")
+                if key not in want or key in seen:
+                    continue
+                seen.add(key)
+                i = want[key]
+                while pending and pending[0] != i:  # earlier wanted keys never came: gone
+                    yield pending.pop(0), None, f"{self.name(i)}: missing from the tar"
+                if pending:
+                    pending.pop(0)
+                try:
+                    yield i, decode_sample(raw), ""
+                except Exception as e:  # noqa: BLE001 - any bad bytes: skip or fail by data.on_error
+                    yield i, None, f"{self.name(i)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            why = errors[0] if errors else "missing from the tar"
+            for i in pending:
+                yield i, None, f"{self.name(i)}: {why}"
+
+    def load_one(self, i: int):
+        """Random access to one sample (reads its shard up to it): for tools, not the loader."""
+        for _, s, err in self.stream([i]):
+            if s is None:
+                raise ValueError(err)
+            return s

@@ -1,0 +1,153 @@
+"""`vidscale prepare SRC OUT`: videos -> webdataset shards of latents + text tokens.
+
+Decodes every video under SRC with PyAV at native resolution (optionally scaled down to
+`data.max_area`, rounded to what the latent encoder x patch needs), resamples to
+`data.fps` when set, cuts clips of `data.clip_frames` frames (at most `data.max_clips` per
+video), encodes them with `data.encoder` and their captions with `data.text_encoder`, and
+writes rolling tar shards plus OUT/index.json. Captions come from `data.captions` (jsonl
+or csv with 'file' and 'caption') or a .txt beside each video. Unreadable videos are
+logged, counted and skipped.
+
+    vidscale prepare videos/ shards/ --set data.encoder=pixel --set data.clip_frames=17
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("prepare", help="turn videos into latent shards", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="a video file or a folder of videos (searched recursively)")
+    p.add_argument("out", help="output folder for shard-*.tar and index.json")
+    p.add_argument("--recipe", default=None, help="recipe whose data/model sections to use (default: defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set data.clip_frames=33 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def find_videos(src: Path) -> list[Path]:
+    from data.video import VIDEO_EXTS
+
+    if src.is_file():
+        return [src]
+    if not src.is_dir():
+        raise ValueError(f"{src}: no such file or folder")
+    return sorted(p for p in src.rglob("*") if p.suffix.lower() in VIDEO_EXTS and p.is_file())
+
+
+def load_captions(path: str, src: Path) -> dict[str, str]:
+    """Sidecar captions keyed by file path relative to SRC (and by bare file name)."""
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"data.captions = {path!r}: file not found")
+    rows: list[dict] = []
+    if p.suffix == ".jsonl":
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise ValueError(f"{p}:{n}: not valid JSON") from None
+    elif p.suffix == ".csv":
+        with open(p, newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        raise ValueError(f"data.captions = {path!r}: expected a .jsonl or .csv file")
+    out = {}
+    for n, r in enumerate(rows, 1):
+        if "file" not in r or "caption" not in r:
+            raise ValueError(f"{p}: row {n} lacks 'file' or 'caption'")
+        out[str(r["file"])] = str(r["caption"])
+        out.setdefault(Path(str(r["file"])).name, str(r["caption"]))
+    return out
+
+
+def caption_for(video: Path, src: Path, sidecar: dict[str, str]) -> str | None:
+    rel = str(video.relative_to(src)) if src.is_dir() else video.name
+    if rel in sidecar or video.name in sidecar:
+        return sidecar.get(rel, sidecar.get(video.name))
+    txt = video.with_suffix(".txt")
+    return txt.read_text().strip() if txt.is_file() else None
+
+
+def prepare(src: str | Path, out: str | Path, cfg, progress: bool = True) -> dict:
+    """Library entry point of the command; returns the index (plus a summary)."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from data.shards import ShardWriter
+    from data.video import clip_lengths, decode_clips
+    from models.latent import build_latent_encoder
+    from models.text import TextEncoder
+
+    src, out, d = Path(src), Path(out), cfg.data
+    videos = find_videos(src)
+    if not videos:
+        raise ValueError(f"{src}: no video files (looked for mp4, webm, mkv, mov, avi, gif, m4v)")
+    sidecar = load_captions(d.captions, src)
+    enc = build_latent_encoder(d.encoder, channels=cfg.model.in_channels)
+    pt, ph, pw = cfg.model.patch
+    if clip_lengths(d.clip_frames, enc.temporal, pt) != d.clip_frames:
+        raise ValueError(f"data.clip_frames = {d.clip_frames}: expected 1 + {enc.temporal}k frames whose "
+                         f"{1 + (d.clip_frames - 1) // enc.temporal} latent frames divide by pt={pt}")
+    multiple = math.lcm(enc.spatial * ph, enc.spatial * pw)
+    text = TextEncoder(d.text_encoder)
+    writer = ShardWriter(out, d.shard_max_bytes, cfg.model.patch,
+                         info={"channels": enc.channels, "text_dim": text.dim, "encoder": d.encoder,
+                               "text_encoder": d.text_encoder, "temporal": enc.temporal, "spatial": enc.spatial,
+                               "clip_frames": d.clip_frames, "latent_dtype": "bf16"})
+    failed: list[dict] = []
+    uncaptioned = 0
+    t0 = time.perf_counter()
+    bar = tqdm(videos, desc="prepare", unit="video", disable=not progress, file=sys.stderr)
+    for v in bar:
+        try:
+            clips = list(decode_clips(v, d.clip_frames, multiple, d.fps, d.max_area, d.max_clips, enc.temporal, pt))
+        except Exception as e:  # noqa: BLE001 - any decoder failure: log, count, skip the file
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            failed.append({"file": str(v), "error": msg})
+            print(f"vidscale prepare: skipped unreadable video {v}: {msg}", file=sys.stderr)
+            continue
+        if not clips:
+            failed.append({"file": str(v), "error": "shorter than one frame group"})
+            continue
+        caption = caption_for(v, src, sidecar)
+        if caption is None:
+            uncaptioned += 1
+            caption = ""
+        text_LD = text.encode([caption])[0]
+        for c in clips:
+            x = torch.from_numpy(np.ascontiguousarray(c.frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+            latent = enc.encode(x)[0]  # C T' H' W'
+            T, H, W = c.frames.shape[:3]
+            writer.write(latent, text_LD, {"caption": caption, "source": str(v), "fps": c.fps,
+                                           "orig_size": list(c.orig_size), "size": [H, W],
+                                           "frame_range": [c.start, c.start + T]})
+        bar.set_postfix(samples=writer.count, failed=len(failed))
+    bar.close()
+    index = writer.close(videos=len(videos), failed=len(failed), failed_files=failed, uncaptioned=uncaptioned)
+    index["seconds"] = time.perf_counter() - t0
+    return index
+
+
+def run(args) -> int:
+    from scaling.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    index = prepare(args.src, args.out, cfg, progress=not args.no_progress)
+    skipped = f"; skipped {index['failed']} unreadable video(s)" if index["failed"] else ""
+    print(f"vidscale prepare: {index['samples']} samples from {index['videos'] - index['failed']} of "
+          f"{index['videos']} videos in {len(index['shards'])} shard(s) at {args.out} "
+          f"({index['seconds']:.1f} s){skipped}")
+    return 0
