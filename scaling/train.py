@@ -180,8 +180,10 @@ class Trainer:
 
 def train(cfg: Config) -> dict:
     """Train a recipe. Runs on one process or as one rank of a torch.distributed world."""
+    t_start = time.time()
     tr = Trainer(cfg)
     c = cfg
+    tokens_at_start, run_flops = tr.tokens_seen, 0.0  # this process's share, for final.json
     peak = measure_peak_flops(tr.device, torch.bfloat16 if c.train.dtype == "bf16" else torch.float32,
                               seconds=0.5) if tr.is_main else 0.0
     log = MetricsLogger(tr.run_dir, tr.is_main, c.logging.tensorboard, c.logging.progress,
@@ -194,6 +196,7 @@ def train(cfg: Config) -> dict:
         while tr.step < c.train.steps:
             out = tr.train_step()
             flops_acc += out["flops"]
+            run_flops += out["flops"]
             tok_last += out["local_tokens"]
             log.advance()
             if tr.step % c.logging.every == 0 or tr.step == c.train.steps:
@@ -209,6 +212,10 @@ def train(cfg: Config) -> dict:
     finally:
         log.close()
     result = {"run_dir": str(tr.run_dir), "steps": tr.step, "loss": last_loss, "tokens": tr.tokens_seen}
+    if tr.step >= c.train.steps and c.train.val_videos > 0:  # finished: the score a sweep fits
+        from scaling.evaluate import write_final
+        result["val_loss"] = write_final(tr, result, time.time() - t_start, run_flops,
+                                         tr.tokens_seen - tokens_at_start)["val_loss"]
     tr.dims.destroy()
     return result
 
