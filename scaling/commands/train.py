@@ -1,8 +1,8 @@
-"""`vidscale train RECIPE`: train a recipe here (one or more local processes)."""
+"""`vidscale train RECIPE`: train a recipe here (one or more local processes), on a Ray
+cluster (`--launcher ray`) or as a Slurm job (`--launcher slurm`)."""
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -17,6 +17,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_recipe_args(p)
     p.add_argument("--run-dir", help="run directory (default runs/<name>-<time>)")
     p.add_argument("--nproc", type=int, default=None, help="world size: processes to start (default cluster.nproc)")
+    from cluster.launch import add_launch_args
+    add_launch_args(p)
     return p
 
 
@@ -28,11 +30,6 @@ def run(args) -> int:
         overrides.append(f"train.run_dir={args.run_dir}")
     if args.nproc is not None:
         overrides.append(f"cluster.nproc={args.nproc}")
-    cfg = load_config(args.recipe, overrides)
-    if cfg.cluster.nproc > 1:
-        from cluster.local import launch_local
-        return launch_local(cfg)
-    from scaling.train import train
-    result = train(cfg)
-    print(json.dumps(result))
-    return 0
+    from cluster.launch import launch, launch_overrides
+    cfg = load_config(args.recipe, overrides + launch_overrides(args))
+    return launch(cfg, wait=args.wait, detach=args.detach)

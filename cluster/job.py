@@ -1,0 +1,82 @@
+"""`RUN_DIR/job.json`: how a run was launched, so `status`, `cancel` and `resume` can find it.
+
+    {"launcher": "slurm", "job_ids": ["41"], "command": ["vidscale", "train", ...],
+     "state": "RUNNING", "run_dir": "/abs/runs/x", "address": "", "pid": 1234,
+     "submitted": "2026-11-25T14:00:00Z", "updated": "...", "history": [...]}
+
+`state` is the launcher's own word for it where it has one (Slurm: PENDING, RUNNING,
+COMPLETED, FAILED, CANCELLED, ...; Ray jobs: PENDING, RUNNING, SUCCEEDED, STOPPED, FAILED),
+and for the processes vidscale runs itself: RUNNING, COMPLETED, FAILED, PREEMPTED.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+FILE = "job.json"
+DONE = {"COMPLETED", "SUCCEEDED", "FAILED", "CANCELLED", "STOPPED", "TIMEOUT", "NODE_FAIL",
+        "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED_FINAL"}
+"""States after which a job does no more work (PREEMPTED alone may requeue)."""
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass
+class JobRecord:
+    launcher: str
+    """local, ray or slurm."""
+    run_dir: str
+    command: list[str]
+    """The command line that launched the run (argv)."""
+    job_ids: list[str] = field(default_factory=list)
+    """Slurm job ids, or the Ray job submission id; empty for processes run here."""
+    state: str = "SUBMITTED"
+    address: str = ""
+    """Ray: the cluster (or job server) address the job went to."""
+    pid: int = 0
+    """The launching process, for runs in the foreground (local, attached Ray)."""
+    submitted: str = field(default_factory=now)
+    updated: str = field(default_factory=now)
+    history: list[dict] = field(default_factory=list)
+    """Earlier launches of the same run dir (resume), oldest first."""
+
+    @property
+    def path(self) -> Path:
+        return Path(self.run_dir) / FILE
+
+    def save(self) -> None:
+        """Atomic write (rename), so a concurrent `status` never reads half a file."""
+        self.updated = now()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+    def set_state(self, state: str) -> None:
+        self.state = state
+        self.save()
+
+
+def read_job(run_dir: str | Path) -> JobRecord:
+    p = Path(run_dir) / FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no job record (was the run started with `vidscale train`?)")
+    d = json.loads(p.read_text())
+    return JobRecord(**{k: v for k, v in d.items() if k in JobRecord.__dataclass_fields__})
+
+
+def new_job(launcher: str, run_dir: str | Path, command: list[str], **kw) -> JobRecord:
+    """A fresh record; an earlier launch of the same run dir moves into `history`."""
+    run_dir = str(Path(run_dir).absolute())
+    history: list[dict] = []
+    try:
+        old = read_job(run_dir)
+        history = old.history + [{k: v for k, v in asdict(old).items() if k != "history"}]
+    except (FileNotFoundError, ValueError, TypeError):
+        pass
+    return JobRecord(launcher=launcher, run_dir=run_dir, command=list(command), history=history, **kw)

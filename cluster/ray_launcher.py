@@ -1,0 +1,309 @@
+"""The Ray launcher: one Ray Train worker per rank, each calling the same `train(cfg)`.
+
+    launch_ray(cfg)                      TorchTrainer on `cluster.address` / RAY_ADDRESS, or on
+                                         an embedded local cluster (127.0.0.1) started and
+                                         stopped here when there is no address
+    launch_ray(cfg, detach=True)         a Ray job (JobSubmissionClient) whose entrypoint is
+                                         `python -m cluster.ray_launcher RUN_DIR/launch.yaml`
+
+Ray Train's TorchTrainer creates the process group (gloo on CPU, nccl on GPU) and sets
+RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; `train(cfg)` reuses it.
+Fault tolerance: FailureConfig(max_failures=cluster.max_failures) replaces every worker
+when one dies, and the new workers resume from vidscale's own latest complete checkpoint
+(`checkpoint.resume=auto`), not from whatever Ray last registered. Metrics stay in the
+run's metrics.jsonl: nothing is reported to Ray (each report is a barrier).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+CONFIG = "launch.yaml"
+ATTEMPTS = ".ray_attempts"
+"""Per-launch markers in the run dir: a worker group that finds its launch's marker is a restart."""
+WORKER_ENV = {
+    # the controller polls workers this often; Ray's default (2 s) makes every report and
+    # every failure detection slow (CLUSTER.md: 1.7 s per report)
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def address_of(cfg) -> str:
+    return cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
+
+
+def is_job_server(address: str) -> bool:
+    """A dashboard URL takes jobs only: the run goes in as a Ray job."""
+    return address.startswith(("http://", "https://"))
+
+
+def check_request(cfg) -> None:
+    """One-line errors for impossible worker requests, before Ray is touched."""
+    c = cfg.cluster
+    if c.cpus_per_worker <= 0:
+        raise ValueError(f"cluster.cpus_per_worker = {c.cpus_per_worker}: expected a positive number")
+    if c.gpus_per_worker < 0:
+        raise ValueError(f"cluster.gpus_per_worker = {c.gpus_per_worker}: expected 0 or more")
+    if c.max_failures < -1:
+        raise ValueError(f"cluster.max_failures = {c.max_failures}: expected -1 (no limit), 0 or more")
+    from cluster.local import check_layout
+    check_layout(cfg, c.nproc)
+
+
+def check_resources(cfg) -> None:
+    """The connected cluster must be able to hold every worker at once, or Ray Train would wait
+    for resources forever."""
+    import ray
+    c = cfg.cluster
+    total = ray.cluster_resources()
+    need = {"CPU": c.nproc * c.cpus_per_worker, "GPU": c.nproc * c.gpus_per_worker}
+    for res, n in need.items():
+        if n > total.get(res, 0) + 1e-9:
+            key = "cluster.cpus_per_worker" if res == "CPU" else "cluster.gpus_per_worker"
+            raise ValueError(f"{c.nproc} workers x {key} = {getattr(c, key.split('.')[1])} need {n:g} {res}s; "
+                             f"the Ray cluster has {total.get(res, 0):g}")
+
+
+# -- in the workers ------------------------------------------------------------------------------
+def _is_restart(run_dir: Path, launch_id: str) -> bool:
+    """Rank 0 decides (a marker per launch) and tells the others, so all ranks agree even if a
+    worker died before it got this far in the previous attempt."""
+    import torch.distributed as dist
+    flag = [False]
+    if int(os.environ.get("RANK", "0")) == 0:
+        marker = run_dir / ATTEMPTS / launch_id
+        flag[0] = marker.exists()
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with open(marker, "a") as f:
+            f.write(f"{time.time():.3f}\n")
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(flag, src=0)
+    return bool(flag[0])
+
+
+def _watch_stop_file(path: str) -> None:
+    """Ray workers run the train function off the main thread, where signals cannot reach it:
+    a pre-emption (Ray on Slurm) touches a file instead, which this thread turns into the
+    same save request a SIGUSR1 makes."""
+    if not path:
+        return
+
+    def poll():
+        from scaling import signals
+        while True:
+            if os.path.exists(path):
+                signals.request_save()
+            time.sleep(0.5)
+
+    threading.Thread(target=poll, daemon=True, name="vidscale-stop-file").start()
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train's per-worker function: one rank of `train(cfg)`."""
+    from cluster.slurm import REQUEUE_MARKER
+    from scaling.config import load_config
+    from scaling.train import train
+
+    cfg = load_config(config["config_path"])
+    run_dir = Path(cfg.train.run_dir)
+    if _is_restart(run_dir, config["launch_id"]) and not cfg.checkpoint.resume:
+        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, resume="auto"))
+        print(f"vidscale: worker group restarted; rank {os.environ.get('RANK')} resumes from the latest "
+              "complete checkpoint", flush=True)
+    _watch_stop_file(config.get("stop_file", ""))
+    result = train(cfg)
+    if result.get("preempted") and os.environ.get("RANK", "0") == "0":
+        (run_dir / REQUEUE_MARKER).touch()
+
+
+# -- the driver ------------------------------------------------------------------------------------
+def write_config(cfg) -> Path:
+    from scaling.config import save_config
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CONFIG
+    save_config(cfg, path)
+    return path
+
+
+def run_trainer(cfg, address: str = "", nodes: int = 1) -> int:
+    """Run the training here as the Ray driver; returns 0 on success, 1 on failure."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    c = cfg.cluster
+    check_request(cfg)
+    path = write_config(cfg)
+    run_dir = Path(cfg.train.run_dir)
+    os.environ.update(WORKER_ENV)  # the controller actor reads them too (local clusters)
+    runtime_env = {"env_vars": dict(WORKER_ENV)}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=True)
+    else:
+        # an embedded single-node cluster, bound to 127.0.0.1, gone when this process ends
+        ray.init(num_cpus=max(2, int(c.nproc * c.cpus_per_worker + 0.999)),
+                 num_gpus=int(c.nproc * c.gpus_per_worker + 0.999),
+                 include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=runtime_env,
+                 logging_level="WARNING")
+    try:
+        check_resources(cfg)
+        use_gpu = c.gpus_per_worker > 0
+        backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_gpu else "gloo")
+        per_worker = {"CPU": c.cpus_per_worker}
+        if use_gpu:
+            per_worker["GPU"] = c.gpus_per_worker
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"config_path": str(path), "launch_id": uuid.uuid4().hex,
+                               "stop_file": os.environ.get("VIDSCALE_STOP_FILE", "")},
+            torch_config=TorchConfig(backend=backend, timeout_s=cfg.parallel.timeout_s),
+            scaling_config=ScalingConfig(num_workers=c.nproc, use_gpu=use_gpu, resources_per_worker=per_worker),
+            run_config=RunConfig(name=re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.name), storage_path=str(run_dir / "ray"),
+                                 failure_config=FailureConfig(max_failures=c.max_failures)),
+        )
+        try:
+            trainer.fit()
+        except Exception as e:  # TrainingFailedError: out of retries, or a bad recipe in the workers
+            print(f"vidscale: Ray training failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                  file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        ray.shutdown()
+
+
+def _raise_interrupt(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
+def launch_ray(cfg, wait: bool = False, detach: bool = False, command: list[str] | None = None) -> int:
+    from cluster.job import new_job
+    check_request(cfg)
+    address = address_of(cfg)
+    if detach or is_job_server(address):
+        return submit_job(cfg, address, wait=wait, command=command)
+    job = new_job("ray", cfg.train.run_dir, command or sys.argv, state="RUNNING", address=address,
+                  pid=os.getpid())
+    job.save()
+    # `vidscale cancel` sends SIGTERM: leave through `finally`, so ray.shutdown() runs
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    code = 1
+    try:
+        code = run_trainer(cfg, address)
+    except KeyboardInterrupt:
+        job.set_state("CANCELLED")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if job.state == "RUNNING":
+            job.set_state("COMPLETED" if code == 0 else "FAILED")
+    return code
+
+
+# -- Ray jobs ---------------------------------------------------------------------------------------
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+    if not address:
+        raise ValueError("a Ray job needs a running cluster: pass --address (or set RAY_ADDRESS) to its "
+                         "dashboard, e.g. http://127.0.0.1:8265; start one with `python -m cluster.ray_cluster up`")
+    return JobSubmissionClient(address)
+
+
+def _local(address: str) -> bool:
+    host = re.sub(r"^\w+://", "", address).split(":")[0]
+    return host in ("127.0.0.1", "localhost", "", "auto")
+
+
+def submit_job(cfg, address: str, wait: bool = False, command: list[str] | None = None) -> int:
+    from cluster.job import new_job
+    client = _client(address)
+    path = write_config(cfg)
+    # on this machine the job runs this interpreter; elsewhere, the cluster's `python`
+    python = sys.executable if _local(address) else "python"
+    entry = f"{shlex.quote(python)} -m cluster.ray_launcher {shlex.quote(str(path))}"
+    sub_id = f"vidscale-{re.sub(r'[^A-Za-z0-9_-]', '_', cfg.name)[:40]}-{uuid.uuid4().hex[:8]}"
+    job_id = client.submit_job(entrypoint=entry, submission_id=sub_id,
+                               runtime_env={"env_vars": dict(WORKER_ENV)},
+                               metadata={"run_dir": str(cfg.train.run_dir)})
+    job = new_job("ray", cfg.train.run_dir, command or sys.argv, job_ids=[job_id], state="PENDING",
+                  address=address)
+    job.save()
+    print(f"vidscale: submitted Ray job {job_id} to {address}; follow with `vidscale status {cfg.train.run_dir}`",
+          flush=True)
+    print(job_id, flush=True)
+    if not wait:
+        return 0
+    return follow_job(job)
+
+
+RAY_DONE = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def job_status(job) -> str:
+    return str(_client(job.address).get_job_status(job.job_ids[-1]).value)
+
+
+def follow_job(job, poll_s: float = 1.0, out=sys.stdout) -> int:
+    """Print the job's log as it grows until it ends; 0 if it SUCCEEDED."""
+    client = _client(job.address)
+    job_id, shown = job.job_ids[-1], 0
+    while True:
+        state = str(client.get_job_status(job_id).value)
+        logs = client.get_job_logs(job_id)
+        if len(logs) > shown:
+            out.write(logs[shown:])
+            out.flush()
+            shown = len(logs)
+        if state != job.state:
+            job.set_state(state)
+        if state in RAY_DONE:
+            return 0 if state == "SUCCEEDED" else 1
+        time.sleep(poll_s)
+
+
+def cancel_job(job) -> None:
+    _client(job.address).stop_job(job.job_ids[-1])
+    job.set_state("STOPPED")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entrypoint of a Ray job (and of Ray on Slurm): run the trainer on the current cluster."""
+    p = argparse.ArgumentParser(prog="python -m cluster.ray_launcher")
+    p.add_argument("config", help="RUN_DIR/launch.yaml")
+    p.add_argument("--address", default="auto", help="Ray cluster to use (default: the one this job runs on)")
+    p.add_argument("--nodes", type=int, default=1, help="wait until this many Ray nodes have joined")
+    a = p.parse_args(argv)
+    from scaling.config import load_config
+    cfg = load_config(a.config)
+    if a.nodes > 1:
+        _wait_for_nodes(a.address, a.nodes)
+    return run_trainer(cfg, a.address)
+
+
+def _wait_for_nodes(address: str, n: int, timeout_s: float = 300) -> None:
+    import ray
+    ray.init(address=address, logging_level="WARNING")
+    try:
+        deadline = time.monotonic() + timeout_s
+        while sum(1 for x in ray.nodes() if x.get("Alive")) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {sum(1 for x in ray.nodes() if x.get('Alive'))} of {n} Ray nodes joined")
+            time.sleep(1)
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

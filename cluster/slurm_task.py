@@ -1,0 +1,43 @@
+"""One rank of a Slurm job (`srun python -m cluster.slurm_task`, started by RUN_DIR/job.sbatch).
+
+Maps Slurm's task environment to the one torch.distributed expects (MASTER_ADDR and
+MASTER_PORT come from the batch script), loads RUN_DIR/launch.yaml and calls `train(cfg)`.
+A requeued job (SLURM_RESTART_COUNT > 0) resumes from the latest complete checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+
+def torch_env(env: dict) -> dict:
+    """RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / NODE_RANK from SLURM_* variables."""
+    ntasks = env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS")
+    if "SLURM_PROCID" not in env or not ntasks:
+        raise ValueError("cluster.slurm_task runs under srun (SLURM_PROCID and SLURM_NTASKS are not set)")
+    per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or str(int(ntasks) // int(env.get("SLURM_NNODES", "1")))
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": ntasks, "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": per_node, "NODE_RANK": env.get("SLURM_NODEID", "0"),
+            "GROUP_RANK": env.get("SLURM_NODEID", "0")}
+
+
+def main() -> int:
+    os.environ.update(torch_env(os.environ))
+    from cluster.slurm import REQUEUE_MARKER
+    from scaling.config import load_config
+    from scaling.train import train
+
+    cfg = load_config(os.environ["VIDSCALE_CONFIG"])
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 and not cfg.checkpoint.resume:
+        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, resume="auto"))
+    result = train(cfg)
+    if result.get("preempted") and os.environ["RANK"] == "0":
+        # exit 0 (a non-zero rank would make srun kill the others): the marker asks for the requeue
+        (Path(cfg.train.run_dir) / REQUEUE_MARKER).touch()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
