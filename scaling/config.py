@@ -154,6 +154,9 @@ class ParallelArgs:
     reduce_bucket_size: int = 50_000_000
     prefetch_bucket_size: int = 50_000_000
     overlap_comm: bool = True
+    persistence_threshold: int = 0
+    """ZeRO-3 keeps parameters with fewer elements whole on every rank (DeepSpeed's default
+    is 1e5, which leaves small models unsharded); 0 shards every parameter."""
     timeout_s: int = 300
     """Collective timeout: a failing rank never leaves the others waiting longer."""
 
@@ -334,6 +337,9 @@ def validate(cfg: Config, where: str) -> None:
         bad("train.device", cfg.train.device, "auto, cpu or cuda")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         bad("parallel.zero_stage", cfg.parallel.zero_stage, "0, 1, 2 or 3")
+    if cfg.parallel.offload_params and cfg.parallel.zero_stage != 3:
+        bad("parallel.offload_params", True, f"zero_stage 3 (parameters are only partitioned at stage 3, "
+            f"got zero_stage={cfg.parallel.zero_stage})")
     if cfg.parallel.backend not in ("auto", "gloo", "nccl"):
         bad("parallel.backend", cfg.parallel.backend, "auto, gloo or nccl")
     if cfg.data.on_error not in ("skip", "fail"):

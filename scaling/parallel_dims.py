@@ -68,11 +68,17 @@ class ParallelDims:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         return cls(world=world, rank=rank, ulysses=ulysses, ring=ring, local_rank=local)
 
-    def init(self, backend: str, timeout_s: int = 300) -> None:
-        """Start torch.distributed (if world > 1) and build every process group."""
+    def init(self, backend: str, timeout_s: int = 300, force: bool = False) -> None:
+        """Start torch.distributed (if world > 1) and build every process group.
+
+        `force` also starts a world of one (DeepSpeed needs a process group even then);
+        an in-memory store means no port is taken.
+        """
         import torch.distributed as dist
 
         if not self.distributed:
+            if force and not dist.is_initialized():
+                dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
             return
         if not dist.is_initialized():
             dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
