@@ -7,6 +7,8 @@ import json
 
 # (name, module in scaling/bench/, one-line help)
 BENCHES: list[tuple[str, str, str]] = [
+    ("packing", "scaling.bench.packing", "NaViT packing efficiency vs pad-to-longest and bucketing"),
+    ("loader", "scaling.bench.loader", "loader batches/s from real shards vs the training step"),
 ]
 
 
