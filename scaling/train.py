@@ -27,6 +27,7 @@ from scaling.config import Config, model_config, save_config
 from scaling.flops import measure_peak_flops, train_flops
 from scaling.metrics import MetricsLogger
 from scaling.parallel_dims import ParallelDims, pick_backend, pick_device
+from scaling import signals
 
 
 def seed_all(seed: int) -> None:
@@ -108,6 +109,10 @@ class Trainer:
         self.tokens_seen = 0
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if cfg.train.dtype == "bf16" else None)
+        from scaling.checkpoint import Checkpointer
+        self.ckpt = Checkpointer(self)
+        if cfg.checkpoint.resume:  # '' fresh, 'auto' latest complete, or a path
+            self.ckpt.restore(cfg.checkpoint.resume)
 
     def _build_engine(self):
         if self.cfg.parallel.zero_stage == 0:
@@ -180,6 +185,8 @@ class Trainer:
 
 def train(cfg: Config) -> dict:
     """Train a recipe. Runs on one process or as one rank of a torch.distributed world."""
+    signals.clear()
+    signals.install()  # SIGUSR1: save at the next step boundary, then exit EXIT_REQUEUE
     t_start = time.time()
     tr = Trainer(cfg)
     c = cfg
@@ -191,6 +198,7 @@ def train(cfg: Config) -> dict:
     if tr.is_main:
         (tr.run_dir / "peak_flops.json").write_text(json.dumps({"peak_flops": peak}))
     last_loss = float("nan")
+    preempted = False
     t_last, tok_last, flops_acc = time.perf_counter(), 0, 0.0
     try:
         while tr.step < c.train.steps:
@@ -209,9 +217,18 @@ def train(cfg: Config) -> dict:
                        "memory_gb": _memory_gb(tr.device)}
                 log.log(tr.step, rec)
                 t_last, tok_last, flops_acc = time.perf_counter(), 0, 0.0
+            preempted = signals.agree(signals.save_requested(), tr.dims, tr.device)
+            if tr.ckpt.should_save(tr.step) or preempted:
+                tr.ckpt.save()
+            if preempted:
+                break
+        if tr.ckpt.last_step != tr.step:  # the end of the run is always saved
+            tr.ckpt.save()
+        tr.ckpt.wait()
     finally:
         log.close()
-    result = {"run_dir": str(tr.run_dir), "steps": tr.step, "loss": last_loss, "tokens": tr.tokens_seen}
+    result = {"run_dir": str(tr.run_dir), "steps": tr.step, "loss": last_loss, "tokens": tr.tokens_seen,
+              "preempted": preempted, "checkpoint_stall_s": tr.ckpt.stalls}
     if tr.step >= c.train.steps and c.train.val_videos > 0:  # finished: the score a sweep fits
         from scaling.evaluate import write_final
         result["val_loss"] = write_final(tr, result, time.time() - t_start, run_flops,
@@ -232,4 +249,5 @@ def _memory_gb(device: torch.device) -> float:
 
 if __name__ == "__main__":  # a rank started by a launcher: config path in the environment
     from scaling.config import load_config
-    train(load_config(os.environ["VIDSCALE_CONFIG"]))
+    import sys
+    sys.exit(signals.EXIT_REQUEUE if train(load_config(os.environ["VIDSCALE_CONFIG"]))["preempted"] else 0)

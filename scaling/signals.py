@@ -1,0 +1,60 @@
+"""Save-on-request: a flag the train loop reads at step boundaries.
+
+Contract with the launchers (Slurm pre-emption, `cluster/`):
+
+1. `install()` (called by `train(cfg)` on every rank) makes SIGUSR1 set the flag; the
+   handler only sets a flag, so a step in flight is never interrupted.
+2. At each step boundary the loop asks `save_requested()`; in a distributed run the
+   ranks agree (a MAX all-reduce), so a signal that reached any one rank is enough.
+3. Every rank finishes its current step, a checkpoint is saved and committed, and
+   `train(cfg)` returns `{"preempted": True, ...}`; the rank's process (`python -m
+   scaling.train`, `vidscale train`, `vidscale resume`) exits with `EXIT_REQUEUE` (85).
+4. The job script sees 85 and requeues (`scontrol requeue $SLURM_JOB_ID`); the requeued
+   job runs `vidscale resume RUN_DIR` (or `train ... --resume auto`) and continues.
+
+Send the signal to the ranks (`#SBATCH --signal=USR1@90`, or from a `B:USR1` batch trap
+`kill -USR1` the srun step), or call `request_save()` in-process (tests, other hooks).
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+EXIT_REQUEUE = 85
+"""Exit code of a rank that stopped after a requested save: 'requeue me'."""
+
+_flag = threading.Event()
+
+
+def request_save() -> None:
+    _flag.set()
+
+
+def save_requested() -> bool:
+    return _flag.is_set()
+
+
+def clear() -> None:
+    _flag.clear()
+
+
+def _handler(signum, frame) -> None:  # noqa: ARG001
+    _flag.set()
+
+
+def install(signum: int = signal.SIGUSR1) -> None:
+    """Route `signum` to the flag. Only the main thread may install handlers: elsewhere
+    (a Ray worker thread, a test thread) this is a no-op and `request_save()` still works."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signum, _handler)
+
+
+def agree(flag: bool, dims, device=None) -> bool:
+    """True on every rank if it is True on any rank (one tiny all-reduce per step)."""
+    if not dims.distributed:
+        return flag
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)  # nccl needs a cuda tensor
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
