@@ -1,0 +1,159 @@
+"""The resumable distributed loader over real webdataset shards: exactly-once epochs over
+dp ranks, exact resume (with and without worker processes), remapping to a new dp size,
+corrupt shards and samples skipped and counted (or failing by data.on_error)."""
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.loader import build_loader, remap_loader_states
+from data.shards import ShardWriter
+from scaling.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_shards(root: Path, n: int = 40, max_bytes: int = 6000, seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    w = ShardWriter(root, max_bytes=max_bytes, patch=(1, 2, 2))
+    for i in range(n):
+        T, H, W = rng.randint(1, 3), rng.choice([2, 4, 6]), rng.choice([2, 4, 8])
+        w.write(torch.randn(4, T, H, W, generator=g), torch.randn(rng.randint(2, 5), 384, generator=g),
+                {"caption": f"video {i}"})
+    w.close(channels=4, text_dim=384)
+    return root
+
+
+def cfg_for(src: Path, *over: str):
+    return load_config(ROOT / "recipes/debug.yaml", [f"data.source={src}", "train.tokens_per_batch=64",
+                                                     "data.lookahead=8", *over])
+
+
+def epoch_batches(loader) -> list:
+    """Exactly the batches of the loader's current segment (its plan says how many)."""
+    return [next(loader) for _ in range(len(loader.plan()[1]) - loader.batch)]
+
+
+def captions(batch) -> list[str]:
+    return list(batch[1].names)
+
+
+def test_two_dp_ranks_see_every_sample_exactly_once_per_epoch(tmp_path):
+    src = write_shards(tmp_path / "s", n=41)  # odd: the ranks get 20 and 21 samples
+    cfg = cfg_for(src)
+    for epoch in range(2):
+        seen = []
+        loaders = [build_loader(cfg, r, 2) for r in range(2)]
+        for ld in loaders:
+            ld.epoch = epoch
+            for tokens, meta in epoch_batches(ld):
+                assert meta.num_real <= 64 and tokens.shape[0] == meta.seq_len
+                seen += meta.names
+        assert len(seen) == 41 and len(set(seen)) == 41, epoch
+    # the two epochs visit shards in different orders
+    a, b = build_loader(cfg, 0, 2), build_loader(cfg, 0, 2)
+    b.epoch = 1
+    assert [m.names for _, m in epoch_batches(a)] != [m.names for _, m in epoch_batches(b)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_restored_loader_yields_exactly_the_rest(tmp_path, workers):
+    src = write_shards(tmp_path / "s", n=30)
+    cfg = cfg_for(src, f"data.workers={workers}")
+    ref = build_loader(cfg, 1, 2, multiple=2)
+    want = [next(ref) for _ in range(14)]  # crosses into the next epoch
+    assert ref.epoch >= 1
+    ld = build_loader(cfg, 1, 2, multiple=2)
+    for _ in range(5):
+        next(ld)
+    sd = json.loads(json.dumps(ld.state_dict()))  # what a checkpoint stores
+    back = build_loader(cfg, 1, 2, multiple=2)
+    back.load_state_dict(sd)
+    for k in range(5, 14):
+        tokens, meta = next(back)
+        assert meta.names == want[k][1].names, k
+        assert torch.equal(tokens, want[k][0]) and meta.seq_len % 2 == 0
+        assert torch.equal(meta.text, want[k][1].text) and torch.equal(meta.coords, want[k][1].coords)
+    with pytest.raises(ValueError, match="dp_size"):
+        build_loader(cfg, 0, 3).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("new_dp", [1, 3])
+def test_remap_to_a_new_dp_size_loses_and_repeats_nothing(tmp_path, new_dp):
+    src = write_shards(tmp_path / "s", n=37)
+    cfg = cfg_for(src)
+    old = [build_loader(cfg, r, 2) for r in range(2)]
+    consumed: dict[int, list] = {0: [], 1: []}
+    for r, steps in ((0, 3), (1, 6)):  # rank 1 runs into its next epoch
+        for _ in range(steps):
+            names = next(old[r])[1].names
+            consumed[old[r].epoch] += names  # the epoch of the batch just returned
+    assert old[1].epoch == 1 and old[0].epoch == 0  # the ranks are in different epochs
+    states = remap_loader_states([json.loads(json.dumps(ld.state_dict())) for ld in old], new_dp)
+    new = [build_loader(cfg, r, new_dp) for r in range(new_dp)]
+    rest: dict[int, list] = {0: [], 1: [], 2: []}
+    for ld, sd in zip(new, states):
+        ld.load_state_dict(sd)
+        while True:
+            names = next(ld)[1].names
+            if ld.epoch > 1:
+                break
+            rest[ld.epoch] += names
+    for e in (0, 1):
+        allv = consumed[e] + rest[e]
+        assert sorted(allv) == sorted(set(allv)) and len(allv) == 37, (e, len(allv))
+
+
+def truncate(path: Path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def test_truncated_shard_and_corrupt_sample_are_skipped_and_counted(tmp_path):
+    src = write_shards(tmp_path / "s", n=30)
+    index = json.loads((src / "index.json").read_text())
+    assert len(index["shards"]) >= 3
+    lost = index["shards"][1]["samples"]
+    truncate(src / index["shards"][1]["name"], 0.3)  # cut inside the shard
+    # overwrite one sample's tensor bytes in another shard with garbage of the same length
+    import tarfile
+    name = index["shards"][2]["name"]
+    with tarfile.open(src / name) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    with tarfile.open(src / name, "w") as t:
+        for k, (m, data) in enumerate(members):
+            if m.name.endswith(".safetensors") and k < 3:
+                data = b"\xff" * len(data)
+            m.size = len(data)
+            import io
+            t.addfile(m, io.BytesIO(data))
+    cfg = cfg_for(src)
+    ld = build_loader(cfg, 0, 1)
+    names = [n for _, m in epoch_batches(ld) for n in m.names]
+    assert len(set(names)) == len(names)
+    assert ld.stats["skipped"] == 30 - len(names)
+    assert ld.stats["skipped"] >= 2  # the corrupt sample and at least one sample lost to the cut
+    assert f"{name}:{index['shards'][2]['keys'][0]}" not in names  # the corrupt one
+    assert len(names) >= 30 - lost - 1
+    next(ld)  # the next epoch goes on
+    with pytest.raises(ValueError, match="on_error=fail"):
+        fail = build_loader(cfg_for(src, "data.on_error=fail"), 0, 1)
+        for _ in range(40):
+            next(fail)
+
+
+def test_token_dropping_and_too_long_videos(tmp_path):
+    src = write_shards(tmp_path / "s", n=12)
+    cfg = cfg_for(src, "data.drop_tokens=0.5", "data.drop_min_tokens=8")
+    ld = build_loader(cfg, 0, 1)
+    for tokens, meta in epoch_batches(ld):
+        for i in range(meta.num_videos):
+            T, H, W = meta.grid[i]
+            full = T * H * W
+            n = meta.bounds[i + 1] - meta.bounds[i]
+            assert n == (full if full < 8 else full - full // 2)
+    with pytest.raises(ValueError, match="tokens_per_batch=4"):
+        next(build_loader(cfg_for(src, "train.tokens_per_batch=4"), 0, 1))
