@@ -139,6 +139,8 @@ def write_config(cfg) -> Path:
 
 def run_trainer(cfg, address: str = "", nodes: int = 1) -> int:
     """Run the training here as the Ray driver; returns 0 on success, 1 on failure."""
+    from cluster.ray_cluster import use_token_auth
+    use_token_auth()  # before ray is imported: it reads the mode once
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -147,8 +149,11 @@ def run_trainer(cfg, address: str = "", nodes: int = 1) -> int:
     check_request(cfg)
     path = write_config(cfg)
     run_dir = Path(cfg.train.run_dir)
+    # a Ray job's entrypoint already has them (submit_job): the job's runtime env then may not
+    # be given again, Ray refuses a second definition of the same variables
+    in_job = all(os.environ.get(k) == v for k, v in WORKER_ENV.items())
+    runtime_env = None if in_job else {"env_vars": dict(WORKER_ENV)}
     os.environ.update(WORKER_ENV)  # the controller actor reads them too (local clusters)
-    runtime_env = {"env_vars": dict(WORKER_ENV)}
     if address:
         ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=True)
     else:
@@ -214,6 +219,8 @@ def launch_ray(cfg, wait: bool = False, detach: bool = False, command: list[str]
 
 # -- Ray jobs ---------------------------------------------------------------------------------------
 def _client(address: str):
+    from cluster.ray_cluster import use_token_auth
+    use_token_auth()  # before ray is imported: it reads the mode once
     from ray.job_submission import JobSubmissionClient
     if not address:
         raise ValueError("a Ray job needs a running cluster: pass --address (or set RAY_ADDRESS) to its "
@@ -293,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _wait_for_nodes(address: str, n: int, timeout_s: float = 300) -> None:
+    from cluster.ray_cluster import use_token_auth
+    use_token_auth()
     import ray
     ray.init(address=address, logging_level="WARNING")
     try:

@@ -16,6 +16,8 @@ SUBCOMMANDS = [
     ("prepare", "scaling.commands.prepare"),
     ("make-videos", "scaling.commands.make_videos"),
     ("fit", "scaling.commands.fit"),
+    ("status", "scaling.commands.status"),
+    ("cancel", "scaling.commands.cancel"),
 ]
 
 
