@@ -25,6 +25,17 @@ def per_token(t_V: torch.Tensor, seg_ids_L: torch.Tensor) -> torch.Tensor:
     return torch.cat([t_V, t_V.new_zeros(1)])[seg_ids_L]
 
 
+def _keep_clean(x_t, x0, clean):
+    return x_t if clean is None else torch.where(clean, x0, x_t)
+
+
+def _masked_mse(pred, target, clean):
+    err = (pred.float() - target.float()).pow(2)
+    if clean is not None:  # conditioning values are inputs, not predictions
+        err = err.masked_fill(clean, 0.0)
+    return err.mean(-1)
+
+
 class DDPM:
     name = "ddpm"
 
@@ -59,11 +70,14 @@ class DDPM:
         b = float(self.betas[t])
         return math.sqrt(1 - b) * x_prev + math.sqrt(b) * noise
 
-    def loss_terms(self, model_fn: ModelFn, x0_LP, t_V, noise_LP, seg_ids_L):
-        """Per-token epsilon-prediction MSE (mean over the patch dim), shape [L]."""
-        x_t = self.q_sample(x0_LP, per_token(t_V, seg_ids_L), noise_LP)
+    def loss_terms(self, model_fn: ModelFn, x0_LP, t_V, noise_LP, seg_ids_L, clean_LP=None):
+        """Per-token epsilon-prediction MSE (mean over the patch dim), shape [L].
+
+        `clean_LP` (bool [L, P]): values given to the model clean (conditioning frames) and
+        left out of the loss."""
+        x_t = _keep_clean(self.q_sample(x0_LP, per_token(t_V, seg_ids_L), noise_LP), x0_LP, clean_LP)
         eps = model_fn(x_t, self.model_time(t_V))
-        return (eps.float() - noise_LP.float()).pow(2).mean(-1)
+        return _masked_mse(eps, noise_LP, clean_LP)
 
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise_LP, num_videos: int, steps: int | None = None,
@@ -112,10 +126,10 @@ class RectifiedFlow:
         t = t_tok.to(x0.dtype)[:, None]
         return (1 - t) * x0 + t * noise
 
-    def loss_terms(self, model_fn: ModelFn, x0_LP, t_V, noise_LP, seg_ids_L):
-        x_t = self.q_sample(x0_LP, per_token(t_V, seg_ids_L), noise_LP)
+    def loss_terms(self, model_fn: ModelFn, x0_LP, t_V, noise_LP, seg_ids_L, clean_LP=None):
+        x_t = _keep_clean(self.q_sample(x0_LP, per_token(t_V, seg_ids_L), noise_LP), x0_LP, clean_LP)
         v = model_fn(x_t, self.model_time(t_V))
-        return (v.float() - (noise_LP - x0_LP).float()).pow(2).mean(-1)
+        return _masked_mse(v, noise_LP - x0_LP, clean_LP)
 
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise_LP, num_videos: int, steps: int | None = None,
