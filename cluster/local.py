@@ -71,6 +71,7 @@ def _stop(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
 def launch_local(cfg) -> int:
     """Start `cluster.nproc` ranks of `train(cfg)` here; return 0 or the failing rank's code."""
     from scaling.config import save_config
+    from scaling.signals import EXIT_REQUEUE
     from scaling.train import default_run_dir
 
     nproc = cfg.cluster.nproc
@@ -101,7 +102,8 @@ def launch_local(cfg) -> int:
                                           preexec_fn=_die_with_parent))
         while True:
             codes = [p.poll() for p in procs]
-            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            # EXIT_REQUEUE: the rank saved a pre-emption checkpoint and stopped on purpose
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0, EXIT_REQUEUE)]
             if failed:
                 rank, code = failed[0], codes[failed[0]]
                 _stop(procs)
@@ -111,8 +113,8 @@ def launch_local(cfg) -> int:
                       f"stopped the other ranks; log: {logs / f'rank{rank}.log' if rank else 'above'}",
                       file=sys.stderr)
                 return code if code > 0 else 1
-            if all(c == 0 for c in codes):
-                return 0
+            if all(c is not None for c in codes):
+                return max(codes)
             time.sleep(0.1)
     except KeyboardInterrupt:
         _stop(procs)

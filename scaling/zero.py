@@ -152,6 +152,9 @@ def build_zero_engine(cfg: Config, dims, device: torch.device) -> ZeroEngine:
     backend = pick_backend(cfg.parallel.backend, device)
     if not dist.is_initialized():  # a single process: DeepSpeed still needs a process group
         dims.init(backend, cfg.parallel.timeout_s, force=True)
+    # zero.Init reads these even for one process (launchers set them for every rank)
+    for k, v in (("LOCAL_RANK", dims.local_rank), ("RANK", dims.rank), ("WORLD_SIZE", dims.world)):
+        os.environ.setdefault(k, str(v))
     deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
     ds_cfg = deepspeed_config(cfg, dims, device)
     stage = cfg.parallel.zero_stage
