@@ -64,6 +64,8 @@ class DataArgs:
     lookahead: int = 64
     """Videos buffered by the packer (first-fit-decreasing over this window)."""
     shuffle_buffer: int = 256
+    """Samples shuffled together before packing, in consecutive windows of a rank's read order
+    (0 or 1 = off). The reader holds about shuffle_buffer + lookahead decoded samples."""
     workers: int = 0
     """Loader worker processes (0 reads in the training process)."""
     on_error: str = "skip"
