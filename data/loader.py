@@ -11,7 +11,8 @@ How an epoch is planned (all from the index: nothing is decoded to plan):
      epoch, tar order inside a shard; a plain shuffle for synthetic data);
   2. dp rank r takes the contiguous block [r*n/dp, (r+1)*n/dp) of it: every sample exactly
      once per epoch over the ranks, and a rank reads ~1/dp of the shards sequentially;
-  3. the packer (data/packing.py) turns the block's token counts into a list of bins.
+  3. the block, shuffled inside windows of `data.shuffle_buffer` samples, goes through the
+     packer (data/packing.py), which turns its token counts into a list of bins.
 Loading then streams the block's samples (workers split the bins round robin, and the
 training process receives the bins in plan order) and packs each bin.
 
@@ -99,6 +100,20 @@ def _positions(ranges) -> list[int]:
     return [p for a, b in ranges for p in range(a, b)]
 
 
+def window_shuffle(xs: list[int], window: int, seed: str) -> list[int]:
+    """Shuffle inside consecutive windows: samples of one shard mix without reading out of
+    order (the reader streams in tar order and holds at most ~window + lookahead samples)."""
+    if window <= 1:
+        return list(xs)
+    rng = random.Random(seed)  # str seeds are hashed deterministically (sha512)
+    out = []
+    for i in range(0, len(xs), window):
+        w = xs[i:i + window]
+        rng.shuffle(w)
+        out += w
+    return out
+
+
 def _block(n: int, rank: int, size: int) -> list[list[int]]:
     lo, hi = rank * n // size, (rank + 1) * n // size
     return [[lo, hi]] if hi > lo else []
@@ -109,11 +124,11 @@ class PackedLoader:
 
     def __init__(self, source, budget: int, dp_rank: int, dp_size: int, seed: int, lookahead: int = 64,
                  multiple: int = 1, patch=(1, 2, 2), workers: int = 0, on_error: str = "skip",
-                 drop: float = 0.0, drop_min_tokens: int = 1024):
+                 drop: float = 0.0, drop_min_tokens: int = 1024, shuffle: int = 0):
         self.source, self.budget, self.seed = source, budget, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.lookahead, self.multiple, self.patch = lookahead, multiple, tuple(patch)
-        self.workers, self.on_error = workers, on_error
+        self.workers, self.on_error, self.shuffle = workers, on_error, shuffle
         self.drop, self.drop_min_tokens = drop, drop_min_tokens
         self.n = len(source)
         if self.n < dp_size:
@@ -139,11 +154,11 @@ class PackedLoader:
         """(positions of this segment in the epoch order, bins as lists of positions)."""
         key = (self.epoch, str(self.ranges))
         if self._plan_key != key:
-            positions = _positions(self.segment_ranges())
+            positions = _positions(self.segment_ranges())  # sorted: the read (tar) order
             order = self.source.order(self.epoch)
             bins: list[list[int]] = []
             p = Packer(self.budget, self.lookahead)
-            for pos in positions:
+            for pos in window_shuffle(positions, self.shuffle, f"{self.seed}/{self.epoch}/{positions[:1]}"):
                 i = order[pos]
                 k = self.kept_tokens(i)
                 if k > self.budget:
@@ -364,4 +379,5 @@ def build_loader(cfg, dp_rank: int = 0, dp_size: int = 1, multiple: int = 1) -> 
         source = ShardSource(cfg.data.source, cfg)
     d = cfg.data
     return PackedLoader(source, cfg.train.tokens_per_batch, dp_rank, dp_size, cfg.train.seed, d.lookahead,
-                        multiple, cfg.model.patch, d.workers, d.on_error, d.drop_tokens, d.drop_min_tokens)
+                        multiple, cfg.model.patch, d.workers, d.on_error, d.drop_tokens, d.drop_min_tokens,
+                        d.shuffle_buffer)
