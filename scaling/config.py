@@ -339,6 +339,15 @@ def validate(cfg: Config, where: str) -> None:
         bad("train.device", cfg.train.device, "auto, cpu or cuda")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         bad("parallel.zero_stage", cfg.parallel.zero_stage, "0, 1, 2 or 3")
+    if cfg.cluster.nproc > 1 and cfg.parallel.zero_stage == 0:
+        bad("parallel.zero_stage", 0, f"1, 2 or 3 for cluster.nproc={cfg.cluster.nproc} (0 is plain torch, one process)")
+    from scaling.parallel_dims import ParallelDims
+    try:  # a one-process recipe may name an sp layout that a launcher's --nproc completes
+        sp = cfg.parallel.ulysses * cfg.parallel.ring
+        ParallelDims.validate(cfg.cluster.nproc if cfg.cluster.nproc > 1 else sp, cfg.parallel.ulysses,
+                              cfg.parallel.ring, model_config(cfg.model).heads, where)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
     if cfg.parallel.offload_params and cfg.parallel.zero_stage != 3:
         bad("parallel.offload_params", True, f"zero_stage 3 (parameters are only partitioned at stage 3, "
             f"got zero_stage={cfg.parallel.zero_stage})")
