@@ -15,6 +15,7 @@ SUBCOMMANDS = [
     ("bench", "scaling.commands.bench"),
     ("prepare", "scaling.commands.prepare"),
     ("make-videos", "scaling.commands.make_videos"),
+    ("sweep", "scaling.commands.sweep"),
     ("fit", "scaling.commands.fit"),
     ("status", "scaling.commands.status"),
     ("cancel", "scaling.commands.cancel"),

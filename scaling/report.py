@@ -181,10 +181,25 @@ def _ci(result: dict, key: str) -> str:
     return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-"
 
 
-def write_report(sweep_dir: str | Path, result: dict, rows: list[dict], title: str = "Scaling-law sweep",
+def _runs_table(rows: list[dict]) -> list[str]:
+    lines = ["## Runs", "", "| name | params | tokens | FLOPs | loss | status | wall time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.get('name', '')} | {r.get('params', '')} | {r.get('tokens', '')} | {r.get('flops', '')} | "
+                     f"{r.get('loss', '')} | {r.get('status', '')} | {r.get('wall_time', '')} |")
+    return lines
+
+
+def write_report(sweep_dir: str | Path, result: dict | None, rows: list[dict], title: str = "Scaling-law sweep",
                  notes: list[str] = ()) -> Path:
     """SWEEP_DIR/report.md with the fit, its intervals, predictions, the runs and the plots."""
     sweep_dir = Path(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if result is None:  # too few finished runs: the table only
+        lines = [f"# {title}", "", *notes, ""] + _runs_table(rows)
+        out = sweep_dir / "report.md"
+        out.write_text("\n".join(lines) + "\n")
+        return out
     paths = write_plots(result, sweep_dir / "plots")
     a2 = result["approach2"]
     lines = [f"# {title}", "", *notes, "",
@@ -222,11 +237,7 @@ def write_report(sweep_dir: str | Path, result: dict, rows: list[dict], title: s
     lines += ["", "## Plots", ""]
     for name, p in paths.items():
         lines += [f"### {PLOTS[name]}", "", f"![{PLOTS[name]}]({p.relative_to(sweep_dir)})", ""]
-    lines += ["## Runs", "", "| name | params | tokens | flops | loss | status | wall time (s) |",
-              "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.get('name', '')} | {r.get('params', '')} | {r.get('tokens', '')} | {r.get('flops', '')} | "
-                     f"{r.get('loss', '')} | {r.get('status', '')} | {r.get('wall_time', '')} |")
+    lines += _runs_table(rows)
     out = sweep_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
