@@ -15,7 +15,7 @@ One checkpoint directory (`RUN_DIR/checkpoints/step_XXXXXXXX`, committed atomica
       ema/rank00000.safetensors   each rank's EMA shard, sharded like the model
 
 Same layout: everything is restored as it was, so the losses continue bit for bit. A
-different data-parallel size: the loader states are remapped (`remap_loader`); model and
+different data-parallel size: the loader states are remapped (`data.loader`); model and
 optimizer states go through DeepSpeed's universal checkpoint (see `scaling/ckpt_zero.py`).
 """
 from __future__ import annotations
@@ -59,62 +59,6 @@ def set_rng_state(s: dict) -> None:
                                       for c in s["cuda"]])
 
 
-def _planned_keys(loader, epoch: int, rank: int, size: int, overrides: dict) -> list[str]:
-    """The keys rank `rank` of `size` yields in `epoch` (the loader's own split, or an override
-    left by an earlier remap)."""
-    if str(epoch) in overrides:
-        return list(overrides[str(epoch)])
-    saved = loader.dp_rank, loader.dp_size
-    loader.dp_rank, loader.dp_size = rank, size
-    try:
-        return type(loader).rank_keys(loader, epoch)  # the class's split, not an instance override
-    finally:
-        loader.dp_rank, loader.dp_size = saved
-
-
-def remap_loader(states: list[dict], loader, new_rank: int, new_size: int) -> dict:
-    """Loader overrides for `new_rank` of `new_size` from the saved states of every old rank.
-
-    Guarantee: in each epoch the old ranks had started, every sample the old layout had
-    not yet yielded (including those waiting in a packer) is yielded exactly once by the
-    new ranks together, and no sample it had yielded is yielded again. Packing restarts,
-    so batch composition (and so the losses) differ from the old layout's.
-    Returns {epoch: keys} for this rank; the loader is set to the start of the oldest epoch.
-    """
-    old_size = len(states)
-    first = min(s["loader"]["epoch"] for s in states)
-    last = max(s["loader"]["epoch"] for s in states)
-    overrides: dict[str, list[str]] = {}
-    for e in range(first, last + 1):
-        consumed: set[str] = set()
-        remaining: list[list[str]] = []
-        for r, s in enumerate(states):
-            planned = _planned_keys(loader, e, r, old_size, s.get("epoch_keys", {}))
-            if s["loader"]["epoch"] > e:
-                consumed |= set(planned)  # that rank finished epoch e
-            elif s["loader"]["epoch"] == e:
-                done = set(s["loader"]["consumed"])
-                consumed |= done
-                remaining.append([k for k in planned if k not in done])
-        if e == first:
-            # interleave the old ranks' leftovers so each new rank gets a fair mix
-            flat = [k for i in range(max(map(len, remaining), default=0)) for ks in remaining if i < len(ks)
-                    for k in [ks[i]]]
-            overrides[str(e)] = flat[new_rank::new_size]
-        else:
-            mine = _planned_keys(loader, e, new_rank, new_size, {})
-            overrides[str(e)] = [k for k in mine if k not in consumed]
-    _install(loader, overrides)
-    loader.load_state_dict({"epoch": first, "pos": 0, "buffer": [], "open": [], "ready": [], "consumed": []})
-    return overrides
-
-
-def _install(loader, overrides: dict) -> None:
-    cls = type(loader)
-    loader.rank_keys = lambda epoch: (list(overrides[str(epoch)]) if str(epoch) in overrides
-                                      else cls.rank_keys(loader, epoch))
-
-
 # -- tensors for async writes ---------------------------------------------------------------
 def _cpu_copy(tree):
     if isinstance(tree, torch.Tensor):
@@ -133,7 +77,6 @@ class Checkpointer:
         self.tr = trainer
         self.cfg = trainer.cfg.checkpoint
         self.root = trainer.run_dir / "checkpoints"
-        self.key_overrides: dict = {}   # loader epoch -> keys, after a remap
         self.last_step: int | None = None
         self.stalls: list[float] = []   # seconds the loop waited per save
         self._thread: threading.Thread | None = None
@@ -189,22 +132,16 @@ class Checkpointer:
         from scaling.config import to_yaml
         tr, d = self.tr, self.tr.dims
         files: dict = {f"rng/rank{d.rank:05d}.json": ("json", rng_state())}
-        if d.sp_rank == 0:
-            ld = tr.loader
-            files[f"loader/dp{d.dp_rank:05d}.json"] = ("json", {
-                "loader": ld.state_dict(), "dp_rank": d.dp_rank, "dp_size": d.dp,
-                "epoch_keys": {e: k for e, k in self.key_overrides.items() if int(e) >= ld.epoch},
-                "real_tokens": ld.real_tokens, "padded_tokens": ld.padded_tokens})
+        if d.sp_rank == 0:  # the sp ranks of a dp group share one loader
+            files[f"loader/dp{d.dp_rank:05d}.json"] = ("json", tr.loader.state_dict())
         if d.rank == 0:
             files["state.json"] = ("json", {"step": tr.step, "tokens_seen": tr.tokens_seen,
                                             "layout": self.layout(), "format": FORMAT})
             files["config.yaml"] = ("text", to_yaml(tr.cfg))
         eng = tr.engine
         if self.zero:
-            from scaling.ckpt_zero import ema_shard
-            ema = ema_shard(eng)
-            if ema is not None:
-                files[f"ema/rank{d.rank:05d}.safetensors"] = ("safetensors", _cpu_copy(ema))
+            from scaling.ckpt_zero import ema_files
+            files.update(_cpu_copy(ema_files(eng)))
         else:
             files["model.safetensors"] = ("safetensors", _cpu_copy(eng.module.state_dict()))
             if eng.ema is not None:
@@ -356,17 +293,15 @@ class Checkpointer:
                     v.copy_(ema[k])
 
     def _load_loader(self, path: Path, old: dict) -> None:
+        """Same dp size: each rank's state as saved (exact). Another dp size: the states of
+        all old ranks are remapped (`data.loader.remap_loader_states`): every sample not yet
+        consumed in an unfinished epoch goes to exactly one new rank."""
+        from data.loader import remap_loader_states
         tr, d = self.tr, self.tr.dims
         states = [json.loads((path / f"loader/dp{r:05d}.json").read_text()) for r in range(old["dp"])]
-        if old["dp"] == d.dp:
-            s = states[d.dp_rank]
-            self.key_overrides = dict(s.get("epoch_keys", {}))
-            if self.key_overrides:
-                _install(tr.loader, self.key_overrides)
-            tr.loader.load_state_dict(s["loader"])
-            tr.loader.real_tokens, tr.loader.padded_tokens = s["real_tokens"], s["padded_tokens"]
-        else:
-            self.key_overrides = remap_loader(states, tr.loader, d.dp_rank, d.dp)
+        if old["dp"] != d.dp:
+            states = remap_loader_states(states, d.dp)
+        tr.loader.load_state_dict(states[d.dp_rank])
 
 
 def _await(tmp: Path, prefix: str, world: int, timeout_s: float) -> None:
