@@ -110,6 +110,21 @@ def prepare(src: str | Path, out: str | Path, cfg, progress: bool = True) -> dic
     failed: list[dict] = []
     uncaptioned = 0
     t0 = time.perf_counter()
+    pending: list = []  # (video, clips, caption): captions are encoded in batches
+
+    def flush() -> None:
+        texts = text.encode([cap for _, _, cap in pending])
+        for (v, clips, caption), text_LD in zip(pending, texts):
+            rel = str(v.relative_to(src)) if src.is_dir() else v.name
+            for c in clips:
+                x = torch.from_numpy(np.ascontiguousarray(c.frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+                latent = enc.encode(x)[0]  # C T' H' W'
+                T, H, W = c.frames.shape[:3]
+                writer.write(latent, text_LD, {"caption": caption, "source": rel, "fps": c.fps,
+                                               "orig_size": list(c.orig_size), "size": [H, W],
+                                               "frame_range": [c.start, c.start + T]})
+        pending.clear()
+
     bar = tqdm(videos, desc="prepare", unit="video", disable=not progress, file=sys.stderr)
     for v in bar:
         try:
@@ -126,15 +141,11 @@ def prepare(src: str | Path, out: str | Path, cfg, progress: bool = True) -> dic
         if caption is None:
             uncaptioned += 1
             caption = ""
-        text_LD = text.encode([caption])[0]
-        for c in clips:
-            x = torch.from_numpy(np.ascontiguousarray(c.frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-            latent = enc.encode(x)[0]  # C T' H' W'
-            T, H, W = c.frames.shape[:3]
-            writer.write(latent, text_LD, {"caption": caption, "source": str(v), "fps": c.fps,
-                                           "orig_size": list(c.orig_size), "size": [H, W],
-                                           "frame_range": [c.start, c.start + T]})
+        pending.append((v, clips, caption))
+        if len(pending) >= text.batch_size:
+            flush()
         bar.set_postfix(samples=writer.count, failed=len(failed))
+    flush()
     bar.close()
     index = writer.close(videos=len(videos), failed=len(failed), failed_files=failed, uncaptioned=uncaptioned)
     index["seconds"] = time.perf_counter() - t0
