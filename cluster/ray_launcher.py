@@ -21,7 +21,6 @@ import re
 import shlex
 import signal
 import sys
-import threading
 import time
 import uuid
 from dataclasses import replace
@@ -92,23 +91,6 @@ def _is_restart(run_dir: Path, launch_id: str) -> bool:
     return bool(flag[0])
 
 
-def _watch_stop_file(path: str) -> None:
-    """Ray workers run the train function off the main thread, where signals cannot reach it:
-    a pre-emption (Ray on Slurm) touches a file instead, which this thread turns into the
-    same save request a SIGUSR1 makes."""
-    if not path:
-        return
-
-    def poll():
-        from scaling import signals
-        while True:
-            if os.path.exists(path):
-                signals.request_save()
-            time.sleep(0.5)
-
-    threading.Thread(target=poll, daemon=True, name="vidscale-stop-file").start()
-
-
 def train_worker(config: dict) -> None:
     """Ray Train's per-worker function: one rank of `train(cfg)`."""
     from cluster.slurm import REQUEUE_MARKER
@@ -121,7 +103,8 @@ def train_worker(config: dict) -> None:
         cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, resume="auto"))
         print(f"vidscale: worker group restarted; rank {os.environ.get('RANK')} resumes from the latest "
               "complete checkpoint", flush=True)
-    _watch_stop_file(config.get("stop_file", ""))
+    from cluster.slurm_task import watch_stop_file
+    watch_stop_file(config.get("stop_file", ""))
     result = train(cfg)
     if result.get("preempted") and os.environ.get("RANK", "0") == "0":
         (run_dir / REQUEUE_MARKER).touch()

@@ -21,6 +21,8 @@ from pathlib import Path
 SAFE = re.compile(r"^[A-Za-z0-9_.,:@%/+=\-\[\]]+$")
 """Characters allowed in a value Slurm takes verbatim on an `#SBATCH` line: no spaces,
 quotes, `$`, `;`, backquotes or newlines, so nothing can leave the option it belongs to."""
+SAFE_CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:@%/+=\-\[\]&|*!()]+$")
+"""Feature expressions (`a100&ib`, `[rack1|rack2]`) also take & | * ! ( ): still one option."""
 EXTRA = re.compile(r"^--[A-Za-z][A-Za-z0-9-]*(=[A-Za-z0-9_.,:@%/+=\-\[\]]+)?$")
 TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 REQUEUE_MARKER = ".requeue"
@@ -92,8 +94,8 @@ def plan(cfg) -> SlurmPlan:
     s, c = cfg.cluster.slurm, cfg.cluster
     run_dir = Path(cfg.train.run_dir).absolute()
 
-    def safe(key: str, value: str) -> str:
-        if value and not SAFE.match(value):
+    def safe(key: str, value: str, pattern=SAFE) -> str:
+        if value and not pattern.match(value):
             raise ValueError(f"{key} = {value!r}: Slurm takes it verbatim; expected letters, digits and "
                              "_ . , : @ % / + = - [ ] only")
         return value
@@ -123,7 +125,7 @@ def plan(cfg) -> SlurmPlan:
                      cpus_per_task=s.cpus_per_task, gpus_per_node=gpn, time=s.time,
                      signal_seconds=s.signal_seconds, partition=safe("cluster.slurm.partition", s.partition),
                      account=safe("cluster.slurm.account", s.account), qos=safe("cluster.slurm.qos", s.qos),
-                     constraint=safe("cluster.slurm.constraint", s.constraint), extra=list(s.extra), ray=s.ray)
+                     constraint=safe("cluster.slurm.constraint", s.constraint, SAFE_CONSTRAINT), extra=list(s.extra), ray=s.ray)
 
 
 # -- the script ----------------------------------------------------------------------------

@@ -7,7 +7,10 @@ A requeued job (SLURM_RESTART_COUNT > 0) resumes from the latest complete checkp
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,8 +26,29 @@ def torch_env(env: dict) -> dict:
             "GROUP_RANK": env.get("SLURM_NODEID", "0")}
 
 
+def watch_stop_file(path: str, poll_s: float = 0.5) -> None:
+    """Turn the batch script's stop file into a save request, from a thread: it reaches Ray
+    workers (whose train function runs off the main thread, out of reach of signals) and a
+    USR1 that arrived before `train()` installed its handler."""
+    if not path:
+        return
+
+    def poll():
+        from scaling import signals
+        while True:
+            if os.path.exists(path):
+                signals.request_save()
+            time.sleep(poll_s)
+
+    threading.Thread(target=poll, daemon=True, name="vidscale-stop-file").start()
+
+
 def main() -> int:
+    # until train() installs its handler, USR1 (pre-emption) must not kill the rank: the stop
+    # file the batch script also left behind carries the request
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     os.environ.update(torch_env(os.environ))
+    watch_stop_file(os.environ.get("VIDSCALE_STOP_FILE", ""))
     from cluster.slurm import REQUEUE_MARKER
     from scaling.config import load_config
     from scaling.train import train

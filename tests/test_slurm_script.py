@@ -1,0 +1,110 @@
+"""The sbatch script vidscale renders: options, quoting, validation (no cluster needed)."""
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cluster.job import new_job, read_job
+from cluster.slurm import plan, render, time_seconds
+from cluster.slurm_task import torch_env
+from scaling.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cfg_with(tmp_path, *over):
+    return load_config(ROOT / "recipes/debug.yaml", [f"train.run_dir={tmp_path / 'run'}", "cluster.nproc=4",
+                                                     "parallel.zero_stage=3", *over])
+
+
+def sbatch_options(script: str) -> list[str]:
+    return [l.split(None, 1)[1] for l in script.splitlines() if l.startswith("#SBATCH ")]
+
+
+def test_script_has_every_requested_option(tmp_path):
+    cfg = cfg_with(tmp_path, "cluster.slurm.nodes=2", "cluster.slurm.gpus_per_node=4",
+                   "cluster.slurm.cpus_per_task=8", "cluster.slurm.time=2-00:00:00",
+                   "cluster.slurm.partition=gpu", "cluster.slurm.account=proj42", "cluster.slurm.qos=high",
+                   "cluster.slurm.constraint=a100&ib", "cluster.slurm.signal_seconds=300",
+                   "cluster.slurm.extra=[--exclusive,--mem=0]")
+    opts = sbatch_options(render(plan(cfg)))
+    for o in ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=4", "--cpus-per-task=8", "--time=2-00:00:00",
+              "--partition=gpu", "--account=proj42", "--qos=high", "--constraint=a100&ib", "--requeue",
+              "--open-mode=append", "--signal=B:USR1@300", "--exclusive", "--mem=0",
+              f"--output={tmp_path / 'run'}/slurm-%j.out"]:
+        assert o in opts, (o, opts)
+
+
+def test_hostile_run_name_cannot_inject_shell(tmp_path):
+    evil = tmp_path / "pwned"
+    name = f'x"; touch {evil}; echo "$(touch {evil})`touch {evil}`\nrm -rf /'
+    cfg = cfg_with(tmp_path)
+    cfg.name = name
+    script = render(plan(cfg))
+    for bad in ['"; touch', "$(touch", "`touch", "\nrm -rf"]:
+        assert bad not in script
+    assert "#SBATCH --job-name=vidscale-x___touch_" in script
+    # run the script with stand-ins for srun/scontrol: it must create nothing
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, body in [("srun", "exit 0"), ("scontrol", "echo localhost")]:
+        (bin_dir / tool).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / tool).chmod(0o755)
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    (tmp_path / "run").mkdir()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "localhost"}
+    r = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert not evil.exists()
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("cluster.slurm.partition", "'gpu;reboot'", ["cluster.slurm.partition", "verbatim"]),
+    ("cluster.slurm.account", "'a b'", ["cluster.slurm.account"]),
+    ("cluster.slurm.extra", "['--mem=1G --exclusive']", ["cluster.slurm.extra", "--mem=1G --exclusive"]),
+    ("cluster.slurm.extra", "['#SBATCH --x']", ["cluster.slurm.extra"]),
+    ("cluster.slurm.time", "soon", ["cluster.slurm.time", "soon"]),
+    ("cluster.slurm.signal_seconds", "4000", ["cluster.slurm.signal_seconds", "01:00:00"]),
+    ("cluster.slurm.nodes", "3", ["cluster.nproc", "cluster.slurm.nodes"]),
+])
+def test_bad_slurm_options_are_one_line_errors(tmp_path, key, value, words):
+    cfg = cfg_with(tmp_path, f"{key}={value}")
+    with pytest.raises(ValueError) as e:
+        plan(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_run_dir_with_shell_characters_is_refused(tmp_path):
+    cfg = cfg_with(tmp_path, f"train.run_dir={tmp_path}/a$(reboot)")
+    with pytest.raises(ValueError, match="train.run_dir"):
+        plan(cfg)
+
+
+def test_slurm_time_formats():
+    assert time_seconds("30") == 1800
+    assert time_seconds("10:30") == 630
+    assert time_seconds("01:00:00") == 3600
+    assert time_seconds("1-2") == 93600
+    assert time_seconds("1-02:03:04") == 93784
+
+
+def test_torch_env_from_slurm_task_variables():
+    env = torch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
+                     "SLURM_NNODES": "4", "SLURM_NTASKS_PER_NODE": "2(x4)"})
+    assert env == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "NODE_RANK": "2",
+                   "GROUP_RANK": "2"}
+    with pytest.raises(ValueError, match="srun"):
+        torch_env({})
+
+
+def test_job_record_keeps_history(tmp_path):
+    job = new_job("slurm", tmp_path, ["vidscale", "train", "x.yaml"], job_ids=["12"], state="PENDING")
+    job.save()
+    job.set_state("COMPLETED")
+    again = new_job("slurm", tmp_path, ["vidscale", "resume", str(tmp_path)], job_ids=["13"])
+    again.save()
+    back = read_job(tmp_path)
+    assert back.job_ids == ["13"] and back.history[0]["job_ids"] == ["12"]
+    assert back.history[0]["state"] == "COMPLETED" and back.launcher == "slurm"
