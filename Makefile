@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 PIP     := $(BIN)/pip --disable-pip-version-check -q
 export PIP_NO_INPUT=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo demo-video test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: setup
 	$(BIN)/vidscale train recipes/debug.yaml --run-dir runs/demo
+
+# the same model trained from real video: write shape videos, prepare shards, train on them
+demo-video: setup
+	$(BIN)/vidscale make-videos runs/demo-video/videos --n 48
+	$(BIN)/vidscale prepare runs/demo-video/videos runs/demo-video/shards
+	$(BIN)/vidscale train recipes/debug.yaml --set data.source=runs/demo-video/shards --run-dir runs/demo-video/run
 
 test: setup
 	$(BIN)/python -m pytest -q -ra tests
