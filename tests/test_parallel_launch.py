@@ -1,0 +1,103 @@
+"""`vidscale train --nproc N`: dp=2 x sp=2 trains the debug recipe from prepared shards,
+a dead rank stops the whole run, and wrong layouts are one-line errors before any start."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "scaling.cli"]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Real webdataset shards: demo videos -> `vidscale prepare` (PyAV decode, latents, MiniLM)."""
+    d = tmp_path_factory.mktemp("data")
+    for cmd in (["make-videos", str(d / "videos"), "--n", "16"],
+                ["prepare", str(d / "videos"), str(d / "shards"), "--recipe", "recipes/debug.yaml", "--no-progress"]):
+        r = subprocess.run(CLI + cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    return d / "shards"
+
+
+@pytest.mark.e2e
+@pytest.mark.dist
+def test_dp2_sp2_trains_debug_recipe_from_shards(tmp_path, shards):
+    run = tmp_path / "run"
+    r = subprocess.run(CLI + ["train", "recipes/debug.yaml", "--nproc", "4", "--run-dir", str(run),
+                              "--set", "parallel.ulysses=2", "--set", f"data.source={shards}",
+                              "--set", "train.steps=30", "--set", "logging.every=3", "--set", "checkpoint.every=0",
+                              "--set", "logging.progress=false"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 10
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    for rank in (1, 2, 3):  # other ranks' output goes to their logs
+        assert (run / "logs" / f"rank{rank}.log").exists()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.e2e
+@pytest.mark.dist
+def test_a_dead_rank_stops_the_run(tmp_path):
+    run = tmp_path / "run"
+    p = subprocess.Popen(CLI + ["train", "recipes/debug.yaml", "--nproc", "2", "--run-dir", str(run),
+                                "--set", "train.steps=100000", "--set", "logging.every=1",
+                                "--set", "logging.progress=false", "--set", "checkpoint.every=0",
+                                "--set", "train.tokens_per_batch=256"],
+                         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
+            assert p.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.5)
+        ranks = _children(p.pid)
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[1], signal.SIGKILL)  # rank 1 dies mid-run
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0
+    lines = [line for line in err.splitlines() if "rank 1 of 2 failed" in line]
+    assert lines, err[-2000:]
+    time.sleep(0.5)
+    assert not any(_alive(pid) for pid in ranks)  # rank 0 was stopped, not left hanging
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("overrides,needle", [
+    (["--nproc", "3", "--set", "parallel.ulysses=2"], "does not divide the world size 3"),
+    (["--nproc", "4", "--set", "parallel.ulysses=4", "--set", "model.heads=6"], "does not divide the model's 6"),
+    (["--nproc", "2", "--set", "parallel.zero_stage=0"], "parallel.zero_stage"),
+])
+def test_wrong_layouts_fail_in_one_line_before_start(tmp_path, overrides, needle):
+    r = subprocess.run(CLI + ["train", "recipes/debug.yaml", "--run-dir", str(tmp_path / "x")] + overrides,
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert not (tmp_path / "x").exists()  # nothing started
