@@ -214,6 +214,7 @@ def train(cfg: Config) -> dict:
                        "grad_norm": float(out["grad_norm"]), "tokens_per_s": tok_last / dt,
                        "mfu": (flops_acc / dt) / peak if peak else 0.0,
                        "packing_efficiency": tr.loader.efficiency,
+                       "skipped_samples": tr.loader.stats["skipped"],  # this rank's unreadable samples
                        "memory_gb": _memory_gb(tr.device)}
                 log.log(tr.step, rec)
                 t_last, tok_last, flops_acc = time.perf_counter(), 0, 0.0
