@@ -33,6 +33,7 @@ samples its shards lost.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from typing import Iterator
@@ -178,16 +179,22 @@ class PackedLoader:
             self.epoch, self.ranges = seg["epoch"], seg["ranges"]
         else:
             self.epoch, self.ranges = self.epoch + 1, None
-        self.batch, self._it = 0, None
+        self.batch = 0  # the producer (its own copy of this plan) rolls over by itself
+
+    def _producer_copy(self) -> "PackedLoader":
+        c = copy.copy(self)
+        c._it, c.queue, c.stats = None, [dict(q) for q in self.queue], {}
+        return c
 
     def _batches(self):
-        positions, bins = self.plan()
-        spec = _Spec(self, positions, bins)
+        """Endless iterator of (epoch, bin, tokens, meta, errors) from the current position on:
+        in this process, or from `data.workers` persistent worker processes."""
         if self.workers <= 0:
-            return produce(spec, 0, 1)
+            return produce_endless(self._producer_copy(), 0, 1)
         from torch.utils.data import DataLoader
-        return iter(DataLoader(_BinDataset(spec, self.workers), batch_size=None, num_workers=self.workers,
-                               collate_fn=_identity, worker_init_fn=_worker_init, prefetch_factor=2))
+        return iter(DataLoader(_BinDataset(self._producer_copy(), self.workers), batch_size=None,
+                               num_workers=self.workers, collate_fn=_identity, worker_init_fn=_worker_init,
+                               prefetch_factor=2))
 
     def __next__(self) -> tuple[torch.Tensor, PackedMeta]:
         while True:
@@ -201,8 +208,9 @@ class PackedLoader:
                 continue
             if self._it is None:
                 self._it = self._batches()
-            b, tokens, meta, errors = next(self._it)
-            assert b == self.batch, f"loader invariant: bins arrive in plan order ({b} != {self.batch})"
+            epoch, b, tokens, meta, errors = next(self._it)
+            assert (epoch, b) == (self.epoch, self.batch), \
+                f"loader invariant: bins arrive in plan order ({epoch, b} != {self.epoch, self.batch})"
             self.batch += 1
             self.stats["skipped"] += len(errors)
             for e in errors:
@@ -313,14 +321,29 @@ class _Spec:
 
     def __init__(self, ld: PackedLoader, positions: list[int], bins: list[list[int]]):
         self.source, self.order, self.positions, self.bins = ld.source, ld._order, positions, bins
-        self.start, self.epoch, self.seed = ld.batch, ld.epoch, ld.seed
+        self.epoch, self.seed = ld.epoch, ld.seed
         self.patch, self.budget, self.multiple = ld.patch, ld.budget, ld.multiple
         self.on_error, self.drop, self.drop_min = ld.on_error, ld.drop, ld.drop_min_tokens
 
 
-def produce(spec: _Spec, worker: int, nworkers: int):
-    """Yield (bin index, tokens, meta or None, skipped errors) for this worker's bins in order."""
-    mine = [b for b in range(spec.start, len(spec.bins)) if b % nworkers == worker]
+def produce_endless(ld: PackedLoader, worker: int, nworkers: int):
+    """Walk the loader's plan (a private copy) segment after segment from its position and
+    yield (epoch, bin, tokens, meta, errors) for the bins of this worker: bins are dealt
+    round robin over the workers in plan order, which is the order the DataLoader collects
+    them in, so the training process receives every bin in plan order."""
+    dealt = 0
+    while True:
+        positions, bins = ld.plan()
+        n = len(bins) - ld.batch
+        mine = [ld.batch + j for j in range(n) if (dealt + j) % nworkers == worker]
+        for b, tokens, meta, errors in produce(_Spec(ld, positions, bins), mine):
+            yield ld.epoch, b, tokens, meta, errors
+        dealt += n
+        ld._advance()
+
+
+def produce(spec: _Spec, mine: list[int]):
+    """Yield (bin index, tokens, meta or None, skipped errors) for the bins `mine`, in order."""
     wanted = {p for b in mine for p in spec.bins[b]}
     stream_pos = [p for p in spec.positions if p in wanted]  # stream (tar) order
     by_id = {spec.order[p]: p for p in stream_pos}
@@ -354,13 +377,13 @@ def _pack(spec: _Spec, b: int, good) -> tuple[torch.Tensor, PackedMeta]:
 
 
 class _BinDataset(torch.utils.data.IterableDataset):
-    def __init__(self, spec: _Spec, nworkers: int):
-        self.spec, self.nworkers = spec, nworkers
+    def __init__(self, ld: PackedLoader, nworkers: int):
+        self.ld, self.nworkers = ld, nworkers
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         # the DataLoader asks workers round robin, so bins come back in plan order
-        return produce(self.spec, info.id if info else 0, info.num_workers if info else 1)
+        return produce_endless(self.ld._producer_copy(), info.id if info else 0, info.num_workers if info else 1)
 
 
 def _identity(x):
