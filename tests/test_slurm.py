@@ -1,0 +1,114 @@
+"""vidscale on a real Slurm (single node, started by cluster/scripts/slurm-up.sh when missing):
+a 2-task ZeRO-3 job trains the debug recipe; a pre-empted job checkpoints, requeues itself and
+finishes with the uninterrupted run's losses; status and cancel; impossible requests."""
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DEBUG_ZERO3, ROOT, read_losses, vidscale_cmd
+
+pytestmark = pytest.mark.cluster
+
+
+def vidscale(*args, timeout=600):
+    return subprocess.run(vidscale_cmd() + list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def train_args(run: Path, *extra) -> list[str]:
+    args = ["train", "recipes/debug.yaml", "--launcher", "slurm", "--nproc", "2", "--run-dir", str(run)]
+    for o in DEBUG_ZERO3 + list(extra):
+        args += ["--set", o]
+    return args
+
+
+def job_of(run: Path) -> dict:
+    return json.loads((run / "job.json").read_text())
+
+
+def wait_for(pred, timeout_s: float, what: str, poll_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def squeue_state(job_id: str) -> str:
+    r = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    return r.stdout.strip()
+
+
+def test_two_task_job_trains_debug_recipe_with_zero3(slurm_cluster, tmp_path, debug_zero3_reference):
+    run = tmp_path / "run"
+    r = vidscale(*train_args(run), "--wait")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    job = job_of(run)
+    assert job["launcher"] == "slurm" and job["state"] == "COMPLETED" and len(job["job_ids"]) == 1
+    script = (run / "job.sbatch").read_text()
+    assert "#SBATCH --ntasks-per-node=2" in script and "srun" in script
+    log = (run / f"slurm-{job['job_ids'][0]}.out").read_text()
+    assert "ends with status 0" in log
+    losses = read_losses(run)
+    assert sorted(losses) == list(range(5, 41, 5))  # the recipe: 40 steps, a log line every 5
+    assert losses == debug_zero3_reference  # same numbers as 2 local ranks
+    assert losses[40] < 0.8 * losses[5]
+    st = vidscale("status", str(run), "--json")
+    assert st.returncode == 0 and json.loads(st.stdout)["state"] == "COMPLETED"
+
+
+def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted_run(slurm_cluster, tmp_path,
+                                                                          debug_zero3_reference):
+    run = tmp_path / "run"
+    r = vidscale(*train_args(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    job_id = job_of(run)["job_ids"][0]
+    # once training runs (its USR1 handler is in place), pre-empt it the way Slurm does before a
+    # time limit: USR1 to the batch shell
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip(),
+             300, "the first logged step")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    follow = vidscale("status", str(run))  # status works while the job runs or requeues
+    assert follow.returncode == 0 and job_id in follow.stdout
+    wait_for(lambda: squeue_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), 400, "the job to end", 1.0)
+    log = (run / f"slurm-{job_id}.out").read_text()
+    assert squeue_state(job_id) == "COMPLETED", log[-3000:]
+    assert "requeueing job" in log and "restart 1" in log and "resumed from" in log, log[-3000:]
+    step = int(log.split("checkpoints/step_")[1][:8])
+    assert 0 < step < 40  # stopped mid-run, not at the end
+    assert read_losses(run) == debug_zero3_reference
+
+
+def test_status_and_cancel(slurm_cluster, tmp_path):
+    run = tmp_path / "run"
+    r = vidscale(*train_args(run, "train.steps=100000", "checkpoint.every=0"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    job_id = job_of(run)["job_ids"][0]
+    wait_for(lambda: squeue_state(job_id) == "RUNNING", 120, "RUNNING")
+    st = json.loads(vidscale("status", str(run), "--json").stdout)
+    assert st["state"] == "RUNNING" and st["job_ids"] == [job_id] and st["launcher"] == "slurm"
+    c = vidscale("cancel", str(run))
+    assert c.returncode == 0, c.stderr
+    wait_for(lambda: squeue_state(job_id) == "CANCELLED", 60, "CANCELLED")
+    st = json.loads(vidscale("status", str(run), "--json").stdout)
+    assert st["state"] == "CANCELLED"
+    assert job_of(run)["state"] == "CANCELLED"
+
+
+@pytest.mark.parametrize("over,words", [
+    (["cluster.slurm.gpus_per_node=8"], ["cluster.slurm.gpus_per_node = 8", "at most 0 GPU"]),
+    (["cluster.slurm.partition=nonexistent"], ["cluster.slurm.partition", "no such partition", "debug"]),
+    (["cluster.slurm.cpus_per_task=1000"], ["cluster.slurm.cpus_per_task = 1000", "CPUs"]),
+])
+def test_impossible_request_fails_clearly_instead_of_pending(slurm_cluster, tmp_path, over, words):
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    r = vidscale(*train_args(tmp_path / "run", *over), timeout=120)
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and all(w in lines[0] for w in words), r.stderr
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert after == before  # nothing was submitted
