@@ -90,6 +90,10 @@ class ShardWriter:
         tmp = self.out / (INDEX + ".tmp")
         tmp.write_text(json.dumps(index))
         tmp.replace(self.out / INDEX)  # atomic: a reader never sees half an index
+        written = {s["name"] for s in self.shards}
+        for stale in self.out.glob("shard-*.tar"):  # left by an earlier, larger prepare into OUT
+            if stale.name not in written:
+                stale.unlink()
         return index
 
 

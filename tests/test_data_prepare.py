@@ -83,3 +83,15 @@ def test_missing_or_mismatched_source_fails_before_training(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "data.source" in lines[0] and "no such directory" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_decode_resamples_frame_rate_and_limits_area(tmp_path):
+    frames = np.stack([np.full((48, 80, 3), 5 * t, np.uint8) for t in range(33)])  # brightness = frame index
+    write_video(tmp_path / "v.mp4", frames, fps=16)
+    clips = list(decode_clips(tmp_path / "v.mp4", 9, 16, fps=8))
+    assert [c.frames.shape for c in clips] == [(9, 48, 80, 3)] and clips[0].fps == 8
+    means = clips[0].frames.reshape(9, -1).mean(1) / 5  # every other source frame
+    assert np.allclose(means, np.arange(0, 18, 2), atol=1.0), means
+    small = list(decode_clips(tmp_path / "v.mp4", 17, 16, max_area=32 * 64))
+    assert len(small) == 1 and small[0].frames.shape[1:3] == (32, 64) and small[0].orig_size == (48, 80)
+    assert [c.start for c in decode_clips(tmp_path / "v.mp4", 5, 16, max_clips=3)] == [0, 5, 10]
