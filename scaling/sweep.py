@@ -263,7 +263,9 @@ def _run_config(sweep: Sweep, m: ModelSpec, lr: float, tpb: int, seed: int, step
 
 
 def _fmt_budget(b: float) -> str:
-    return f"{b:.0e}".replace("e+", "e")
+    """1e+11 -> 1e11, 3e+09 -> 3e9, 2.5e10 -> 2.5e10."""
+    mant, exp = f"{b:.2g}".split("e") if "e" in f"{b:.2g}" else (f"{b:.2g}", "0")
+    return f"{mant}e{int(exp)}"
 
 
 def expected_batch(cfg: Config, cache: dict) -> tuple[list[tuple[list[int], list[int]]], float]:
