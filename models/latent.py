@@ -109,7 +109,7 @@ class DiffusersVAE(nn.Module):
         if cls is None:
             raise ValueError(f"data.encoder: unknown VAE kind {kind!r}: expected wan or cogvideox")
         self.kind = kind
-        self.vae = cls.from_pretrained(str(path)).to(device=device, dtype=dtype).eval()
+        self.vae = cls.from_pretrained(str(path), torch_dtype=dtype).to(device).eval()
         cfg = self.vae.config
         if kind == "wan":
             self.channels = int(cfg.z_dim)

@@ -80,6 +80,37 @@ def test_diffusers_wan_vae_from_a_local_folder(tmp_path):
         build_latent_encoder(f"wan:{tmp_path / 'missing'}")
 
 
+def test_diffusers_cogvideox_vae_from_a_local_folder(tmp_path):
+    diffusers = pytest.importorskip("diffusers", reason="the [vae] extra is not installed")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLCogVideoX(block_out_channels=(8, 8, 16, 16), latent_channels=4, layers_per_block=1,
+                                           norm_num_groups=4, temporal_compression_ratio=4, scaling_factor=0.7)
+    vae.save_pretrained(tmp_path / "cog")
+    enc = build_latent_encoder(f"cogvideox:{tmp_path / 'cog'}")
+    assert (enc.channels, enc.temporal, enc.spatial) == (4, 4, 8)
+    x = smooth_video(T=9, H=32, W=32)
+    z = enc.encode(x)
+    assert z.shape == (1, 4, 3, 4, 4)
+    assert torch.allclose(z, vae.encode(x).latent_dist.mode() * 0.7, atol=1e-5)
+
+
+def test_local_t5_folder_loads_as_an_encoder_only_model(tmp_path):
+    import transformers as tf
+
+    from models.text import TextEncoder, minilm_path
+    tf.AutoTokenizer.from_pretrained(str(minilm_path())).save_pretrained(tmp_path / "t5")
+    torch.manual_seed(0)
+    t5 = tf.T5EncoderModel(tf.T5Config(vocab_size=30522, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2))
+    t5.save_pretrained(tmp_path / "t5")
+    enc = TextEncoder(str(tmp_path / "t5"))
+    assert isinstance(enc.model, tf.T5EncoderModel) and enc.dim == 32
+    (h,) = enc.encode(["a blue square moving up"])
+    ids = enc.tokenizer(["a blue square moving up"], return_tensors="pt")["input_ids"]
+    assert torch.allclose(h, t5.eval()(input_ids=ids).last_hidden_state[0], atol=1e-5)
+    with pytest.raises(ValueError, match="no config.json"):
+        TextEncoder(str(tmp_path / "nothing"))
+
+
 def test_packaged_minilm_encodes_captions_offline():
     from models.text import TextEncoder
 
