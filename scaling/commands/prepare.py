@@ -30,6 +30,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set data.clip_frames=33 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the VAE and text encoder run (auto: cuda when present)")
     return p
 
 
@@ -80,7 +82,7 @@ def caption_for(video: Path, src: Path, sidecar: dict[str, str]) -> str | None:
     return txt.read_text().strip() if txt.is_file() else None
 
 
-def prepare(src: str | Path, out: str | Path, cfg, progress: bool = True) -> dict:
+def prepare(src: str | Path, out: str | Path, cfg, progress: bool = True, device: str = "cpu") -> dict:
     """Library entry point of the command; returns the index (plus a summary)."""
     import numpy as np
     import torch
@@ -96,13 +98,15 @@ def prepare(src: str | Path, out: str | Path, cfg, progress: bool = True) -> dic
     if not videos:
         raise ValueError(f"{src}: no video files (looked for mp4, webm, mkv, mov, avi, gif, m4v)")
     sidecar = load_captions(d.captions, src)
-    enc = build_latent_encoder(d.encoder, channels=cfg.model.in_channels)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    enc = build_latent_encoder(d.encoder, channels=cfg.model.in_channels, device=device)
     pt, ph, pw = cfg.model.patch
     if clip_lengths(d.clip_frames, enc.temporal, pt) != d.clip_frames:
         raise ValueError(f"data.clip_frames = {d.clip_frames}: expected 1 + {enc.temporal}k frames whose "
                          f"{1 + (d.clip_frames - 1) // enc.temporal} latent frames divide by pt={pt}")
     multiple = math.lcm(enc.spatial * ph, enc.spatial * pw)
-    text = TextEncoder(d.text_encoder)
+    text = TextEncoder(d.text_encoder, device=device)
     writer = ShardWriter(out, d.shard_max_bytes, cfg.model.patch,
                          info={"channels": enc.channels, "text_dim": text.dim, "encoder": d.encoder,
                                "text_encoder": d.text_encoder, "temporal": enc.temporal, "spatial": enc.spatial,
@@ -118,7 +122,7 @@ def prepare(src: str | Path, out: str | Path, cfg, progress: bool = True) -> dic
             rel = str(v.relative_to(src)) if src.is_dir() else v.name
             for c in clips:
                 x = torch.from_numpy(np.ascontiguousarray(c.frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-                latent = enc.encode(x)[0]  # C T' H' W'
+                latent = enc.encode(x)[0].cpu()  # C T' H' W'
                 T, H, W = c.frames.shape[:3]
                 writer.write(latent, text_LD, {"caption": caption, "source": rel, "fps": c.fps,
                                                "orig_size": list(c.orig_size), "size": [H, W],
@@ -156,7 +160,7 @@ def run(args) -> int:
     from scaling.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
-    index = prepare(args.src, args.out, cfg, progress=not args.no_progress)
+    index = prepare(args.src, args.out, cfg, progress=not args.no_progress, device=args.device)
     skipped = f"; skipped {index['failed']} unreadable video(s)" if index["failed"] else ""
     print(f"vidscale prepare: {index['samples']} samples from {index['videos'] - index['failed']} of "
           f"{index['videos']} videos in {len(index['shards'])} shard(s) at {args.out} "
