@@ -21,6 +21,7 @@ optimizer states go through DeepSpeed's universal checkpoint (see `scaling/ckpt_
 from __future__ import annotations
 
 import base64
+import io as io_
 import json
 import random
 import threading
@@ -153,7 +154,7 @@ class Checkpointer:
         return files
 
     def _write(self, tmp: Path, files: dict) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
         for rel, (kind, obj) in files.items():
             p = tmp / rel
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -162,9 +163,13 @@ class Checkpointer:
             elif kind == "text":
                 io.write_bytes(p, obj.encode())
             elif kind == "safetensors":
-                io.write_with(p, lambda q, t=obj: save_file({k: v.contiguous() for k, v in t.items()}, str(q)))
+                # serialise in memory, then one plain write: a full disk fails as ENOSPC naming
+                # the file (the libraries' own writers report it obscurely)
+                io.write_bytes(p, save({k: v.contiguous() for k, v in obj.items()}))
             else:
-                io.write_with(p, lambda q, o=obj: torch.save(o, q))
+                buf = io_.BytesIO()
+                torch.save(obj, buf)
+                io.write_bytes(p, buf.getbuffer())
 
     def _finish(self, tmp: Path, tag: str, files: dict, meta: dict) -> None:
         d = self.tr.dims
@@ -213,28 +218,10 @@ class Checkpointer:
             dist.barrier()
 
     # -- restore ---------------------------------------------------------------------------
-    def resolve(self, spec: str, report=print) -> Path | None:
-        """'auto' -> the newest complete checkpoint of the run (None if there is none);
-        a path -> that checkpoint (or the newest in that run / checkpoints directory)."""
-        if spec == "auto":
-            return io.find_latest(self.root, report)
-        p = Path(spec)
-        if (p / io.MANIFEST).exists() or io.step_of(p.name) is not None:
-            io.verify(p)
-            return p
-        for root in (p / "checkpoints", p):
-            if io.committed(root):
-                found = io.find_latest(root, report)
-                if found is None:
-                    raise CorruptCheckpoint(f"checkpoint.resume={spec}: no complete checkpoint in {root}")
-                return found
-        raise FileNotFoundError(f"checkpoint.resume={spec}: no checkpoint there (expected a run directory, "
-                                "its checkpoints/ or a step_* directory)")
-
     def restore(self, spec: str) -> Path | None:
         """Load the checkpoint `spec` names (see `resolve`) into the trainer."""
         tr, d = self.tr, self.tr.dims
-        path = self.resolve(spec, report=lambda m: print(f"vidscale: {m}", flush=True)) if d.rank == 0 else None
+        path = resolve(spec, self.root, report=lambda m: print(f"vidscale: {m}", flush=True)) if d.rank == 0 else None
         path = self._broadcast_path(path)
         if path is None:
             if d.rank == 0:
@@ -302,6 +289,26 @@ class Checkpointer:
         if old["dp"] != d.dp:
             states = remap_loader_states(states, d.dp)
         tr.loader.load_state_dict(states[d.dp_rank])
+
+
+def resolve(spec: str, root: Path, report=print) -> Path | None:
+    """'auto' -> the newest complete checkpoint under `root` (None if there is none; newer
+    damaged ones are reported and skipped); a path -> that step_* directory (verified), or
+    the newest complete one of that run directory / checkpoints directory."""
+    if spec == "auto":
+        return io.find_latest(root, report)
+    p = Path(spec)
+    if (p / io.MANIFEST).exists() or io.step_of(p.name) is not None:
+        io.verify(p)
+        return p
+    for r in (p / "checkpoints", p):
+        if io.committed(r):
+            found = io.find_latest(r, report)
+            if found is None:
+                raise CorruptCheckpoint(f"{spec}: no complete checkpoint in {r}")
+            return found
+    raise FileNotFoundError(f"{spec}: no checkpoint there (expected a run directory, its checkpoints/ "
+                            "or a step_* directory)")
 
 
 def _await(tmp: Path, prefix: str, world: int, timeout_s: float) -> None:

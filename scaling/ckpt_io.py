@@ -63,12 +63,14 @@ def arm_faults(step: int) -> None:
     _fault_armed["step"] = step
 
 
-def _maybe_fault(path: Path) -> None:
+def _maybe_fault(path: Path, after: bool = False) -> None:
+    """The injected fault, if armed for this save: ENOSPC before the first write, or a hang
+    after it (so the temporary directory holds a partial checkpoint when the test kills us)."""
     spec = os.environ.get(FAULT_ENV, "")
     if not spec or _fault_armed["step"] is None:
         return
     kind, _, at = spec.partition("@")
-    if at and int(at) != _fault_armed["step"]:
+    if (at and int(at) != _fault_armed["step"]) or after != (kind == "hang"):
         return
     _fault_armed["step"] = None  # fire once
     if kind == "enospc":
@@ -97,6 +99,7 @@ def write_bytes(path: Path, data: bytes | memoryview) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _maybe_fault(path, after=True)
     except CheckpointError:
         raise
     except Exception as e:
@@ -113,6 +116,7 @@ def write_with(path: Path, writer) -> None:
         _maybe_fault(path)
         writer(path)
         fsync_path(path)
+        _maybe_fault(path, after=True)
     except CheckpointError:
         raise
     except Exception as e:

@@ -11,6 +11,8 @@ from scaling.config import RecipeError
 # (command, module): keep in the order `vidscale --help` shows them
 SUBCOMMANDS = [
     ("train", "scaling.commands.train"),
+    ("resume", "scaling.commands.resume"),
+    ("export", "scaling.commands.export"),
     ("info", "scaling.commands.info"),
     ("bench", "scaling.commands.bench"),
     ("prepare", "scaling.commands.prepare"),
@@ -42,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, ValueError, FileNotFoundError) as e:
         print(f"vidscale {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a failed write or read (disk full, checkpoint damaged): one line naming the path
+        print(f"vidscale {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"vidscale {args.command}: interrupted", file=sys.stderr)
         return 130

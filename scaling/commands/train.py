@@ -17,6 +17,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_recipe_args(p)
     p.add_argument("--run-dir", help="run directory (default runs/<name>-<time>)")
     p.add_argument("--nproc", type=int, default=None, help="world size: processes to start (default cluster.nproc)")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue from the latest complete checkpoint of the run dir ('auto'; starts fresh "
+                        "if there is none) or from a checkpoint path (checkpoint.resume)")
     from cluster.launch import add_launch_args
     add_launch_args(p)
     return p
@@ -30,6 +33,8 @@ def run(args) -> int:
         overrides.append(f"train.run_dir={args.run_dir}")
     if args.nproc is not None:
         overrides.append(f"cluster.nproc={args.nproc}")
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
     from cluster.launch import launch, launch_overrides
     cfg = load_config(args.recipe, overrides + launch_overrides(args))
     return launch(cfg, wait=args.wait, detach=args.detach)
