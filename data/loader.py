@@ -62,6 +62,10 @@ class SyntheticSource:
     def name(self, i: int) -> str:
         return f"synthetic:{i}"
 
+    def fingerprint(self) -> str:
+        c = self.cfg
+        return f"synthetic:{self.n}:{c.data.frames}:{c.data.sizes}:{c.data.text_tokens}"
+
     def order(self, epoch: int) -> list[int]:
         ids = list(range(self.n))
         random.Random(self.cfg.train.seed * 7919 + epoch).shuffle(ids)
@@ -252,14 +256,16 @@ class PackedLoader:
         positions, bins = self.plan()
         consumed = [p for b in bins[:self.batch] for p in b]
         return {"version": STATE_VERSION, "dp_rank": self.dp_rank, "dp_size": self.dp_size, "seed": self.seed,
-                "n": self.n, "epoch": self.epoch, "ranges": self.segment_ranges(), "default": self.ranges is None,
+                "n": self.n, "source": self.source.fingerprint(), "epoch": self.epoch, "ranges": self.segment_ranges(), "default": self.ranges is None,
                 "batch": self.batch, "consumed": _to_ranges(consumed),
                 "queue": [dict(q) for q in self.queue], "stats": dict(self.stats)}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {sd.get('version')!r}: expected {STATE_VERSION}")
-        for k, mine in (("n", self.n), ("seed", self.seed), ("dp_size", self.dp_size), ("dp_rank", self.dp_rank)):
+        mine_all = {"n": self.n, "source": self.source.fingerprint(), "seed": self.seed,
+                    "dp_size": self.dp_size, "dp_rank": self.dp_rank}
+        for k, mine in mine_all.items():
             if sd[k] != mine:
                 hint = " (use data.loader.remap_loader_states for a new dp size)" if k in ("dp_size", "dp_rank") else ""
                 raise ValueError(f"loader state has {k}={sd[k]} but this loader has {k}={mine}{hint}")
@@ -285,7 +291,7 @@ def remap_loader_states(states: list[dict], new_dp: int) -> list[dict]:
     ranks = sorted(s["dp_rank"] for s in states)
     if ranks != list(range(states[0]["dp_size"])):
         raise ValueError(f"loader states of dp ranks {ranks}: expected one per rank 0..{states[0]['dp_size'] - 1}")
-    n, old_dp, seed = states[0]["n"], states[0]["dp_size"], states[0]["seed"]
+    n, old_dp, seed, fp = states[0]["n"], states[0]["dp_size"], states[0]["seed"], states[0]["source"]
     last = max(max([s["epoch"]] + [q["epoch"] for q in s["queue"]]) for s in states)
     first = min(s["epoch"] for s in states)
     remaining: dict[int, set[int]] = {e: set() for e in range(first, last + 1)}
@@ -309,7 +315,7 @@ def remap_loader_states(states: list[dict], new_dp: int) -> list[dict]:
             segs.append({"epoch": last, "ranges": []})
         head = segs.pop(0)
         stats = {k: sum(s["stats"][k] for s in states) // new_dp for k in states[0]["stats"]}
-        out.append({"version": STATE_VERSION, "dp_rank": r, "dp_size": new_dp, "seed": seed, "n": n,
+        out.append({"version": STATE_VERSION, "dp_rank": r, "dp_size": new_dp, "seed": seed, "n": n, "source": fp,
                     "epoch": head["epoch"], "ranges": head["ranges"], "default": False, "batch": 0,
                     "consumed": [], "queue": segs, "stats": stats})
     return out

@@ -172,6 +172,12 @@ class ShardSource:
     def tokens(self, i: int) -> int:
         return self._tokens[i]
 
+    def fingerprint(self) -> str:
+        """Identifies the shard set (names, keys, shapes): a loader state only fits its own data."""
+        import hashlib
+        desc = [(s["name"], s["keys"], s["shapes"]) for s in self.index["shards"]]
+        return "shards:" + hashlib.sha1(json.dumps(desc).encode()).hexdigest()[:16]
+
     def name(self, i: int) -> str:
         return f"{self.index['shards'][self.shard_of[i]]['name']}:{self.key_of[i]}"
 

@@ -79,6 +79,9 @@ def test_restored_loader_yields_exactly_the_rest(tmp_path, workers):
         assert torch.equal(meta.text, want[k][1].text) and torch.equal(meta.coords, want[k][1].coords)
     with pytest.raises(ValueError, match="dp_size"):
         build_loader(cfg, 0, 3).load_state_dict(sd)
+    other = write_shards(tmp_path / "other", n=30, seed=1)  # as many samples, different data
+    with pytest.raises(ValueError, match="source"):
+        build_loader(cfg_for(other), 1, 2, multiple=2).load_state_dict(sd)
 
 
 @pytest.mark.parametrize("new_dp", [1, 3])
