@@ -355,12 +355,6 @@ def validate(cfg: Config, where: str) -> None:
         bad("parallel.backend", cfg.parallel.backend, "auto, gloo or nccl")
     if cfg.data.on_error not in ("skip", "fail"):
         bad("data.on_error", cfg.data.on_error, "'skip' or 'fail'")
-    if cfg.data.source != "synthetic":  # shards: index present, channels/text width/patch match the model
-        from data.shards import check_source
-        try:
-            check_source(cfg)
-        except ValueError as e:
-            raise RecipeError(f"{where}: {e}") from None
     if cfg.cluster.launcher not in ("local", "ray", "slurm"):
         bad("cluster.launcher", cfg.cluster.launcher, "local, ray or slurm")
     if len(cfg.data.frames) != 2 or not 1 <= cfg.data.frames[0] <= cfg.data.frames[1]:
