@@ -111,12 +111,46 @@ def _pairs(segments, q0: int, k0: int, n: int) -> list[tuple[int, int, int, int]
     return out
 
 
+def _block_attn(q_QHD, k_KHD, v_KHD, scale: float, cpu_flash: bool = True):
+    """Attention of q over one K/V block: (out [Q, H, Dh] fp32, lse [H, Q] fp32).
+
+    CPU: torch's flash kernel, which returns the log-sum-exp and never materialises the
+    scores. Elsewhere: plain matmuls (exact; memory quadratic in the block pair).
+    """
+    if cpu_flash and q_QHD.device.type == "cpu":
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            *(t.transpose(0, 1)[None] for t in (q_QHD, k_KHD, v_KHD)), 0.0, False, scale=scale)
+        return o[0].transpose(0, 1).float(), lse[0].float()
+    s_HQK = torch.einsum("qhd,khd->hqk", q_QHD.float(), k_KHD.float()) * scale
+    lse = torch.logsumexp(s_HQK, -1)
+    return torch.einsum("hqk,khd->qhd", torch.exp(s_HQK - lse[..., None]), v_KHD.float()), lse
+
+
+def _block_attn_grad(do_QHD, q_QHD, k_KHD, v_KHD, out_QHD, lse_HQ, scale: float, cpu_flash: bool = True):
+    """(dq, dk, dv) of one block's share, given the MERGED output and log-sum-exp.
+
+    With the global lse, exp(s - lse) is this block's slice of the full softmax, and
+    rowsum(dO * O) uses the full output: the blocks' gradients then simply add up.
+    """
+    if cpu_flash and q_QHD.device.type == "cpu":
+        t = lambda x: x.transpose(0, 1)[None].to(q_QHD.dtype)  # noqa: E731  [1, H, L, Dh]
+        lse_dtype = torch.float64 if q_QHD.dtype == torch.float64 else torch.float32  # as the kernel's
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            t(do_QHD), t(q_QHD), t(k_KHD), t(v_KHD), t(out_QHD), lse_HQ[None].to(lse_dtype), 0.0, False, scale=scale)
+        return tuple(g[0].transpose(0, 1).float() for g in grads)
+    qf, kf, vf, do = q_QHD.float(), k_KHD.float(), v_KHD.float(), do_QHD.float()
+    p_HQK = torch.exp(torch.einsum("qhd,khd->hqk", qf, kf) * scale - lse_HQ[..., None])
+    dv = torch.einsum("hqk,qhd->khd", p_HQK, do)
+    delta = (do * out_QHD.float()).sum(-1).T  # [H, Q]
+    ds = p_HQK * (torch.einsum("qhd,khd->hqk", do, vf) - delta[..., None]) * scale
+    return torch.einsum("hqk,khd->qhd", ds, kf), torch.einsum("hqk,qhd->khd", ds, qf), dv
+
+
 class _RingAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ring, segments, offset):
         R, r, n = ring.size, ring.rank, q.shape[0]
         scale = 1.0 / math.sqrt(q.shape[-1])
-        qf = q.float()
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # [n, H, Dh]
         lse = torch.full((q.shape[1], n), -math.inf, dtype=torch.float32, device=q.device)  # [H, n]
         kv = torch.stack([k, v])
@@ -124,10 +158,8 @@ class _RingAttn(torch.autograd.Function):
             pending = ring.shift_start(kv) if step < R - 1 else None  # overlap with the compute
             src = (r - step) % R
             for a, b, c, d in _pairs(segments, offset, offset + (src - r) * n, n):
-                s_HQK = torch.einsum("qhd,khd->hqk", qf[a:b], kv[0, c:d].float()) * scale
-                lse_b = torch.logsumexp(s_HQK, -1)  # [H, q]
-                o_b = torch.einsum("hqk,khd->qhd", torch.exp(s_HQK - lse_b[..., None]), kv[1, c:d].float())
-                new = torch.logaddexp(lse[:, a:b], lse_b)
+                o_b, lse_b = _block_attn(q[a:b], kv[0, c:d], kv[1, c:d], scale)
+                new = torch.logaddexp(lse[:, a:b], lse_b)  # online softmax merge
                 out[a:b] = (out[a:b] * torch.exp(lse[:, a:b] - new).T[..., None]
                             + o_b * torch.exp(lse_b - new).T[..., None])
                 lse[:, a:b] = new
@@ -143,22 +175,18 @@ class _RingAttn(torch.autograd.Function):
         ring, segments, offset = ctx.ring, ctx.segments, ctx.offset
         R, r, n = ring.size, ring.rank, q.shape[0]
         scale = 1.0 / math.sqrt(q.shape[-1])
-        qf, do = q.float(), dout.float()
-        delta = (do * out).sum(-1).T  # [H, n]: rowsum(dO * O)
-        dq = torch.zeros_like(qf)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
         dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # travels with kv
         for step in range(R):
             pending = ring.shift_start(kv) if step < R - 1 else None
             src = (r - step) % R
             for a, b, c, d in _pairs(segments, offset, offset + (src - r) * n, n):
-                kf, vf = kv[0, c:d].float(), kv[1, c:d].float()
-                p_HQK = torch.exp(torch.einsum("qhd,khd->hqk", qf[a:b], kf) * scale - lse[:, a:b, None])
-                dkv[1, c:d] += torch.einsum("hqk,qhd->khd", p_HQK, do[a:b])
-                dp = torch.einsum("qhd,khd->hqk", do[a:b], vf)
-                ds = p_HQK * (dp - delta[:, a:b, None]) * scale
-                dq[a:b] += torch.einsum("hqk,khd->qhd", ds, kf)
-                dkv[0, c:d] += torch.einsum("hqk,qhd->khd", ds, qf[a:b])
+                dq_b, dk_b, dv_b = _block_attn_grad(dout[a:b], q[a:b], kv[0, c:d], kv[1, c:d],
+                                                    out[a:b], lse[:, a:b], scale)
+                dq[a:b] += dq_b
+                dkv[0, c:d] += dk_b
+                dkv[1, c:d] += dv_b
             # the accumulated dK/dV move on with their block; after R moves they are home
             dkv = ring.shift_wait(*ring.shift_start(dkv, tag=1))
             if pending is not None:

@@ -9,6 +9,8 @@ import json
 BENCHES: list[tuple[str, str, str]] = [
     ("packing", "scaling.bench.packing", "NaViT packing efficiency vs pad-to-longest and bucketing"),
     ("loader", "scaling.bench.loader", "loader batches/s from real shards vs the training step"),
+    ("sp", "scaling.bench.sp", "sequence parallelism sp=2 vs sp=1: memory, time, exactness, bytes moved"),
+    ("zero", "scaling.bench.zero", "ZeRO-3 model+optimizer state bytes per rank, dp=2 vs dp=1"),
 ]
 
 

@@ -1,0 +1,103 @@
+"""`vidscale bench zero`: per-rank model + optimizer state bytes under ZeRO, dp=2 vs dp=1.
+
+Two runs of the real ZeRO engine (gloo processes), one optimizer step each so AdamW's
+moments exist, then every state tensor a rank holds is counted once per storage:
+parameter partitions, fp32 master partitions, gradient partitions, AdamW moments and the
+EMA shard. The ratio dp=2 / dp=1 is ideally 0.5 at stage 3.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+
+def add_args(p) -> None:
+    p.add_argument("--size", default="small", help="model.size to measure (default small)")
+    p.add_argument("--stage", type=int, default=3, choices=[1, 2, 3], help="ZeRO stage (default 3)")
+
+
+def state_bytes(engine) -> dict[str, int]:
+    """Bytes of each kind of state this rank holds, each storage counted once."""
+    seen: set[int] = set()
+
+    def size(tensors) -> int:
+        total = 0
+        for t in tensors:
+            if t is None or not torch.is_tensor(t) or t.numel() == 0:
+                continue
+            st = t.untyped_storage()
+            if st.data_ptr() in seen:
+                continue
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+        return total
+
+    params = list(engine.model.parameters())
+    zero_opt = engine.ds.optimizer
+    # fp32 master partitions (stage 3 / stages 1-2 name them differently); DeepSpeed hands
+    # them to the torch AdamW only during step, so read them from its own lists
+    masters = list(getattr(zero_opt, "fp32_partitioned_groups_flat", None)
+                   or getattr(zero_opt, "single_partition_of_fp32_groups", []))
+    return {
+        "params": size(engine._local(p) for p in params),
+        "master_params": size(masters),
+        "grads": size([q.grad for q in masters] + [p.grad for p in params]
+                      + [getattr(zero_opt, "grad_partitions_flat_buffer", None)]),
+        "optimizer": size(v for st in engine.optimizer.state.values() for v in st.values()),
+        "ema": size((engine.ema or {}).values()),
+    }
+
+
+def _worker(rank: int, world: int, port: int, opts: dict, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    sys.stdout = sys.stderr  # DeepSpeed prints; stdout carries the one JSON object
+    import torch.distributed as dist
+    from models.packed import pack
+    from scaling.config import load_config
+    from scaling.parallel_dims import ParallelDims
+    from scaling.zero import build_zero_engine
+
+    cfg = load_config(None, opts["overrides"] + [f"model.size={opts['size']}", f"parallel.zero_stage={opts['stage']}",
+                                                 f"cluster.nproc={world}", "train.steps=10"])
+    dims = ParallelDims.from_env()
+    dims.init("gloo", force=True)
+    engine = build_zero_engine(cfg, dims, torch.device("cpu"))
+    g = torch.Generator().manual_seed(rank)
+    x, meta = pack([torch.randn(cfg.model.in_channels, 2, 16, 16, generator=g)],
+                   [torch.randn(6, cfg.model.text_dim, generator=g)], tuple(cfg.model.patch))
+    out = engine.module(x, torch.tensor([500.0]), meta)
+    engine.backward(out.square().mean() * engine.loss_scale)
+    engine.step()
+    res = state_bytes(engine)
+    res["total"] = sum(res.values())
+    allres = [None] * world
+    dist.all_gather_object(allres, res)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(allres, f)
+    dims.destroy()
+
+
+def run(args) -> dict:
+    import torch.multiprocessing as mp
+    from cluster.local import free_port
+
+    opts = {"size": args.size, "stage": args.stage, "overrides": list(args.overrides)}
+    per_dp = {}
+    with tempfile.TemporaryDirectory() as d:
+        for world in (1, 2):
+            out = os.path.join(d, f"dp{world}.json")
+            mp.spawn(_worker, args=(world, free_port(), opts, out), nprocs=world, join=True)
+            with open(out) as f:
+                per_dp[world] = json.load(f)
+    worst = max(per_dp[2], key=lambda r: r["total"])
+    return {"stage": args.stage, "size": args.size,
+            "state_bytes_dp1": per_dp[1][0]["total"], "state_bytes_dp2": worst["total"],
+            "state_bytes_ratio": worst["total"] / per_dp[1][0]["total"],
+            "breakdown_dp1": per_dp[1][0], "breakdown_dp2": worst}
