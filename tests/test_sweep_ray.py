@@ -1,0 +1,39 @@
+"""`vidscale sweep --launcher ray`: runs go concurrently on an embedded local Ray cluster."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.cluster
+def test_two_run_sweep_on_embedded_ray(tmp_path):
+    p = tmp_path / "ray.yaml"
+    p.write_text(f"""
+name: ray2
+base: {ROOT / 'recipes/debug.yaml'}
+sweep_dir: {tmp_path / 'out'}
+models: [{{hidden: 32, depth: 1}}, {{hidden: 48, depth: 1}}]
+budgets: [1e9]
+min_steps: 3
+set: {{train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkpoint.every: 0,
+      train.tokens_per_batch: 512}}
+""")
+    r = subprocess.run([sys.executable, "-m", "scaling.cli", "sweep", str(p), "--launcher", "ray", "--cpus", "2",
+                        "--progress-every", "5"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path / "out"
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [x["status"] for x in rows] == ["done", "done"]
+    # both runs held the cluster at once (1 CPU each of 2): the second started before the first ended
+    assert "running 2" in r.stdout
+    for x in rows:
+        job = json.loads((out / "runs" / x["name"] / "job.json").read_text())
+        assert job["launcher"] == "ray" and job["state"] == "COMPLETED"
+        assert 0 < float(x["loss"]) < 5
+    assert (out / "report.md").exists()
