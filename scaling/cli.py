@@ -13,6 +13,7 @@ SUBCOMMANDS = [
     ("train", "scaling.commands.train"),
     ("resume", "scaling.commands.resume"),
     ("export", "scaling.commands.export"),
+    ("sample", "scaling.commands.sample"),
     ("info", "scaling.commands.info"),
     ("bench", "scaling.commands.bench"),
     ("prepare", "scaling.commands.prepare"),

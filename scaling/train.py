@@ -9,6 +9,7 @@ step, whatever the padding, the uneven sp slices or the ZeRO averaging (see zero
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -61,6 +62,25 @@ def drop_captions(meta: PackedMeta, p: float, gen: torch.Generator) -> PackedMet
         bounds.append(bounds[-1] + (e - s if keep[i] else 0))
     text = torch.cat(pieces) if pieces else meta.text[:0]
     return replace(meta, text=text, text_bounds=tuple(bounds))
+
+
+def clean_frames_mask(meta: PackedMeta, max_frames: int, channels: int, patch, gen: torch.Generator):
+    """Image-to-video training: [L, P] bool marking a random number (0..max_frames, at least
+    one frame left to denoise) of leading latent frames per video, given clean and not in
+    the loss. None when off. Drawn on the full batch, before any sequence-parallel slice."""
+    if max_frames <= 0:
+        return None
+    from models.packed import patchify
+    pt, ph, pw = patch
+    mask = torch.zeros(meta.seq_len, channels * pt * ph * pw, dtype=torch.bool)
+    ks = torch.randint(0, max_frames + 1, (meta.num_videos,), generator=gen)
+    for i, (Tg, Hg, Wg) in enumerate(meta.grid):
+        k = min(int(ks[i]), Tg * pt - 1)
+        if k > 0:
+            m = torch.zeros(channels, Tg * pt, Hg * ph, Wg * pw)
+            m[:, :k] = 1
+            mask[meta.bounds[i]:meta.bounds[i + 1]] = patchify(m, patch) > 0.5
+    return mask
 
 
 def diffusion_inputs(objective, tokens_LP: torch.Tensor, meta: PackedMeta, gen: torch.Generator):
@@ -138,27 +158,37 @@ class Trainer:
         gen = step_generator(self.cfg.train.seed, self.step, micro, self.dims.dp_rank)
         meta = drop_captions(meta, self.cfg.objective.caption_dropout, gen)
         t_V, noise = diffusion_inputs(self.objective, tokens_LP, meta, gen)
+        clean = clean_frames_mask(meta, self.cfg.objective.cond_frames, self.mcfg.in_channels, self.mcfg.patch, gen)
         if self.dims.sp > 1:
             n = meta.seq_len // self.dims.sp
             sl = slice(self.dims.sp_rank * n, (self.dims.sp_rank + 1) * n)
             tokens_LP, noise, meta = tokens_LP[sl], noise[sl], meta.shard(self.dims.sp_rank, self.dims.sp)
+            clean = clean[sl] if clean is not None else None
         meta = meta.to(self.device)
         x0, noise, t_V = tokens_LP.to(self.device), noise.to(self.device), t_V.to(self.device)
+        clean = clean.to(self.device) if clean is not None else None
 
         def model_fn(x_t, t_model):
             return self.model(x_t, t_model, meta)
 
         if self.autocast is not None:
             with self.autocast:
-                terms = self.objective.loss_terms(model_fn, x0, t_V, noise, meta.seg_ids)
+                terms = self.objective.loss_terms(model_fn, x0, t_V, noise, meta.seg_ids, clean)
         else:
-            terms = self.objective.loss_terms(model_fn, x0, t_V, noise, meta.seg_ids)
+            terms = self.objective.loss_terms(model_fn, x0, t_V, noise, meta.seg_ids, clean)
         real = meta.real_mask()
         return (terms * real).sum(), int(meta.num_real)
 
+    split_profiler = None
+    """A `StepProfiler` while a step is profiled for the time split (scaling/step_split.py)."""
+
+    def _range(self, category: str):
+        return self.split_profiler.range(category) if self.split_profiler is not None else contextlib.nullcontext()
+
     def train_step(self) -> dict:
         """One optimizer step over `train.grad_accum` micro-batches. Returns device tensors."""
-        batches = [next(self.loader) for _ in range(self.cfg.train.grad_accum)]
+        with self._range("data_wait"):
+            batches = [next(self.loader) for _ in range(self.cfg.train.grad_accum)]
         local_real = sum(m.num_real for _, m in batches)
         global_real = self._global_sum(local_real)  # real tokens of the step, all dp ranks
         loss_sum = torch.zeros((), device=self.device)
@@ -168,7 +198,8 @@ class Trainer:
             self.engine.backward(s * (self.engine.loss_scale / global_real))
             loss_sum += s.detach()
             flops += train_flops(self.mcfg, meta)
-        grad_norm = self.engine.step()
+        with self._range("optimizer"):
+            grad_norm = self.engine.step()
         self.step += 1
         self.tokens_seen += int(global_real)
         return {"loss_sum": loss_sum, "global_real": global_real, "grad_norm": grad_norm,
@@ -234,6 +265,9 @@ def train(cfg: Config) -> dict:
         from scaling.evaluate import write_final
         result["val_loss"] = write_final(tr, result, time.time() - t_start, run_flops,
                                          tr.tokens_seen - tokens_at_start)["val_loss"]
+    if tr.step >= c.train.steps:  # consolidated weights for `vidscale sample` (all ranks: a gather)
+        from scaling.weights import save_run_weights
+        save_run_weights(tr)
     tr.dims.destroy()
     return result
 
