@@ -187,6 +187,28 @@ class LoggingArgs:
 
 
 @dataclass
+class VAEArgs:
+    """The video VAE that a `task: vae` recipe trains (models/vae.py)."""
+    base: int = 64
+    """Channels of the first level."""
+    z_dim: int = 4
+    """Latent channels (what the DiT's model.in_channels must then be)."""
+    mults: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    """Channel multiplier per level; len - 1 spatial x2 downsamplings (x8)."""
+    temporal_down: list[bool] = field(default_factory=lambda: [False, True, True])
+    """Which downsamplings also halve time (two: x4)."""
+    num_res: int = 1
+    beta: float = 1.0e-6
+    """Weight of the KL term (per element, like the reconstruction MSE)."""
+    crop: list[int] = field(default_factory=lambda: [64, 64])
+    """Random [H, W] crop of each training clip ([0, 0] = whole frames)."""
+    frames: int = 17
+    """Frames of each synthetic clip (data.source=synthetic)."""
+    val_clips: int = 4
+    """Held-out clips for the reconstruction PSNR in the logs."""
+
+
+@dataclass
 class SlurmArgs:
     partition: str = ""
     account: str = ""
@@ -221,6 +243,8 @@ class ClusterArgs:
 @dataclass
 class Config:
     name: str = "run"
+    task: str = "dit"
+    """What trains: 'dit' (the video diffusion transformer) or 'vae' (the video VAE, section `vae`)."""
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     objective: ObjectiveArgs = field(default_factory=ObjectiveArgs)
@@ -230,6 +254,7 @@ class Config:
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)
     cluster: ClusterArgs = field(default_factory=ClusterArgs)
+    vae: VAEArgs = field(default_factory=VAEArgs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,6 +342,10 @@ def validate(cfg: Config, where: str) -> None:
         bad("model.patch", cfg.model.patch, "three positive integers [pt, ph, pw]")
     if cfg.model.attn_backend not in ("sdpa", "varlen", "dense"):
         bad("model.attn_backend", cfg.model.attn_backend, "sdpa, varlen or dense")
+    if cfg.task not in ("dit", "vae"):
+        bad("task", cfg.task, "'dit' or 'vae'")
+    if len(cfg.vae.temporal_down) != len(cfg.vae.mults) - 1:
+        bad("vae.temporal_down", cfg.vae.temporal_down, f"one entry per downsampling ({len(cfg.vae.mults) - 1})")
     if cfg.objective.name not in ("flow", "ddpm"):
         bad("objective.name", cfg.objective.name, "'flow' or 'ddpm'")
     if cfg.objective.schedule not in ("linear", "cosine"):
