@@ -13,15 +13,16 @@ How an epoch is planned (all from the index: nothing is decoded to plan):
      once per epoch over the ranks, and a rank reads ~1/dp of the shards sequentially;
   3. the block, shuffled inside windows of `data.shuffle_buffer` samples, goes through the
      packer (data/packing.py), which turns its token counts into a list of bins.
-Loading then streams the block's samples (workers split the bins round robin, and the
-training process receives the bins in plan order) and packs each bin.
+Loading then streams the block's samples and packs each bin. With `data.workers` > 0,
+persistent worker processes take the bins round robin (each reads the rank's tars but
+decodes and packs only its own bins) and the training process receives them in plan order.
 
 Resume guarantee. The state is a small JSON-serialisable dict: the epoch, the segment of the
 epoch order this rank owns, how many of its bins the TRAINING PROCESS has taken from
 `next()` (batches prefetched by workers do not count), later queued segments, and counters.
 Shard, offset and packer buffer are a pure function of these and the index, so they are
-recomputed, never stored. Restored with the same index, seed, budget, lookahead, patch,
-token dropping and dp size, the loader yields exactly the batches (same samples, order,
+recomputed, never stored. Restored with the same index, seed, budget, lookahead,
+shuffle_buffer, patch, token dropping and dp size (any number of workers), the loader yields exactly the batches (same samples, order,
 packing, bit-identical tensors) the uninterrupted loader would have yielded next. With a
 different dp size, `remap_loader_states` gives every not-yet-consumed sample of each
 unfinished epoch to exactly one new rank (the packing of those samples differs).
