@@ -221,9 +221,12 @@ def _base_config(sweep: Sweep) -> Config:
     if sweep.base_cfg is None:
         over = [_override(k, v) for k, v in sweep.args.set.items()]
         try:
-            sweep.base_cfg = load_config(sweep.base, over)
+            cfg = load_config(sweep.base, over)
         except RecipeError as e:
             raise RecipeError(f"{sweep.path}: {e}") from None
+        if cfg.data.source != "synthetic":  # Ray workers run elsewhere: paths must be absolute
+            cfg = _with(cfg, data={"source": str(Path(cfg.data.source).absolute())})
+        sweep.base_cfg = cfg
     return sweep.base_cfg
 
 
