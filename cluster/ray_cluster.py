@@ -48,6 +48,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _side_ports() -> list[str]:
+    """Ray's fixed default ports (agent 52365, client server 10001, ...) collide with any
+    other Ray on the machine: the loser's job agent stays down ("No available agent to
+    submit job"). Give every side service a free port."""
+    return [f"--{name}={_free_port()}" for name in
+            ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+
+
 def _state_file(dir: str | Path) -> Path:
     return Path(dir) / "head.json"
 
@@ -100,7 +109,7 @@ def start_head(num_cpus: int = 4, num_gpus: int = 0, dir: str | Path = DEFAULT_D
         [str(Path(bin_dir) / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", f"--temp-dir={dir / 'tmp'}",
-         "--disable-usage-stats"],
+         "--disable-usage-stats", *_side_ports()],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     head = RayHead(pid=proc.pid, gcs_address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dash}",
                    dir=str(dir))

@@ -224,9 +224,17 @@ def submit_job(cfg, address: str, wait: bool = False, command: list[str] | None 
     python = sys.executable if _local(address) else "python"
     entry = f"{shlex.quote(python)} -m cluster.ray_launcher {shlex.quote(str(path))}"
     sub_id = f"vidscale-{re.sub(r'[^A-Za-z0-9_-]', '_', cfg.name)[:40]}-{uuid.uuid4().hex[:8]}"
-    job_id = client.submit_job(entrypoint=entry, submission_id=sub_id,
-                               runtime_env={"env_vars": dict(WORKER_ENV)},
-                               metadata={"run_dir": str(cfg.train.run_dir)})
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=entry, submission_id=sub_id,
+                                       runtime_env={"env_vars": dict(WORKER_ENV)},
+                                       metadata={"run_dir": str(cfg.train.run_dir)})
+            break
+        except RuntimeError as e:  # a fresh head's job agent comes up after its dashboard
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
     job = new_job("ray", cfg.train.run_dir, command or sys.argv, job_ids=[job_id], state="PENDING",
                   address=address)
     job.save()
@@ -277,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from scaling.config import load_config
     cfg = load_config(a.config)
+    # Ray on Slurm: the batch script forwards its pre-emption USR1 here too; it must not kill
+    # the driver (the workers see the stop file and checkpoint), and a requeued job resumes
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 and not cfg.checkpoint.resume:
+        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, resume="auto"))
     if a.nodes > 1:
         _wait_for_nodes(a.address, a.nodes)
     return run_trainer(cfg, a.address)
