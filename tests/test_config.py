@@ -15,7 +15,7 @@ def test_there_are_recipes():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_recipe_loads(path):
-    if "sweep" in path.parts or path.name.startswith("sweep"):
+    if "sweeps" in path.parts or path.name.startswith("sweep"):
         from scaling.sweep import load_sweep  # sweep files have their own schema
         load_sweep(path)
     else:
