@@ -60,7 +60,7 @@ class ShardWriter:
         self._close_tar()
         name = f"shard-{len(self.shards):06d}.tar"
         self._f = open(self.out / name, "wb")
-        self._tar = wds.TarWriter(self._f, encoder=False)
+        self._tar = wds.TarWriter(self._f, encoder=False, mtime=0.0)  # byte-reproducible shards
         self.shards.append({"name": name, "samples": 0, "keys": [], "shapes": [], "tokens": []})
 
     def _close_tar(self) -> None:

@@ -61,6 +61,15 @@ def test_prepare_real_videos_then_train_on_the_shards(tmp_path):
     x = torch.from_numpy(np.ascontiguousarray(clip.frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
     assert torch.allclose(lat.float(), PixelEncoder(4).encode(x)[0], atol=0.02)
 
+    # decoding in worker processes writes the same bytes
+    from scaling.commands.prepare import prepare
+    pcfg = load_config(None, ["data.clip_frames=9", "data.max_clips=2", f"data.captions={src / 'captions.jsonl'}",
+                              "data.shard_max_bytes=30000"])
+    again = prepare(src, tmp_path / "again", pcfg, progress=False, workers=2)
+    assert [s["name"] for s in again["shards"]] == [s["name"] for s in index["shards"]]
+    for s in index["shards"]:
+        assert (tmp_path / "again" / s["name"]).read_bytes() == (out / s["name"]).read_bytes()
+
     from scaling.metrics import read_metrics
     from scaling.train import train
     run = tmp_path / "run"

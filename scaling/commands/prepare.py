@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import sys
@@ -30,6 +31,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set data.clip_frames=33 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--workers", type=int, default=0, help="video decoding processes (default 0: in this one)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the VAE and text encoder run (auto: cuda when present)")
     return p
@@ -82,14 +84,29 @@ def caption_for(video: Path, src: Path, sidecar: dict[str, str]) -> str | None:
     return txt.read_text().strip() if txt.is_file() else None
 
 
-def prepare(src: str | Path, out: str | Path, cfg, progress: bool = True, device: str = "cpu") -> dict:
+def _worker_init() -> None:
+    import torch
+    torch.set_num_threads(1)
+
+
+def _decode(v: Path, **kw):
+    """(clips, '') or (None, error message) for one video: runs in a decode worker."""
+    from data.video import decode_clips
+    try:
+        return list(decode_clips(v, **kw)), ""
+    except Exception as e:  # noqa: BLE001 - any decoder failure: log, count, skip the file
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def prepare(src: str | Path, out: str | Path, cfg, progress: bool = True, device: str = "cpu",
+            workers: int = 0) -> dict:
     """Library entry point of the command; returns the index (plus a summary)."""
     import numpy as np
     import torch
     from tqdm import tqdm
 
     from data.shards import ShardWriter
-    from data.video import clip_lengths, decode_clips
+    from data.video import clip_lengths
     from models.latent import build_latent_encoder
     from models.text import TextEncoder
 
@@ -129,28 +146,39 @@ def prepare(src: str | Path, out: str | Path, cfg, progress: bool = True, device
                                                "frame_range": [c.start, c.start + T]})
         pending.clear()
 
-    bar = tqdm(videos, desc="prepare", unit="video", disable=not progress, file=sys.stderr)
-    for v in bar:
-        try:
-            clips = list(decode_clips(v, d.clip_frames, multiple, d.fps, d.max_area, d.max_clips, enc.temporal, pt))
-        except Exception as e:  # noqa: BLE001 - any decoder failure: log, count, skip the file
-            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            failed.append({"file": str(v), "error": msg})
-            print(f"vidscale prepare: skipped unreadable video {v}: {msg}", file=sys.stderr)
-            continue
-        if not clips:
-            failed.append({"file": str(v), "error": "shorter than one frame group"})
-            continue
-        caption = caption_for(v, src, sidecar)
-        if caption is None:
-            uncaptioned += 1
-            caption = ""
-        pending.append((v, clips, caption))
-        if len(pending) >= text.batch_size:
-            flush()
-        bar.set_postfix(samples=writer.count, failed=len(failed))
-    flush()
-    bar.close()
+    decode = functools.partial(_decode, clip_frames=d.clip_frames, multiple=multiple, fps=d.fps,
+                               max_area=d.max_area, max_clips=d.max_clips, temporal=enc.temporal, pt=pt)
+    pool = None
+    if workers > 1:  # decoding is the CPU-heavy part; imap keeps the order, so shards do not depend on it
+        import multiprocessing as mp
+        pool = mp.get_context("fork").Pool(workers, initializer=_worker_init)
+        results = pool.imap(decode, videos, chunksize=1)
+    else:
+        results = map(decode, videos)
+    bar = tqdm(zip(videos, results), total=len(videos), desc="prepare", unit="video", disable=not progress,
+               file=sys.stderr)
+    try:
+        for v, (clips, msg) in bar:
+            if msg:
+                failed.append({"file": str(v), "error": msg})
+                print(f"vidscale prepare: skipped unreadable video {v}: {msg}", file=sys.stderr)
+                continue
+            if not clips:
+                failed.append({"file": str(v), "error": "shorter than one frame group"})
+                continue
+            caption = caption_for(v, src, sidecar)
+            if caption is None:
+                uncaptioned += 1
+                caption = ""
+            pending.append((v, clips, caption))
+            if len(pending) >= text.batch_size:
+                flush()
+            bar.set_postfix(samples=writer.count, failed=len(failed))
+        flush()
+    finally:
+        bar.close()
+        if pool is not None:  # every result is consumed on the normal path
+            pool.terminate()
     index = writer.close(videos=len(videos), failed=len(failed), failed_files=failed, uncaptioned=uncaptioned)
     index["seconds"] = time.perf_counter() - t0
     return index
@@ -160,7 +188,8 @@ def run(args) -> int:
     from scaling.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
-    index = prepare(args.src, args.out, cfg, progress=not args.no_progress, device=args.device)
+    index = prepare(args.src, args.out, cfg, progress=not args.no_progress, device=args.device,
+                    workers=args.workers)
     skipped = f"; skipped {index['failed']} unreadable video(s)" if index["failed"] else ""
     print(f"vidscale prepare: {index['samples']} samples from {index['videos'] - index['failed']} of "
           f"{index['videos']} videos in {len(index['shards'])} shard(s) at {args.out} "
