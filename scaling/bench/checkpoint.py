@@ -1,0 +1,128 @@
+"""Checkpoint save/load throughput of a ZeRO-3 run vs the raw speed of the same disk.
+
+One process, DeepSpeed ZeRO-3 (the recipe's engine), a 30M-parameter model by default,
+one training step so the AdamW moments exist. Measured in one run, on the run directory's
+filesystem:
+  raw_write_MBps   one file of the checkpoint's size written in 8 MiB chunks, then fsync
+  raw_read_MBps    that file read back after dropping it from the page cache (fadvise)
+  save_MBps        `Checkpointer.save()` (sync): DeepSpeed's shards, EMA, RNG, loader,
+                   fsync of every file, sha256 manifest, atomic rename, `latest`
+  load_MBps        resume: manifest verification (sha256 of every file) + loading the
+                   shards, EMA, RNG and loader state, after dropping the files from the cache
+  save_ratio / load_ratio   ours / raw (goal >= 0.5)
+  stall_s          how long the training loop is blocked per save with
+                   checkpoint.async_save=true (DeepSpeed's own shards are written before
+                   save() returns; our files, hashing and the commit go to a thread);
+                   stall_sync_s is the same save without the thread
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+def add_args(p) -> None:
+    p.add_argument("--recipe", default="recipes/debug.yaml", help="base recipe (default recipes/debug.yaml)")
+    p.add_argument("--size", default="30M", help="model.size (default 30M: ~0.5 GB of checkpoint)")
+    p.add_argument("--dir", default=None, help="directory on the disk to measure (default: a temporary one)")
+    p.add_argument("--repeats", type=int, default=2, help="saves/loads to time; the best is reported")
+
+
+def _drop_cache(paths) -> None:
+    """Evict these files' pages (clean after fsync) so reads come from the disk."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _files(d: Path) -> list[Path]:
+    return [p for p in d.rglob("*") if p.is_file()]
+
+
+def raw_write_read(path: Path, nbytes: int) -> tuple[float, float]:
+    """Seconds to write (+fsync) and to read back (uncached) `nbytes` in one file."""
+    chunk = os.urandom(8 << 20)
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        left = nbytes
+        while left > 0:
+            left -= f.write(chunk[:min(left, len(chunk))])
+        f.flush()
+        os.fsync(f.fileno())
+    tw = time.perf_counter() - t0
+    _drop_cache([path])
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(8 << 20):
+            pass
+    tr = time.perf_counter() - t0
+    path.unlink()
+    return tw, tr
+
+
+def run(args) -> dict:
+    from scaling import ckpt_io
+    from scaling.config import load_config
+    from scaling.train import Trainer
+
+    os.environ.setdefault("RANK", "0"), os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    base = Path(args.dir) if args.dir else None
+    with tempfile.TemporaryDirectory(prefix="vidscale-bench-ckpt-", dir=base) as tmp:
+        tmp = Path(tmp)
+        cfg = load_config(args.recipe, [f"model.size={args.size}", "train.tokens_per_batch=256",
+                                        "parallel.zero_stage=3", "logging.progress=false",
+                                        "logging.tensorboard=false", "checkpoint.keep_last=1",
+                                        f"train.run_dir={tmp / 'run'}", *args.overrides])
+        tr = Trainer(cfg)
+        t0 = time.perf_counter()
+        tr.train_step()
+        step_s = time.perf_counter() - t0
+        ck = tr.ckpt
+        saves, stalls_async = [], []
+        for _ in range(args.repeats):
+            ck.cfg.async_save = False
+            t0 = time.perf_counter()
+            path = ck.save()
+            saves.append(time.perf_counter() - t0)
+            tr.step += 1  # a new tag per save
+        for _ in range(args.repeats):
+            ck.cfg.async_save = True
+            t0 = time.perf_counter()
+            ck.save()
+            stalls_async.append(time.perf_counter() - t0)
+            ck.wait()
+            tr.step += 1
+        ck.cfg.async_save = False
+        path = ck.save()
+        files = _files(path)
+        nbytes = sum(p.stat().st_size for p in files)
+
+        loads = []
+        for _ in range(args.repeats):
+            _drop_cache(files)
+            t0 = time.perf_counter()
+            ck.restore(str(path))
+            loads.append(time.perf_counter() - t0)
+        tw, trd = [], []
+        for _ in range(args.repeats):
+            w, r = raw_write_read(tmp / "raw.bin", nbytes)
+            tw.append(w), trd.append(r)
+        ckpt_io.verify(path)
+        tr.dims.destroy()
+
+    mb = nbytes / 2**20
+    save_mbps, load_mbps = mb / min(saves), mb / min(loads)
+    raw_w, raw_r = mb / min(tw), mb / min(trd)
+    return {"ckpt_MB": round(mb, 1), "files": len(files),
+            "save_MBps": round(save_mbps, 1), "raw_write_MBps": round(raw_w, 1),
+            "save_ratio": round(save_mbps / raw_w, 3),
+            "load_MBps": round(load_mbps, 1), "raw_read_MBps": round(raw_r, 1),
+            "load_ratio": round(load_mbps / raw_r, 3),
+            "stall_s": round(min(stalls_async), 3), "stall_sync_s": round(min(saves), 3),
+            "step_s": round(step_s, 3), "model_size": args.size}
