@@ -1,0 +1,47 @@
+"""job.json, `vidscale status` and `vidscale cancel` for a run in the foreground of another
+shell (the local launcher): the same commands as for Slurm and Ray jobs."""
+import json
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT, vidscale_cmd
+
+
+@pytest.mark.e2e
+def test_local_run_status_and_cancel(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(vidscale_cmd() + ["train", "recipes/debug.yaml", "--run-dir", str(run),
+                                              "--set", "train.steps=100000", "--set", "checkpoint.every=0",
+                                              "--set", "logging.progress=false", "--set", "logging.every=1"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no step logged"
+            time.sleep(0.2)
+        job = json.loads((run / "job.json").read_text())
+        assert job["launcher"] == "local" and job["pid"] == proc.pid and job["command"][1:3] == ["train",
+                                                                                                 "recipes/debug.yaml"]
+        st = subprocess.run(vidscale_cmd() + ["status", str(run), "--json"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+        rec = json.loads(st.stdout)
+        assert rec["state"] == "RUNNING" and rec["step"] >= 1 and rec["steps"] == 100000
+        c = subprocess.run(vidscale_cmd() + ["cancel", str(run)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
+        assert c.returncode == 0, c.stderr
+        proc.wait(timeout=30)
+        assert json.loads((run / "job.json").read_text())["state"] == "CANCELLED"
+        again = subprocess.run(vidscale_cmd() + ["cancel", str(run)], cwd=ROOT, capture_output=True, text=True)
+        assert again.returncode == 0 and "already CANCELLED" in again.stdout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_status_of_a_dir_without_job_record_is_one_clear_line(tmp_path):
+    r = subprocess.run(vidscale_cmd() + ["status", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "job.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1
