@@ -36,6 +36,8 @@ def _worker(rank, world, port, out_dir, overrides):
     from scaling.train import Trainer
 
     tr = Trainer(_cfg(overrides, os.path.join(out_dir, "run")))
+    calls = []  # forward calls of one block's MLP: 2 per micro-batch when recomputed
+    tr.engine.model.blocks[0].mlp.register_forward_hook(lambda *a: calls.append(1))
     # step 0 by hand (as Trainer.train_step does it) to read the gradients before the update
     batches = [next(tr.loader) for _ in range(tr.cfg.train.grad_accum)]
     global_real = tr._global_sum(sum(m.num_real for _, m in batches))
@@ -45,6 +47,7 @@ def _worker(rank, world, port, out_dir, overrides):
         tr.engine.backward(s * (tr.engine.loss_scale / global_real))
         loss_sum += s.detach()
     grads = {n: safe_get_full_grad(p).clone() for n, p in tr.engine.model.named_parameters()}
+    mlp_calls = len(calls)
     out = {"loss_sum": loss_sum, "global_real": global_real, "grad_norm": tr.engine.step()}
     tr.step += 1
     losses = [tr.reduce_loss(out)]
@@ -57,7 +60,7 @@ def _worker(rank, world, port, out_dir, overrides):
     shard_numel = sum(p.ds_tensor.numel() for p in tr.engine.model.parameters())
     if rank == 0:
         torch.save({"grads": grads, "losses": losses, "norms": norms, "ema": ema, "lr": tr.engine.lr,
-                    "shard_numel": shard_numel}, os.path.join(out_dir, "result.pt"))
+                    "shard_numel": shard_numel, "mlp_calls": mlp_calls}, os.path.join(out_dir, "result.pt"))
     tr.dims.destroy()
 
 
@@ -110,12 +113,14 @@ def _run(tmp_path, world, overrides, dp, sp):
 
 
 @pytest.mark.dist
-def test_zero3_dp2_matches_single_process(tmp_path):
-    got = _run(tmp_path, 2, [], dp=2, sp=1)
+def test_zero3_dp2_activation_checkpointing_matches_single_process(tmp_path):
+    got = _run(tmp_path, 2, ["model.activation_checkpointing=true", "model.ac_offload=true"], dp=2, sp=1)
     full = sum(g.numel() for g in got["grads"].values())
     assert got["shard_numel"] <= 0.55 * full  # parameters really are partitioned
+    assert got["mlp_calls"] == 2  # forward, then the recompute in backward
 
 
 @pytest.mark.dist
 def test_zero3_dp2_sp2_ulysses_grad_accum_matches_single_process(tmp_path):
-    _run(tmp_path, 4, ["parallel.ulysses=2", "train.grad_accum=2"], dp=2, sp=2)
+    got = _run(tmp_path, 4, ["parallel.ulysses=2", "train.grad_accum=2"], dp=2, sp=2)
+    assert got["mlp_calls"] == 2  # two micro-batches, no recompute
