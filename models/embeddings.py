@@ -81,9 +81,16 @@ class RoPE3D(nn.Module):
 
 
 def apply_rope(x_LHD: torch.Tensor, cos_LK: torch.Tensor, sin_LK: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1) of the head dim by the per-token angles."""
-    x = x_LHD.float().unflatten(-1, (-1, 2))  # [L, H, D/2, 2]
-    x0, x1 = x[..., 0], x[..., 1]
-    c, s = cos_LK[:, None], sin_LK[:, None]
-    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
-    return out.to(x_LHD.dtype)
+    """Rotate interleaved pairs (x0, x1) of the head dim by the per-token angles.
+
+    As one complex multiply: (x0 + i x1)(cos + i sin). Measured on CPU ~5x faster forward and
+    backward than the select/stack form (whose backward zero-fills the full tensor per select).
+    """
+    dt = torch.promote_types(x_LHD.dtype, torch.float32)  # bf16 rotates in fp32
+    if torch.compiler.is_compiling():  # inductor fuses the real form; it does not lower complex
+        x = x_LHD.to(dt).unflatten(-1, (-1, 2))
+        x0, x1, c, s = x[..., 0], x[..., 1], cos_LK.to(dt)[:, None], sin_LK.to(dt)[:, None]
+        return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).to(x_LHD.dtype)
+    x = torch.view_as_complex(x_LHD.to(dt).unflatten(-1, (-1, 2)))  # [L, H, D/2]
+    rot = torch.complex(cos_LK.to(dt), sin_LK.to(dt))[:, None]  # [L, 1, D/2]
+    return torch.view_as_real(x * rot).flatten(-2).to(x_LHD.dtype)

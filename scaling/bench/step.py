@@ -1,0 +1,88 @@
+"""MFU of the training step against this machine's own matmul peak, and where the time goes.
+
+    vidscale bench step --json [--set model.size=30M --set train.tokens_per_batch=4096 ...]
+
+In one run, alternating repetitions (the machine is shared: each figure is the best of its
+repetitions, and the two interleave so that both see the same load):
+  peak_flops          a large GEMM of the step's dtype on the step's device (FLOP/s)
+  model_flops_per_s   the step's model FLOPs (scaling/flops.py: every matmul of the packed
+                      batch, attention quadratic in each video's own length, x3 for
+                      training) over the step's wall time (data wait, optimizer included)
+  mfu                 model_flops_per_s / peak_flops
+  tokens_per_s        packed tokens (padding included) per second; real_tokens_per_s too
+  split               name -> fraction of one profiled step (scaling/step_split.py)
+Defaults: the 30M model, 4096 tokens per step, fp32, plain torch engine, one process.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+
+import torch
+
+DEFAULTS = ["model.size=30M", "train.tokens_per_batch=4096", "train.dtype=fp32", "parallel.zero_stage=0",
+            "train.steps=1000000", "optim.warmup=1", "logging.progress=false", "logging.tensorboard=false",
+            "checkpoint.every=0"]
+
+
+def add_args(p) -> None:
+    p.add_argument("--recipe", default=None, help="recipe to start from (default: built-in defaults)")
+    p.add_argument("--reps", type=int, default=5, help="timed steps, each after a GEMM peak rep (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--no-split", action="store_true", help="skip the profiled step")
+
+
+def time_step(tr) -> tuple[float, dict]:
+    """Wall time of one full training step (loader, forward, backward, optimizer)."""
+    sync = torch.cuda.synchronize if tr.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = tr.train_step()
+    float(out["grad_norm"])  # the step is done when its results exist on the host
+    sync()
+    return time.perf_counter() - t0, out
+
+
+def profiled_split(tr) -> dict[str, float]:
+    from scaling.step_split import StepProfiler
+
+    with StepProfiler(tr.model) as sp:
+        tr.split_profiler = sp  # train_step opens data/optimizer ranges when this is set
+        try:
+            dt, _ = time_step(tr)
+        finally:
+            tr.split_profiler = None
+    return sp.split(dt)
+
+
+def run(args) -> dict:
+    from scaling.config import load_config
+    from scaling.flops import measure_peak_flops
+    from scaling.train import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="vidscale-bench-step-") as tmp:
+        cfg = load_config(args.recipe, DEFAULTS + [f"train.run_dir={tmp}/run"] + list(args.overrides))
+        tr = Trainer(cfg)
+        dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+        try:
+            for _ in range(args.warmup):
+                time_step(tr)
+            peak, best = 0.0, None
+            for _ in range(args.reps):
+                peak = max(peak, measure_peak_flops(tr.device, dtype, seconds=0.5))
+                dt, out = time_step(tr)
+                rate = out["flops"] / dt
+                if best is None or rate > best[0]:
+                    best = (rate, dt, out)
+            rate, dt, out = best
+            split = profiled_split(tr) if not args.no_split else {}
+        finally:
+            tr.dims.destroy()
+    from models.sizes import param_count
+
+    return {"mfu": rate / peak, "tokens_per_s": out["local_tokens"] / dt,
+            "real_tokens_per_s": out["global_real"] / dt, "peak_flops": peak, "model_flops_per_s": rate,
+            "step_s": dt, "step_flops": out["flops"], "split": split, "goal_mfu": 0.75,
+            "model": cfg.model.size, "params": param_count(tr.mcfg), "tokens_per_step": out["local_tokens"],
+            "dtype": cfg.train.dtype, "device": str(tr.device), "zero_stage": cfg.parallel.zero_stage,
+            "compile": cfg.model.compile, "threads": torch.get_num_threads(), "reps": args.reps}
