@@ -133,11 +133,16 @@ def check_source(cfg) -> dict:
         raise ValueError(f"data.source = {src!r} holds {D}-wide text tokens but model.text_dim = "
                          f"{cfg.model.text_dim}: set model.text_dim={D}")
     pt, ph, pw = cfg.model.patch
+    from data.packing import drop_tokens, too_long
+    budget = cfg.train.tokens_per_batch
     for s in index["shards"]:
-        for T, H, W in s["shapes"]:
+        for key, (T, H, W) in zip(s["keys"], s["shapes"]):
             if T % pt or H % ph or W % pw:
                 raise ValueError(f"data.source = {src!r}: a latent of shape T,H,W={T},{H},{W} in {s['name']} "
                                  f"is not divisible by model.patch={list(cfg.model.patch)}")
+            n = drop_tokens(tokens_of((T, H, W), cfg.model.patch), cfg.data.drop_tokens, cfg.data.drop_min_tokens)
+            if budget and n > budget:
+                raise too_long(f"{s['name']}:{key}", n, budget)
     return index
 
 
