@@ -13,7 +13,6 @@ Shards roll over once they pass `max_bytes` (so a shard can exceed it by one sam
 """
 from __future__ import annotations
 
-import io
 import json
 import random
 from pathlib import Path

@@ -1,6 +1,5 @@
 """Shard round trip, the latent encoders (pixel stand-in, a diffusers Wan VAE from a local
 folder) and the packaged MiniLM text encoder."""
-import json
 import tarfile
 from types import SimpleNamespace as NS
 
