@@ -1,8 +1,10 @@
 """The resumable distributed loader over real webdataset shards: exactly-once epochs over
 dp ranks, exact resume (with and without worker processes), remapping to a new dp size,
 corrupt shards and samples skipped and counted (or failing by data.on_error)."""
+import io
 import json
 import random
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -122,7 +124,6 @@ def test_truncated_shard_and_corrupt_sample_are_skipped_and_counted(tmp_path):
     lost = index["shards"][1]["samples"]
     truncate(src / index["shards"][1]["name"], 0.3)  # cut inside the shard
     # overwrite one sample's tensor bytes in another shard with garbage of the same length
-    import tarfile
     name = index["shards"][2]["name"]
     with tarfile.open(src / name) as t:
         members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
@@ -131,7 +132,6 @@ def test_truncated_shard_and_corrupt_sample_are_skipped_and_counted(tmp_path):
             if m.name.endswith(".safetensors") and k < 3:
                 data = b"\xff" * len(data)
             m.size = len(data)
-            import io
             t.addfile(m, io.BytesIO(data))
     cfg = cfg_for(src)
     ld = build_loader(cfg, 0, 1)
