@@ -139,11 +139,29 @@ class DiffusersVAE(nn.Module):
         return self.vae.decode(z.to(self.vae.device, self.dtype_)).sample.float().clamp(-1, 1)
 
 
+class RawFrames(nn.Module):
+    """Identity 'encoder': shards of the RGB pixels themselves, what a video VAE trains on
+    (`vidscale prepare SRC OUT --set data.encoder=raw`, then a `task: vae` recipe)."""
+    channels, temporal, spatial = 3, 1, 1
+
+    def encode(self, frames_BCTHW: torch.Tensor) -> torch.Tensor:
+        return frames_BCTHW.float()
+
+    def decode(self, latent_BCTHW: torch.Tensor) -> torch.Tensor:
+        return latent_BCTHW.float().clamp(-1, 1)
+
+
 def build_latent_encoder(spec: str, channels: int = 4, device: str = "cpu"):
-    """'pixel' | 'pixel:C' | 'wan:PATH' | 'cogvideox:PATH' -> an encoder (see module doc)."""
+    """'pixel' | 'pixel:C' | 'wan:PATH' | 'cogvideox:PATH' | 'vae:RUN_DIR' | 'raw' -> an encoder."""
     kind, _, arg = spec.partition(":")
     if kind == "pixel":
         return PixelEncoder(int(arg) if arg else channels)
     if kind in ("wan", "cogvideox"):
         return DiffusersVAE(kind, arg, device=device)
-    raise ValueError(f"data.encoder = {spec!r}: expected 'pixel', 'pixel:C', 'wan:PATH' or 'cogvideox:PATH'")
+    if kind == "vae":  # a VAE trained by vidscale (models/vae.py)
+        from models.vae import VAELatentEncoder, load_vae
+        return VAELatentEncoder(load_vae(arg, device))
+    if kind == "raw":
+        return RawFrames()
+    raise ValueError(f"data.encoder = {spec!r}: expected 'pixel', 'pixel:C', 'wan:PATH', 'cogvideox:PATH', "
+                     f"'vae:RUN_DIR' or 'raw'")

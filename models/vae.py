@@ -70,7 +70,8 @@ class CausalConv3d(nn.Module):
         self.conv = nn.Conv3d(cin, cout, kernel, stride=stride, padding=0)
 
     def forward(self, x_BCTHW):
-        x = F.pad(x_BCTHW, (self.pw, self.pw, self.ph, self.ph, 0, 0))
+        # replicate (not zero) borders: a zero border is a strong fake edge on dark frames
+        x = F.pad(x_BCTHW, (self.pw, self.pw, self.ph, self.ph, 0, 0), mode="replicate") if self.ph or self.pw else x_BCTHW
         if self.kt > 1:  # replicate the first frame into the past: a still image stays still
             x = torch.cat([x[:, :, :1].expand(-1, -1, self.kt - 1, -1, -1), x], dim=2)
         return self.conv(x)
@@ -272,3 +273,59 @@ def psnr(x, y, data_range: float = 2.0) -> float:
     """Peak signal-to-noise ratio in dB for videos in [-1, 1] (range 2)."""
     mse = (x.float() - y.float()).pow(2).mean().item()
     return float("inf") if mse == 0 else 10 * math.log10(data_range ** 2 / mse)
+
+
+# -- loading a trained VAE as a latent encoder (`data.encoder=vae:RUN_DIR`) ---------------------
+VAE_FILES = ("ema.safetensors", "model.safetensors")
+
+
+def load_vae(path, device: str | torch.device = "cpu") -> VideoVAE:
+    """A run directory of a `task: vae` run (its EMA weights when present) or a weights file.
+
+    The file's metadata carries `kind: vae` and the `vae_config` JSON, so nothing else is needed
+    (models/ never imports the training code)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.is_dir():
+        found = [p / f for f in VAE_FILES if (p / f).is_file()]
+        if not found:
+            raise ValueError(f"data.encoder = 'vae:{path}': no {' or '.join(VAE_FILES)} there "
+                             f"(train it with a 'task: vae' recipe, or pass the exported file)")
+        p = found[0]
+    if not p.is_file():
+        raise ValueError(f"data.encoder = 'vae:{path}': no such run directory or weights file")
+    with safe_open(str(p), "pt") as f:
+        meta = dict(f.metadata() or {})
+    if meta.get("kind") != "vae" or "vae_config" not in meta:
+        raise ValueError(f"{p}: not a vidscale VAE (kind={meta.get('kind')!r}); expected the weights of a "
+                         f"'task: vae' run")
+    model = VideoVAE(VAEConfig(**json.loads(meta["vae_config"])))
+    model.load_state_dict(load_file(str(p)))
+    return model.to(device).eval()
+
+
+class VAELatentEncoder(nn.Module):
+    """The latent-encoder interface (models/latent.py) over a trained VideoVAE: the posterior
+    mean (deterministic preparation), frames B x 3 x T x H x W in [-1, 1]."""
+
+    def __init__(self, vae: VideoVAE):
+        super().__init__()
+        self.vae = vae.eval()
+        self.channels = vae.cfg.z_dim
+        self.temporal = vae.cfg.temporal_factor
+        self.spatial = vae.cfg.spatial_factor
+
+    @torch.no_grad()
+    def encode(self, frames_BCTHW: torch.Tensor) -> torch.Tensor:
+        dev = next(self.vae.parameters()).device
+        return self.vae.encode(frames_BCTHW.float().to(dev)).float()
+
+    @torch.no_grad()
+    def decode(self, latent_BCTHW: torch.Tensor) -> torch.Tensor:
+        dev = next(self.vae.parameters()).device
+        return self.vae.decode(latent_BCTHW.float().to(dev)).float().clamp(-1, 1)

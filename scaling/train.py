@@ -90,10 +90,10 @@ def diffusion_inputs(objective, tokens_LP: torch.Tensor, meta: PackedMeta, gen: 
     return t_V, noise
 
 
-def build_model(cfg: Config, device: torch.device) -> VideoDiT:
+def build_model(cfg: Config, device: torch.device, make_model=None) -> VideoDiT:
     """Construct on the meta device, materialise on `device`, then `init_weights()`."""
     with torch.device("meta"):
-        model = VideoDiT(model_config(cfg.model))
+        model = make_model() if make_model is not None else VideoDiT(model_config(cfg.model))
     model = model.to_empty(device=device)
     torch.manual_seed(cfg.train.seed)
     model.init_weights()
@@ -121,9 +121,11 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         seed_all(cfg.train.seed)
         self.mcfg = mcfg
+        from scaling.tasks import build_task
+        self.task = build_task(cfg)  # what trains: the DiT, or the VAE (scaling/tasks.py)
         self.engine = self._build_engine()
         self.model = self.engine.module
-        self.loader = build_loader(cfg, self.dims.dp_rank, self.dims.dp, multiple=self.dims.sp)
+        self.loader = self.task.build_loader(cfg, self.dims.dp_rank, self.dims.dp, multiple=self.dims.sp)
         self.objective = build_objective(cfg)
         self.step = 0
         self.tokens_seen = 0
@@ -140,9 +142,9 @@ class Trainer:
                 raise ValueError("parallel.zero_stage=0 runs a single process; use zero_stage 1-3 "
                                  f"for a world of {self.dims.world}")
             from scaling.engine import TorchEngine
-            return TorchEngine(build_model(self.cfg, self.device), self.cfg)
+            return TorchEngine(build_model(self.cfg, self.device, self.task.make_model), self.cfg)
         from scaling.zero import build_zero_engine
-        return build_zero_engine(self.cfg, self.dims, self.device)
+        return build_zero_engine(self.cfg, self.dims, self.device, self.task.make_model)
 
     # -- one optimizer step -----------------------------------------------------------
     def _global_sum(self, x: float | int) -> float:
@@ -194,10 +196,10 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         flops = 0
         for micro, (tokens, meta) in enumerate(batches):
-            s, _ = self.micro_loss(tokens, meta, micro)
+            s, _ = self.task.micro_loss(self, tokens, meta, micro)
             self.engine.backward(s * (self.engine.loss_scale / global_real))
             loss_sum += s.detach()
-            flops += train_flops(self.mcfg, meta)
+            flops += self.task.flops(self, meta)
         with self._range("optimizer"):
             grad_norm = self.engine.step()
         self.step += 1
@@ -238,6 +240,7 @@ def train(cfg: Config) -> dict:
             run_flops += out["flops"]
             tok_last += out["local_tokens"]
             log.advance()
+            extra = tr.task.after_step(tr)  # VAE: held-out PSNR; DiT: sample videos (every rank)
             if tr.step % c.logging.every == 0 or tr.step == c.train.steps:
                 last_loss = tr.reduce_loss(out)
                 dt = time.perf_counter() - t_last
@@ -247,8 +250,10 @@ def train(cfg: Config) -> dict:
                        "packing_efficiency": tr.loader.efficiency,
                        "skipped_samples": tr.loader.stats["skipped"],  # this rank's unreadable samples
                        "memory_gb": _memory_gb(tr.device)}
-                log.log(tr.step, rec)
+                log.log(tr.step, {**rec, **extra})
                 t_last, tok_last, flops_acc = time.perf_counter(), 0, 0.0
+            elif extra:
+                log.log(tr.step, extra)
             preempted = signals.agree(signals.save_requested(), tr.dims, tr.device)
             if tr.ckpt.should_save(tr.step) or preempted:
                 tr.ckpt.save()
@@ -261,7 +266,7 @@ def train(cfg: Config) -> dict:
         log.close()
     result = {"run_dir": str(tr.run_dir), "steps": tr.step, "loss": last_loss, "tokens": tr.tokens_seen,
               "preempted": preempted, "checkpoint_stall_s": tr.ckpt.stalls}
-    if tr.step >= c.train.steps and c.train.val_videos > 0:  # finished: the score a sweep fits
+    if tr.step >= c.train.steps and c.train.val_videos > 0 and c.task == "dit":  # finished: the score a sweep fits
         from scaling.evaluate import write_final
         result["val_loss"] = write_final(tr, result, time.time() - t_start, run_flops,
                                          tr.tokens_seen - tokens_at_start)["val_loss"]

@@ -119,6 +119,8 @@ def save_run_weights(tr) -> list[Path]:
     out = []
     if tr.is_main:
         extra = {"step": tr.step}
+        if kind == "vae":  # models/vae.load_vae rebuilds the VAE from this alone
+            extra["vae_config"] = json.dumps(tr.task.vcfg.to_dict())
         out.append(save_weights(state, tr.run_dir / MODEL_FILE, cfg, kind=kind, extra=extra))
         if ema:
             full = dict(state)

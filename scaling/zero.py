@@ -138,7 +138,9 @@ class ZeroEngine:
         return out
 
 
-def build_zero_engine(cfg: Config, dims, device: torch.device) -> ZeroEngine:
+def build_zero_engine(cfg: Config, dims, device: torch.device, make_model=None) -> ZeroEngine:
+    """`make_model()` builds another model than the recipe's VideoDiT (scaling/tasks.py)."""
+    make_model = make_model or (lambda: VideoDiT(model_config(cfg.model)))
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     import deepspeed
     from deepspeed.utils import logger as ds_logger
@@ -164,21 +166,22 @@ def build_zero_engine(cfg: Config, dims, device: torch.device) -> ZeroEngine:
     if stage == 3:
         with deepspeed.zero.Init(config_dict_or_path=ds_cfg, remote_device="cpu" if cfg.parallel.offload_params
                                  else None, pin_memory=False):
-            model = VideoDiT(model_config(cfg.model))
+            model = make_model()
         # 2. init_weights on the gathered parameters; rank 0's values are what every rank keeps
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
             torch.manual_seed(cfg.train.seed)
             model.init_weights()
     else:
         with torch.device("meta"):
-            model = VideoDiT(model_config(cfg.model))
+            model = make_model()
         model = model.to_empty(device=device)
         torch.manual_seed(cfg.train.seed)
         model.init_weights()
     # 3. sequence-parallel attention (the model only sees a packed kernel)
-    model.set_attention(build_sp_attention(dims, get_kernel(cfg.model.attn_backend)))
+    if isinstance(model, VideoDiT):
+        model.set_attention(build_sp_attention(dims, get_kernel(cfg.model.attn_backend)))
     # 4. activation checkpointing per block
-    if cfg.model.activation_checkpointing:
+    if cfg.model.activation_checkpointing and isinstance(model, VideoDiT):
         apply_ac(model, cfg.model.ac_offload)
     # 5. DeepSpeed: a plain AdamW and the warmup+cosine schedule, stepped at each boundary
     optimizer = make_optimizer(model.parameters(), cfg)
