@@ -211,7 +211,9 @@ class ShardSource:
                 return True
             seen: set[str] = set()
             pending = list(gids)  # in tar order
-            for raw in wds.tarfile_samples([{"url": url}], handler=handler):
+            def select(fname: str, want=want) -> bool:  # other ranks'/workers' samples: never extracted
+                return fname.split(".", 1)[0] in want
+            for raw in wds.tarfile_samples([{"url": url}], handler=handler, select_files=select):
                 key = raw.get("__key__")
                 if key not in want or key in seen:
                     continue
