@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -47,6 +48,7 @@ def launch_here(cfg, command: list[str]) -> int:
     job = new_job("local", cfg.train.run_dir, command, state="RUNNING", pid=os.getpid())
     job.save()
     code = 1
+    signal.signal(signal.SIGTERM, _interrupt)  # `vidscale cancel`: record it, stop the ranks
     try:
         if cfg.cluster.nproc > 1:
             from cluster.local import launch_local
@@ -56,9 +58,18 @@ def launch_here(cfg, command: list[str]) -> int:
             result = train(cfg)
             print(json.dumps(result))
             code = EXIT_REQUEUE if result.get("preempted") else 0
-    finally:
-        job.set_state({0: "COMPLETED", EXIT_REQUEUE: "PREEMPTED"}.get(code, "FAILED"))
+    except KeyboardInterrupt:
+        job.set_state("CANCELLED")
+        raise
+    except BaseException:
+        job.set_state("FAILED")
+        raise
+    job.set_state({0: "COMPLETED", EXIT_REQUEUE: "PREEMPTED"}.get(code, "FAILED"))
     return code
+
+
+def _interrupt(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt
 
 
 # -- command-line flags shared by `vidscale train` and `vidscale resume` -----------------------------
