@@ -175,6 +175,9 @@ class Checkpointer:
         d = self.tr.dims
         try:
             self._write(tmp, files)
+            if self.zero:
+                from scaling.ckpt_zero import fsync_zero
+                fsync_zero(self.tr.engine, tmp)
             (tmp / f".done-{d.rank:05d}").touch()
             _await(tmp, ".done", d.world, self.tr.cfg.parallel.timeout_s)
             io.hash_part(tmp, d.rank, d.world)

@@ -31,14 +31,18 @@ TAG = "state"
 
 
 def save_zero(engine, tmp: Path) -> None:
-    """Every rank: DeepSpeed writes its shards (collective; it fsyncs nothing itself, the
-    commit's hashing reads the files back and the directory rename publishes them)."""
+    """Every rank: DeepSpeed writes its shards (a collective). DeepSpeed fsyncs nothing:
+    `fsync_zero` does, later (in the background with checkpoint.async_save)."""
     zdir = tmp / "zero"
     try:
         engine.ds.save_checkpoint(str(zdir), tag=TAG, save_latest=False)
     except Exception as e:
         raise io.CheckpointError(f"checkpoint: cannot write {zdir}: {e}") from e
-    for p in sorted((zdir / TAG).glob("*")):
+
+
+def fsync_zero(engine, tmp: Path) -> None:
+    """Flush the DeepSpeed files this rank wrote to the disk."""
+    for p in sorted((tmp / "zero" / TAG).glob("*")):
         if p.is_file() and _mine(p.name, engine):
             io.fsync_path(p)
 
