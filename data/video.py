@@ -66,7 +66,8 @@ def decode_clips(path: str | Path, clip_frames: int, multiple: int, fps: float =
             raise ValueError(f"{path}: no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        src_fps = float(stream.average_rate or stream.guessed_rate or 0) or 24.0
+        # guessed_rate follows the timestamps (GIF average_rate reads 25/3 for 8 fps delays)
+        src_fps = float(stream.guessed_rate or stream.average_rate or 0) or 24.0
         out_fps = fps or src_fps
         H0, W0 = stream.codec_context.height, stream.codec_context.width
         h, w = target_size(H0, W0, multiple, max_area)
