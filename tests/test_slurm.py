@@ -112,3 +112,34 @@ def test_impossible_request_fails_clearly_instead_of_pending(slurm_cluster, tmp_
     assert len(lines) == 1 and all(w in lines[0] for w in words), r.stderr
     after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
     assert after == before  # nothing was submitted
+
+
+def test_ray_inside_slurm_allocation(slurm_cluster, tmp_path, debug_zero3_reference):
+    """cluster.slurm.ray=true: the batch script starts a Ray head in the allocation and runs the
+    Ray launcher on it (Ray Train workers, not srun tasks, are the ranks)."""
+    run = tmp_path / "run"
+    r = vidscale(*train_args(run, "cluster.slurm.ray=true"), "--wait")
+    job_id = job_of(run)["job_ids"][0]
+    log = (run / f"slurm-{job_id}.out").read_text()
+    assert r.returncode == 0, log[-4000:]
+    assert "ray start --head" in (run / "job.sbatch").read_text()
+    assert "Started training worker group of size 2" in log
+    assert read_losses(run) == debug_zero3_reference
+
+
+def test_time_limit_checkpoints_and_requeues_before_the_limit(slurm_cluster, tmp_path):
+    """A 3-minute job with `--signal=B:USR1@150`: Slurm itself sends USR1 (at ~30 s, or up to a
+    minute earlier); the job checkpoints, requeues and resumes instead of being killed."""
+    run = tmp_path / "run"
+    r = vidscale(*train_args(run, "train.steps=100000", "checkpoint.every=0", "cluster.slurm.time=3",
+                             "cluster.slurm.signal_seconds=150"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    job_id = job_of(run)["job_ids"][0]
+    log = run / f"slurm-{job_id}.out"
+    try:
+        wait_for(lambda: log.is_file() and "resumed from" in log.read_text(), 400, "the requeued job to resume", 1.0)
+        text = log.read_text()
+        assert "USR1 at" in text and "requeueing job" in text and "restart 1" in text, text[-3000:]
+        assert "TIME LIMIT" not in text
+    finally:
+        vidscale("cancel", str(run))
