@@ -184,6 +184,9 @@ class LoggingArgs:
     sample_every: int = 0
     """Write sample videos to TensorBoard every N steps (0 = off)."""
     sample_prompts: list[str] = field(default_factory=lambda: ["a red square moving right"])
+    split_every: int = 50
+    """Every N logging intervals, profile one step and log where its time went (`split.attention`,
+    `split.mlp`, ... fractions; scaling/step_split.py). 0 = off. The profiled step costs ~10-30% more."""
 
 
 @dataclass

@@ -142,3 +142,23 @@ class StepProfiler:
         frac = {k: v / scale for k, v in sec.items()}
         frac["other"] += max(0.0, 1 - sum(frac.values()))
         return {k: round(v, 4) for k, v in frac.items()}
+
+
+def profile_step(tr) -> tuple[dict, dict[str, float], float]:
+    """Run one `Trainer` step under the profiler: (its outputs, the split, its wall seconds).
+
+    The wall time includes the host sync that ends the step (only profiled steps pay it)."""
+    import time
+
+    sync = torch.cuda.synchronize if tr.device.type == "cuda" else (lambda: None)
+    with StepProfiler(tr.model) as sp:
+        tr.split_profiler = sp  # train_step opens its data_wait / optimizer ranges
+        try:
+            sync()
+            t0 = time.perf_counter()
+            out = tr.train_step()
+            sync()
+            dt = time.perf_counter() - t0
+        finally:
+            tr.split_profiler = None
+    return out, sp.split(dt), dt

@@ -125,6 +125,9 @@ class Trainer:
         self.task = build_task(cfg)  # what trains: the DiT, or the VAE (scaling/tasks.py)
         self.engine = self._build_engine()
         self.model = self.engine.module
+        if cfg.model.compile:  # after the engine: ZeRO's hooks and the sp kernel are in place
+            from scaling.compile import apply_compile
+            apply_compile(self.model)
         self.loader = self.task.build_loader(cfg, self.dims.dp_rank, self.dims.dp, multiple=self.dims.sp)
         self.objective = build_objective(cfg)
         self.step = 0
@@ -235,7 +238,12 @@ def train(cfg: Config) -> dict:
     t_last, tok_last, flops_acc = time.perf_counter(), 0, 0.0
     try:
         while tr.step < c.train.steps:
-            out = tr.train_step()
+            split = None
+            if tr.is_main and c.logging.split_every and (tr.step + 1) % (c.logging.every * c.logging.split_every) == 0:
+                from scaling.step_split import profile_step
+                out, split, _ = profile_step(tr)  # a log step: the split goes into its record
+            else:
+                out = tr.train_step()
             flops_acc += out["flops"]
             run_flops += out["flops"]
             tok_last += out["local_tokens"]
@@ -250,6 +258,8 @@ def train(cfg: Config) -> dict:
                        "packing_efficiency": tr.loader.efficiency,
                        "skipped_samples": tr.loader.stats["skipped"],  # this rank's unreadable samples
                        "memory_gb": _memory_gb(tr.device)}
+                if split:
+                    rec.update({f"split.{k}": v for k, v in split.items()})
                 log.log(tr.step, {**rec, **extra})
                 t_last, tok_last, flops_acc = time.perf_counter(), 0, 0.0
             elif extra:

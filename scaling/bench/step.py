@@ -43,21 +43,10 @@ def time_step(tr) -> tuple[float, dict]:
     return time.perf_counter() - t0, out
 
 
-def profiled_split(tr) -> dict[str, float]:
-    from scaling.step_split import StepProfiler
-
-    with StepProfiler(tr.model) as sp:
-        tr.split_profiler = sp  # train_step opens data/optimizer ranges when this is set
-        try:
-            dt, _ = time_step(tr)
-        finally:
-            tr.split_profiler = None
-    return sp.split(dt)
-
-
 def run(args) -> dict:
     from scaling.config import load_config
     from scaling.flops import measure_peak_flops
+    from scaling.step_split import profile_step
     from scaling.train import Trainer
 
     with tempfile.TemporaryDirectory(prefix="vidscale-bench-step-") as tmp:
@@ -75,7 +64,7 @@ def run(args) -> dict:
                 if best is None or rate > best[0]:
                     best = (rate, dt, out)
             rate, dt, out = best
-            split = profiled_split(tr) if not args.no_split else {}
+            split = profile_step(tr)[1] if not args.no_split else {}
         finally:
             tr.dims.destroy()
     from models.sizes import param_count
