@@ -122,3 +122,45 @@ def launch_local(cfg) -> int:
     finally:
         for f in files:
             f.close()
+
+
+# -- in-process spawning (tests and benchmarks) ----------------------------------------------
+def _rank_entry(fn, rank: int, world: int, port: int, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    fn(rank, world, port, *args)
+
+
+def spawn_ranks(fn, world: int, args: tuple = (), timeout_s: float = 900.0) -> list[int]:
+    """Run `fn(rank, world, port, *args)` in `world` spawned processes; return their exit codes.
+
+    Like `launch_local`, a failing rank stops the others at once (rather than leaving them
+    in a collective until its timeout). Exit codes are returned, not raised: callers judge
+    what the ranks wrote (a rank can abort at interpreter exit after finishing its work).
+    `fn` must be importable (a module-level function).
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_rank_entry, args=(fn, r, world, port, tuple(args))) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while any(p.is_alive() for p in procs):
+            if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                time.sleep(1.0)  # let the others finish writing what they have
+                break
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [p.exitcode for p in procs]
+

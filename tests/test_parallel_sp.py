@@ -9,9 +9,8 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from cluster.local import free_port
+from cluster.local import spawn_ranks
 
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]  # (ulysses, ring)
 
@@ -40,7 +39,6 @@ def _model_and_batch():
 
 
 def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     import torch.distributed as dist
     from models.attention import sdpa_loop
@@ -83,8 +81,10 @@ def _worker(rank, world, port, out_dir):
 @pytest.mark.dist
 def test_ulysses_ring_usp_equal_single_process(tmp_path):
     world = 4
-    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
-    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    codes = spawn_ranks(_worker, world, (str(tmp_path),))
+    files = [tmp_path / f"rank{r}.json" for r in range(world)]
+    assert all(f.exists() for f in files), f"ranks exited with {codes} before writing results"
+    res = [json.loads(f.read_text()) for f in files]
     for u, r in LAYOUTS:
         key = f"{u}x{r}"
         for rank in range(world):

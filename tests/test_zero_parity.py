@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from cluster.local import free_port
+from cluster.local import spawn_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -29,8 +28,6 @@ def _cfg(overrides, run_dir):
 
 
 def _worker(rank, world, port, out_dir, overrides):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     from deepspeed.utils import safe_get_full_grad
     from scaling.train import Trainer
@@ -97,7 +94,8 @@ def reference(overrides, run_dir, dp, sp):
 
 
 def _run(tmp_path, world, overrides, dp, sp):
-    mp.spawn(_worker, args=(world, free_port(), str(tmp_path), overrides), nprocs=world, join=True)
+    codes = spawn_ranks(_worker, world, (str(tmp_path), overrides))
+    assert (tmp_path / "result.pt").exists(), f"ranks exited with {codes} before writing results"
     got = torch.load(tmp_path / "result.pt")
     grads, losses, norms, ref_engine = reference(overrides, tmp_path / "ref", dp, sp)
     worst = max((got["grads"][n] - g).abs().max().item() for n, g in grads.items())

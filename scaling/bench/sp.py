@@ -65,7 +65,6 @@ def _measure(fn, reps: int, model) -> tuple[float, int]:
 
 
 def _worker(rank: int, world: int, port: int, opts: dict, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     sys.stdout = sys.stderr  # stdout carries the one JSON object
     import torch.distributed as dist
@@ -124,8 +123,7 @@ def _worker(rank: int, world: int, port: int, opts: dict, out_path: str) -> None
 
 
 def run(args) -> dict:
-    import torch.multiprocessing as mp
-    from cluster.local import free_port
+    from cluster.local import spawn_ranks
 
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     for s in schemes:
@@ -135,7 +133,9 @@ def run(args) -> dict:
             "overrides": list(args.overrides)}
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "sp.json")
-        mp.spawn(_worker, args=(2, free_port(), opts, out), nprocs=2, join=True)
+        codes = spawn_ranks(_worker, 2, (opts, out))
+        if not os.path.exists(out):
+            raise RuntimeError(f"bench sp: ranks exited with {codes} before writing results")
         with open(out) as f:
             ranks = json.load(f)
     result: dict = {"tokens": ranks[0]["tokens"], "sp": 2}

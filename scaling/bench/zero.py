@@ -53,8 +53,6 @@ def state_bytes(engine) -> dict[str, int]:
 
 
 def _worker(rank: int, world: int, port: int, opts: dict, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     sys.stdout = sys.stderr  # DeepSpeed prints; stdout carries the one JSON object
     import torch.distributed as dist
@@ -85,15 +83,16 @@ def _worker(rank: int, world: int, port: int, opts: dict, out_path: str) -> None
 
 
 def run(args) -> dict:
-    import torch.multiprocessing as mp
-    from cluster.local import free_port
+    from cluster.local import spawn_ranks
 
     opts = {"size": args.size, "stage": args.stage, "overrides": list(args.overrides)}
     per_dp = {}
     with tempfile.TemporaryDirectory() as d:
         for world in (1, 2):
             out = os.path.join(d, f"dp{world}.json")
-            mp.spawn(_worker, args=(world, free_port(), opts, out), nprocs=world, join=True)
+            codes = spawn_ranks(_worker, world, (opts, out))
+            if not os.path.exists(out):
+                raise RuntimeError(f"bench zero: ranks exited with {codes} before writing results")
             with open(out) as f:
                 per_dp[world] = json.load(f)
     worst = max(per_dp[2], key=lambda r: r["total"])
