@@ -1,0 +1,144 @@
+"""vidscale on real Ray clusters: 2 Ray Train workers on an embedded cluster; a SIGKILLed worker
+is replaced and the run ends with the uninterrupted run's losses; detached Ray jobs are
+followed and cancelled; impossible requests fail before any worker starts."""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DEBUG_ZERO3, ROOT, read_losses, vidscale_cmd
+
+pytestmark = pytest.mark.cluster
+
+
+def env_without_ray_address() -> dict:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def train_args(run: Path, *extra, nproc: int = 2) -> list[str]:
+    args = ["train", "recipes/debug.yaml", "--launcher", "ray", "--nproc", str(nproc), "--run-dir", str(run)]
+    for o in DEBUG_ZERO3 + list(extra):
+        args += ["--set", o]
+    return args
+
+
+def vidscale(*args, timeout=600):
+    return subprocess.run(vidscale_cmd() + list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=env_without_ray_address())
+
+
+def wait_for(pred, timeout_s: float, what: str, poll_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def last_step(run: Path) -> int:
+    try:
+        return max(read_losses(run), default=0)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def descendants_named(root_pid: int, word: str) -> list[int]:
+    """Processes under `root_pid` (our Ray head) whose command line contains `word`: only this
+    test's cluster, never another Ray on the machine."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out = []
+    for pid in parent:
+        p, seen = pid, 0
+        while p in parent and p != root_pid and seen < 64:
+            p, seen = parent[p], seen + 1
+        if p == root_pid and pid != root_pid:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if word in cmd:
+                out.append(pid)
+    return out
+
+
+def test_two_workers_on_embedded_cluster(tmp_path, debug_zero3_reference):
+    run = tmp_path / "run"
+    r = vidscale(*train_args(run))  # no --address, no RAY_ADDRESS: an embedded local cluster
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    job = json.loads((run / "job.json").read_text())
+    assert job["launcher"] == "ray" and job["state"] == "COMPLETED" and job["address"] == ""
+    assert read_losses(run) == debug_zero3_reference  # same numbers as 2 local ranks
+
+
+def test_sigkilled_worker_is_replaced_and_run_matches_uninterrupted(ray_cluster, tmp_path, debug_zero3_reference):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(vidscale_cmd() + train_args(run, "checkpoint.every=5", "cluster.max_failures=2")
+                            + ["--address", ray_cluster.gcs_address], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env_without_ray_address())
+    try:
+        wait_for(lambda: last_step(run) >= 10 or proc.poll() is not None, 400, "step 10")
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        workers = descendants_named(ray_cluster.pid, "RayTrainWorker")
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=500)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    attempts = list((run / ".ray_attempts").iterdir())
+    assert len(attempts) == 1 and len(attempts[0].read_text().splitlines()) == 2  # one restart
+    assert "resumes from the latest complete checkpoint" in out
+    losses = read_losses(run)
+    assert losses == debug_zero3_reference, (losses, debug_zero3_reference)
+
+
+def test_detached_job_is_followed_and_cancelled(ray_cluster, tmp_path):
+    # followed: --wait prints the job's log and returns its status
+    done = tmp_path / "done"
+    r = vidscale(*train_args(done, "train.steps=6", "parallel.zero_stage=0", nproc=1),
+                 "--detach", "--wait", "--address", ray_cluster.dashboard)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    job = json.loads((done / "job.json").read_text())
+    assert job["state"] == "SUCCEEDED" and job["job_ids"][0].startswith("vidscale-debug-")
+    assert job["job_ids"][0] in r.stdout and "world_size=1" in r.stdout  # the job's own log, followed
+    assert last_step(done) == 6
+    # cancelled: a long detached job, stopped through `vidscale cancel`
+    run = tmp_path / "long"
+    r = vidscale(*train_args(run, "train.steps=100000", "checkpoint.every=0", "parallel.zero_stage=0", nproc=1),
+                 "--detach", "--address", ray_cluster.dashboard)
+    assert r.returncode == 0, r.stderr[-3000:]
+    job_id = json.loads((run / "job.json").read_text())["job_ids"][0]
+    assert r.stdout.strip().splitlines()[-1] == job_id  # --detach prints the job id last
+
+    def state():
+        return json.loads(vidscale("status", str(run), "--json").stdout)
+    wait_for(lambda: state()["state"] == "RUNNING" and last_step(run) > 0, 300, "the job to train", 1.0)
+    c = vidscale("cancel", str(run))
+    assert c.returncode == 0, c.stderr
+    wait_for(lambda: state()["state"] == "STOPPED", 120, "STOPPED", 1.0)
+
+
+@pytest.mark.parametrize("over,words", [
+    (["cluster.gpus_per_worker=1"], ["cluster.gpus_per_worker", "GPU", "has 0"]),
+    (["cluster.cpus_per_worker=64"], ["cluster.cpus_per_worker", "128 CPUs"]),
+])
+def test_impossible_request_fails_clearly(ray_cluster, tmp_path, over, words):
+    r = vidscale(*train_args(tmp_path / "run", *over), "--address", ray_cluster.gcs_address, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("vidscale train: error:") and all(w in last for w in words), last
