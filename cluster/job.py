@@ -18,8 +18,8 @@ from pathlib import Path
 
 FILE = "job.json"
 DONE = {"COMPLETED", "SUCCEEDED", "FAILED", "CANCELLED", "STOPPED", "TIMEOUT", "NODE_FAIL",
-        "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED_FINAL"}
-"""States after which a job does no more work (PREEMPTED alone may requeue)."""
+        "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "EXITED"}
+"""States after which a job does no more work (a Slurm PREEMPTED job may still requeue)."""
 
 
 def now() -> str:
