@@ -10,6 +10,7 @@ BENCHES: list[tuple[str, str, str]] = [
     ("packing", "scaling.bench.packing", "NaViT packing efficiency vs pad-to-longest and bucketing"),
     ("loader", "scaling.bench.loader", "loader batches/s from real shards vs the training step"),
     ("step", "scaling.bench.step", "training-step MFU against the machine's measured GEMM peak, time split"),
+    ("dp", "scaling.bench.dp", "ZeRO-3 data-parallel overhead: dp=2 vs dp=1 step time per token"),
     ("sp", "scaling.bench.sp", "sequence parallelism sp=2 vs sp=1: memory, time, exactness, bytes moved"),
     ("zero", "scaling.bench.zero", "ZeRO-3 model+optimizer state bytes per rank, dp=2 vs dp=1"),
     ("checkpoint", "scaling.bench.checkpoint", "ZeRO-3 checkpoint save/load MB/s vs raw disk; stall per save"),
