@@ -182,16 +182,19 @@ def law(theta: np.ndarray, k: float) -> dict:
     e, la, lb, alpha, beta = (float(x) for x in theta)
     A, B = math.exp(la), math.exp(lb)
     a, b = beta / (alpha + beta), alpha / (alpha + beta)
-    G = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
-    return {"E": math.exp(e), "A": A, "B": B, "alpha": alpha, "beta": beta, "a": a, "b": b, "G": G, "k": k}
+    log_g = (math.log(alpha) + la - math.log(beta) - lb) / (alpha + beta)
+    return {"E": math.exp(e), "A": A, "B": B, "alpha": alpha, "beta": beta, "a": a, "b": b,
+            "G": math.exp(log_g), "log_G": log_g, "k": k}
 
 
 def optimum(p: dict, C: float) -> tuple[float, float, float]:
     """(N_opt, D_opt, loss) at compute C under the parametric law p."""
-    x = C / p["k"]
-    n = p["G"] * x ** p["a"]
-    d = x / n
-    return n, d, p["E"] + p["A"] / n ** p["alpha"] + p["B"] / d ** p["beta"]
+    log_x = math.log(C / p["k"])
+    log_n = p.get("log_G", math.log(p["G"]) if p["G"] > 0 else -700.0) + p["a"] * log_x
+    log_n = min(max(log_n, -700.0), 700.0)  # degenerate laws (A or B ~ 0) put N_opt at 0 or infinity
+    log_d = log_x - log_n
+    return (math.exp(log_n), math.exp(log_d),
+            p["E"] + p["A"] * math.exp(-p["alpha"] * log_n) + p["B"] * math.exp(-p["beta"] * log_d))
 
 
 # --- approach 2: IsoFLOP parabolas -----------------------------------------------------------
@@ -298,6 +301,7 @@ def _fit(rows, budgets, bootstrap, seed, where) -> dict:
 
     resid = np.log(runs.L) - _predict_log(theta, np.log(runs.N), np.log(runs.D))
     result = {k: p[k] for k in keys}
+    result["warnings"] = _warnings(runs, theta, p, minima, skipped)
     result.update({
         "G": p["G"], "k": runs.k, "n_runs": int(len(runs.L)),
         "ci": {k: _ci(boot[k]) for k in keys},
@@ -327,6 +331,29 @@ def _fit(rows, budgets, bootstrap, seed, where) -> dict:
             pred["approach2"] = {"N_opt": n2, "D_opt": math.exp(pl["log_cD"]) * c ** pl["b"]}
         result["predictions"].append(pred)
     return result
+
+
+def _warnings(runs: Runs, theta: np.ndarray, p: dict, minima: list, skipped: list) -> list[str]:
+    """What makes a fit untrustworthy, in words (the report shows them first)."""
+    out = []
+    terms = {"E": np.full_like(runs.N, p["E"]), "A": p["A"] / runs.N ** p["alpha"], "B": p["B"] / runs.D ** p["beta"]}
+    for name, t in terms.items():
+        if np.max(t / runs.L) < 1e-3:
+            out.append(f"{name} fell to ~0 (its term is under 0.1% of every loss): the data do not constrain it")
+    for i, name in ((3, "alpha"), (4, "beta")):
+        lo, hi = _BOUNDS[i]
+        if theta[i] <= lo * 10 or theta[i] >= hi * 0.98:
+            out.append(f"{name} = {theta[i]:.3g} sits at its bound [{lo:g}, {hi:g}]")
+    n_lo, n_hi = runs.N.min(), runs.N.max()
+    c_mid = float(np.exp(np.mean(np.log(runs.C))))
+    n_opt = optimum(p, c_mid)[0]
+    if not n_lo / 10 <= n_opt <= n_hi * 10:
+        out.append(f"the fitted optimum at the sweep's compute ({n_opt:.3g} parameters) lies far outside the "
+                   f"sampled sizes [{n_lo:.3g}, {n_hi:.3g}]: extend the grid towards it")
+    if skipped and not minima:
+        out.append("no budget has an interior IsoFLOP minimum: approach 2 has no estimate; the sizes do not "
+                   "bracket the optimum")
+    return out
 
 
 def public(result: dict) -> dict:

@@ -205,6 +205,7 @@ def write_report(sweep_dir: str | Path, result: dict | None, rows: list[dict], t
     lines = [f"# {title}", "", *notes, "",
              f"{result['n_runs']} runs fitted (C = k N D with k = {result['k']:.3g} FLOPs per parameter-token; "
              f"{result['bootstrap']} bootstrap resamples within each budget; 95% intervals).", "",
+             *[f"**Warning**: {w}." for w in result.get("warnings", [])], "",
              "## Parametric fit (approach 3)", "",
              "L(N, D) = E + A / N^alpha + B / D^beta, Huber (delta "
              f"{result['huber_delta']:g}) on log loss, L-BFGS-B from variable-projection starts.", "",

@@ -51,7 +51,7 @@ def test_recovers_known_law_by_both_approaches(name):
     a2 = r["approach2"]
     assert abs(a2["a"] - a_true) < 0.03 and abs(a2["b"] - b_true) < 0.03, a2
     assert abs(a2["a"] - r["a"]) < 0.03  # the two approaches agree
-    assert len(r["isoflop"]) == 5 and not r["outliers"]
+    assert len(r["isoflop"]) == 5 and not r["outliers"] and not r["warnings"]
     # the intervals are real intervals around the estimate, and cover the truth here
     for k in ("E", "alpha", "beta", "a"):
         lo, hi = r["ci"][k]
@@ -148,3 +148,13 @@ def test_report_writes_plots_and_markdown(tmp_path):
         assert f"plots/{name}.png" in text
     assert "| alpha |" in text and "Predictions" in text and "Outliers" in text
     assert public(r).keys() == {k for k in r if not k.startswith("_")}
+
+
+def test_degenerate_sweep_is_flagged():
+    """Sizes that never bracket the optimum (loss falls with data only): say so, do not pretend."""
+    rng = np.random.default_rng(4)
+    rows = [{"params": N, "tokens": C / (6 * N), "flops": C, "loss": (0.1 + 50 / (C / (6 * N)) ** 0.35)
+             * math.exp(rng.normal(0, 0.005))} for C in (1e15, 1e16, 1e17) for N in np.geomspace(1e6, 1e8, 5)]
+    r = fit(rows, bootstrap=0)
+    text = " ".join(r["warnings"])
+    assert "A fell to ~0" in text and "outside the sampled sizes" in text

@@ -64,6 +64,8 @@ def summary(result: dict) -> str:
     for p in result["predictions"]:
         lines.append(f"  C = {p['budget']:.3g}: N_opt = {p['N_opt']:.3g}, D_opt = {p['D_opt']:.3g}, "
                      f"loss = {p['loss']:.4f}")
+    for w in result.get("warnings", []):
+        lines.append(f"  warning: {w}")
     if result["outliers"] or result["dropped"]:
         lines.append(f"  dropped: {[d['name'] for d in result['dropped']] + result['outliers']}")
     return "\n".join(lines)
