@@ -138,6 +138,19 @@ class ZeroEngine:
         return out
 
 
+def _forget_stale_groups() -> None:
+    """DeepSpeed caches process groups in module globals; after an earlier run in this
+    process destroyed its process group they point at dead groups. Let it rebuild them."""
+    from deepspeed.utils import groups
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, {})
+
+
 def build_zero_engine(cfg: Config, dims, device: torch.device, make_model=None) -> ZeroEngine:
     """`make_model()` builds another model than the recipe's VideoDiT (scaling/tasks.py)."""
     make_model = make_model or (lambda: VideoDiT(model_config(cfg.model)))
@@ -158,6 +171,7 @@ def build_zero_engine(cfg: Config, dims, device: torch.device, make_model=None) 
     for k, v in (("LOCAL_RANK", dims.local_rank), ("RANK", dims.rank), ("WORLD_SIZE", dims.world)):
         os.environ.setdefault(k, str(v))
     deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
+    _forget_stale_groups()
     ds_cfg = deepspeed_config(cfg, dims, device)
     stage = cfg.parallel.zero_stage
 

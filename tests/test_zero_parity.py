@@ -6,6 +6,7 @@ the test computes the plain-torch reference over the same dp batches and compare
 Gradients are what must match: AdamW is nearly scale invariant, so losses alone would
 hide a gradient off by a constant factor.
 """
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -129,3 +130,21 @@ def test_zero2_ring_sp2_matches_single_process(tmp_path):
     """Stage 2 (by config) under ring attention: one data-parallel group of two sp ranks."""
     got = _run(tmp_path, 2, ["parallel.zero_stage=2", "parallel.ring=2"], dp=1, sp=2)
     assert got["mlp_calls"] == 1
+
+
+def _twice(rank, world, port, out_dir):
+    from scaling.train import train
+    losses = []
+    for i in range(2):  # the second run must not trip over the first run's (destroyed) groups
+        cfg = _cfg(["train.steps=2"], os.path.join(out_dir, f"run{i}"))
+        losses.append(train(cfg)["loss"])
+    with open(os.path.join(out_dir, "twice.json"), "w") as f:
+        json.dump(losses, f)
+
+
+@pytest.mark.dist
+def test_zero3_trains_twice_in_one_process(tmp_path):
+    codes = spawn_ranks(_twice, 1, (str(tmp_path),))
+    assert (tmp_path / "twice.json").exists(), codes
+    a, b = json.loads((tmp_path / "twice.json").read_text())
+    assert a == b and a == a  # identical (and not NaN)
