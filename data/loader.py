@@ -235,23 +235,6 @@ class PackedLoader:
         """Packing efficiency so far: real tokens / token budget of the yielded batches."""
         return self.stats["real_tokens"] / max(self.stats["budget_tokens"], 1)
 
-    # counters under the names the first checkpoint code used (they live in `stats`)
-    @property
-    def real_tokens(self) -> int:
-        return self.stats["real_tokens"]
-
-    @real_tokens.setter
-    def real_tokens(self, v: int) -> None:
-        self.stats["real_tokens"] = v
-
-    @property
-    def padded_tokens(self) -> int:
-        return self.stats["padded_tokens"]
-
-    @padded_tokens.setter
-    def padded_tokens(self, v: int) -> None:
-        self.stats["padded_tokens"] = v
-
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         positions, bins = self.plan()
