@@ -97,6 +97,10 @@ def test_status_and_cancel(slurm_cluster, tmp_path):
     st = json.loads(vidscale("status", str(run), "--json").stdout)
     assert st["state"] == "CANCELLED"
     assert job_of(run)["state"] == "CANCELLED"
+    # once squeue forgets the job (MinJobAge), status falls back to sacct, or without
+    # accounting (this cluster) to the jobcomp log
+    from cluster.slurm import _jobcomp_line
+    wait_for(lambda: "JobState=CANCELLED" in _jobcomp_line(job_id), 30, "the jobcomp record")
 
 
 @pytest.mark.parametrize("over,words", [
@@ -114,16 +118,23 @@ def test_impossible_request_fails_clearly_instead_of_pending(slurm_cluster, tmp_
     assert after == before  # nothing was submitted
 
 
-def test_ray_inside_slurm_allocation(slurm_cluster, tmp_path, debug_zero3_reference):
+def test_ray_inside_slurm_allocation_with_preemption(slurm_cluster, tmp_path, debug_zero3_reference):
     """cluster.slurm.ray=true: the batch script starts a Ray head in the allocation and runs the
-    Ray launcher on it (Ray Train workers, not srun tasks, are the ranks)."""
+    Ray launcher on it (Ray Train workers, not srun tasks, are the ranks). Pre-empted, the
+    workers see the stop file, checkpoint, the job requeues and the new Ray run resumes."""
     run = tmp_path / "run"
-    r = vidscale(*train_args(run, "cluster.slurm.ray=true"), "--wait")
+    r = vidscale(*train_args(run, "cluster.slurm.ray=true"))
+    assert r.returncode == 0, r.stderr[-3000:]
     job_id = job_of(run)["job_ids"][0]
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip(),
+             400, "the first logged step")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    wait_for(lambda: squeue_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), 600, "the job to end", 1.0)
     log = (run / f"slurm-{job_id}.out").read_text()
-    assert r.returncode == 0, log[-4000:]
+    assert squeue_state(job_id) == "COMPLETED", log[-4000:]
     assert "ray start --head" in (run / "job.sbatch").read_text()
     assert "Started training worker group of size 2" in log
+    assert "requeueing job" in log and "restart 1" in log and "resumed from" in log, log[-4000:]
     assert read_losses(run) == debug_zero3_reference
 
 
