@@ -182,8 +182,6 @@ class Checkpointer:
             _await(tmp, ".done", d.world, self.tr.cfg.parallel.timeout_s)
             io.hash_part(tmp, d.rank, d.world)
             if d.rank == 0:
-                for p in tmp.glob(".done-*"):
-                    p.unlink()
                 io.commit(self.root, tmp, tag, d.world, meta, self.tr.cfg.parallel.timeout_s)
                 io.retain(self.root, self.cfg.keep_last, self.cfg.keep_every, tag)
         except BaseException as e:

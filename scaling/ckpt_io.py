@@ -190,7 +190,8 @@ def commit(root: Path, tmp: Path, tag: str, world: int, meta: dict, timeout_s: f
     files = _files(tmp)
     assert sorted(entries) == files, (sorted(entries), files)
     write_json(tmp / MANIFEST, {"tag": tag, "meta": meta, "files": entries})
-    for p in parts:
+    # every rank has written its part, so none is still waiting on the .done markers
+    for p in parts + sorted(tmp.glob(".done-*")):
         p.unlink()
     final = root / tag
     try:
@@ -235,6 +236,7 @@ def retain(root: Path, keep_last: int, keep_every: int, protect: str) -> list[st
             trash = root / f".del-{t}"
             (root / t).rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(root / ".universal" / t, ignore_errors=True)  # its cached conversion
             removed.append(t)
     return removed
 
