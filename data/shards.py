@@ -14,6 +14,7 @@ Shards roll over once they pass `max_bytes` (so a shard can exceed it by one sam
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Iterator
@@ -43,12 +44,18 @@ def decode_sample(raw: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
 
 
 class ShardWriter:
-    """Writes samples into rolling `shard-NNNNNN.tar` files and `index.json` on close."""
+    """Writes samples into rolling `shard-NNNNNN.tar` files and `index.json` on close.
 
-    def __init__(self, out: str | Path, max_bytes: int = 64_000_000, patch=(1, 2, 2), info: dict | None = None):
+    `part=(i, n)` (one of n preparations running in parallel, e.g. a Slurm array) writes
+    `shard-IIIII-NNNNNN.tar` and `index-IIIII-of-NNNNN.json`; `merge_parts` joins them."""
+
+    def __init__(self, out: str | Path, max_bytes: int = 64_000_000, patch=(1, 2, 2), info: dict | None = None,
+                 part: tuple[int, int] | None = None):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.max_bytes, self.patch, self.info = max_bytes, tuple(patch), dict(info or {})
+        self.prefix = "shard-" if part is None else f"shard-{part[0]:05d}-"
+        self.index_name = INDEX if part is None else part_index_name(*part)
         self.shards: list[dict] = []
         self._f = self._tar = None
         self.count = 0
@@ -57,7 +64,7 @@ class ShardWriter:
         import webdataset as wds
 
         self._close_tar()
-        name = f"shard-{len(self.shards):06d}.tar"
+        name = f"{self.prefix}{len(self.shards):06d}.tar"
         self._f = open(self.out / name, "wb")
         self._tar = wds.TarWriter(self._f, encoder=False, mtime=0.0)  # byte-reproducible shards
         self.shards.append({"name": name, "samples": 0, "keys": [], "shapes": [], "tokens": []})
@@ -86,14 +93,42 @@ class ShardWriter:
         self._close_tar()
         index = {"version": 1, "samples": self.count, "shards": self.shards, "patch": list(self.patch),
                  **self.info, **extra}
-        tmp = self.out / (INDEX + ".tmp")
-        tmp.write_text(json.dumps(index))
-        tmp.replace(self.out / INDEX)  # atomic: a reader never sees half an index
+        _write_atomic(self.out / self.index_name, index)
         written = {s["name"] for s in self.shards}
-        for stale in self.out.glob("shard-*.tar"):  # left by an earlier, larger prepare into OUT
-            if stale.name not in written:
+        for stale in self.out.glob(f"{self.prefix}*.tar"):  # left by an earlier, larger prepare into OUT
+            if stale.name not in written and len(stale.name) == len(self.prefix) + 10:
                 stale.unlink()
         return index
+
+
+def _write_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)  # atomic: a reader never sees half an index
+
+
+def part_index_name(i: int, n: int) -> str:
+    return f"index-{i:05d}-of-{n:05d}.json"
+
+
+def merge_parts(out: str | Path, n: int) -> dict | None:
+    """Join the indexes of n parts into OUT/index.json once all n exist (else None). Every
+    part runs this when it ends: the last one merges (concurrent merges write the same)."""
+    out = Path(out)
+    paths = [out / part_index_name(i, n) for i in range(n)]
+    if not all(p.is_file() for p in paths):
+        return None
+    parts = [json.loads(p.read_text()) for p in paths]
+    for k in ("channels", "text_dim", "patch", "encoder", "text_encoder", "clip_frames"):
+        if len({json.dumps(p.get(k)) for p in parts}) > 1:
+            raise ValueError(f"{out}: parts disagree on {k!r} ({[p.get(k) for p in parts]}): prepare them "
+                             f"with the same settings")
+    index = {**parts[0], "shards": [s for p in parts for s in p["shards"]], "parts": n}
+    for k in ("samples", "videos", "failed", "uncaptioned"):
+        index[k] = sum(p.get(k, 0) for p in parts)
+    index["failed_files"] = [f for p in parts for f in p.get("failed_files", [])]
+    _write_atomic(out / INDEX, index)
+    return index
 
 
 def tokens_of(shape_THW, patch) -> int:

@@ -70,6 +70,18 @@ def test_prepare_real_videos_then_train_on_the_shards(tmp_path):
     for s in index["shards"]:
         assert (tmp_path / "again" / s["name"]).read_bytes() == (out / s["name"]).read_bytes()
 
+    # two parallel parts into one folder: the last one to finish writes the joint index
+    from data.shards import merge_parts
+    assert prepare(src, tmp_path / "parts", pcfg, progress=False, part=(1, 2))["samples"] > 0
+    assert merge_parts(tmp_path / "parts", 2) is None and not (tmp_path / "parts" / "index.json").exists()
+    prepare(src, tmp_path / "parts", pcfg, progress=False, part=(0, 2))
+    joint = merge_parts(tmp_path / "parts", 2)
+    assert joint["samples"] == index["samples"] and joint["failed"] == 1 and joint["videos"] == 7
+    pcfg.data.source = str(tmp_path / "parts")
+    got = {(m["source"], tuple(m["frame_range"])) for _, (_, _, m), _ in
+           ShardSource(tmp_path / "parts", pcfg).stream(list(range(joint["samples"])))}
+    assert got == {(m["source"], tuple(m["frame_range"])) for _, _, m in samples.values()}
+
     from scaling.metrics import read_metrics
     from scaling.train import train
     run = tmp_path / "run"

@@ -31,6 +31,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set data.clip_frames=33 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--part", default=None, metavar="I/N",
+                   help="prepare only every N-th video starting at I (parallel jobs into one OUT; the "
+                        "last part to finish writes index.json)")
     p.add_argument("--workers", type=int, default=0, help="video decoding processes (default 0: in this one)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the VAE and text encoder run (auto: cuda when present)")
@@ -98,8 +101,20 @@ def _decode(v: Path, **kw):
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+def parse_part(spec: str | None) -> tuple[int, int] | None:
+    if spec is None:
+        return None
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--part {spec!r}: expected I/N, e.g. 0/8") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--part {spec!r}: expected 0 <= I < N")
+    return i, n
+
+
 def prepare(src: str | Path, out: str | Path, cfg, progress: bool = True, device: str = "cpu",
-            workers: int = 0) -> dict:
+            workers: int = 0, part: tuple[int, int] | None = None) -> dict:
     """Library entry point of the command; returns the index (plus a summary)."""
     import numpy as np
     import torch
@@ -114,6 +129,8 @@ def prepare(src: str | Path, out: str | Path, cfg, progress: bool = True, device
     videos = find_videos(src)
     if not videos:
         raise ValueError(f"{src}: no video files (looked for mp4, webm, mkv, mov, avi, gif, m4v)")
+    if part is not None:
+        videos = videos[part[0]::part[1]]
     sidecar = load_captions(d.captions, src)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -127,7 +144,7 @@ def prepare(src: str | Path, out: str | Path, cfg, progress: bool = True, device
     writer = ShardWriter(out, d.shard_max_bytes, cfg.model.patch,
                          info={"channels": enc.channels, "text_dim": text.dim, "encoder": d.encoder,
                                "text_encoder": d.text_encoder, "temporal": enc.temporal, "spatial": enc.spatial,
-                               "clip_frames": d.clip_frames, "latent_dtype": "bf16"})
+                               "clip_frames": d.clip_frames, "latent_dtype": "bf16"}, part=part)
     failed: list[dict] = []
     uncaptioned = 0
     t0 = time.perf_counter()
@@ -188,10 +205,17 @@ def run(args) -> int:
     from scaling.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
+    part = parse_part(args.part)
     index = prepare(args.src, args.out, cfg, progress=not args.no_progress, device=args.device,
-                    workers=args.workers)
+                    workers=args.workers, part=part)
     skipped = f"; skipped {index['failed']} unreadable video(s)" if index["failed"] else ""
     print(f"vidscale prepare: {index['samples']} samples from {index['videos'] - index['failed']} of "
           f"{index['videos']} videos in {len(index['shards'])} shard(s) at {args.out} "
           f"({index['seconds']:.1f} s){skipped}")
+    if part is not None:
+        from data.shards import merge_parts
+        merged = merge_parts(args.out, part[1])
+        print(f"vidscale prepare: part {part[0]}/{part[1]} done; " +
+              (f"all parts present: {merged['samples']} samples in {len(merged['shards'])} shard(s), "
+               f"{args.out}/index.json written" if merged else "index.json follows when the last part ends"))
     return 0
