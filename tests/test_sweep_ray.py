@@ -1,4 +1,5 @@
-"""`vidscale sweep --launcher ray`: runs go concurrently on an embedded local Ray cluster."""
+"""`vidscale sweep --launcher ray|slurm`: runs go concurrently on an embedded local Ray cluster,
+or as Slurm jobs on a real single-node Slurm."""
 import csv
 import json
 import subprocess
@@ -37,3 +38,30 @@ set: {{train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkp
         assert job["launcher"] == "ray" and job["state"] == "COMPLETED"
         assert 0 < float(x["loss"]) < 5
     assert (out / "report.md").exists()
+
+
+@pytest.mark.cluster
+def test_two_run_sweep_on_slurm(tmp_path, slurm_cluster):
+    """--launcher slurm: one job per run, queued by Slurm together; the same losses as any launcher."""
+    p = tmp_path / "slurm.yaml"
+    p.write_text(f"""
+name: slurm2
+base: {ROOT / 'recipes/debug.yaml'}
+sweep_dir: {tmp_path / 'out'}
+models: [{{hidden: 32, depth: 1}}, {{hidden: 48, depth: 1}}]
+budgets: [1e9]
+min_steps: 3
+set: {{train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkpoint.every: 0,
+      train.tokens_per_batch: 512, cluster.slurm.time: "00:20:00"}}
+""")
+    r = subprocess.run([sys.executable, "-m", "scaling.cli", "sweep", str(p), "--launcher", "slurm",
+                        "--progress-every", "5"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    with open(tmp_path / "out" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [x["status"] for x in rows] == ["done", "done"]
+    for x in rows:
+        job = json.loads((tmp_path / "out" / "runs" / x["name"] / "job.json").read_text())
+        assert job["launcher"] == "slurm" and job["job_ids"]
+        assert 0 < float(x["loss"]) < 5
+    assert "running 2" in r.stdout  # both jobs were in the queue at once
