@@ -111,22 +111,28 @@ def _pairs(segments, q0: int, k0: int, n: int) -> list[tuple[int, int, int, int]
     return out
 
 
-def _block_attn(q_QHD, k_KHD, v_KHD, scale: float, cpu_flash: bool = True):
+def _block_attn(q_QHD, k_KHD, v_KHD, scale: float, cpu_flash: bool = True, chunk: int = 1024):
     """Attention of q over one K/V block: (out [Q, H, Dh] fp32, lse [H, Q] fp32).
 
     CPU: torch's flash kernel, which returns the log-sum-exp and never materialises the
-    scores. Elsewhere: plain matmuls (exact; memory quadratic in the block pair).
+    scores. Elsewhere: exact matmuls over `chunk` queries at a time (scores [H, chunk, K]).
     """
     if cpu_flash and q_QHD.device.type == "cpu":
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             *(t.transpose(0, 1)[None] for t in (q_QHD, k_KHD, v_KHD)), 0.0, False, scale=scale)
         return o[0].transpose(0, 1).float(), lse[0].float()
-    s_HQK = torch.einsum("qhd,khd->hqk", q_QHD.float(), k_KHD.float()) * scale
-    lse = torch.logsumexp(s_HQK, -1)
-    return torch.einsum("hqk,khd->qhd", torch.exp(s_HQK - lse[..., None]), v_KHD.float()), lse
+    kf, vf = k_KHD.float(), v_KHD.float()
+    outs, lses = [], []
+    for i in range(0, q_QHD.shape[0], chunk):
+        s_HQK = torch.einsum("qhd,khd->hqk", q_QHD[i:i + chunk].float(), kf) * scale
+        lse = torch.logsumexp(s_HQK, -1)
+        outs.append(torch.einsum("hqk,khd->qhd", torch.exp(s_HQK - lse[..., None]), vf))
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses, 1)
 
 
-def _block_attn_grad(do_QHD, q_QHD, k_KHD, v_KHD, out_QHD, lse_HQ, scale: float, cpu_flash: bool = True):
+def _block_attn_grad(do_QHD, q_QHD, k_KHD, v_KHD, out_QHD, lse_HQ, scale: float, cpu_flash: bool = True,
+                     chunk: int = 1024):
     """(dq, dk, dv) of one block's share, given the MERGED output and log-sum-exp.
 
     With the global lse, exp(s - lse) is this block's slice of the full softmax, and
@@ -138,12 +144,17 @@ def _block_attn_grad(do_QHD, q_QHD, k_KHD, v_KHD, out_QHD, lse_HQ, scale: float,
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             t(do_QHD), t(q_QHD), t(k_KHD), t(v_KHD), t(out_QHD), lse_HQ[None].to(lse_dtype), 0.0, False, scale=scale)
         return tuple(g[0].transpose(0, 1).float() for g in grads)
-    qf, kf, vf, do = q_QHD.float(), k_KHD.float(), v_KHD.float(), do_QHD.float()
-    p_HQK = torch.exp(torch.einsum("qhd,khd->hqk", qf, kf) * scale - lse_HQ[..., None])
-    dv = torch.einsum("hqk,qhd->khd", p_HQK, do)
-    delta = (do * out_QHD.float()).sum(-1).T  # [H, Q]
-    ds = p_HQK * (torch.einsum("qhd,khd->hqk", do, vf) - delta[..., None]) * scale
-    return torch.einsum("hqk,khd->qhd", ds, kf), torch.einsum("hqk,qhd->khd", ds, qf), dv
+    kf, vf = k_KHD.float(), v_KHD.float()
+    dk, dv, dqs = torch.zeros_like(kf), torch.zeros_like(vf), []
+    for i in range(0, q_QHD.shape[0], chunk):
+        qf, do, o = (x[i:i + chunk].float() for x in (q_QHD, do_QHD, out_QHD))
+        p_HQK = torch.exp(torch.einsum("qhd,khd->hqk", qf, kf) * scale - lse_HQ[:, i:i + chunk, None])
+        dv += torch.einsum("hqk,qhd->khd", p_HQK, do)
+        delta = (do * o).sum(-1).T  # [H, q]
+        ds = p_HQK * (torch.einsum("qhd,khd->hqk", do, vf) - delta[..., None]) * scale
+        dqs.append(torch.einsum("hqk,khd->qhd", ds, kf))
+        dk += torch.einsum("hqk,qhd->khd", ds, qf)
+    return torch.cat(dqs), dk, dv
 
 
 class _RingAttn(torch.autograd.Function):
