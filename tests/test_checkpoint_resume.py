@@ -164,11 +164,12 @@ def test_kill9_of_a_rank_mid_save_then_resume_dp2_as_dp1(tmp_path):
 @pytest.mark.e2e
 @pytest.mark.dist
 def test_sigusr1_preemption_then_resume_sp2_as_dp2(tmp_path):
-    """dp=1 x sp=2: SIGUSR1 to ONE rank -> both finish the step, save, exit 85; resumed as
-    dp=2 x sp=1 with the loader remapped: the rest of the epoch is seen exactly once."""
+    """dp=1 x sp=2 with async saves: SIGUSR1 to ONE rank -> both finish the step, save, exit
+    85; resumed as dp=2 x sp=1 with the loader remapped: the rest of the epoch is seen once."""
     run = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "scaling.cli", "train", "recipes/debug.yaml", "--nproc", "2",
-                          "--set", "parallel.ulysses=2", "--set", "train.steps=8", "--set", "checkpoint.every=0",
+                          "--set", "parallel.ulysses=2", "--set", "train.steps=8", "--set", "checkpoint.every=2",
+                          "--set", "checkpoint.async_save=true",
                           *COMMON, "--run-dir", str(run)],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
@@ -180,8 +181,8 @@ def test_sigusr1_preemption_then_resume_sp2_as_dp2(tmp_path):
         p.wait()
     assert code == 85, p.stderr.read()[-3000:]
     root = run / "checkpoints"
-    (step, tag), = ckpt_io.committed(root)
-    assert 1 <= step < 8
+    step, tag = ckpt_io.committed(root)[-1]  # the pre-emption save (async saves every 2 steps before it)
+    assert 1 <= step < 8 and ckpt_io.read_latest(root) == tag
     saved = [json.loads((root / tag / "loader/dp00000.json").read_text())]
 
     r = _vidscale("resume", str(run), "--set", "parallel.ulysses=1")
