@@ -42,7 +42,7 @@ set: {{train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkp
 
 @pytest.mark.cluster
 def test_two_run_sweep_on_slurm(tmp_path, slurm_cluster):
-    """--launcher slurm: one job per run, queued by Slurm together; the same losses as any launcher."""
+    """--launcher slurm: one job array, a task per run, each task running the run's own script."""
     p = tmp_path / "slurm.yaml"
     p.write_text(f"""
 name: slurm2
@@ -60,8 +60,15 @@ set: {{train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkp
     with open(tmp_path / "out" / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [x["status"] for x in rows] == ["done", "done"]
+    state = json.loads((tmp_path / "out" / "state.json").read_text())
+    tasks = [state[x["name"]]["slurm_job"] for x in rows]
+    array = tasks[0].split("_")[0]
+    assert tasks == [f"{array}_0", f"{array}_1"]  # one array job
+    assert "--array=0-1" in (tmp_path / "out" / "sweep.sbatch").read_text()
     for x in rows:
-        job = json.loads((tmp_path / "out" / "runs" / x["name"] / "job.json").read_text())
-        assert job["launcher"] == "slurm" and job["job_ids"]
+        assert (tmp_path / "out" / "runs" / x["name"] / "job.sbatch").exists()
         assert 0 < float(x["loss"]) < 5
-    assert "running 2" in r.stdout  # both jobs were in the queue at once
+    # the same command again: nothing left to run
+    r = subprocess.run([sys.executable, "-m", "scaling.cli", "sweep", str(p), "--launcher", "slurm"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "2 finished run(s) skipped; 0 to run" in r.stdout, r.stdout + r.stderr

@@ -3,7 +3,7 @@
 Every run is a `vidscale train` of a resolved recipe (SWEEP_DIR/recipes/NAME.yaml) in its
 own process, through the launcher asked for: local runs go one after another; on Ray they
 share one cluster (an embedded local one unless --address) and run concurrently, as many
-as its CPUs hold; on Slurm each run is a job. A run is finished when RUN_DIR/final.json
+as its CPUs hold; on Slurm they are one job array, a task per unfinished run. A run is finished when RUN_DIR/final.json
 exists (written atomically after its validation loss): rerunning the same command skips
 finished runs and restarts the others with checkpoint.resume=auto, so they continue from
 their latest complete checkpoint. SWEEP_DIR/results.csv is rewritten at every change; at
@@ -31,7 +31,7 @@ def add_parser(sub):
     p.add_argument("sweep", help="sweep file, e.g. recipes/sweeps/tiny.yaml")
     p.add_argument("--launcher", choices=["local", "ray", "slurm"], default="local",
                    help="local: one run after another here; ray: concurrent runs on a Ray cluster; "
-                        "slurm: one job per run")
+                        "slurm: one job array, a task per run")
     p.add_argument("--address", default="", help="Ray cluster address (default: an embedded local cluster)")
     p.add_argument("--cpus", type=int, default=0, help="Ray: CPUs of the embedded cluster (default: all)")
     p.add_argument("--sweep-dir", help="override the sweep's sweep_dir")
@@ -234,6 +234,96 @@ class Runner:
             raise
 
 
+# --- Slurm: one job array, a task per unfinished run ------------------------------------------------
+class SlurmArrayRunner(Runner):
+    """Each run's own sbatch script (`cluster/slurm.py`: rendezvous, USR1 checkpoint-and-requeue)
+    is written as for `vidscale train --launcher slurm`; one array job runs task i as run i's
+    script (its #SBATCH lines are comments there: the array carries the shared resources)."""
+
+    def run(self) -> None:
+        import shlex
+        from cluster.slurm import _first_error, _run, write_job
+        from scaling.config import save_config
+
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        todo = [r for r in self.runs if self.ledger.state[r.name]["status"] != "done"]
+        self.ledger.save()
+        if len(todo) < len(self.runs):
+            self.say(f"{len(self.runs) - len(todo)} finished run(s) skipped; {len(todo)} to run")
+        if not todo:
+            return
+        heads, scripts = set(), []
+        for r in todo:
+            save_config(r.cfg, self._recipe(r))
+            _, script = write_job(r.cfg)
+            scripts.append(script)
+            heads.add(tuple(l for l in script.read_text().splitlines() if l.startswith("#SBATCH")
+                            and not l.startswith(("#SBATCH --job-name", "#SBATCH --output"))))
+        if len(heads) != 1:
+            raise ValueError(f"{self.sweep.path}: the runs ask Slurm for different resources (cluster.nproc / "
+                             "cluster.slurm.*); a job array needs one shape: use --launcher local or ray")
+        q = shlex.quote
+        array = "\n".join([
+            "#!/bin/bash",
+            f"# vidscale sweep '{self.sweep.args.name}': task i runs the i-th script below.",
+            f"#SBATCH --job-name=vidscale-sweep-{self.sweep.args.name}"[:80],
+            f"#SBATCH --array=0-{len(todo) - 1}",
+            f"#SBATCH --output={self.dir}/logs/slurm-%A_%a.out",
+            *heads.pop(),
+            "SCRIPTS=(" + " ".join(q(str(s)) for s in scripts) + ")",
+            "NAMES=(" + " ".join(q(r.name) for r in todo) + ")",
+            f"LOGS={q(str(self.dir / 'logs'))}",
+            "# exec keeps this shell's pid, so the USR1 of --signal=B: reaches the run's own trap",
+            'exec bash "${SCRIPTS[$SLURM_ARRAY_TASK_ID]}" >>"$LOGS/${NAMES[$SLURM_ARRAY_TASK_ID]}.log" 2>&1', ""])
+        path = self.dir / "sweep.sbatch"
+        path.write_text(array)
+        r = _run(["sbatch", "--parsable", str(path)])
+        if r.returncode != 0:
+            raise ValueError(f"Slurm refuses the sweep's job array ({path}): {_first_error(r.stderr)}")
+        job = r.stdout.strip().split(";")[0]
+        t0 = time.time()
+        for i, r_ in enumerate(todo):
+            st = self.ledger.state[r_.name]
+            self.ledger.set(r_.name, status="running", attempts=st["attempts"] + 1, slurm_job=f"{job}_{i}")
+        self.say(f"submitted job array {job} ({len(todo)} tasks): {path}")
+        active, last = set(range(len(todo))), time.time()
+        try:
+            while active:
+                time.sleep(2)
+                q_ = _run(["squeue", "-h", "-r", "-j", job, "-o", "%i %T"])
+                queued = {l.split()[0]: l.split()[1] for l in q_.stdout.splitlines() if l.strip()} \
+                    if q_.returncode == 0 else {}
+                for i in sorted(active):
+                    run, tid = todo[i], f"{job}_{i}"
+                    if tid in queued:
+                        continue
+                    active.discard(i)
+                    wall = self.ledger.state[run.name]["wall_time"] + time.time() - t0
+                    fin = read_final(run)
+                    if fin is not None:
+                        self.ledger.set(run.name, status="done", wall_time=wall)
+                        self.say(f"finished {run.name} (task {tid}): val loss {fin['val_loss']:.4f}")
+                    else:
+                        self.ledger.set(run.name, status="failed", wall_time=wall)
+                        self.say(f"FAILED {run.name} (task {tid}): {_tail(self.dir / 'logs' / f'{run.name}.log')[-400:]}")
+                if active and time.time() - last >= self.progress_every:
+                    self.running = {todo[i].name: (None, t0, todo[i]) for i in active}
+                    self.progress()
+                    last = time.time()
+        except BaseException:
+            _run(["scancel", job])
+            for i in active:
+                self.ledger.set(todo[i].name, status="interrupted")
+            raise
+        finally:
+            self.running = {}
+
+    def _recipe(self, run) -> Path:
+        p = self.dir / "recipes" / f"{run.name}.yaml"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+
 # --- Ray: one cluster shared by every run ------------------------------------------------------
 class EmbeddedRay:
     """A local Ray head started here (127.0.0.1) and stopped here; runs connect by address."""
@@ -291,9 +381,11 @@ def run(args) -> int:
             with EmbeddedRay(cpus) as address:
                 runner = Runner(sweep, runs, "ray", address, _ray_concurrency(runs, cpus), args.progress_every)
                 runner.run()
+    elif args.launcher == "slurm":
+        runner = SlurmArrayRunner(sweep, runs, "slurm", "", len(runs), args.progress_every)
+        runner.run()
     else:
-        conc = len(runs) if args.launcher == "slurm" else 1  # Slurm queues the jobs itself
-        runner = Runner(sweep, runs, args.launcher, "", conc, args.progress_every)
+        runner = Runner(sweep, runs, "local", "", 1, args.progress_every)
         runner.run()
     rows = runner.ledger.rows()
     failed = [r["name"] for r in rows if r["status"] != "done"]
