@@ -5,6 +5,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,17 @@ def test_signal_requests_a_save_and_stops(tmp_path):
         signals.clear()
     assert r["preempted"] and r["steps"] == 2
     assert [s for s, _ in ckpt_io.committed(tmp_path / "checkpoints")] == [2]
+
+
+def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    r = subprocess.run([sys.executable, "-m", "scaling.cli", "resume", str(run)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "config.yaml: not found" in r.stderr
+    (run / "config.yaml").write_text((ROOT / "recipes/debug.yaml").read_text())
+    r = subprocess.run([sys.executable, "-m", "scaling.cli", "resume", str(run)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "no checkpoint to resume from" in lines[0], r.stderr
+    assert not (run / "checkpoints").exists()
