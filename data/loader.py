@@ -19,13 +19,14 @@ decodes and packs only its own bins) and the training process receives them in p
 
 Resume guarantee. The state is a small JSON-serialisable dict: the epoch, the segment of the
 epoch order this rank owns, how many of its bins the TRAINING PROCESS has taken from
-`next()` (batches prefetched by workers do not count), later queued segments, and counters.
-Shard, offset and packer buffer are a pure function of these and the index, so they are
-recomputed, never stored. Restored with the same index, seed, budget, lookahead,
-shuffle_buffer, patch, token dropping and dp size (any number of workers), the loader yields exactly the batches (same samples, order,
-packing, bit-identical tensors) the uninterrupted loader would have yielded next. With a
-different dp size, `remap_loader_states` gives every not-yet-consumed sample of each
-unfinished epoch to exactly one new rank (the packing of those samples differs).
+`next()` (batches prefetched by workers do not count), later queued segments, counters and
+a fingerprint of the data. Shard, offset and packer buffer are a pure function of these and
+the index, so they are recomputed, never stored. Restored with the same index, seed,
+budget, lookahead, shuffle_buffer, patch, token dropping and dp size (any number of
+workers), the loader yields exactly the batches (same samples, order, packing,
+bit-identical tensors) the uninterrupted loader would have yielded next. With a different
+dp size, `remap_loader_states` gives every not-yet-consumed sample of each unfinished epoch
+to exactly one new rank (the packing of those samples differs).
 
 Corrupt samples and truncated shards are skipped and counted (`data.on_error=skip`) or
 raise (`fail`). A rank never waits on another: each rank's iterator is endless (it rolls
@@ -43,7 +44,7 @@ import torch
 
 from data.packing import Item, Packer, drop_tokens, pack_dropped, too_long
 from data.synthetic import synthetic_video
-from models.packed import PackedMeta, pack
+from models.packed import PackedMeta
 
 log = logging.getLogger("vidscale.data")
 STATE_VERSION = 1
@@ -240,7 +241,8 @@ class PackedLoader:
         positions, bins = self.plan()
         consumed = [p for b in bins[:self.batch] for p in b]
         return {"version": STATE_VERSION, "dp_rank": self.dp_rank, "dp_size": self.dp_size, "seed": self.seed,
-                "n": self.n, "source": self.source.fingerprint(), "epoch": self.epoch, "ranges": self.segment_ranges(), "default": self.ranges is None,
+                "n": self.n, "source": self.source.fingerprint(), "epoch": self.epoch,
+                "ranges": self.segment_ranges(), "default": self.ranges is None,
                 "batch": self.batch, "consumed": _to_ranges(consumed),
                 "queue": [dict(q) for q in self.queue], "stats": dict(self.stats)}
 
@@ -361,9 +363,8 @@ def _pack(spec: _Spec, b: int, good) -> tuple[torch.Tensor, PackedMeta]:
     if spec.drop > 0:
         keep = [drop_tokens(spec.source.tokens(spec.order[p]), spec.drop, spec.drop_min) for p, _ in good]
         gen = torch.Generator().manual_seed((spec.seed * 1_000_003 + spec.epoch) * 65_537 + b)
-        return pack_dropped(lats, texts, spec.patch, keep, gen, pad_to=sum(keep), multiple=spec.multiple,
-                            names=names)
-    return pack(lats, texts, spec.patch, pad_to=None, multiple=spec.multiple, names=names)
+        return pack_dropped(lats, texts, spec.patch, keep, gen, multiple=spec.multiple, names=names)
+    return pack_dropped(lats, texts, spec.patch, multiple=spec.multiple, names=names)
 
 
 class _BinDataset(torch.utils.data.IterableDataset):

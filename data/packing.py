@@ -14,9 +14,10 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 
-from models.packed import PackedMeta, patch_coords, patchify, seg_ids_from_bounds
+from models.packed import PackedMeta, patch_coords, patchify
 
 
 @dataclass
@@ -106,11 +107,14 @@ def drop_tokens(n: int, drop: float, min_tokens: int) -> int:
     return max(1, n - int(drop * n))
 
 
-def pack_dropped(latents: list[torch.Tensor], texts: list[torch.Tensor], patch, keep: list[int],
-                 gen: torch.Generator, pad_to: int, multiple: int = 1, names: tuple = ()
-                 ) -> tuple[torch.Tensor, PackedMeta]:
-    """Like `models.packed.pack`, but keeps a random `keep[i]` of video i's tokens (sorted, so
-    each video stays t-major; coordinates keep the real positions for RoPE)."""
+def pack_dropped(latents: list[torch.Tensor], texts: list[torch.Tensor], patch, keep: list[int] | None = None,
+                 gen: torch.Generator | None = None, pad_to: int | None = None, multiple: int = 1,
+                 names: tuple = ()) -> tuple[torch.Tensor, PackedMeta]:
+    """`models.packed.pack` (same result when nothing is dropped), but keeping a random
+    `keep[i]` of video i's tokens (sorted, so each video stays t-major; coordinates keep the
+    real positions for RoPE). Segment ids come from numpy: torch's repeat_interleave can take
+    ~20 ms on a CPU whose cores other processes keep busy."""
+    keep = keep if keep is not None else [1 << 62] * len(latents)
     toks, coords, bounds, grid = [], [], [0], []
     for lat, k in zip(latents, keep):
         _, T, H, W = lat.shape
@@ -124,6 +128,7 @@ def pack_dropped(latents: list[torch.Tensor], texts: list[torch.Tensor], patch, 
         bounds.append(bounds[-1] + x.shape[0])
         grid.append(g)
     n = bounds[-1]
+    pad_to = n if pad_to is None else pad_to
     assert n <= pad_to, "packer invariant: a bin never exceeds its budget"
     seq_len = -(-pad_to // multiple) * multiple
     tokens = torch.cat(toks + [toks[0].new_zeros(seq_len - n, toks[0].shape[1])], 0)
@@ -132,6 +137,12 @@ def pack_dropped(latents: list[torch.Tensor], texts: list[torch.Tensor], patch, 
     for t in texts:
         tb.append(tb[-1] + t.shape[0])
     meta = PackedMeta(bounds=tuple(bounds), seq_len=seq_len, coords=torch.cat(coords, 0),
-                      seg_ids=seg_ids_from_bounds(tuple(bounds), seq_len), text=torch.cat(texts, 0),
+                      seg_ids=_seg_ids(bounds, seq_len), text=torch.cat(texts, 0),
                       text_bounds=tuple(tb), grid=tuple(grid), names=tuple(names))
     return tokens, meta
+
+
+def _seg_ids(bounds: list[int], seq_len: int) -> torch.Tensor:
+    """[seq_len] long: video index per token, `num_videos` for padding (as seg_ids_from_bounds)."""
+    lengths = np.diff(np.asarray(bounds + [seq_len], dtype=np.int64))
+    return torch.from_numpy(np.repeat(np.arange(len(bounds), dtype=np.int64), lengths))

@@ -49,3 +49,16 @@ def test_token_dropping_keeps_real_coordinates():
         j = int(c[0] * 4 + c[1] * 2 + c[2])
         assert torch.equal(row, full[j]) and torch.equal(fmeta.coords[j], c)
     assert torch.equal(tokens[4], full[8]) and not tokens[5:].any()
+
+
+def test_packing_without_dropping_equals_models_pack():
+    g = torch.Generator().manual_seed(1)
+    lats = [torch.randn(4, *shape, generator=g) for shape in ((2, 4, 6), (1, 2, 2), (3, 2, 4))]
+    texts = [torch.randn(3, 8), torch.randn(1, 8), torch.randn(5, 8)]
+    for multiple in (1, 4, 7):
+        a_tok, a = pack_dropped(lats, texts, (1, 2, 2), multiple=multiple, names=("x", "y", "z"))
+        b_tok, b = pack(lats, texts, (1, 2, 2), multiple=multiple, names=("x", "y", "z"))
+        assert torch.equal(a_tok, b_tok) and a.bounds == b.bounds and a.seq_len == b.seq_len
+        for f in ("coords", "seg_ids", "text"):
+            assert torch.equal(getattr(a, f), getattr(b, f)) and getattr(a, f).dtype == getattr(b, f).dtype, f
+        assert (a.text_bounds, a.grid, a.names) == (b.text_bounds, b.grid, b.names)
