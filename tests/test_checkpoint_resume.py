@@ -96,6 +96,21 @@ def test_kill9_mid_save_then_resume_is_exact(tmp_path):
     assert a == b  # bit for bit, every step (steps 1-3 from the killed run, 4-6 resumed)
     assert ckpt_io.read_latest(root) == "step_00000006"
 
+    # consolidated weights from the ZeRO shards load into a plain VideoDiT (no DeepSpeed)
+    import torch
+    from scaling.weights import load_weights
+    models = {}
+    for ema in (False, True):
+        out = tmp_path / f"w{int(ema)}.safetensors"
+        e = _vidscale("export", str(run), "--out", str(out), *(["--ema"] if ema else []))
+        assert e.returncode == 0, e.stderr[-3000:]
+        assert json.loads(e.stdout.strip().splitlines()[-1])["checkpoint"].endswith("step_00000006")
+        models[ema], cfg = load_weights(out)  # strict: every parameter present with its shape
+        assert cfg.model.size == "debug"
+    raw, ema = dict(models[False].named_parameters()), dict(models[True].named_parameters())
+    assert all(torch.isfinite(p).all() for p in raw.values())
+    assert any(not torch.equal(raw[n], ema[n]) for n in raw)  # the EMA lags the weights
+
 
 _CHECK_STATE = r"""
 import json, sys, torch, deepspeed
