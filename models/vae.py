@@ -106,39 +106,45 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Spatial /2 by a strided conv; optionally time /2 keeping frame 0 alone (1 + 2k -> 1 + k)."""
+    """Spatial /2 by a strided conv; optionally time /2 keeping frame 0 alone (1 + 2k -> 1 + k):
+    each pair of frames is folded into channels (time-to-depth) and mixed by a 1x1 conv; frame
+    0 is folded with itself, so a still video and an image give the same first latent."""
 
     def __init__(self, c: int, temporal: bool):
         super().__init__()
         self.temporal = temporal
         self.conv = nn.Conv3d(c, c, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
-        self.tconv = CausalConv3d(c, c, kernel=(3, 1, 1)) if temporal else None
+        self.tconv = nn.Conv3d(2 * c, c, 1) if temporal else None
 
     def forward(self, x):
         x = self.conv(x)
         if self.temporal:
-            x = self.tconv(x)
-            first, rest = x[:, :, :1], x[:, :, 1:]
-            B, C, T, H, W = rest.shape
-            assert T % 2 == 0, "encode pads the video to 1 + k * temporal_factor frames"
-            rest = rest.reshape(B, C, T // 2, 2, H, W).mean(3)
-            x = torch.cat([first, rest], dim=2)
+            B, C, T, H, W = x.shape
+            assert (T - 1) % 2 == 0, "encode pads the video to 1 + k * temporal_factor frames"
+            first = torch.cat([x[:, :, :1], x[:, :, :1]], 1)  # [B, 2C, 1, H, W]
+            rest = x[:, :, 1:].reshape(B, C, (T - 1) // 2, 2, H, W).transpose(2, 3)
+            rest = rest.reshape(B, 2 * C, (T - 1) // 2, H, W)  # frame pairs in channels
+            x = self.tconv(torch.cat([first, rest], 2))
         return x
 
 
 class Upsample(nn.Module):
-    """Inverse of Downsample: time 1 + k -> 1 + 2k (frame 0 alone), then space x2."""
+    """Inverse of Downsample: time 1 + k -> 1 + 2k (depth-to-time: a 1x1 conv makes two
+    frames' channels per latent frame; frame 0 keeps one), then space x2 (nearest + conv)."""
 
     def __init__(self, c: int, temporal: bool):
         super().__init__()
         self.temporal = temporal
         self.conv = CausalConv3d(c, c, kernel=(1, 3, 3))
-        self.tconv = CausalConv3d(c, c, kernel=(3, 1, 1)) if temporal else None
+        self.tconv = nn.Conv3d(c, 2 * c, 1) if temporal else None
 
     def forward(self, x):
         if self.temporal:
-            x = torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(2, dim=2)], dim=2)
-            x = self.tconv(x)
+            B, C, T, H, W = x.shape
+            y = self.tconv(x)  # [B, 2C, T, H, W]
+            first = y[:, C:, :1]  # frame 0: one frame (the later of the pair, as in Downsample)
+            rest = y[:, :, 1:].reshape(B, 2, C, T - 1, H, W).permute(0, 2, 3, 1, 4, 5)
+            x = torch.cat([first, rest.reshape(B, C, 2 * (T - 1), H, W)], 2)
         B, C, T, H, W = x.shape
         x = F.interpolate(x.transpose(1, 2).reshape(B * T, C, H, W), scale_factor=2.0, mode="nearest")
         x = x.reshape(B, T, C, 2 * H, 2 * W).transpose(1, 2)
@@ -267,6 +273,10 @@ class VideoVAE(nn.Module):
             elif isinstance(m, nn.GroupNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        # start with a narrow posterior (std ~0.05): a decoder first trained on unit-variance
+        # noise learns to ignore its latent, and the KL (small beta) widens it only as needed
+        z = self.cfg.z_dim
+        self.encoder.conv_out.conv.bias[z:].fill_(-6.0)
 
 
 def psnr(x, y, data_range: float = 2.0) -> float:
