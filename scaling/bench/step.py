@@ -32,6 +32,9 @@ def add_args(p) -> None:
     p.add_argument("--reps", type=int, default=5, help="timed steps, each after a GEMM peak rep (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--no-split", action="store_true", help="skip the profiled step")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads for the GEMM and the step (default: torch's choice). "
+                        "1 makes mfu_cpu_time robust on a machine shared with other jobs")
 
 
 def time_step(tr) -> tuple[float, float, dict]:
@@ -69,6 +72,8 @@ def run(args) -> dict:
     from scaling.step_split import profile_step
     from scaling.train import Trainer
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="vidscale-bench-step-") as tmp:
         cfg = load_config(args.recipe, DEFAULTS + [f"train.run_dir={tmp}/run"] + list(args.overrides))
         tr = Trainer(cfg)
