@@ -166,5 +166,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class EmbeddedRay:
+    """A local Ray head started here (127.0.0.1) and stopped here; runs connect by address."""
+
+    def __init__(self, cpus: int):
+        self.cpus = cpus
+
+    def __enter__(self) -> str:
+        import ray
+        ray.init(num_cpus=self.cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 logging_level="WARNING")
+        return ray.get_runtime_context().gcs_address
+
+    def __exit__(self, *exc) -> None:
+        import ray
+        ray.shutdown()
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -324,24 +324,7 @@ class SlurmArrayRunner(Runner):
         return p
 
 
-# --- Ray: one cluster shared by every run ------------------------------------------------------
-class EmbeddedRay:
-    """A local Ray head started here (127.0.0.1) and stopped here; runs connect by address."""
-
-    def __init__(self, cpus: int):
-        self.cpus = cpus
-
-    def __enter__(self) -> str:
-        import ray
-        ray.init(num_cpus=self.cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 logging_level="WARNING")
-        return ray.get_runtime_context().gcs_address
-
-    def __exit__(self, *exc) -> None:
-        import ray
-        ray.shutdown()
-
-
+# --- Ray: one cluster shared by every run (started by cluster.ray_cluster) ---------------------
 def _ray_concurrency(runs, cpus: int) -> int:
     need = max(r.cfg.cluster.nproc * r.cfg.cluster.cpus_per_worker for r in runs)
     return max(1, int(cpus // need))
@@ -378,6 +361,7 @@ def run(args) -> int:
             runner = Runner(sweep, runs, "ray", args.address, _ray_concurrency(runs, cpus), args.progress_every)
             runner.run()
         else:
+            from cluster.ray_cluster import EmbeddedRay
             with EmbeddedRay(cpus) as address:
                 runner = Runner(sweep, runs, "ray", address, _ray_concurrency(runs, cpus), args.progress_every)
                 runner.run()
