@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 PIP     := $(BIN)/pip --disable-pip-version-check -q
 export PIP_NO_INPUT=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo demo-video test test-fast bench clean
+.PHONY: setup demo demo-train demo-video test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -19,8 +19,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m scaling.warmup
 	touch $(STAMP)
 
+# The headline: a tiny IsoFLOP sweep (3 widths x 2 budgets, each run on 2 Ray workers with
+# ZeRO-3 and sp=2 over packed mixed-resolution shards of real rendered video) on an embedded
+# local Ray cluster, then the scaling-law fit and report (~10 min on 2 cores).
 demo: setup
-	$(BIN)/vidscale train recipes/debug.yaml --run-dir runs/demo
+	test -f runs/demo/shards/index.json || { $(BIN)/vidscale make-videos runs/demo/videos --n 48 && \
+	  $(BIN)/vidscale prepare runs/demo/videos runs/demo/shards; }
+	$(BIN)/vidscale sweep recipes/sweeps/demo.yaml --launcher ray
+
+# one training run of the debug recipe (seconds)
+demo-train: setup
+	$(BIN)/vidscale train recipes/debug.yaml --run-dir runs/demo-train
 
 # the same model trained from real video: write shape videos, prepare shards, train on them
 demo-video: setup
