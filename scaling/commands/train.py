@@ -37,7 +37,7 @@ def run(args) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     from cluster.launch import launch, launch_overrides
     cfg = load_config(args.recipe, overrides + launch_overrides(args))
-    if cfg.data.source != "synthetic" and cfg.cluster.launcher == "local":
+    if cfg.data.source != "synthetic" and cfg.cluster.launcher == "local" and cfg.task == "dit":
         # pre-flight before any process or run dir: index present, channels/text width/patch fit the
         # model (Ray/Slurm runs may read data only the cluster sees: their ranks check it themselves)
         from data.shards import check_source
