@@ -222,8 +222,12 @@ class Checkpointer:
     def restore(self, spec: str) -> Path | None:
         """Load the checkpoint `spec` names (see `resolve`) into the trainer."""
         tr, d = self.tr, self.tr.dims
-        path = resolve(spec, self.root, report=lambda m: print(f"vidscale: {m}", flush=True)) if d.rank == 0 else None
-        path = self._broadcast_path(path)
+        report = lambda m: print(f"vidscale: {m}", flush=True)  # noqa: E731
+        if spec == "auto" and d.distributed:
+            path = self._find_latest_striped(report)
+        else:
+            path = resolve(spec, self.root, report=report) if d.rank == 0 else None
+            path = self._broadcast_path(path)
         if path is None:
             if d.rank == 0:
                 print(f"vidscale: no complete checkpoint in {self.root}: starting fresh", flush=True)
@@ -248,6 +252,31 @@ class Checkpointer:
             print(f"vidscale: resumed from {path} (step {tr.step}, saved with {_fmt(old)}, now {_fmt(self.layout())})",
                   flush=True)
         return path
+
+    def _find_latest_striped(self, report) -> Path | None:
+        """`find_latest` with the sha256 work split over the ranks: each verifies a stripe of
+        the files, and a checkpoint is used only if every rank found its stripe intact."""
+        import torch.distributed as dist
+        d = self.tr.dims
+        tags = [t for _, t in reversed(io.committed(self.root))]
+        n = torch.tensor([len(tags)], device=self.tr.device)  # every rank must see the same list
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+        for tag in tags[:int(n.item())]:
+            bad = 0
+            try:
+                io.verify(self.root / tag, rank=d.rank, world=d.world)
+            except CorruptCheckpoint:
+                bad = 1
+            t = torch.tensor([bad], device=self.tr.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if not t.item():
+                return self.root / tag
+            if d.rank == 0:  # rank 0's output is the one users see: name the file from here
+                try:
+                    io.verify(self.root / tag)
+                except CorruptCheckpoint as e:
+                    report(f"{e}; falling back to the previous checkpoint")
+        return None
 
     def _broadcast_path(self, path: Path | None) -> Path | None:
         """Rank 0 chose; every rank loads the same checkpoint (the path as bytes, no pickle)."""

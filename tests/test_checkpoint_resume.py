@@ -188,7 +188,7 @@ def test_sigusr1_preemption_then_resume_sp2_as_dp2(tmp_path):
                           *COMMON, "--run-dir", str(run)],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
-        _wait_for(lambda: len(read_metrics(run)) >= 1, p, what="the first step")
+        _wait_for(lambda: len(read_metrics(run)) >= 3, p, what="step 3")  # step 2 saved
         os.kill(_rank_pids(p.pid)[1], signal.SIGUSR1)
         code = p.wait(timeout=180)
     finally:
@@ -196,13 +196,20 @@ def test_sigusr1_preemption_then_resume_sp2_as_dp2(tmp_path):
         p.wait()
     assert code == 85, p.stderr.read()[-3000:]
     root = run / "checkpoints"
-    step, tag = ckpt_io.committed(root)[-1]  # the pre-emption save (async saves every 2 steps before it)
-    assert 1 <= step < 8 and ckpt_io.read_latest(root) == tag
-    saved = [json.loads((root / tag / "loader/dp00000.json").read_text())]
+    ckpts = ckpt_io.committed(root)
+    (prev, prev_tag), (step, tag) = ckpts[-2:]  # async saves every 2 steps, then the pre-emption one
+    assert 3 <= step < 8 and ckpt_io.read_latest(root) == tag
+    # damage the newest one: resume (2 ranks verifying a stripe each) must report it and use prev
+    victim = root / tag / "ema/rank00001.safetensors"
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-8] + bytes(8))
+    saved = [json.loads((root / prev_tag / "loader/dp00000.json").read_text())]
 
     r = _vidscale("resume", str(run), "--set", "parallel.ulysses=1")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "saved with world 2 = dp 1 x sp 2, now world 2 = dp 2 x sp 1" in r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert f"file {victim} does not match its sha256" in out, out[-3000:]
+    assert f"resumed from {root / prev_tag} (step {prev}, saved with world 2 = dp 1 x sp 2, now world 2 = dp 2 x sp 1" in out
     assert sorted(_losses(run)) == list(range(1, 9))
     # the two new ranks' loader states at the end cover the old rank's unconsumed samples once
     from data.loader import _positions, remap_loader_states
