@@ -136,6 +136,10 @@ def run_trainer(cfg, address: str = "", nodes: int = 1) -> int:
     # be given again, Ray refuses a second definition of the same variables
     in_job = all(os.environ.get(k) == v for k, v in WORKER_ENV.items())
     runtime_env = None if in_job else {"env_vars": dict(WORKER_ENV)}
+    if runtime_env and address and address != "auto":
+        # Ray Train's helper actors look the cluster up by RAY_ADDRESS; without it they fail
+        # ("multiple active Ray instances") wherever several clusters share a machine
+        runtime_env["env_vars"]["RAY_ADDRESS"] = address
     os.environ.update(WORKER_ENV)  # the controller actor reads them too (local clusters)
     if address:
         ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=True)
