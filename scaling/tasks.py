@@ -167,7 +167,9 @@ class _RawShards:
         c = cfg
         # the shard pre-flight compares channels with the DiT's in_channels: pixels have 3
         shim = type("C", (), {})()
-        shim.data, shim.train = c.data, c.train
+        shim.data = c.data
+        # one clip per micro-batch: no token budget to check (0 = none)
+        shim.train = type("T", (), {"seed": c.train.seed, "tokens_per_batch": 0})()
         shim.model = type("M", (), {"in_channels": 3, "text_dim": _text_dim(c.data.source),
                                     "patch": [1, 1, 1]})()
         self.src = ShardSource(c.data.source, shim)
