@@ -20,6 +20,18 @@ def vidscale_cmd() -> list[str]:
     return [sys.executable, "-m", "scaling.cli"]
 
 
+def wait_for(pred, timeout_s: float, what: str, poll_s: float = 0.2):
+    """Poll `pred` until it returns something truthy (returned), or fail naming `what`."""
+    import time
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
 # -- real clusters (tests marked `cluster`) -------------------------------------------------------
 # Started when missing, once per session, and stopped at the end only if this session started
 # them. A test that needs a cluster FAILS (never skips) when it could not be started.

@@ -5,12 +5,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import DEBUG_ZERO3, ROOT, read_losses, vidscale_cmd
+from conftest import DEBUG_ZERO3, ROOT, read_losses, vidscale_cmd, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -31,16 +30,6 @@ def train_args(run: Path, *extra, nproc: int = 2) -> list[str]:
 def vidscale(*args, timeout=600):
     return subprocess.run(vidscale_cmd() + list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=env_without_ray_address())
-
-
-def wait_for(pred, timeout_s: float, what: str, poll_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def last_step(run: Path) -> int:

@@ -3,12 +3,11 @@ a 2-task ZeRO-3 job trains the debug recipe; a pre-empted job checkpoints, reque
 finishes with the uninterrupted run's losses; status and cancel; impossible requests."""
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import DEBUG_ZERO3, ROOT, read_losses, vidscale_cmd
+from conftest import DEBUG_ZERO3, ROOT, read_losses, vidscale_cmd, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -26,16 +25,6 @@ def train_args(run: Path, *extra) -> list[str]:
 
 def job_of(run: Path) -> dict:
     return json.loads((run / "job.json").read_text())
-
-
-def wait_for(pred, timeout_s: float, what: str, poll_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def squeue_state(job_id: str) -> str:
