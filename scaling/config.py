@@ -139,6 +139,9 @@ class TrainArgs:
     val_every: int = 0
     """Validation loss every N steps (0 = only at the end)."""
     val_videos: int = 16
+    tune_malloc: bool = True
+    """Keep freed activation blocks in the C library's heap instead of unmapping them
+    (scaling/host_memory.py): no page faults and zero-fill per allocation in the step."""
 
 
 @dataclass

@@ -109,6 +109,9 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        if cfg.train.tune_malloc:
+            from scaling import host_memory
+            host_memory.tune()
         self.dims = ParallelDims.from_env(cfg.parallel.ulysses, cfg.parallel.ring)
         mcfg = model_config(cfg.model)
         ParallelDims.validate(self.dims.world, cfg.parallel.ulysses, cfg.parallel.ring, mcfg.heads)
