@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.embeddings import apply_rope
+from models.fused import rms_norm
 from models.packed import PackedMeta
 
 
@@ -101,7 +102,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
     def init_weights(self):
         nn.init.ones_(self.weight)
@@ -196,9 +197,9 @@ class CrossAttention(nn.Module):
             if b is None or not attend[b]:  # padding, or an empty (dropped) caption
                 outs.append(qb.new_zeros(qb.shape))
                 continue
-            o = F.scaled_dot_product_attention(qb.transpose(0, 1)[None], ks[b].transpose(0, 1)[None],
-                                               vs[b].transpose(0, 1)[None])  # [1, H, l, Dh]
-            outs.append(o[0].transpose(0, 1))
+            o = F.scaled_dot_product_attention(qb.transpose(0, 1).unsqueeze(0), ks[b].transpose(0, 1).unsqueeze(0),
+                                               vs[b].transpose(0, 1).unsqueeze(0))  # [1, H, l, Dh]
+            outs.append(o.squeeze(0).transpose(0, 1))  # a view (indexing's backward zero-fills)
         out = torch.cat(outs, 0) if len(outs) > 1 else outs[0]
         return self.proj(out.reshape(L, -1))
 

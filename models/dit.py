@@ -14,6 +14,7 @@ from torch import nn
 
 from models.attention import CrossAttention, PackedAttentionKernel, SelfAttention, get_kernel, local_pieces
 from models.embeddings import CaptionEmbedder, RoPE3D, TimestepEmbedder
+from models.fused import segment_gated_add
 from models.packed import PackedMeta
 
 
@@ -57,12 +58,9 @@ class Segments:
         pieces, _ = local_pieces(meta, L)
         self.sizes = [e - s for s, e, _ in pieces]
         self.rows = [meta.num_videos if b is None else b for _, _, b in pieces]
+        self.pieces = [(s, e, r) for (s, e, _), r in zip(pieces, self.rows)]
         self.gather = device.type != "cpu" if gather is None else gather
         self.seg_ids = meta.seg_ids
-
-    def _per_run(self, mod_VD):
-        rows = mod_VD.unbind(0)
-        return [rows[r] for r in self.rows]
 
     def norm_modulate(self, x_LD, shift_VD, scale_VD, eps: float):
         """modulate(LayerNorm(x), shift, scale): one fused layer_norm per run (scale, shift as affine)."""
@@ -70,18 +68,17 @@ class Segments:
         if self.gather:
             h = torch.nn.functional.layer_norm(x_LD, (D,), eps=eps)
             return modulate(h, shift_VD[self.seg_ids], scale_VD[self.seg_ids])
-        w, b = self._per_run(1 + scale_VD), self._per_run(shift_VD)
-        outs = [torch.nn.functional.layer_norm(xs, (D,), ws, bs, eps)
-                for xs, ws, bs in zip(x_LD.split(self.sizes), w, b)]
+        w, b = (1 + scale_VD).unbind(0), shift_VD.unbind(0)
+        # (an out= form per run measured no faster: layer_norm's out= variant computes, then copies)
+        outs = [torch.nn.functional.layer_norm(xs, (D,), w[r], b[r], eps)
+                for xs, (_, _, r) in zip(x_LD.split(self.sizes), self.pieces)]
         return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
 
     def gated_add(self, x_LD, gate_VD, y_LD):
         """x + gate * y with the gate of each token's video."""
         if self.gather:
             return torch.addcmul(x_LD, gate_VD[self.seg_ids], y_LD)
-        outs = [torch.addcmul(xs, g, ys) for xs, g, ys in
-                zip(x_LD.split(self.sizes), self._per_run(gate_VD), y_LD.split(self.sizes))]
-        return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+        return segment_gated_add(x_LD, gate_VD.to(x_LD.dtype), y_LD.to(x_LD.dtype), self.pieces)
 
 
 class Mlp(nn.Module):
