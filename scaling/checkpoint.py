@@ -21,7 +21,6 @@ optimizer states go through DeepSpeed's universal checkpoint (see `scaling/ckpt_
 from __future__ import annotations
 
 import base64
-import io as io_
 import json
 import random
 import threading
@@ -82,6 +81,7 @@ class Checkpointer:
         self.stalls: list[float] = []   # seconds the loop waited per save
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        io.set_checksum(self.cfg.checksum)
 
     @property
     def zero(self) -> bool:
@@ -129,7 +129,8 @@ class Checkpointer:
 
     def _snapshot(self) -> dict:
         """{relative path: ('json', obj) | ('safetensors', tensors) | ('torch', obj) | ('text', str)}
-        for this rank, with tensors copied to host memory (so the loop may go on)."""
+        for this rank; with async_save, tensors are copied to host memory (so the loop may go on
+        while they are written); a synchronous save writes them from where they are."""
         from scaling.config import to_yaml
         tr, d = self.tr, self.tr.dims
         files: dict = {f"rng/rank{d.rank:05d}.json": ("json", rng_state())}
@@ -140,21 +141,22 @@ class Checkpointer:
                                             "layout": self.layout(), "format": FORMAT})
             files["config.yaml"] = ("text", to_yaml(tr.cfg))
         eng = tr.engine
+        copy = _cpu_copy if self.cfg.async_save else (lambda tree: tree)
         if self.zero:
             from scaling.ckpt_zero import ema_files
-            files.update(_cpu_copy(ema_files(eng)))
+            files.update(copy(ema_files(eng)))
         else:
-            files["model.safetensors"] = ("safetensors", _cpu_copy(eng.module.state_dict()))
+            files["model.safetensors"] = ("safetensors", copy(eng.module.state_dict()))
             if eng.ema is not None:
-                files["ema.safetensors"] = ("safetensors", _cpu_copy(eng.ema))
-            files["optimizer.pt"] = ("torch", _cpu_copy(eng.optimizer.state_dict()))
+                files["ema.safetensors"] = ("safetensors", copy(eng.ema))
+            files["optimizer.pt"] = ("torch", copy(eng.optimizer.state_dict()))
             sch = eng.scheduler.state_dict()
             sch.pop("lr_lambdas", None)  # functions: rebuilt from the recipe
             files["scheduler.json"] = ("json", sch)
         return files
 
     def _write(self, tmp: Path, files: dict) -> None:
-        from safetensors.torch import save
+        from safetensors.torch import save_file
         for rel, (kind, obj) in files.items():
             p = tmp / rel
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -162,14 +164,11 @@ class Checkpointer:
                 io.write_json(p, obj)
             elif kind == "text":
                 io.write_bytes(p, obj.encode())
-            elif kind == "safetensors":
-                # serialise in memory, then one plain write: a full disk fails as ENOSPC naming
-                # the file (the libraries' own writers report it obscurely)
-                io.write_bytes(p, save({k: v.contiguous() for k, v in obj.items()}))
-            else:
-                buf = io_.BytesIO()
-                torch.save(obj, buf)
-                io.write_bytes(p, buf.getbuffer())
+            elif kind == "safetensors":  # written by the library straight from the tensors
+                tensors = {k: v.detach().to("cpu").contiguous() for k, v in obj.items()}
+                io.write_with(p, lambda path, t=tensors: save_file(t, str(path)))
+            else:  # torch.save streams through the hashing writer
+                io.write_stream(p, lambda f, o=obj: torch.save(o, f))
 
     def _finish(self, tmp: Path, tag: str, files: dict, meta: dict) -> None:
         d = self.tr.dims
@@ -180,7 +179,7 @@ class Checkpointer:
                 fsync_zero(self.tr.engine, tmp)
             (tmp / f".done-{d.rank:05d}").touch()
             _await(tmp, ".done", d.world, self.tr.cfg.parallel.timeout_s)
-            io.hash_part(tmp, d.rank, d.world)
+            io.write_part(tmp, d.rank)
             if d.rank == 0:
                 io.commit(self.root, tmp, tag, d.world, meta, self.tr.cfg.parallel.timeout_s)
                 io.retain(self.root, self.cfg.keep_last, self.cfg.keep_every, tag)
@@ -196,6 +195,7 @@ class Checkpointer:
 
     def _mark_failed(self, tmp: Path, e: BaseException) -> None:
         """Tell the other ranks (they poll the directory) and drop the temporary files."""
+        io.forget(tmp)
         try:
             (tmp / f".failed-{self.tr.dims.rank:05d}").write_text(str(e)[:500])
         except OSError:
@@ -254,7 +254,7 @@ class Checkpointer:
         return path
 
     def _find_latest_striped(self, report) -> Path | None:
-        """`find_latest` with the sha256 work split over the ranks: each verifies a stripe of
+        """`find_latest` with the checksum work split over the ranks: each verifies a stripe of
         the files, and a checkpoint is used only if every rank found its stripe intact."""
         import torch.distributed as dist
         d = self.tr.dims

@@ -11,11 +11,17 @@ rank 0 converts the shards once with DeepSpeed's universal checkpoint
 (`deepspeed.checkpoint.ds_to_universal`) into `checkpoints/.universal/TAG` (next to, never
 inside, the verified checkpoint), and every rank loads it with `load_universal`; EMA
 partitions are reassembled from the shards and re-cut for the new world here.
-DeepSpeed reads its files with torch.load (pickle): we only hand it files whose sha256
-matched the manifest this run wrote, and everything of ours is safetensors or JSON.
+DeepSpeed writes and reads through `ManifestEngine`, our implementation of its checkpoint-
+engine interface: every shard is hashed as torch.save streams it out and fsynced (no
+second read for the manifest), and loads are memory-mapped (the verification pass just
+read the files into the page cache, so DeepSpeed copies from there instead of reading and
+unpickling into fresh buffers again). DeepSpeed reads its files with torch.load (pickle):
+we only hand it files whose checksum matched the manifest this run wrote, and everything
+of ours is safetensors or JSON.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -30,10 +36,39 @@ from scaling import ckpt_io as io
 TAG = "state"
 
 
+@functools.cache
+def _engine_class():
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class ManifestEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch checkpoint engine, writing through `ckpt_io`, loading mmapped."""
+
+        def save(self, state_dict, path: str):
+            io.write_stream(Path(path), lambda f: torch.save(state_dict, f))
+
+        def load(self, path: str, map_location=None):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+            except RuntimeError:  # not a zipfile checkpoint (an older/foreign one): read it whole
+                return torch.load(path, map_location=map_location, weights_only=False)
+
+    return ManifestEngine
+
+
+def _manifest_engine(ds) -> None:
+    """Plug `ManifestEngine` into a DeepSpeed engine (once), keeping its settings."""
+    cls = _engine_class()
+    if not isinstance(ds.checkpoint_engine, cls):
+        eng = cls.__new__(cls)
+        eng.__dict__.update(ds.checkpoint_engine.__dict__)
+        ds.checkpoint_engine = eng
+
+
 def save_zero(engine, tmp: Path) -> None:
-    """Every rank: DeepSpeed writes its shards (a collective). DeepSpeed fsyncs nothing:
-    `fsync_zero` does, later (in the background with checkpoint.async_save)."""
+    """Every rank: DeepSpeed writes its shards (a collective), each hashed and fsynced as it is
+    written (`ManifestEngine`); `fsync_zero` flushes what DeepSpeed wrote on its own."""
     from torch.utils.serialization import config as ser
+    _manifest_engine(engine.ds)
     zdir = tmp / "zero"
     crc = ser.save.compute_crc32
     ser.save.compute_crc32 = False  # halves torch.save time; the manifest's sha256 covers integrity
@@ -46,9 +81,9 @@ def save_zero(engine, tmp: Path) -> None:
 
 
 def fsync_zero(engine, tmp: Path) -> None:
-    """Flush the DeepSpeed files this rank wrote to the disk."""
+    """Flush the DeepSpeed files this rank wrote outside our writer (its recovery script)."""
     for p in sorted((tmp / "zero" / TAG).glob("*")):
-        if p.is_file() and _mine(p.name, engine):
+        if p.is_file() and _mine(p.name, engine) and not io.recorded(p):
             io.fsync_path(p)
 
 
@@ -130,6 +165,7 @@ def convert_universal(path: Path) -> Path:
 def load_zero(engine, path: Path, old: dict, new: dict, dims) -> None:
     """Every rank: load DeepSpeed's states and the EMA, converting if the world changed."""
     ds = engine.ds
+    _manifest_engine(ds)
     if old["world"] == new["world"]:
         load_path, _ = ds.load_checkpoint(str(path / "zero"), tag=TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)

@@ -178,6 +178,8 @@ class CheckpointArgs:
     keep_every: int = 0
     """Also keep every M-th step's checkpoint (0 = off)."""
     async_save: bool = False
+    checksum: str = "xxh3_128"
+    """Manifest checksum of every file: xxh3_128 (fast, detects damage) or sha256."""
     resume: str = ""
     """'' (fresh), 'auto' (latest complete checkpoint in the run dir) or a checkpoint path."""
 
@@ -370,6 +372,8 @@ def validate(cfg: Config, where: str) -> None:
             bad(key, v, "a positive integer")
     if cfg.checkpoint.every < 0:
         bad("checkpoint.every", cfg.checkpoint.every, "0 (only at the end) or a positive integer")
+    if cfg.checkpoint.checksum not in ("xxh3_128", "sha256"):
+        bad("checkpoint.checksum", cfg.checkpoint.checksum, "xxh3_128 or sha256")
     if cfg.optim.lr <= 0:
         bad("optim.lr", cfg.optim.lr, "a positive learning rate")
     if cfg.train.dtype not in ("fp32", "bf16"):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 from scaling import ckpt_io
 from scaling.checkpoint import CheckpointError, CorruptCheckpoint, resolve, rng_state, set_rng_state
@@ -30,8 +31,9 @@ def _train(run_dir, *over) -> dict:
     return train(_cfg(run_dir, *over))
 
 
-def test_save_commits_complete_checkpoints_with_manifest(tmp_path):
-    _train(tmp_path, "train.steps=4", "checkpoint.every=2")
+@pytest.mark.parametrize("checksum", ["xxh3_128", "sha256"])
+def test_save_commits_complete_checkpoints_with_manifest(tmp_path, checksum):
+    _train(tmp_path, "train.steps=4", "checkpoint.every=2", f"checkpoint.checksum={checksum}")
     root = tmp_path / "checkpoints"
     assert [t for _, t in ckpt_io.committed(root)] == ["step_00000002", "step_00000004"]
     assert ckpt_io.read_latest(root) == "step_00000004"
@@ -42,7 +44,8 @@ def test_save_commits_complete_checkpoints_with_manifest(tmp_path):
     assert sorted(man["files"]) == files
     for rel, e in man["files"].items():
         data = (ck / rel).read_bytes()
-        assert e["size"] == len(data) and e["sha256"] == hashlib.sha256(data).hexdigest()
+        want = xxhash.xxh3_128(data) if checksum == "xxh3_128" else hashlib.sha256(data)
+        assert e["size"] == len(data) and e[checksum] == want.hexdigest(), rel
     for f in ("model.safetensors", "ema.safetensors", "optimizer.pt", "scheduler.json", "state.json",
               "config.yaml", "rng/rank00000.json", "loader/dp00000.json"):
         assert f in man["files"], f
@@ -151,7 +154,7 @@ def test_async_save_writes_the_same_checkpoint(tmp_path):
     man = [json.loads((tmp_path / k / "checkpoints/step_00000003/manifest.json").read_text())["files"]
            for k in ("sync", "async")]
     for f in ("model.safetensors", "ema.safetensors", "optimizer.pt", "loader/dp00000.json", "rng/rank00000.json"):
-        assert man[0][f]["sha256"] == man[1][f]["sha256"], f
+        assert man[0][f]["xxh3_128"] == man[1][f]["xxh3_128"], f
 
 
 def test_export_loads_into_videodit_without_deepspeed(tmp_path):
