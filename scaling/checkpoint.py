@@ -21,6 +21,7 @@ optimizer states go through DeepSpeed's universal checkpoint (see `scaling/ckpt_
 from __future__ import annotations
 
 import base64
+import copy as copy_
 import json
 import random
 import threading
@@ -60,13 +61,25 @@ def set_rng_state(s: dict) -> None:
 
 
 # -- tensors for async writes ---------------------------------------------------------------
-def _cpu_copy(tree):
+def host_copy(tree, _memo: dict | None = None):
+    """A snapshot of a state tree: every tensor copied to host memory (one copy per tensor,
+    however often it is referenced), containers rebuilt with their own types (OrderedDict
+    stays OrderedDict), anything else shared as it is."""
+    memo = {} if _memo is None else _memo
     if isinstance(tree, torch.Tensor):
-        return tree.detach().to("cpu", copy=True)
+        if id(tree) not in memo:
+            c = tree.detach().to("cpu", copy=True)
+            memo[id(tree)] = torch.nn.Parameter(c, tree.requires_grad) if isinstance(tree, torch.nn.Parameter) else c
+        return memo[id(tree)]
     if isinstance(tree, dict):
-        return {k: _cpu_copy(v) for k, v in tree.items()}
+        out = copy_.copy(tree)
+        for k, v in tree.items():
+            out[k] = host_copy(v, memo)
+        return out
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # namedtuple
+        return type(tree)(*(host_copy(v, memo) for v in tree))
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_cpu_copy(v) for v in tree)
+        return type(tree)(host_copy(v, memo) for v in tree)
     return tree
 
 
@@ -97,8 +110,8 @@ class Checkpointer:
 
     # -- save ------------------------------------------------------------------------------
     def save(self) -> Path:
-        """Save at the current step; with checkpoint.async_save the files are written in the
-        background and this returns after the in-memory snapshot."""
+        """Save at the current step; with checkpoint.async_save every file (DeepSpeed's shards
+        included) is written in the background and this returns after the in-memory snapshot."""
         t0 = time.perf_counter()
         self.wait()  # one save in flight; raises the error of a failed background save
         tr, d = self.tr, self.tr.dims
@@ -109,10 +122,12 @@ class Checkpointer:
         self._barrier()
         tmp = io.tmp_dir(self.root, tag)
         try:
+            files = {}
             if self.zero:
                 from scaling.ckpt_zero import save_zero
-                save_zero(tr.engine, tmp)  # collective, writes each rank's shards
-            files = self._snapshot()
+                # collective: writes each rank's shards (async: snapshots them for the thread)
+                files.update(save_zero(tr.engine, tmp, defer=self.cfg.async_save))
+            files.update(self._snapshot())
         except BaseException as e:
             self._mark_failed(tmp, e)
             raise
@@ -141,7 +156,7 @@ class Checkpointer:
                                             "layout": self.layout(), "format": FORMAT})
             files["config.yaml"] = ("text", to_yaml(tr.cfg))
         eng = tr.engine
-        copy = _cpu_copy if self.cfg.async_save else (lambda tree: tree)
+        copy = host_copy if self.cfg.async_save else (lambda tree: tree)
         if self.zero:
             from scaling.ckpt_zero import ema_files
             files.update(copy(ema_files(eng)))

@@ -43,7 +43,14 @@ def _engine_class():
     class ManifestEngine(TorchCheckpointEngine):
         """DeepSpeed's torch checkpoint engine, writing through `ckpt_io`, loading mmapped."""
 
+        deferred: list | None = None
+        """When a list: saves are snapshotted to host memory and queued there (async save)."""
+
         def save(self, state_dict, path: str):
+            if self.deferred is not None:
+                from scaling.checkpoint import host_copy
+                self.deferred.append((Path(path), host_copy(state_dict)))
+                return
             io.write_stream(Path(path), lambda f: torch.save(state_dict, f))
 
         def load(self, path: str, map_location=None):
@@ -64,20 +71,27 @@ def _manifest_engine(ds) -> None:
         ds.checkpoint_engine = eng
 
 
-def save_zero(engine, tmp: Path) -> None:
-    """Every rank: DeepSpeed writes its shards (a collective), each hashed and fsynced as it is
-    written (`ManifestEngine`); `fsync_zero` flushes what DeepSpeed wrote on its own."""
+def save_zero(engine, tmp: Path, defer: bool = False) -> dict:
+    """Every rank: DeepSpeed saves its shards (a collective), each hashed and fsynced as it is
+    written (`ManifestEngine`); `fsync_zero` flushes what DeepSpeed wrote on its own.
+    defer=True (async save): the shards are only snapshotted to host memory; returned as
+    {relative path: ('torch', state)} for the background writer."""
     from torch.utils.serialization import config as ser
     _manifest_engine(engine.ds)
+    ce = engine.ds.checkpoint_engine
+    ce.deferred = [] if defer else None
     zdir = tmp / "zero"
     crc = ser.save.compute_crc32
-    ser.save.compute_crc32 = False  # halves torch.save time; the manifest's sha256 covers integrity
+    ser.save.compute_crc32 = False  # halves torch.save time; the manifest's checksum covers integrity
     try:
         engine.ds.save_checkpoint(str(zdir), tag=TAG, save_latest=False)
+        queued = ce.deferred or []
     except Exception as e:
         raise io.CheckpointError(f"checkpoint: cannot write {zdir}: {e}") from e
     finally:
         ser.save.compute_crc32 = crc
+        ce.deferred = None
+    return {p.relative_to(tmp).as_posix(): ("torch", state) for p, state in queued}
 
 
 def fsync_zero(engine, tmp: Path) -> None:

@@ -147,14 +147,45 @@ def test_rng_state_round_trips_through_json():
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
 
 
-def test_async_save_writes_the_same_checkpoint(tmp_path):
-    _train(tmp_path / "sync", "train.steps=3", "checkpoint.every=3")
-    r = _train(tmp_path / "async", "train.steps=3", "checkpoint.every=3", "checkpoint.async_save=true")
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_async_save_writes_the_same_checkpoint(tmp_path, zero_stage, monkeypatch):
+    """The background writer (host snapshots, DeepSpeed's shards included) writes what a
+    synchronous save writes: our files byte for byte, DeepSpeed's torch.save shards with
+    equal contents (torch.save stamps each file with a fresh serialization id)."""
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    z = f"parallel.zero_stage={zero_stage}"
+    _train(tmp_path / "sync", "train.steps=3", "checkpoint.every=3", z)
+    r = _train(tmp_path / "async", "train.steps=3", "checkpoint.every=3", "checkpoint.async_save=true", z)
     assert len(r["checkpoint_stall_s"]) == 1
     man = [json.loads((tmp_path / k / "checkpoints/step_00000003/manifest.json").read_text())["files"]
            for k in ("sync", "async")]
-    for f in ("model.safetensors", "ema.safetensors", "optimizer.pt", "loader/dp00000.json", "rng/rank00000.json"):
+    want = ["model.safetensors", "ema.safetensors", "optimizer.pt"] if zero_stage == 0 else ["ema/rank00000.safetensors"]
+    shards = [] if zero_stage == 0 else ["zero/state/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                         "zero/state/zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    assert set(man[0]) == set(man[1]) and set(want + shards) <= set(man[0]), sorted(man[0])
+    for f in want + ["loader/dp00000.json", "rng/rank00000.json"]:
         assert man[0][f]["xxh3_128"] == man[1][f]["xxh3_128"], f
+    for f in shards:
+        a, b = (torch.load(tmp_path / k / "checkpoints/step_00000003" / f, weights_only=False) for k in ("sync", "async"))
+        _assert_same_state(a, b, f)
+
+
+def _assert_same_state(a, b, where):
+    if isinstance(a, torch.Tensor):
+        assert type(a) is type(b) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert type(a) is type(b) and list(a) == list(b), where
+        for k in a:
+            _assert_same_state(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, (int, float, str, bool, type(None))):
+        assert a == b, where
+    else:  # objects (DeepSpeed's loss scaler): the same type and attributes
+        assert type(a) is type(b) and repr(vars(a)) == repr(vars(b)), where
 
 
 def test_export_loads_into_videodit_without_deepspeed(tmp_path):
