@@ -50,9 +50,9 @@ def _files(d: Path) -> list[Path]:
 
 def raw_write_read(path: Path, nbytes: int) -> tuple[float, float]:
     """Seconds to write (+fsync) and to read back (uncached) `nbytes` in one file."""
-    chunk = os.urandom(8 << 20)
+    chunk = memoryview(os.urandom(8 << 20))  # sliced without copying
     t0 = time.perf_counter()
-    with open(path, "wb") as f:
+    with open(path, "wb", buffering=0) as f:
         left = nbytes
         while left > 0:
             left -= f.write(chunk[:min(left, len(chunk))])
@@ -102,14 +102,17 @@ def run(args) -> dict:
         nbytes = 0
         # raw and ours interleaved, best of `repeats`: the disk is shared and its speed drifts
         for _ in range(args.repeats):
+            # every write measurement starts from a settled disk: nothing dirty, no deletion pending
             ck.cfg.async_save = False
             tr.step += 1  # a new tag per save
+            os.sync()
             t0 = time.perf_counter()
             path = ck.save()
             saves.append(time.perf_counter() - t0)
             ckpt_io.wait_deletions()  # retention deletes in the background: not while raw runs
             files = _files(path)
             nbytes = sum(p.stat().st_size for p in files)
+            os.sync()
             w, r = raw_write_read(tmp / "raw.bin", nbytes)
             tw.append(w), trd.append(r)
             _drop_cache(files)
@@ -122,6 +125,7 @@ def run(args) -> dict:
             loads_nv.append(time.perf_counter() - t0)
             ck.cfg.async_save = True
             tr.step += 1
+            os.sync()
             t0 = time.perf_counter()
             ck.save()
             stalls_async.append(time.perf_counter() - t0)
