@@ -30,6 +30,28 @@ def make_src(src: Path) -> None:
 
 
 @pytest.mark.e2e
+def _assert_same_shard(a: Path, b: Path) -> None:
+    """Same members, same metadata and latents byte for byte; caption embeddings equal up to one
+    bf16 rounding step: the text encoder's BLAS reductions may round differently in another
+    process (seen: 1-4 of ~3000 values one ULP apart between the CLI and the test process)."""
+    import tarfile
+
+    from safetensors.torch import load
+    ta, tb = tarfile.open(a), tarfile.open(b)
+    ma, mb = ta.getmembers(), tb.getmembers()
+    assert [m.name for m in ma] == [m.name for m in mb], a
+    for x, y in zip(ma, mb):
+        da, db = ta.extractfile(x).read(), tb.extractfile(y).read()
+        if not x.name.endswith(".safetensors"):
+            assert da == db, (a, x.name)
+            continue
+        sa, sb = load(da), load(db)
+        assert sorted(sa) == sorted(sb) and torch.equal(sa["latent"], sb["latent"]), (a, x.name)
+        for k in sa:
+            assert sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape, (a, x.name, k)
+            torch.testing.assert_close(sa[k].float(), sb[k].float(), rtol=2 ** -7, atol=0)
+
+
 def test_prepare_real_videos_then_train_on_the_shards(tmp_path):
     src, out = tmp_path / "videos", tmp_path / "shards"
     make_src(src)
@@ -68,7 +90,7 @@ def test_prepare_real_videos_then_train_on_the_shards(tmp_path):
     again = prepare(src, tmp_path / "again", pcfg, progress=False, workers=2)
     assert [s["name"] for s in again["shards"]] == [s["name"] for s in index["shards"]]
     for s in index["shards"]:
-        assert (tmp_path / "again" / s["name"]).read_bytes() == (out / s["name"]).read_bytes()
+        _assert_same_shard(tmp_path / "again" / s["name"], out / s["name"])
 
     # two parallel parts into one folder: the last one to finish writes the joint index
     from data.shards import merge_parts
