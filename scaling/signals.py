@@ -5,7 +5,11 @@ Contract with the launchers (Slurm pre-emption, `cluster/`):
 1. `install()` (called by `train(cfg)` on every rank) makes SIGUSR1 set the flag; the
    handler only sets a flag, so a step in flight is never interrupted.
 2. At each step boundary the loop asks `save_requested()`; in a distributed run the
-   ranks agree (a MAX all-reduce), so a signal that reached any one rank is enough.
+   ranks agree (a MAX all-reduce), so a signal that reached any one rank is enough. The
+   all-reduce reads its result on the host, so a multi-rank run asks only at logging
+   steps (`logging.every`), save steps and the last step, where the loop syncs anyway:
+   no host-device sync per step. Give the signal that much warning (`--signal=USR1@90`
+   is minutes of steps).
 3. Every rank finishes its current step, a checkpoint is saved and committed, and
    `train(cfg)` returns `{"preempted": True, ...}`; the rank's process (`python -m
    scaling.train`, `vidscale train`, `vidscale resume`) exits with `EXIT_REQUEUE` (85).
@@ -50,7 +54,7 @@ def install(signum: int = signal.SIGUSR1) -> None:
 
 
 def agree(flag: bool, dims, device=None) -> bool:
-    """True on every rank if it is True on any rank (one tiny all-reduce per step)."""
+    """True on every rank if it is True on any rank (one tiny all-reduce, read on the host)."""
     if not dims.distributed:
         return flag
     import torch

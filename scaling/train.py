@@ -267,7 +267,11 @@ def train(cfg: Config) -> dict:
                 t_last, tok_last, flops_acc = time.perf_counter(), 0, 0.0
             elif extra:
                 log.log(tr.step, extra)
-            preempted = signals.agree(signals.save_requested(), tr.dims, tr.device)
+            # ranks agree on a save request (a collective and a host sync) only where the loop
+            # syncs anyway: logging steps, save steps, the last step; one process: every step
+            if (not tr.dims.distributed or tr.step % c.logging.every == 0 or tr.ckpt.should_save(tr.step)
+                    or tr.step == c.train.steps):
+                preempted = signals.agree(signals.save_requested(), tr.dims, tr.device)
             if tr.ckpt.should_save(tr.step) or preempted:
                 tr.ckpt.save()
             if preempted:
