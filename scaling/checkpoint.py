@@ -117,9 +117,13 @@ class Checkpointer:
         tr, d = self.tr, self.tr.dims
         tag = io.tag_for(tr.step)
         io.arm_faults(tr.step)
+        err = None
         if d.rank == 0:
-            io.prepare(self.root, tag)
-        self._barrier()
+            try:
+                io.prepare(self.root, tag)
+            except CheckpointError as e:
+                err = e
+        self._agree_prepared(err)  # also the barrier: nobody writes before the directory exists
         tmp = io.tmp_dir(self.root, tag)
         try:
             files = {}
@@ -227,6 +231,22 @@ class Checkpointer:
         if self._error is not None:
             e, self._error = self._error, None
             raise e
+
+    def _agree_prepared(self, err: CheckpointError | None) -> None:
+        """Every rank learns whether rank 0 could create the temporary directory (instead of
+        waiting in a barrier for a rank that already raised); rank 0's error names the path."""
+        if not self.tr.dims.distributed:
+            if err is not None:
+                raise err
+            return
+        import torch.distributed as dist
+        t = torch.tensor([0 if err is None else 1], device=self.tr.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if err is not None:
+            raise err
+        if t.item():
+            raise CheckpointError(f"checkpoint: rank 0 could not create {io.tmp_dir(self.root, io.tag_for(self.tr.step))} "
+                                  "(its error names the cause)")
 
     def _barrier(self) -> None:
         if self.tr.dims.distributed:

@@ -46,7 +46,8 @@ _TAG_RE = re.compile(r"^step_(\d{8,})$")
 FAULT_ENV = "VIDSCALE_CKPT_FAULT"
 """Fault injection for the fault tests: 'enospc@STEP' makes the first file write of the save
 at STEP fail with ENOSPC; 'hang@STEP' sleeps forever after that save's first file (so a test
-can kill -9 the process mid-save). Unset in normal runs."""
+can kill -9 the process mid-save); 'mkdir@STEP' makes creating that save's temporary
+directory fail (ENOSPC). Unset in normal runs."""
 
 
 ALGORITHMS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
@@ -97,7 +98,7 @@ def _maybe_fault(path: Path, after: bool = False) -> None:
     if not spec or _fault_armed["step"] is None:
         return
     kind, _, at = spec.partition("@")
-    if (at and int(at) != _fault_armed["step"]) or after != (kind == "hang"):
+    if (at and int(at) != _fault_armed["step"]) or after != (kind == "hang") or kind == "mkdir":
         return
     _fault_armed["step"] = None  # fire once
     if kind == "enospc":
@@ -254,6 +255,9 @@ def prepare(root: Path, tag: str) -> Path:
         for p in root.glob(".del-*"):
             shutil.rmtree(p, ignore_errors=True)
         t = tmp_dir(root, tag)
+        spec = os.environ.get(FAULT_ENV, "")
+        if spec.startswith("mkdir@") and _fault_armed["step"] == int(spec.partition("@")[2]):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(t))
         t.mkdir()
         return t
     except OSError as e:

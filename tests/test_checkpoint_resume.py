@@ -218,3 +218,23 @@ def test_sigusr1_preemption_then_resume_sp2_as_dp2(tmp_path):
     assert not (left[0] & left[1])
     old_left = set(_positions(saved[0]["ranges"])) - set(_positions(saved[0]["consumed"]))
     assert left[0] | left[1] == old_left
+
+
+@pytest.mark.e2e
+@pytest.mark.dist
+def test_a_save_rank_0_cannot_start_stops_every_rank_at_once(tmp_path):
+    """ZeRO-3 on 2 ranks: rank 0 cannot create the step-4 temporary directory (ENOSPC). The run
+    stops with one line naming the path, long before the 300 s collective timeout (rank 1
+    learns of it from rank 0 through an all-reduce; the local launcher would also stop it);
+    the step-2 checkpoint stays the latest."""
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    r = _vidscale("train", "recipes/debug.yaml", "--nproc", "2", "--set", "train.steps=4", "--set", "checkpoint.every=2",
+                  *COMMON, "--run-dir", str(run), env=_env(**{ckpt_io.FAULT_ENV: "mkdir@4"}))
+    took = time.monotonic() - t0
+    assert r.returncode != 0
+    assert f"cannot write {run / 'checkpoints' / '.tmp-step_00000004'}: No space left on device" in r.stderr, r.stderr[-3000:]
+    assert took < 200, took  # not a collective timeout
+    root = run / "checkpoints"
+    assert [t for _, t in ckpt_io.committed(root)] == ["step_00000002"] and ckpt_io.read_latest(root) == "step_00000002"
+    ckpt_io.verify(root / "step_00000002")

@@ -29,7 +29,7 @@ DEFAULTS = ["model.size=30M", "train.tokens_per_batch=4096", "train.dtype=fp32",
 
 def add_args(p) -> None:
     p.add_argument("--recipe", default=None, help="recipe to start from (default: built-in defaults)")
-    p.add_argument("--reps", type=int, default=5, help="timed steps, each after a GEMM peak rep (default 5)")
+    p.add_argument("--reps", type=int, default=8, help="timed steps, each after a GEMM peak rep (default 8)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--no-split", action="store_true", help="skip the profiled step")
     p.add_argument("--threads", type=int, default=0,
