@@ -265,8 +265,18 @@ def prepare(root: Path, tag: str) -> Path:
 
 
 def write_part(tmp: Path, rank: int) -> None:
-    """Every rank: the size and checksum of each file it wrote into tmp, as `.part-RANK.json`."""
-    write_json(tmp / f".part-{rank:05d}.json", {"entries": forget(tmp)})
+    """Every rank: the size and checksum of each file it wrote into tmp, as `.part-RANK.json`.
+    Written under another name and renamed: rank 0 reads a part as soon as it exists."""
+    final = tmp / f".part-{rank:05d}.json"
+    part = final.with_name(final.name + ".tmp")
+    try:
+        with open(part, "w") as f:
+            json.dump({"entries": forget(tmp)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, final)
+    except OSError as e:
+        raise _fail(final, e) from e
 
 
 def commit(root: Path, tmp: Path, tag: str, world: int, meta: dict, timeout_s: float = 300) -> Path:
