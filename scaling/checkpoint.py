@@ -235,16 +235,11 @@ class Checkpointer:
     def _agree_prepared(self, err: CheckpointError | None) -> None:
         """Every rank learns whether rank 0 could create the temporary directory (instead of
         waiting in a barrier for a rank that already raised); rank 0's error names the path."""
-        if not self.tr.dims.distributed:
-            if err is not None:
-                raise err
-            return
-        import torch.distributed as dist
-        t = torch.tensor([0 if err is None else 1], device=self.tr.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        from scaling import signals
+        failed = signals.agree(err is not None, self.tr.dims, self.tr.device)
         if err is not None:
             raise err
-        if t.item():
+        if failed:
             raise CheckpointError(f"checkpoint: rank 0 could not create {io.tmp_dir(self.root, io.tag_for(self.tr.step))} "
                                   "(its error names the cause)")
 

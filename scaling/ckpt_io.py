@@ -91,20 +91,23 @@ def arm_faults(step: int) -> None:
     _fault_armed["step"] = step
 
 
-def _maybe_fault(path: Path, after: bool = False) -> None:
-    """The injected fault, if armed for this save: ENOSPC before the first write, or a hang
-    after it (so the temporary directory holds a partial checkpoint when the test kills us)."""
+_FAULT_STAGE = {"enospc": "write", "hang": "after", "mkdir": "mkdir"}
+
+
+def _maybe_fault(path: Path, stage: str = "write") -> None:
+    """The injected fault, if armed for this save and meant for this stage: ENOSPC before the
+    first write ('write') or when creating the temporary directory ('mkdir'), or a hang after
+    the first write ('after': the directory holds a partial checkpoint when the test kills us)."""
     spec = os.environ.get(FAULT_ENV, "")
     if not spec or _fault_armed["step"] is None:
         return
     kind, _, at = spec.partition("@")
-    if (at and int(at) != _fault_armed["step"]) or after != (kind == "hang") or kind == "mkdir":
+    if (at and int(at) != _fault_armed["step"]) or _FAULT_STAGE.get(kind) != stage:
         return
     _fault_armed["step"] = None  # fire once
-    if kind == "enospc":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
     if kind == "hang":
         time.sleep(1e9)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 def _fail(path: Path, e: BaseException) -> CheckpointError:
@@ -181,7 +184,7 @@ def write_stream(path: Path, fill) -> None:
                 raise (w.error or e) from None  # the OS's own words (e.g. no space left), not torch's
             os.fsync(raw.fileno())
         _record(path, w.size, w.h)
-        _maybe_fault(path, after=True)
+        _maybe_fault(path, stage="after")
     except CheckpointError:
         raise
     except Exception as e:
@@ -205,7 +208,7 @@ def write_with(path: Path, writer) -> None:
         fsync_path(path)
         h, size = digest_file(path)
         _record(path, size, h)
-        _maybe_fault(path, after=True)
+        _maybe_fault(path, stage="after")
     except CheckpointError:
         raise
     except Exception as e:
@@ -255,9 +258,7 @@ def prepare(root: Path, tag: str) -> Path:
         for p in root.glob(".del-*"):
             shutil.rmtree(p, ignore_errors=True)
         t = tmp_dir(root, tag)
-        spec = os.environ.get(FAULT_ENV, "")
-        if spec.startswith("mkdir@") and _fault_armed["step"] == int(spec.partition("@")[2]):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(t))
+        _maybe_fault(t, stage="mkdir")
         t.mkdir()
         return t
     except OSError as e:

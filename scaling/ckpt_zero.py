@@ -203,15 +203,11 @@ def load_zero(engine, path: Path, old: dict, new: dict, dims) -> None:
 
 
 def _agree_ok(err: str, dims, device) -> None:
-    if not dims.distributed:
-        if err:
-            raise io.CheckpointError(f"checkpoint: universal conversion failed: {err}")
-        return
-    import torch.distributed as dist
-    t = torch.tensor([1 if err else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    if t.item():
-        raise io.CheckpointError(f"checkpoint: universal conversion failed on rank 0: {err or 'see its log'}")
+    """Every rank raises if rank 0's conversion failed (rank 0 with its error)."""
+    from scaling import signals
+    if signals.agree(bool(err), dims, device):
+        where = " on rank 0" if dims.distributed else ""
+        raise io.CheckpointError(f"checkpoint: universal conversion failed{where}: {err or 'see its log'}")
 
 
 def export_weights(path: Path, ema: bool) -> dict[str, torch.Tensor]:
