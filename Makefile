@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install -c constraints.txt torch==2.13.0
 	$(PIP) install -c constraints.txt -e ".[test,vae]"
-	$(BIN)/python -m scaling.warmup
+	$(BIN)/python -m vidscale.scaling.warmup
 	touch $(STAMP)
 
 # The headline: a tiny IsoFLOP sweep (3 widths x 2 budgets, each run on 2 Ray workers with

@@ -22,7 +22,7 @@ from pathlib import Path
 
 def with_run_dir(cfg):
     """Fix the run dir (absolute) before anything starts, so every rank and record agrees."""
-    from scaling.train import default_run_dir
+    from vidscale.scaling.train.loop import default_run_dir
     run_dir = Path(cfg.train.run_dir or default_run_dir(cfg)).absolute()
     return replace(cfg, train=replace(cfg.train, run_dir=str(run_dir)))
 
@@ -34,27 +34,27 @@ def launch(cfg, *, wait: bool = False, detach: bool = False, command: list[str] 
     if detach and how == "local":
         raise ValueError("--detach needs --launcher ray or slurm (a local run lives in this process)")
     if how == "slurm":
-        from cluster.slurm import submit
+        from vidscale.cluster.slurm import submit
         return submit(cfg, wait=wait, command=command)
     if how == "ray":
-        from cluster.ray_launcher import launch_ray
+        from vidscale.cluster.ray_launcher import launch_ray
         return launch_ray(cfg, wait=wait, detach=detach, command=command)
     return launch_here(cfg, command)
 
 
 def launch_here(cfg, command: list[str]) -> int:
-    from cluster.job import new_job
-    from scaling.signals import EXIT_REQUEUE
+    from vidscale.cluster.job import new_job
+    from vidscale.scaling.train.signals import EXIT_REQUEUE
     job = new_job("local", cfg.train.run_dir, command, state="RUNNING", pid=os.getpid())
     job.save()
     code = 1
     signal.signal(signal.SIGTERM, _interrupt)  # `vidscale cancel`: record it, stop the ranks
     try:
         if cfg.cluster.nproc > 1:
-            from cluster.local import launch_local
+            from vidscale.cluster.local import launch_local
             code = launch_local(cfg)
         else:
-            from scaling.train import train
+            from vidscale.scaling.train.loop import train
             result = train(cfg)
             print(json.dumps(result))
             code = EXIT_REQUEUE if result.get("preempted") else 0

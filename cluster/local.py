@@ -1,7 +1,7 @@
 """`vidscale train RECIPE --nproc N`: N training processes on this machine.
 
 Each process gets the environment torchrun would give it (RANK, WORLD_SIZE, LOCAL_RANK,
-LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and runs `python -m scaling.train`, which
+LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and runs `python -m vidscale.scaling.train.loop`, which
 reads the resolved recipe from VIDSCALE_CONFIG and calls the same `train(cfg)` as every
 other launcher. Rank 0's output is shown; the other ranks write RUN_DIR/logs/rankR.log.
 If one rank fails, the others are stopped at once and the launcher exits with the
@@ -28,8 +28,8 @@ def free_port() -> int:
 
 def check_layout(cfg, nproc: int) -> None:
     """Every layout mistake as a one-line ValueError, before any process starts."""
-    from scaling.config import model_config
-    from scaling.parallel_dims import ParallelDims
+    from vidscale.scaling.config import model_config
+    from vidscale.scaling.parallel.dims import ParallelDims
 
     ParallelDims.validate(nproc, cfg.parallel.ulysses, cfg.parallel.ring, model_config(cfg.model).heads,
                           where=f"--nproc {nproc}")
@@ -70,9 +70,9 @@ def _stop(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
 
 def launch_local(cfg) -> int:
     """Start `cluster.nproc` ranks of `train(cfg)` here; return 0 or the failing rank's code."""
-    from scaling.config import save_config
-    from scaling.signals import EXIT_REQUEUE
-    from scaling.train import default_run_dir
+    from vidscale.scaling.config import save_config
+    from vidscale.scaling.train.signals import EXIT_REQUEUE
+    from vidscale.scaling.train.loop import default_run_dir
 
     nproc = cfg.cluster.nproc
     check_layout(cfg, nproc)
@@ -97,7 +97,7 @@ def launch_local(cfg) -> int:
             if rank > 0:
                 out = open(logs / f"rank{rank}.log", "w")
                 files.append(out)
-            procs.append(subprocess.Popen([sys.executable, "-m", "scaling.train"], env=env, stdout=out,
+            procs.append(subprocess.Popen([sys.executable, "-m", "vidscale.scaling.train.loop"], env=env, stdout=out,
                                           stderr=subprocess.STDOUT if out else None,
                                           preexec_fn=_die_with_parent))
         while True:

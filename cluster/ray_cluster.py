@@ -1,8 +1,8 @@
 """Start and stop a local Ray cluster (head node) that outlives one command: the target of
 detached Ray jobs on this machine, and the cluster the tests share.
 
-    python -m cluster.ray_cluster up [--num-cpus N] [--dir DIR]   # prints RAY_ADDRESS=http://...
-    python -m cluster.ray_cluster down [--dir DIR]                # stops only that cluster
+    python -m vidscale.cluster.ray_cluster up [--num-cpus N] [--dir DIR]   # prints RAY_ADDRESS=http://...
+    python -m vidscale.cluster.ray_cluster down [--dir DIR]                # stops only that cluster
 
 The head runs as `ray start --head --block` in its own process group, bound to 127.0.0.1
 (node address and dashboard / job server); `down` sends that process SIGTERM, which drains
@@ -149,7 +149,7 @@ def stop_head(head: RayHead | None = None, dir: str | Path = DEFAULT_DIR, timeou
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cluster.ray_cluster", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m vidscale.cluster.ray_cluster", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["up", "down"])
     p.add_argument("--num-cpus", type=int, default=max(4, os.cpu_count() or 1))
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.action == "up":
         head = start_head(a.num_cpus, a.num_gpus, a.dir)
         print(f"RAY_ADDRESS={head.dashboard}")
-        print(f"# ray.init(address='{head.gcs_address}'); stop with: python -m cluster.ray_cluster down --dir {a.dir}",
+        print(f"# ray.init(address='{head.gcs_address}'); stop with: python -m vidscale.cluster.ray_cluster down --dir {a.dir}",
               file=sys.stderr)
         return 0
     print("stopped" if stop_head(dir=a.dir) else "no Ray head recorded in " + a.dir)

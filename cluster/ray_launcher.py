@@ -4,7 +4,7 @@
                                          an embedded local cluster (127.0.0.1) started and
                                          stopped here when there is no address
     launch_ray(cfg, detach=True)         a Ray job (JobSubmissionClient) whose entrypoint is
-                                         `python -m cluster.ray_launcher RUN_DIR/launch.yaml`
+                                         `python -m vidscale.cluster.ray_launcher RUN_DIR/launch.yaml`
 
 Ray Train's TorchTrainer creates the process group (gloo on CPU, nccl on GPU) and sets
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; `train(cfg)` reuses it.
@@ -56,7 +56,7 @@ def check_request(cfg) -> None:
         raise ValueError(f"cluster.gpus_per_worker = {c.gpus_per_worker}: expected 0 or more")
     if c.max_failures < -1:
         raise ValueError(f"cluster.max_failures = {c.max_failures}: expected -1 (no limit), 0 or more")
-    from cluster.local import check_layout
+    from vidscale.cluster.local import check_layout
     check_layout(cfg, c.nproc)
 
 
@@ -93,9 +93,9 @@ def _is_restart(run_dir: Path, launch_id: str) -> bool:
 
 def train_worker(config: dict) -> None:
     """Ray Train's per-worker function: one rank of `train(cfg)`."""
-    from cluster.slurm import REQUEUE_MARKER
-    from scaling.config import load_config
-    from scaling.train import train
+    from vidscale.cluster.slurm import REQUEUE_MARKER
+    from vidscale.scaling.config import load_config
+    from vidscale.scaling.train.loop import train
 
     cfg = load_config(config["config_path"])
     run_dir = Path(cfg.train.run_dir)
@@ -103,7 +103,7 @@ def train_worker(config: dict) -> None:
         cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, resume="auto"))
         print(f"vidscale: worker group restarted; rank {os.environ.get('RANK')} resumes from the latest "
               "complete checkpoint", flush=True)
-    from cluster.slurm_task import watch_stop_file
+    from vidscale.cluster.slurm_task import watch_stop_file
     watch_stop_file(config.get("stop_file", ""))
     result = train(cfg)
     if result.get("preempted") and os.environ.get("RANK", "0") == "0":
@@ -112,7 +112,7 @@ def train_worker(config: dict) -> None:
 
 # -- the driver ------------------------------------------------------------------------------------
 def write_config(cfg) -> Path:
-    from scaling.config import save_config
+    from vidscale.scaling.config import save_config
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CONFIG
@@ -122,7 +122,7 @@ def write_config(cfg) -> Path:
 
 def run_trainer(cfg, address: str = "", nodes: int = 1) -> int:
     """Run the training here as the Ray driver; returns 0 on success, 1 on failure."""
-    from cluster.ray_cluster import use_token_auth
+    from vidscale.cluster.ray_cluster import use_token_auth
     use_token_auth()  # before ray is imported: it reads the mode once
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -181,7 +181,7 @@ def _raise_interrupt(signum, frame):  # noqa: ARG001
 
 
 def launch_ray(cfg, wait: bool = False, detach: bool = False, command: list[str] | None = None) -> int:
-    from cluster.job import new_job
+    from vidscale.cluster.job import new_job
     check_request(cfg)
     address = address_of(cfg)
     if detach or is_job_server(address):
@@ -206,12 +206,12 @@ def launch_ray(cfg, wait: bool = False, detach: bool = False, command: list[str]
 
 # -- Ray jobs ---------------------------------------------------------------------------------------
 def _client(address: str):
-    from cluster.ray_cluster import use_token_auth
+    from vidscale.cluster.ray_cluster import use_token_auth
     use_token_auth()  # before ray is imported: it reads the mode once
     from ray.job_submission import JobSubmissionClient
     if not address:
         raise ValueError("a Ray job needs a running cluster: pass --address (or set RAY_ADDRESS) to its "
-                         "dashboard, e.g. http://127.0.0.1:8265; start one with `python -m cluster.ray_cluster up`")
+                         "dashboard, e.g. http://127.0.0.1:8265; start one with `python -m vidscale.cluster.ray_cluster up`")
     return JobSubmissionClient(address)
 
 
@@ -221,12 +221,12 @@ def _local(address: str) -> bool:
 
 
 def submit_job(cfg, address: str, wait: bool = False, command: list[str] | None = None) -> int:
-    from cluster.job import new_job
+    from vidscale.cluster.job import new_job
     client = _client(address)
     path = write_config(cfg)
     # on this machine the job runs this interpreter; elsewhere, the cluster's `python`
     python = sys.executable if _local(address) else "python"
-    entry = f"{shlex.quote(python)} -m cluster.ray_launcher {shlex.quote(str(path))}"
+    entry = f"{shlex.quote(python)} -m vidscale.cluster.ray_launcher {shlex.quote(str(path))}"
     sub_id = f"vidscale-{re.sub(r'[^A-Za-z0-9_-]', '_', cfg.name)[:40]}-{uuid.uuid4().hex[:8]}"
     deadline = time.monotonic() + 90
     while True:
@@ -282,12 +282,12 @@ def cancel_job(job) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entrypoint of a Ray job (and of Ray on Slurm): run the trainer on the current cluster."""
-    p = argparse.ArgumentParser(prog="python -m cluster.ray_launcher")
+    p = argparse.ArgumentParser(prog="python -m vidscale.cluster.ray_launcher")
     p.add_argument("config", help="RUN_DIR/launch.yaml")
     p.add_argument("--address", default="auto", help="Ray cluster to use (default: the one this job runs on)")
     p.add_argument("--nodes", type=int, default=1, help="wait until this many Ray nodes have joined")
     a = p.parse_args(argv)
-    from scaling.config import load_config
+    from vidscale.scaling.config import load_config
     cfg = load_config(a.config)
     # Ray on Slurm: the batch script forwards its pre-emption USR1 here too; it must not kill
     # the driver (the workers see the stop file and checkpoint), and a requeued job resumes
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _wait_for_nodes(address: str, n: int, timeout_s: float = 300) -> None:
-    from cluster.ray_cluster import use_token_auth
+    from vidscale.cluster.ray_cluster import use_token_auth
     use_token_auth()
     import ray
     ray.init(address=address, logging_level="WARNING")

@@ -1,7 +1,7 @@
 """The Slurm launcher: render a readable sbatch script into the run dir, check that the
 cluster can ever run it, submit it with `sbatch --parsable`, follow, query and cancel it.
 
-Every rank is one `srun` task running `python -m cluster.slurm_task`, which maps
+Every rank is one `srun` task running `python -m vidscale.cluster.slurm_task`, which maps
 SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID to the torch.distributed environment and calls
 the same `train(cfg)` as every other launcher. Pre-emption and the time limit: Slurm sends
 USR1 to the batch shell (`--signal=B:USR1@N`); its trap forwards USR1 to the ranks, which
@@ -151,7 +151,7 @@ def render(p: SlurmPlan, python: str = sys.executable) -> str:
     if p.ray:
         body = _ray_body(p, python)
     else:
-        body = f"""srun --kill-on-bad-exit=1 {q(python)} -m cluster.slurm_task &
+        body = f"""srun --kill-on-bad-exit=1 {q(python)} -m vidscale.cluster.slurm_task &
 step=$!"""
     return f"""#!/bin/bash
 # vidscale run '{p.job_name}': {p.ntasks} ranks = {p.nodes} node(s) x {p.ntasks_per_node} task(s).
@@ -219,7 +219,7 @@ for node in "${{nodes[@]:1}}"; do
   srun --nodes=1 --ntasks=1 --cpus-per-task={cpus} -w "$node" \\
     {ray} start --address="$address" --block {res} --disable-usage-stats > "$RUN_DIR/ray-$node.log" 2>&1 &
 done
-{q(python)} -m cluster.ray_launcher "$VIDSCALE_CONFIG" --address "$address" --nodes {p.nodes} &
+{q(python)} -m vidscale.cluster.ray_launcher "$VIDSCALE_CONFIG" --address "$address" --nodes {p.nodes} &
 step=$!"""
 
 
@@ -270,7 +270,7 @@ def check_feasible(p: SlurmPlan, script: Path) -> None:
 # -- submit, query, follow, cancel -------------------------------------------------------------
 def write_job(cfg) -> tuple[SlurmPlan, Path]:
     """Write RUN_DIR/launch.yaml (what the ranks load) and RUN_DIR/job.sbatch."""
-    from scaling.config import save_config
+    from vidscale.scaling.config import save_config
     p = plan(cfg)
     p.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, p.run_dir / CONFIG)
@@ -280,7 +280,7 @@ def write_job(cfg) -> tuple[SlurmPlan, Path]:
 
 
 def submit(cfg, wait: bool = False, command: list[str] | None = None) -> int:
-    from cluster.job import new_job
+    from vidscale.cluster.job import new_job
     p, script = write_job(cfg)
     check_feasible(p, script)
     r = _run(["sbatch", "--parsable", str(script)], check=True)

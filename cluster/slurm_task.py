@@ -1,4 +1,4 @@
-"""One rank of a Slurm job (`srun python -m cluster.slurm_task`, started by RUN_DIR/job.sbatch).
+"""One rank of a Slurm job (`srun python -m vidscale.cluster.slurm_task`, started by RUN_DIR/job.sbatch).
 
 Maps Slurm's task environment to the one torch.distributed expects (MASTER_ADDR and
 MASTER_PORT come from the batch script), loads RUN_DIR/launch.yaml and calls `train(cfg)`.
@@ -34,7 +34,7 @@ def watch_stop_file(path: str, poll_s: float = 0.5) -> None:
         return
 
     def poll():
-        from scaling import signals
+        from vidscale.scaling.train import signals
         while True:
             if os.path.exists(path):
                 signals.request_save()
@@ -49,9 +49,9 @@ def main() -> int:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     os.environ.update(torch_env(os.environ))
     watch_stop_file(os.environ.get("VIDSCALE_STOP_FILE", ""))
-    from cluster.slurm import REQUEUE_MARKER
-    from scaling.config import load_config
-    from scaling.train import train
+    from vidscale.cluster.slurm import REQUEUE_MARKER
+    from vidscale.scaling.config import load_config
+    from vidscale.scaling.train.loop import train
 
     cfg = load_config(os.environ["VIDSCALE_CONFIG"])
     if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 and not cfg.checkpoint.resume:

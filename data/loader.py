@@ -42,9 +42,9 @@ from typing import Iterator
 
 import torch
 
-from data.packing import Item, Packer, drop_tokens, pack_dropped, too_long
-from data.synthetic import synthetic_video
-from models.packed import PackedMeta
+from vidscale.data.packing import Item, Packer, drop_tokens, pack_dropped, too_long
+from vidscale.data.synthetic import synthetic_video
+from vidscale.models.packed import PackedMeta
 
 log = logging.getLogger("vidscale.data")
 STATE_VERSION = 1
@@ -389,7 +389,7 @@ def build_loader(cfg, dp_rank: int = 0, dp_size: int = 1, multiple: int = 1) -> 
     if cfg.data.source == "synthetic":
         source = SyntheticSource(cfg)
     else:
-        from data.shards import ShardSource  # real shards (vidscale prepare)
+        from vidscale.data.shards import ShardSource  # real shards (vidscale prepare)
         source = ShardSource(cfg.data.source, cfg)
     d = cfg.data
     return PackedLoader(source, cfg.train.tokens_per_batch, dp_rank, dp_size, cfg.train.seed, d.lookahead,

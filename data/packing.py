@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from models.packed import PackedMeta, patch_coords, patchify
+from vidscale.models.packed import PackedMeta, patch_coords, patchify
 
 
 @dataclass

@@ -42,7 +42,7 @@ def render(shape: str, color: str, bg: str, motion: str, H: int, W: int, T: int,
 def make_videos(out: str | Path, n: int, sizes=((48, 64), (64, 48), (96, 128), (128, 96)),
                 frames=(9, 33), fps: int = 8, seed: int = 0, ext: str = ".mp4") -> list[Path]:
     """Write `n` videos with `.txt` caption sidecars into `out`; returns the video paths."""
-    from data.video import write_video
+    from vidscale.data.video import write_video
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -167,7 +167,7 @@ def check_source(cfg) -> dict:
         raise ValueError(f"data.source = {src!r} holds {D}-wide text tokens but model.text_dim = "
                          f"{cfg.model.text_dim}: set model.text_dim={D}")
     pt, ph, pw = cfg.model.patch
-    from data.packing import drop_tokens, too_long
+    from vidscale.data.packing import drop_tokens, too_long
     budget = cfg.train.tokens_per_batch
     for s in index["shards"]:
         for key, (T, H, W) in zip(s["keys"], s["shapes"]):

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.embeddings import apply_rope
-from models.fused import rms_norm
-from models.packed import PackedMeta
+from vidscale.models.embeddings import apply_rope
+from vidscale.models.fused import rms_norm
+from vidscale.models.packed import PackedMeta
 
 
 class PackedAttentionKernel(Protocol):

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.attention import CrossAttention, PackedAttentionKernel, SelfAttention, get_kernel, local_pieces
-from models.embeddings import CaptionEmbedder, RoPE3D, TimestepEmbedder
-from models.fused import segment_gated_add
-from models.packed import PackedMeta
+from vidscale.models.attention import CrossAttention, PackedAttentionKernel, SelfAttention, get_kernel, local_pieces
+from vidscale.models.embeddings import CaptionEmbedder, RoPE3D, TimestepEmbedder
+from vidscale.models.fused import segment_gated_add
+from vidscale.models.packed import PackedMeta
 
 
 @dataclass

@@ -159,7 +159,7 @@ def build_latent_encoder(spec: str, channels: int = 4, device: str = "cpu"):
     if kind in ("wan", "cogvideox"):
         return DiffusersVAE(kind, arg, device=device)
     if kind == "vae":  # a VAE trained by vidscale (models/vae.py)
-        from models.vae import VAELatentEncoder, load_vae
+        from vidscale.models.vae import VAELatentEncoder, load_vae
         return VAELatentEncoder(load_vae(arg, device))
     if kind == "raw":
         return RawFrames()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from models.dit import DiTConfig
+from vidscale.models.dit import DiTConfig
 
 # name: (hidden, depth, heads, mlp_ratio)
 SIZES: dict[str, tuple[int, int, int, float]] = {

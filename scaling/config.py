@@ -343,7 +343,7 @@ def _recipe_layers(path: Path) -> list[tuple[Any, Path]]:
 
 def validate(cfg: Config, where: str) -> None:
     """Value checks that types alone cannot express. Raises RecipeError (one line)."""
-    from models.sizes import SIZES
+    from vidscale.models.sizes import SIZES
 
     def bad(key, value, expected):
         raise RecipeError(f"{where}: key '{key}' = {value!r}: expected {expected}")
@@ -384,7 +384,7 @@ def validate(cfg: Config, where: str) -> None:
         bad("parallel.zero_stage", cfg.parallel.zero_stage, "0, 1, 2 or 3")
     if cfg.cluster.nproc > 1 and cfg.parallel.zero_stage == 0:
         bad("parallel.zero_stage", 0, f"1, 2 or 3 for cluster.nproc={cfg.cluster.nproc} (0 is plain torch, one process)")
-    from scaling.parallel_dims import ParallelDims
+    from vidscale.scaling.parallel.dims import ParallelDims
     try:  # a one-process recipe may name an sp layout that a launcher's --nproc completes
         sp = cfg.parallel.ulysses * cfg.parallel.ring
         ParallelDims.validate(cfg.cluster.nproc if cfg.cluster.nproc > 1 else sp, cfg.parallel.ulysses,
@@ -419,7 +419,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def model_config(args: ModelArgs):
     """The `DiTConfig` a recipe's model section describes."""
-    from models.sizes import config_for
+    from vidscale.models.sizes import config_for
 
     over: dict[str, Any] = dict(patch=tuple(args.patch), in_channels=args.in_channels, text_dim=args.text_dim,
                                 qk_norm=args.qk_norm, attn_backend=args.attn_backend)

@@ -17,7 +17,7 @@ def root() -> Path:
 
 
 def vidscale_cmd() -> list[str]:
-    return [sys.executable, "-m", "scaling.cli"]
+    return [sys.executable, "-m", "vidscale.scaling.cli"]
 
 
 def wait_for(pred, timeout_s: float, what: str, poll_s: float = 0.2):
@@ -63,7 +63,7 @@ def slurm_cluster():
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster (head on 127.0.0.1, dashboard and job server); yields its RayHead."""
-    from cluster.ray_cluster import read_head, start_head, stop_head
+    from vidscale.cluster.ray_cluster import read_head, start_head, stop_head
     existing = read_head(RAY_TEST_DIR)
     try:
         head = start_head(num_cpus=4, dir=RAY_TEST_DIR)

@@ -13,10 +13,10 @@ import pytest
 import torch
 import xxhash
 
-from scaling import ckpt_io
-from scaling.checkpoint import CheckpointError, CorruptCheckpoint, resolve, rng_state, set_rng_state
-from scaling.config import load_config
-from scaling.train import train
+from vidscale.scaling.checkpoint import storage as ckpt_io
+from vidscale.scaling.checkpoint.manager import CheckpointError, CorruptCheckpoint, resolve, rng_state, set_rng_state
+from vidscale.scaling.config import load_config
+from vidscale.scaling.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["parallel.zero_stage=0", "logging.progress=false", "logging.tensorboard=false", "logging.every=1", "optim.warmup=2",
@@ -191,8 +191,8 @@ def _assert_same_state(a, b, where):
 def test_export_loads_into_videodit_without_deepspeed(tmp_path):
     from safetensors.torch import load_file
 
-    from scaling.commands.export import export
-    from scaling.weights import load_weights
+    from vidscale.scaling.cli.export import export
+    from vidscale.scaling.checkpoint.weights import load_weights
     _train(tmp_path, "train.steps=2", "checkpoint.every=2")
     for ema in (False, True):
         out = tmp_path / f"w{int(ema)}.safetensors"
@@ -205,9 +205,9 @@ def test_export_loads_into_videodit_without_deepspeed(tmp_path):
 
 
 def test_signal_requests_a_save_and_stops(tmp_path):
-    from scaling import signals
+    from vidscale.scaling.train import signals
     cfg = _cfg(tmp_path, "train.steps=6", "checkpoint.every=0")
-    from scaling.train import Trainer
+    from vidscale.scaling.train.loop import Trainer
     # the flag is read at the step boundary: request it before the first step ends
     orig = Trainer.train_step
 
@@ -229,11 +229,11 @@ def test_signal_requests_a_save_and_stops(tmp_path):
 def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    r = subprocess.run([sys.executable, "-m", "scaling.cli", "resume", str(run)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "resume", str(run)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "config.yaml: not found" in r.stderr
     (run / "config.yaml").write_text((ROOT / "recipes/debug.yaml").read_text())
-    r = subprocess.run([sys.executable, "-m", "scaling.cli", "resume", str(run)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "resume", str(run)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "no checkpoint to resume from" in lines[0], r.stderr

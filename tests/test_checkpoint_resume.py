@@ -12,8 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from scaling import ckpt_io
-from scaling.metrics import read_metrics
+from vidscale.scaling.checkpoint import storage as ckpt_io
+from vidscale.scaling.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--set", "logging.every=1", "--set", "logging.progress=false", "--set", "logging.tensorboard=false",
@@ -29,7 +29,7 @@ def _env(**extra):
 
 
 def _vidscale(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "scaling.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env or _env())
 
 
@@ -44,14 +44,14 @@ def _wait_for(cond, proc, timeout=240, what=""):
 
 
 def _rank_pids(launcher: int) -> dict[int, int]:
-    """rank -> pid of the `python -m scaling.train` children of a local launcher."""
+    """rank -> pid of the `python -m vidscale.scaling.train.loop` children of a local launcher."""
     out = {}
     for c in psutil.Process(launcher).children(recursive=True):
         try:
             env = c.environ()
         except psutil.Error:
             continue
-        if "RANK" in env and "scaling.train" in " ".join(c.cmdline()):
+        if "RANK" in env and "vidscale.scaling.train.loop" in " ".join(c.cmdline()):
             out[int(env["RANK"])] = c.pid
     return out
 
@@ -72,7 +72,7 @@ def test_kill9_mid_save_then_resume_is_exact(tmp_path):
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     run = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "scaling.cli", *train, "--run-dir", str(run)], cwd=ROOT,
+    p = subprocess.Popen([sys.executable, "-m", "vidscale.scaling.cli", *train, "--run-dir", str(run)], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=_env(**{ckpt_io.FAULT_ENV: "hang@6"}))  # stalls after the save's first file
     tmp = run / "checkpoints" / ".tmp-step_00000006"
@@ -98,7 +98,7 @@ def test_kill9_mid_save_then_resume_is_exact(tmp_path):
 
     # consolidated weights from the ZeRO shards load into a plain VideoDiT (no DeepSpeed)
     import torch
-    from scaling.weights import load_weights
+    from vidscale.scaling.checkpoint.weights import load_weights
     models = {}
     for ema in (False, True):
         out = tmp_path / f"w{int(ema)}.safetensors"
@@ -114,9 +114,9 @@ def test_kill9_mid_save_then_resume_is_exact(tmp_path):
 
 _CHECK_STATE = r"""
 import json, sys, torch, deepspeed
-from scaling.config import load_config
-from scaling.train import Trainer
-from scaling.ckpt_zero import export_weights
+from vidscale.scaling.config import load_config
+from vidscale.scaling.train.loop import Trainer
+from vidscale.scaling.checkpoint.zero import export_weights
 ckpt = sys.argv[1]
 cfg = load_config(ckpt + "/config.yaml", ["cluster.nproc=1", "checkpoint.resume=" + ckpt, "train.run_dir=" + sys.argv[2]])
 tr = Trainer(cfg)
@@ -138,7 +138,7 @@ def test_kill9_of_a_rank_mid_save_then_resume_dp2_as_dp1(tmp_path):
     step-3 checkpoint is intact and `vidscale resume --nproc 1` continues from it through the
     universal checkpoint: weights and EMA equal the saved ones exactly, training completes."""
     run = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "scaling.cli", "train", "recipes/debug.yaml", "--nproc", "2",
+    p = subprocess.Popen([sys.executable, "-m", "vidscale.scaling.cli", "train", "recipes/debug.yaml", "--nproc", "2",
                           "--set", "train.steps=6", "--set", "checkpoint.every=3", *COMMON, "--run-dir", str(run)],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=_env(**{ckpt_io.FAULT_ENV: "hang@6"}))
@@ -182,7 +182,7 @@ def test_sigusr1_preemption_then_resume_sp2_as_dp2(tmp_path):
     """dp=1 x sp=2 with async saves: SIGUSR1 to ONE rank -> both finish the step, save, exit
     85; resumed as dp=2 x sp=1 with the loader remapped: the rest of the epoch is seen once."""
     run = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "scaling.cli", "train", "recipes/debug.yaml", "--nproc", "2",
+    p = subprocess.Popen([sys.executable, "-m", "vidscale.scaling.cli", "train", "recipes/debug.yaml", "--nproc", "2",
                           "--set", "parallel.ulysses=2", "--set", "train.steps=8", "--set", "checkpoint.every=2",
                           "--set", "checkpoint.async_save=true",
                           *COMMON, "--run-dir", str(run)],
@@ -212,7 +212,7 @@ def test_sigusr1_preemption_then_resume_sp2_as_dp2(tmp_path):
     assert f"resumed from {root / prev_tag} (step {prev}, saved with world 2 = dp 1 x sp 2, now world 2 = dp 2 x sp 1" in out
     assert sorted(_losses(run)) == list(range(1, 9))
     # the two new ranks' loader states at the end cover the old rank's unconsumed samples once
-    from data.loader import _positions, remap_loader_states
+    from vidscale.data.loader import _positions, remap_loader_states
     new = remap_loader_states(saved, 2)
     left = [set(_positions(s["ranges"])) for s in new]
     assert not (left[0] & left[1])

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from scaling.config import RecipeError, load_config
+from vidscale.scaling.config import RecipeError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml"))
@@ -16,7 +16,7 @@ def test_there_are_recipes():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_recipe_loads(path):
     if "sweeps" in path.parts or path.name.startswith("sweep"):
-        from scaling.sweep import load_sweep  # sweep files have their own schema
+        from vidscale.scaling.study.plan import load_sweep  # sweep files have their own schema
         load_sweep(path)
     else:
         cfg = load_config(path)

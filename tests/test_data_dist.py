@@ -23,7 +23,7 @@ def test_truncated_shard_never_leaves_a_rank_waiting(tmp_path):
         truncate(src / s["name"], 0.4)
     run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "scaling.cli", "train", "recipes/debug.yaml", "--nproc", "2",
+    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "train", "recipes/debug.yaml", "--nproc", "2",
                         "--run-dir", str(run), "--set", f"data.source={src}", "--set", "parallel.zero_stage=1",
                         "--set", "train.tokens_per_batch=64", "--set", "data.lookahead=4",
                         "--set", "train.steps=8", "--set", "logging.every=1", "--set", "checkpoint.every=0",

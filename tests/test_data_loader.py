@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.loader import build_loader, remap_loader_states
-from data.shards import ShardWriter
-from scaling.config import load_config
+from vidscale.data.loader import build_loader, remap_loader_states
+from vidscale.data.shards import ShardWriter
+from vidscale.scaling.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,8 +166,8 @@ def test_token_dropping_and_too_long_videos(tmp_path):
 def test_training_on_shards_with_workers_resumes_bit_for_bit(tmp_path):
     """The trainer's checkpoint holds the loader state: a run resumed at step 3 continues with
     exactly the losses of the uninterrupted run (same batches from the shards)."""
-    from scaling.metrics import read_metrics
-    from scaling.train import train
+    from vidscale.scaling.train.metrics import read_metrics
+    from vidscale.scaling.train.loop import train
     src = write_shards(tmp_path / "s", n=40)
     common = ["parallel.zero_stage=0", "data.workers=2", "train.steps=6", "checkpoint.every=3", "logging.every=1",
               "logging.progress=false", "logging.tensorboard=false", "train.val_videos=1"]

@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from data.packing import Item, Packer, drop_tokens, pack_all, pack_dropped
-from models.packed import pack
-from scaling.bench.packing import bucket_efficiency, pad_efficiency, video_distribution
+from vidscale.data.packing import Item, Packer, drop_tokens, pack_all, pack_dropped
+from vidscale.models.packed import pack
+from vidscale.scaling.bench.packing import bucket_efficiency, pad_efficiency, video_distribution
 
 
 @pytest.mark.parametrize("budget,lookahead", [(100, 1), (100, 8), (1000, 64), (37, 5)])

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.shapes import render
-from data.video import decode_clips, write_video
+from vidscale.data.shapes import render
+from vidscale.data.video import decode_clips, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def _assert_same_shard(a: Path, b: Path) -> None:
 def test_prepare_real_videos_then_train_on_the_shards(tmp_path):
     src, out = tmp_path / "videos", tmp_path / "shards"
     make_src(src)
-    r = subprocess.run([sys.executable, "-m", "scaling.cli", "prepare", str(src), str(out), "--no-progress",
+    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "prepare", str(src), str(out), "--no-progress",
                         "--set", "data.clip_frames=9", "--set", "data.max_clips=2",
                         "--set", f"data.captions={src / 'captions.jsonl'}", "--set", "data.shard_max_bytes=30000"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -66,8 +66,8 @@ def test_prepare_real_videos_then_train_on_the_shards(tmp_path):
     assert index["samples"] == 1 + 2 + 1 + 2 + 1 + 1 and index["failed"] == 1 and index["videos"] == 7
     assert index["channels"] == 4 and index["text_dim"] == 384 and len(index["shards"]) >= 2
 
-    from data.shards import ShardSource
-    from scaling.config import load_config
+    from vidscale.data.shards import ShardSource
+    from vidscale.scaling.config import load_config
     cfg = load_config(ROOT / "recipes/debug.yaml", [f"data.source={out}"])
     source = ShardSource(out, cfg)
     samples = {s[2]["source"].split("/")[-1] + str(s[2]["frame_range"]): s for _, s, _ in source.stream(
@@ -78,13 +78,13 @@ def test_prepare_real_videos_then_train_on_the_shards(tmp_path):
     assert samples["f.mp4[0, 9]"][2]["caption"] == "sidecar f.mp4"
     assert samples["a.mp4[0, 9]"][0].shape == (4, 3, 4, 6)
     # the stored latent is the pixel encoding of the decoded frames (bf16 on disk)
-    from models.latent import PixelEncoder
+    from vidscale.models.latent import PixelEncoder
     clip = list(decode_clips(src / "b.mp4", 9, 16))[1]
     x = torch.from_numpy(np.ascontiguousarray(clip.frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
     assert torch.allclose(lat.float(), PixelEncoder(4).encode(x)[0], atol=0.02)
 
     # decoding in worker processes writes the same bytes
-    from scaling.commands.prepare import prepare
+    from vidscale.scaling.cli.prepare import prepare
     pcfg = load_config(None, ["data.clip_frames=9", "data.max_clips=2", f"data.captions={src / 'captions.jsonl'}",
                               "data.shard_max_bytes=30000"])
     again = prepare(src, tmp_path / "again", pcfg, progress=False, workers=2)
@@ -93,7 +93,7 @@ def test_prepare_real_videos_then_train_on_the_shards(tmp_path):
         _assert_same_shard(tmp_path / "again" / s["name"], out / s["name"])
 
     # two parallel parts into one folder: the last one to finish writes the joint index
-    from data.shards import merge_parts
+    from vidscale.data.shards import merge_parts
     assert prepare(src, tmp_path / "parts", pcfg, progress=False, part=(1, 2))["samples"] > 0
     assert merge_parts(tmp_path / "parts", 2) is None and not (tmp_path / "parts" / "index.json").exists()
     prepare(src, tmp_path / "parts", pcfg, progress=False, part=(0, 2))
@@ -104,8 +104,8 @@ def test_prepare_real_videos_then_train_on_the_shards(tmp_path):
            ShardSource(tmp_path / "parts", pcfg).stream(list(range(joint["samples"])))}
     assert got == {(m["source"], tuple(m["frame_range"])) for _, _, m in samples.values()}
 
-    from scaling.metrics import read_metrics
-    from scaling.train import train
+    from vidscale.scaling.train.metrics import read_metrics
+    from vidscale.scaling.train.loop import train
     run = tmp_path / "run"
     cfg = load_config(ROOT / "recipes/debug.yaml", [f"data.source={out}", f"train.run_dir={run}", "train.steps=40",
                                                     "train.tokens_per_batch=128", "logging.every=1",
@@ -120,7 +120,7 @@ def test_prepare_real_videos_then_train_on_the_shards(tmp_path):
 
 
 def test_missing_or_mismatched_source_fails_before_training(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "scaling.cli", "train", "recipes/debug.yaml",
+    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "train", "recipes/debug.yaml",
                         "--set", f"data.source={tmp_path / 'nothing'}", "--run-dir", str(tmp_path / "run")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -141,7 +141,7 @@ def test_decode_resamples_frame_rate_and_limits_area(tmp_path):
 
 
 def test_caption_sidecars(tmp_path):
-    from scaling.commands.prepare import caption_for, load_captions
+    from vidscale.scaling.cli.prepare import caption_for, load_captions
     (tmp_path / "sub").mkdir()
     v1, v2, v3 = tmp_path / "sub" / "a.mp4", tmp_path / "b.webm", tmp_path / "c.gif"
     v2.with_suffix(".txt").write_text("from the txt\n")

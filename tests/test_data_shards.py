@@ -6,8 +6,8 @@ from types import SimpleNamespace as NS
 import pytest
 import torch
 
-from data.shards import ShardSource, ShardWriter, read_index
-from models.latent import DiffusersVAE, PixelEncoder, build_latent_encoder
+from vidscale.data.shards import ShardSource, ShardWriter, read_index
+from vidscale.models.latent import DiffusersVAE, PixelEncoder, build_latent_encoder
 
 
 def test_shard_round_trip_is_exact_in_bf16(tmp_path):
@@ -99,7 +99,7 @@ def test_diffusers_cogvideox_vae_from_a_local_folder(tmp_path):
 def test_local_t5_folder_loads_as_an_encoder_only_model(tmp_path):
     import transformers as tf
 
-    from models.text import TextEncoder, minilm_path
+    from vidscale.models.text import TextEncoder, minilm_path
     tf.AutoTokenizer.from_pretrained(str(minilm_path())).save_pretrained(tmp_path / "t5")
     torch.manual_seed(0)
     t5 = tf.T5EncoderModel(tf.T5Config(vocab_size=30522, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2))
@@ -114,7 +114,7 @@ def test_local_t5_folder_loads_as_an_encoder_only_model(tmp_path):
 
 
 def test_packaged_minilm_encodes_captions_offline():
-    from models.text import TextEncoder
+    from vidscale.models.text import TextEncoder
 
     enc = TextEncoder("minilm")
     a, b, c = enc.encode(["a red circle moving right", "a red disc moving to the right",

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from models.diffusion import DDPM, RectifiedFlow
-from models.dit import DiTConfig, VideoDiT
-from models.packed import pack
+from vidscale.models.diffusion import DDPM, RectifiedFlow
+from vidscale.models.dit import DiTConfig, VideoDiT
+from vidscale.models.packed import pack
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

@@ -11,8 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from scaling.cli import main
-from scaling.fit import fit, optimum, public
+from vidscale.scaling.cli.main import main
+from vidscale.scaling.study.fit import fit, optimum, public
 
 # Chinchilla's published fit, and a second law with beta > alpha and a low E. (E and the
 # exponents are only identifiable when the reducible loss over the sampled range is large
@@ -99,7 +99,7 @@ def test_bad_input_is_one_line(tmp_path):
     p = tmp_path / "r.csv"
     p.write_text("params,loss\n1,2\n")
     with pytest.raises(ValueError, match="tokens") as e:
-        from scaling.fit import read_results
+        from vidscale.scaling.study.fit import read_results
         read_results(p)
     assert "\n" not in str(e.value) and "r.csv" in str(e.value)
     with pytest.raises(ValueError, match="at least 5"):
@@ -137,7 +137,7 @@ def test_fit_cli_error_is_one_line(tmp_path, capsys):
 
 
 def test_report_writes_plots_and_markdown(tmp_path):
-    from scaling.report import PLOTS, write_report
+    from vidscale.scaling.study.report import PLOTS, write_report
     rows = sweep_rows(**LAWS["steep"], seed=2)
     r = fit(rows, budgets=[1e22], bootstrap=20)
     md = write_report(tmp_path, r, rows, title="test sweep")

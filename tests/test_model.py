@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.dit import DiTBlock, DiTConfig, VideoDiT
-from models.packed import pack, patchify, unpack, unpatchify
-from models.sizes import SIZES, config_for, param_count
-from scaling.flops import batch_forward_flops
+from vidscale.models.dit import DiTBlock, DiTConfig, VideoDiT
+from vidscale.models.packed import pack, patchify, unpack, unpatchify
+from vidscale.models.sizes import SIZES, config_for, param_count
+from vidscale.scaling.train.flops import batch_forward_flops
 
 torch.manual_seed(0)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "scaling.cli"]
+CLI = [sys.executable, "-m", "vidscale.scaling.cli"]
 
 
 def _env():

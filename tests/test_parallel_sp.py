@@ -10,14 +10,14 @@ import os
 import pytest
 import torch
 
-from cluster.local import spawn_ranks
+from vidscale.cluster.local import spawn_ranks
 
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]  # (ulysses, ring)
 
 
 def _model_and_batch():
-    from models.dit import DiTConfig, VideoDiT
-    from models.packed import pack
+    from vidscale.models.dit import DiTConfig, VideoDiT
+    from vidscale.models.packed import pack
 
     cfg = DiTConfig(hidden=48, depth=2, heads=4, in_channels=3, patch=(1, 2, 2), text_dim=32)
     torch.manual_seed(0)
@@ -41,9 +41,9 @@ def _model_and_batch():
 def _worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     import torch.distributed as dist
-    from models.attention import sdpa_loop
-    from scaling.parallel_dims import ParallelDims
-    from scaling.sequence_parallel import build_sp_attention
+    from vidscale.models.attention import sdpa_loop
+    from vidscale.scaling.parallel.dims import ParallelDims
+    from vidscale.scaling.parallel.sequence import build_sp_attention
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     m, x, t, meta, w = _model_and_batch()
@@ -97,7 +97,7 @@ def test_ulysses_ring_usp_equal_single_process(tmp_path):
 
 def test_ring_block_math_matches_torch_flash_kernel():
     """The matmul path (used off CPU) and the CPU flash path agree, forward and backward."""
-    from scaling.sequence_parallel import _block_attn, _block_attn_grad
+    from vidscale.scaling.parallel.sequence import _block_attn, _block_attn_grad
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(n, 4, 16, generator=g, dtype=torch.float64) for n in (30, 45, 45))

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.attention import equal_runs, sdpa_loop
-from models.dit import DiTConfig, VideoDiT
-from models.packed import pack
+from vidscale.models.attention import equal_runs, sdpa_loop
+from vidscale.models.dit import DiTConfig, VideoDiT
+from vidscale.models.packed import pack
 
 
 def cfg_(**kw):
@@ -154,7 +154,7 @@ def test_sequence_slices_match_the_full_sequence():
     h = torch.randn(meta.seq_len, cfg.hidden, dtype=torch.float64)
     text = torch.randn(meta.text.shape[0], cfg.hidden, dtype=torch.float64)
     full = blk.cross(h, text, meta)
-    from models.dit import Segments
+    from vidscale.models.dit import Segments
     shift, scale = (torch.randn(meta.num_videos + 1, cfg.hidden, dtype=torch.float64) for _ in range(2))
     full_mod = Segments(meta, meta.seq_len, h.device).norm_modulate(h, shift, scale, 1e-6)
     for r in range(3):
@@ -168,7 +168,7 @@ def test_sequence_slices_match_the_full_sequence():
 
 def test_compile_matches_eager():
     """model.compile: compiled blocks give the eager outputs and gradients (inductor, CPU C++)."""
-    from scaling.compile import apply_compile
+    from vidscale.scaling.parallel.compile import apply_compile
 
     cfg = cfg_(hidden=32, depth=1)
     m = model_(cfg, torch.float32)
@@ -184,7 +184,7 @@ def test_compile_matches_eager():
 def test_fused_rms_norm_and_gated_add_gradcheck():
     """The hand-written backward passes (models/fused.py) against autograd's numerical Jacobian,
     and their outputs against the plain torch ops."""
-    from models.fused import rms_norm, segment_gated_add
+    from vidscale.models.fused import rms_norm, segment_gated_add
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(7, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.diffusion import make_objective
-from models.dit import DiTConfig, VideoDiT
-from scaling.sample import clean_frame_mask, sample_latent
+from vidscale.models.diffusion import make_objective
+from vidscale.models.dit import DiTConfig, VideoDiT
+from vidscale.scaling.inference.sample import clean_frame_mask, sample_latent
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def test_sample_shapes(name, shape, patch):
 
 def test_guidance_mixes_conditional_and_unconditional():
     """cfg_scale g gives u + g (c - u): check against two separate unguided calls."""
-    from scaling.sample import guided_model_fn
+    from vidscale.scaling.inference.sample import guided_model_fn
     model, shape, patch = tiny_model(), (4, 2, 4, 4), (1, 2, 2)
     text = torch.randn(3, 8)
     x, t = torch.randn(8, 16), torch.tensor([500.0])
@@ -81,8 +81,8 @@ def test_sdedit_strength_zero_returns_input_and_one_ignores_it():
 def overfit(name: str, steps: int = 300, copies: int = 16):
     """Train a tiny DiT on one 4 x 2 x 4 x 4 clip, `copies` noisings of it per step (one packed
     batch: many timesteps per step at the cost of one tiny forward)."""
-    from data.synthetic import synthetic_video
-    from models.packed import pack
+    from vidscale.data.synthetic import synthetic_video
+    from vidscale.models.packed import pack
     torch.manual_seed(0)
     model = VideoDiT(DiTConfig(hidden=64, depth=2, heads=2, in_channels=4, patch=(1, 2, 2), text_dim=16))
     model.init_weights()

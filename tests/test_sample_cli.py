@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from data.shapes import render
-from data.video import write_video
+from vidscale.data.shapes import render
+from vidscale.data.video import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, timeout=600):
-    r = subprocess.run([sys.executable, "-m", "scaling.cli", *map(str, args)], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", *map(str, args)], cwd=ROOT, capture_output=True,
                        text=True, timeout=timeout, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, (args[0], r.stderr[-3000:])
     return r
@@ -69,7 +69,7 @@ def test_prepare_train_sample_through_the_cli(tmp_path):
     Image.fromarray(img).save(tmp_path / "first.png")
     cli("sample", run, "--prompt", "a yellow square", "--frames", 5, "--height", 32, "--width", 32, "--steps", 3,
         "--first-frame", tmp_path / "first.png", "--out", tmp_path / "i2v.png")
-    from models.latent import PixelEncoder
+    from vidscale.models.latent import PixelEncoder
     enc = PixelEncoder(4)
     x = torch.from_numpy(img).permute(2, 0, 1)[:, None][None].float() / 127.5 - 1
     want = ((enc.decode(enc.encode(x))[0, :, 0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
@@ -79,7 +79,7 @@ def test_prepare_train_sample_through_the_cli(tmp_path):
     # SDEdit at strength 0 returns the input video (through the latent encoder's round trip)
     cli("sample", run, "--prompt", "anything", "--frames", 5, "--height", 32, "--width", 32, "--steps", 4,
         "--init-video", src / "v0.mp4", "--strength", 0, "--out", tmp_path / "edit.png")
-    from scaling.sample import read_video
+    from vidscale.scaling.inference.sample import read_video
     v = read_video(src / "v0.mp4", 5, 32, 32)
     rt = ((enc.decode(enc.encode(v[None]))[0, :, :5].clamp(-1, 1) + 1) * 127.5).round().byte()
     for t in range(5):
@@ -92,7 +92,7 @@ def test_prepare_train_sample_through_the_cli(tmp_path):
         "--steps", 2, "--out", tmp_path / "e.png")
 
     # one-line errors
-    r = subprocess.run([sys.executable, "-m", "scaling.cli", "sample", str(run), "--frames", "4", "--out",
+    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "sample", str(run), "--frames", "4", "--out",
                         str(tmp_path / "x.mp4")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--frames 4" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 

@@ -88,7 +88,7 @@ def test_status_and_cancel(slurm_cluster, tmp_path):
     assert job_of(run)["state"] == "CANCELLED"
     # once squeue forgets the job (MinJobAge), status falls back to sacct, or without
     # accounting (this cluster) to the jobcomp log
-    from cluster.slurm import _jobcomp_line
+    from vidscale.cluster.slurm import _jobcomp_line
     wait_for(lambda: "JobState=CANCELLED" in _jobcomp_line(job_id), 30, "the jobcomp record")
 
 

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.job import new_job, read_job
-from cluster.slurm import plan, render, time_seconds
-from cluster.slurm_task import torch_env
-from scaling.config import load_config
+from vidscale.cluster.job import new_job, read_job
+from vidscale.cluster.slurm import plan, render, time_seconds
+from vidscale.cluster.slurm_task import torch_env
+from vidscale.scaling.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,9 +1,9 @@
 """The profiled time split attributes forward and backward work to the parts of the model."""
 import torch
 
-from models.dit import DiTConfig, VideoDiT
-from models.packed import pack
-from scaling.step_split import CATEGORIES, StepProfiler
+from vidscale.models.dit import DiTConfig, VideoDiT
+from vidscale.models.packed import pack
+from vidscale.scaling.train.step_split import CATEGORIES, StepProfiler
 
 
 def test_split_attributes_forward_backward_and_caller_ranges():

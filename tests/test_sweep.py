@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scaling.config import RecipeError
+from vidscale.scaling.config import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "recipes" / "debug.yaml"
@@ -23,7 +23,7 @@ def write_sweep(tmp_path, text: str, name: str = "sweep.yaml") -> Path:
 
 
 def _err(tmp_path, text):
-    from scaling.sweep import load_sweep
+    from vidscale.scaling.study.plan import load_sweep
     with pytest.raises(RecipeError) as e:
         load_sweep(write_sweep(tmp_path, text, "bad.yaml"))
     msg = str(e.value)
@@ -43,7 +43,7 @@ def test_sweep_mistakes_are_one_line_errors(tmp_path):
 
 
 def test_budget_too_small_for_a_run(tmp_path):
-    from scaling.sweep import load_sweep, plan
+    from vidscale.scaling.study.plan import load_sweep, plan
     s = load_sweep(write_sweep(tmp_path, "models: [debug]\nbudgets: [1e3]\n"))
     with pytest.raises(RecipeError, match="min_steps"):
         plan(s)
@@ -52,10 +52,10 @@ def test_budget_too_small_for_a_run(tmp_path):
 def test_steps_follow_from_the_flops_model(tmp_path):
     """steps = round(budget / E[FLOPs of a step]), E over the run's own packed batches."""
     import torch  # noqa: F401
-    from data.loader import build_loader
-    from scaling.config import model_config
-    from scaling.flops import train_flops
-    from scaling.sweep import PROBE_BATCHES, load_sweep, plan
+    from vidscale.data.loader import build_loader
+    from vidscale.scaling.config import model_config
+    from vidscale.scaling.train.flops import train_flops
+    from vidscale.scaling.study.plan import PROBE_BATCHES, load_sweep, plan
 
     s = load_sweep(write_sweep(tmp_path, """
 models: [tiny, {name: narrow, hidden: 64, depth: 2}]
@@ -86,7 +86,7 @@ cells: [{model: narrow, budget: 3e11, lr: 3e-3}]
     assert by[("h32d1", 1e11)].params < by[("tiny", 1e11)].params
     assert by[("h32d1", 1e11)].steps > by[("tiny", 1e11)].steps
     # attention is in the count: its quadratic term is over 1% of a step here
-    from scaling.flops import forward_flops
+    from vidscale.scaling.train.flops import forward_flops
     r = by[("tiny", 1e11)]
     loader = build_loader(r.cfg, 0, 1, multiple=1)
     metas = [next(loader)[1] for _ in range(PROBE_BATCHES)]
@@ -98,7 +98,7 @@ cells: [{model: narrow, budget: 3e11, lr: 3e-3}]
 
 
 def _sweep_cmd(path, *extra):
-    return [sys.executable, "-m", "scaling.cli", "sweep", str(path), "--progress-every", "2", *extra]
+    return [sys.executable, "-m", "vidscale.scaling.cli", "sweep", str(path), "--progress-every", "2", *extra]
 
 
 TINY = """

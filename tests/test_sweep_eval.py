@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scaling.config import load_config
+from vidscale.scaling.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,8 +20,8 @@ def _cfg(*over):
 
 
 def test_validation_set_is_held_out_and_fixed():
-    from models.diffusion import make_objective
-    from scaling.evaluate import VAL_OFFSET, validation_batches
+    from vidscale.models.diffusion import make_objective
+    from vidscale.scaling.train.evaluate import VAL_OFFSET, validation_batches
 
     obj = make_objective("flow")
     a = validation_batches(_cfg("train.seed=0", "train.tokens_per_batch=4096"), obj, multiple=1)
@@ -44,8 +44,8 @@ def test_validation_set_is_held_out_and_fixed():
 
 
 def test_val_loss_does_not_depend_on_grouping():
-    from scaling.evaluate import evaluate
-    from scaling.train import Trainer
+    from vidscale.scaling.train.evaluate import evaluate
+    from vidscale.scaling.train.loop import Trainer
 
     tr = Trainer(_cfg("parallel.zero_stage=0", "train.run_dir=/tmp/vidscale-eval-test"))
     with torch.no_grad():  # adaLN-Zero starts at a zero output: give the model a real one
@@ -68,7 +68,7 @@ def test_val_loss_is_the_same_on_every_layout(tmp_path):
             "--set", "logging.progress=false", "--set", "checkpoint.every=0"]
 
     def run(run_dir, *extra):
-        r = subprocess.run([sys.executable, "-m", "scaling.cli", "train", "recipes/debug.yaml", "--run-dir",
+        r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "train", "recipes/debug.yaml", "--run-dir",
                             str(run_dir), *base, *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
         return json.loads((run_dir / "final.json").read_text())

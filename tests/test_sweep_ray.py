@@ -24,7 +24,7 @@ min_steps: 3
 set: {{train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkpoint.every: 0,
       train.tokens_per_batch: 512}}
 """)
-    r = subprocess.run([sys.executable, "-m", "scaling.cli", "sweep", str(p), "--launcher", "ray", "--cpus", "2",
+    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "sweep", str(p), "--launcher", "ray", "--cpus", "2",
                         "--progress-every", "5"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = tmp_path / "out"
@@ -54,7 +54,7 @@ min_steps: 3
 set: {{train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkpoint.every: 0,
       train.tokens_per_batch: 512, cluster.slurm.time: "00:20:00"}}
 """)
-    r = subprocess.run([sys.executable, "-m", "scaling.cli", "sweep", str(p), "--launcher", "slurm",
+    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "sweep", str(p), "--launcher", "slurm",
                         "--progress-every", "5"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     with open(tmp_path / "out" / "results.csv", newline="") as f:
@@ -69,6 +69,6 @@ set: {{train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkp
         assert (tmp_path / "out" / "runs" / x["name"] / "job.sbatch").exists()
         assert 0 < float(x["loss"]) < 5
     # the same command again: nothing left to run
-    r = subprocess.run([sys.executable, "-m", "scaling.cli", "sweep", str(p), "--launcher", "slurm"],
+    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "sweep", str(p), "--launcher", "slurm"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "2 finished run(s) skipped; 0 to run" in r.stdout, r.stdout + r.stderr

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.e2e
 def test_train_debug_recipe_through_cli(tmp_path):
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "scaling.cli", "train", "recipes/debug.yaml", "--run-dir", str(run),
+    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "train", "recipes/debug.yaml", "--run-dir", str(run),
                         "--set", "train.steps=30", "--set", "logging.every=3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -29,7 +29,7 @@ def test_train_debug_recipe_through_cli(tmp_path):
 
 @pytest.mark.e2e
 def test_bad_recipe_fails_before_training(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "scaling.cli", "train", "recipes/debug.yaml",
+    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "train", "recipes/debug.yaml",
                         "--run-dir", str(tmp_path / "x"), "--set", "train.stepz=3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
@@ -39,9 +39,9 @@ def test_bad_recipe_fails_before_training(tmp_path):
 
 
 def test_training_loss_falls_on_synthetic_data(tmp_path):
-    from scaling.config import load_config
-    from scaling.train import train
-    from scaling.metrics import read_metrics
+    from vidscale.scaling.config import load_config
+    from vidscale.scaling.train.loop import train
+    from vidscale.scaling.train.metrics import read_metrics
     cfg = load_config(ROOT / "recipes/debug.yaml", [f"train.run_dir={tmp_path}", "train.steps=60",
                                                     "logging.every=1", "logging.progress=false",
                                                     "logging.tensorboard=false", "checkpoint.every=0"])

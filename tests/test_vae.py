@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.vae import VAEConfig, VideoVAE, latent_frames, psnr
+from vidscale.models.vae import VAEConfig, VideoVAE, latent_frames, psnr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def test_kl_and_reconstruction_terms():
 # A 16-channel VAE (x4 time, x4 space) on one 9-frame 16x16 clip of a moving circle: PSNR
 # starts near 13 dB; after 150 Adam steps it is above 20 dB (measured 23.4).
 def test_vae_overfits_a_tiny_clip():
-    from data.shapes import render
+    from vidscale.data.shapes import render
     torch.manual_seed(0)
     m = VideoVAE(VAEConfig(base=16, mults=(1, 2, 2), temporal_down=(True, True)))
     m.init_weights()
@@ -94,9 +94,9 @@ def test_vae_overfits_a_tiny_clip():
 @pytest.mark.e2e
 def test_vae_task_trains_reports_psnr_and_serves_as_latent_encoder(tmp_path):
     """`task: vae` through the real train loop; the run is then a `vae:RUN_DIR` encoder."""
-    from models.latent import build_latent_encoder
-    from scaling.config import load_config
-    from scaling.train import train
+    from vidscale.models.latent import build_latent_encoder
+    from vidscale.scaling.config import load_config
+    from vidscale.scaling.train.loop import train
     run = tmp_path / "vae"
     cfg = load_config(ROOT / "recipes/vae-debug.yaml", [f"train.run_dir={run}", "train.steps=30", "train.val_every=10",
                                                           "logging.every=10", "logging.progress=false",
@@ -123,9 +123,9 @@ def test_vae_trains_data_parallel_with_zero3(tmp_path):
     import os
     import subprocess
     import sys
-    from models.vae import load_vae
+    from vidscale.models.vae import load_vae
     run = tmp_path / "z3"
-    r = subprocess.run([sys.executable, "-m", "scaling.cli", "train", "recipes/vae-debug.yaml", "--run-dir", str(run),
+    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "train", "recipes/vae-debug.yaml", "--run-dir", str(run),
                         "--nproc", "2", "--set", "parallel.zero_stage=3", "--set", "train.steps=4",
                         "--set", "train.val_every=2", "--set", "logging.every=2", "--set", "logging.progress=false",
                         "--set", "vae.crop=[16,16]"], cwd=ROOT, capture_output=True, text=True, timeout=900,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.local import spawn_ranks
+from vidscale.cluster.local import spawn_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -24,14 +24,14 @@ BASE = ["train.tokens_per_batch=256", "model.hidden=48", "model.depth=2", "loggi
 
 
 def _cfg(overrides, run_dir):
-    from scaling.config import load_config
+    from vidscale.scaling.config import load_config
     return load_config(ROOT / "recipes/debug.yaml", BASE + list(overrides) + [f"train.run_dir={run_dir}"])
 
 
 def _worker(rank, world, port, out_dir, overrides):
     torch.set_num_threads(1)
     from deepspeed.utils import safe_get_full_grad
-    from scaling.train import Trainer
+    from vidscale.scaling.train.loop import Trainer
 
     tr = Trainer(_cfg(overrides, os.path.join(out_dir, "run")))
     calls = []  # forward calls of one block's MLP: 2 per micro-batch when recomputed
@@ -64,9 +64,9 @@ def _worker(rank, world, port, out_dir, overrides):
 
 def reference(overrides, run_dir, dp, sp):
     """Plain torch, one process, the dp ranks' batches of each step in one optimizer step."""
-    from data.loader import build_loader
-    from scaling.engine import TorchEngine
-    from scaling.train import build_model, build_objective, diffusion_inputs, drop_captions, step_generator
+    from vidscale.data.loader import build_loader
+    from vidscale.scaling.train.engine import TorchEngine
+    from vidscale.scaling.train.loop import build_model, build_objective, diffusion_inputs, drop_captions, step_generator
 
     cfg = _cfg(overrides, run_dir)
     cfg = replace(cfg, parallel=replace(cfg.parallel, zero_stage=0, ulysses=1, ring=1))
@@ -133,7 +133,7 @@ def test_zero2_ring_sp2_matches_single_process(tmp_path):
 
 
 def _twice(rank, world, port, out_dir):
-    from scaling.train import train
+    from vidscale.scaling.train.loop import train
     losses = []
     for i in range(2):  # the second run must not trip over the first run's (destroyed) groups
         cfg = _cfg(["train.steps=2"], os.path.join(out_dir, f"run{i}"))

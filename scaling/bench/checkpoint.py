@@ -73,16 +73,16 @@ def _load_without_verify(ck, path: Path) -> None:
     """The load alone (what `restore` does after the manifest check)."""
     import json
 
-    from scaling.ckpt_zero import load_zero
+    from vidscale.scaling.checkpoint.zero import load_zero
     old = json.loads((path / "state.json").read_text())["layout"]
     load_zero(ck.tr.engine, path, old, ck.layout(), ck.tr.dims)
     ck._load_loader(path, old)
 
 
 def run(args) -> dict:
-    from scaling import ckpt_io
-    from scaling.config import load_config
-    from scaling.train import Trainer
+    from vidscale.scaling.checkpoint import storage as ckpt_io
+    from vidscale.scaling.config import load_config
+    from vidscale.scaling.train.loop import Trainer
 
     os.environ.setdefault("RANK", "0"), os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")

@@ -35,8 +35,8 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], steps: int, 
 
     torch.set_num_threads(1)
     sys.stdout = sys.stderr  # DeepSpeed prints; results go to out_path
-    from scaling.config import load_config
-    from scaling.train import Trainer
+    from vidscale.scaling.config import load_config
+    from vidscale.scaling.train.loop import Trainer
 
     cfg = load_config(None, DEFAULTS + [f"cluster.nproc={world}", f"train.run_dir={os.path.dirname(out_path)}/run{world}"]
                       + overrides)
@@ -58,7 +58,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], steps: int, 
 
 
 def _measure(world: int, overrides: list[str], steps: int, tmp: str) -> dict:
-    from cluster.local import spawn_ranks
+    from vidscale.cluster.local import spawn_ranks
 
     out = os.path.join(tmp, f"dp{world}-{time.monotonic_ns()}.json")
     codes = spawn_ranks(_worker, world, (overrides, steps, out))

@@ -24,10 +24,10 @@ def add_args(p) -> None:
 
 
 def run(args) -> dict:
-    from data.loader import build_loader
-    from data.shapes import make_videos
-    from scaling.commands.prepare import prepare
-    from scaling.config import load_config
+    from vidscale.data.loader import build_loader
+    from vidscale.data.shapes import make_videos
+    from vidscale.scaling.cli.prepare import prepare
+    from vidscale.scaling.config import load_config
 
     with tempfile.TemporaryDirectory(prefix="vidscale-bench-loader-") as tmp:
         tmp = Path(tmp)
@@ -50,7 +50,7 @@ def run(args) -> dict:
             videos += meta.num_videos
         loader_bps = args.batches / (time.perf_counter() - t0)
 
-        from scaling.train import Trainer
+        from vidscale.scaling.train.loop import Trainer
         tr = Trainer(cfg)
         tr.train_step()  # warm-up
         t0 = time.perf_counter()

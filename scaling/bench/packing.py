@@ -15,7 +15,7 @@ import random
 import time
 from collections import defaultdict
 
-from data.packing import Item, pack_all
+from vidscale.data.packing import Item, pack_all
 
 RESOLUTIONS = [(144, 256), (240, 432), (368, 640), (480, 848), (720, 1280)]  # (H, W), multiples of 16
 

@@ -38,7 +38,7 @@ def analytic_bytes_per_layer(scheme: str, n: int, heads: int, head_dim: int, ele
 
 
 def _batch(cfg, frames: int, size: int, sp: int):
-    from models.packed import pack
+    from vidscale.models.packed import pack
     g = torch.Generator().manual_seed(0)
     C, Dt = cfg.model.in_channels, cfg.model.text_dim
     # one long video and a short one behind it: the boundary falls inside a slice
@@ -68,11 +68,11 @@ def _worker(rank: int, world: int, port: int, opts: dict, out_path: str) -> None
     torch.set_num_threads(1)
     sys.stdout = sys.stderr  # stdout carries the one JSON object
     import torch.distributed as dist
-    from models.attention import sdpa_loop
-    from models.dit import VideoDiT
-    from scaling.config import load_config, model_config
-    from scaling.parallel_dims import ParallelDims
-    from scaling.sequence_parallel import build_sp_attention, sent_bytes
+    from vidscale.models.attention import sdpa_loop
+    from vidscale.models.dit import VideoDiT
+    from vidscale.scaling.config import load_config, model_config
+    from vidscale.scaling.parallel.dims import ParallelDims
+    from vidscale.scaling.parallel.sequence import build_sp_attention, sent_bytes
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = load_config(None, opts["overrides"])
@@ -123,7 +123,7 @@ def _worker(rank: int, world: int, port: int, opts: dict, out_path: str) -> None
 
 
 def run(args) -> dict:
-    from cluster.local import spawn_ranks
+    from vidscale.cluster.local import spawn_ranks
 
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     for s in schemes:

@@ -68,9 +68,9 @@ def gemm_rates(device, dtype, seconds: float, n: int = 2048) -> tuple[float, flo
 
 
 def run(args) -> dict:
-    from scaling.config import load_config
-    from scaling.step_split import profile_step
-    from scaling.train import Trainer
+    from vidscale.scaling.config import load_config
+    from vidscale.scaling.train.step_split import profile_step
+    from vidscale.scaling.train.loop import Trainer
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -94,7 +94,7 @@ def run(args) -> dict:
             split = profile_step(tr)[1] if not args.no_split else {}
         finally:
             tr.dims.destroy()
-    from models.sizes import param_count
+    from vidscale.models.sizes import param_count
 
     cpu = tr.device.type == "cpu"
     return {"mfu": rate / peak, "mfu_cpu_time": best_cpu / peak_cpu if cpu else None,

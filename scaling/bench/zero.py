@@ -56,10 +56,10 @@ def _worker(rank: int, world: int, port: int, opts: dict, out_path: str) -> None
     torch.set_num_threads(1)
     sys.stdout = sys.stderr  # DeepSpeed prints; stdout carries the one JSON object
     import torch.distributed as dist
-    from models.packed import pack
-    from scaling.config import load_config
-    from scaling.parallel_dims import ParallelDims
-    from scaling.zero import build_zero_engine
+    from vidscale.models.packed import pack
+    from vidscale.scaling.config import load_config
+    from vidscale.scaling.parallel.dims import ParallelDims
+    from vidscale.scaling.train.zero import build_zero_engine
 
     cfg = load_config(None, opts["overrides"] + [f"model.size={opts['size']}", f"parallel.zero_stage={opts['stage']}",
                                                  f"cluster.nproc={world}", "train.steps=10"])
@@ -83,7 +83,7 @@ def _worker(rank: int, world: int, port: int, opts: dict, out_path: str) -> None
 
 
 def run(args) -> dict:
-    from cluster.local import spawn_ranks
+    from vidscale.cluster.local import spawn_ranks
 
     opts = {"size": args.size, "stage": args.stage, "overrides": list(args.overrides)}
     per_dp = {}

@@ -1,0 +1,129 @@
+"""Consolidated weights as self-describing safetensors files.
+
+A weights file holds a plain state dict (no pickles) and, in its metadata, the resolved
+recipe (`config`) and what it is (`kind`: dit or vae; `ema`: whether these are the EMA
+weights), so `load_weights(path)` rebuilds the model with nothing else at hand:
+
+    save_weights(model.state_dict(), "model.safetensors", cfg, ema=False)
+    model, cfg = load_weights("model.safetensors")
+
+`train()` writes RUN_DIR/model.safetensors (and RUN_DIR/ema.safetensors when the EMA is on)
+at the end of a run; `vidscale export` and `vidscale sample` read the same format.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vidscale.scaling.config import Config, load_config, model_config, to_yaml
+
+MODEL_FILE, EMA_FILE = "model.safetensors", "ema.safetensors"
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | Path, cfg: Config, kind: str = "dit",
+                 ema: bool = False, extra: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "vidscale", "kind": kind, "ema": json.dumps(bool(ema)), "config": to_yaml(cfg)}
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)  # a reader never sees half a file
+    return path
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: weights file not found")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata() or {})
+        return load_file(str(path)), meta
+    except Exception as e:  # noqa: BLE001 - a corrupt header or truncated file
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def config_of(meta: dict[str, str], path: str | Path) -> Config:
+    if "config" not in meta:
+        raise ValueError(f"{path}: no 'config' in the safetensors metadata (not written by vidscale?)")
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(meta["config"])
+    try:
+        return load_config(f.name)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu"):
+    """A weights file -> (VideoDiT with those weights, its Config)."""
+    from vidscale.models.dit import VideoDiT
+
+    state, meta = read_weights(path)
+    if meta.get("kind", "dit") != "dit":
+        raise ValueError(f"{path}: holds a {meta.get('kind')!r} model, expected a DiT")
+    cfg = config_of(meta, path)
+    with torch.device("meta"):
+        model = VideoDiT(model_config(cfg.model))
+    model = model.to_empty(device=device)
+    model.init_weights()  # buffers and anything the file does not hold
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the recipe's model "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), cfg
+
+
+def find_weights(path: str | Path, ema: bool = True) -> Path:
+    """A .safetensors file, or a run directory (its EMA weights when `ema` and present)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise ValueError(f"{p}: neither a run directory nor a weights file")
+    for name in ([EMA_FILE, MODEL_FILE] if ema else [MODEL_FILE]):
+        if (p / name).is_file():
+            return p / name
+    exported = sorted(p.glob("*.safetensors"))
+    if exported:
+        return exported[0]
+    raise ValueError(f"{p}: no {MODEL_FILE} in the run directory (did the run finish? or pass "
+                     f"the file written by 'vidscale export')")
+
+
+def save_run_weights(tr) -> list[Path]:
+    """End of training: consolidate and write the model (and EMA) weights into the run dir.
+
+    Every rank must call it under ZeRO-3 (gathering is a collective); rank 0 writes.
+    """
+    eng, cfg, kind = tr.engine, tr.cfg, getattr(getattr(tr, "task", None), "name", "dit")
+    model = getattr(eng, "model", None) or eng.module
+    if getattr(eng, "stage", 0) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()} if tr.is_main else {}
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ema = eng.gather_ema() if hasattr(eng, "gather_ema") else (dict(eng.ema) if getattr(eng, "ema", None) else {})
+    out = []
+    if tr.is_main:
+        extra = {"step": tr.step}
+        if kind == "vae":  # models/vae.load_vae rebuilds the VAE from this alone
+            extra["vae_config"] = json.dumps(tr.task.vcfg.to_dict())
+        out.append(save_weights(state, tr.run_dir / MODEL_FILE, cfg, kind=kind, extra=extra))
+        if ema:
+            full = dict(state)
+            full.update({k: v.to(state[k].dtype) for k, v in ema.items() if k in state})
+            out.append(save_weights(full, tr.run_dir / EMA_FILE, cfg, kind=kind, ema=True, extra=extra))
+    return out

@@ -1,0 +1,223 @@
+"""The DeepSpeed ZeRO part of a checkpoint: shards, EMA shards, universal conversion, export.
+
+    step_XXXXXXXX/zero/state/...        DeepSpeed's own files (`ds.save_checkpoint`, tag
+                                        "state"): each rank's partition of the fp32 weights
+                                        and AdamW moments, the LR scheduler, module states
+    step_XXXXXXXX/ema/rank00000.safetensors   each rank's EMA partition (like `p.ds_tensor`)
+    step_XXXXXXXX/ema/params.json             name -> full shape, to reassemble them
+
+Same world size: DeepSpeed loads its shards as they were (exact). Another world size:
+rank 0 converts the shards once with DeepSpeed's universal checkpoint
+(`deepspeed.checkpoint.ds_to_universal`) into `checkpoints/.universal/TAG` (next to, never
+inside, the verified checkpoint), and every rank loads it with `load_universal`; EMA
+partitions are reassembled from the shards and re-cut for the new world here.
+DeepSpeed writes and reads through `ManifestEngine`, our implementation of its checkpoint-
+engine interface: every shard is hashed as torch.save streams it out and fsynced (no
+second read for the manifest), and loads are memory-mapped (the verification pass just
+read the files into the page cache, so DeepSpeed copies from there instead of reading and
+unpickling into fresh buffers again). DeepSpeed reads its files with torch.load (pickle):
+we only hand it files whose checksum matched the manifest this run wrote, and everything
+of ours is safetensors or JSON.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+from vidscale.scaling.checkpoint import storage as io
+
+TAG = "state"
+
+
+@functools.cache
+def _engine_class():
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class ManifestEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch checkpoint engine, writing through `ckpt_io`, loading mmapped."""
+
+        deferred: list | None = None
+        """When a list: saves are snapshotted to host memory and queued there (async save)."""
+
+        def save(self, state_dict, path: str):
+            if self.deferred is not None:
+                from vidscale.scaling.checkpoint.manager import host_copy
+                self.deferred.append((Path(path), host_copy(state_dict)))
+                return
+            io.write_stream(Path(path), lambda f: torch.save(state_dict, f))
+
+        def load(self, path: str, map_location=None):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+            except RuntimeError:  # not a zipfile checkpoint (an older/foreign one): read it whole
+                return torch.load(path, map_location=map_location, weights_only=False)
+
+    return ManifestEngine
+
+
+def _manifest_engine(ds) -> None:
+    """Plug `ManifestEngine` into a DeepSpeed engine (once), keeping its settings."""
+    cls = _engine_class()
+    if not isinstance(ds.checkpoint_engine, cls):
+        eng = cls.__new__(cls)
+        eng.__dict__.update(ds.checkpoint_engine.__dict__)
+        ds.checkpoint_engine = eng
+
+
+def save_zero(engine, tmp: Path, defer: bool = False) -> dict:
+    """Every rank: DeepSpeed saves its shards (a collective), each hashed and fsynced as it is
+    written (`ManifestEngine`); `fsync_zero` flushes what DeepSpeed wrote on its own.
+    defer=True (async save): the shards are only snapshotted to host memory; returned as
+    {relative path: ('torch', state)} for the background writer."""
+    from torch.utils.serialization import config as ser
+    _manifest_engine(engine.ds)
+    ce = engine.ds.checkpoint_engine
+    ce.deferred = [] if defer else None
+    zdir = tmp / "zero"
+    crc = ser.save.compute_crc32
+    ser.save.compute_crc32 = False  # halves torch.save time; the manifest's checksum covers integrity
+    try:
+        engine.ds.save_checkpoint(str(zdir), tag=TAG, save_latest=False)
+        queued = ce.deferred or []
+    except Exception as e:
+        raise io.CheckpointError(f"checkpoint: cannot write {zdir}: {e}") from e
+    finally:
+        ser.save.compute_crc32 = crc
+        ce.deferred = None
+    return {p.relative_to(tmp).as_posix(): ("torch", state) for p, state in queued}
+
+
+def fsync_zero(engine, tmp: Path) -> None:
+    """Flush the DeepSpeed files this rank wrote outside our writer (its recovery script)."""
+    for p in sorted((tmp / "zero" / TAG).glob("*")):
+        if p.is_file() and _mine(p.name, engine) and not io.recorded(p):
+            io.fsync_path(p)
+
+
+def _mine(name: str, engine) -> bool:
+    r = engine.dims.rank
+    return f"_rank_{r}_" in name or (r == 0 and "zero_pp_rank" not in name)
+
+
+def ema_files(engine) -> dict:
+    """This rank's EMA files for the snapshot: its partition, and (rank 0) the full shapes."""
+    if engine.ema is None:
+        return {}
+    out = {f"ema/rank{engine.dims.rank:05d}.safetensors": ("safetensors", engine.ema_state_dict())}
+    if engine.dims.rank == 0:
+        shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in engine.model.named_parameters()}
+        out["ema/params.json"] = ("json", {"stage": engine.stage, "shapes": shapes})
+    return out
+
+
+def full_ema(path: Path, world: int) -> dict[str, torch.Tensor]:
+    """Reassemble full EMA tensors from the shards of a checkpoint saved by `world` ranks."""
+    from safetensors.torch import load_file
+    info = json.loads((path / "ema/params.json").read_text())
+    shards = [load_file(str(path / f"ema/rank{r:05d}.safetensors")) for r in range(world)]
+    out = {}
+    for n, shape in info["shapes"].items():
+        if info["stage"] != 3:
+            out[n] = shards[0][n].view(shape)
+        else:
+            out[n] = torch.cat([s[n] for s in shards])[:math.prod(shape)].view(shape)
+    return out
+
+
+def _load_ema(engine, path: Path, old_world: int) -> None:
+    if engine.ema is None:
+        return
+    if not (path / "ema/params.json").exists():
+        raise ValueError(f"{path}: saved without EMA (optim.ema_decay=0); resume with optim.ema_decay=0")
+    from safetensors.torch import load_file
+    d = engine.dims
+    if old_world == d.world:
+        src = load_file(str(path / f"ema/rank{d.rank:05d}.safetensors"))
+    else:
+        full = full_ema(path, old_world)
+        src = {}
+        for n, shard in engine.ema.items():
+            flat = full[n].reshape(-1)
+            if engine.stage == 3:  # ZeRO-3 partition: rank r holds flat[r*ps:(r+1)*ps], zero padded
+                ps = shard.numel()
+                flat = torch.nn.functional.pad(flat, (0, ps * d.world - flat.numel()))[d.rank * ps:(d.rank + 1) * ps]
+            src[n] = flat.view(shard.shape)
+    with torch.no_grad():
+        for n, v in engine.ema.items():
+            v.copy_(src[n])
+
+
+def universal_dir(path: Path) -> Path:
+    return path.parent / ".universal" / path.name
+
+
+def convert_universal(path: Path) -> Path:
+    """Rank 0: DeepSpeed's universal checkpoint of `path` (once; cached beside it)."""
+    out = universal_dir(path)
+    if (out / ".complete").exists():
+        return out
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    tmp = out.parent / f".tmp-{path.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    ds_to_universal(Namespace(input_folder=str(path / "zero" / TAG), output_folder=str(tmp / TAG),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                              strict=True, inject_missing_state=False))
+    (tmp / ".complete").touch()
+    tmp.rename(out)
+    return out
+
+
+def load_zero(engine, path: Path, old: dict, new: dict, dims) -> None:
+    """Every rank: load DeepSpeed's states and the EMA, converting if the world changed."""
+    ds = engine.ds
+    _manifest_engine(ds)
+    if old["world"] == new["world"]:
+        load_path, _ = ds.load_checkpoint(str(path / "zero"), tag=TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    else:
+        err = ""
+        if dims.rank == 0:
+            try:
+                convert_universal(path)
+            except Exception as e:  # tell the other ranks instead of leaving them in the barrier
+                err = f"{type(e).__name__}: {e}"
+        _agree_ok(err, dims, ds.device)
+        ds._config.load_universal_checkpoint = True
+        try:
+            load_path, _ = ds.load_checkpoint(str(universal_dir(path)), tag=TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        finally:
+            ds._config.load_universal_checkpoint = False  # later saves are ordinary ones
+    if load_path is None:
+        raise io.CheckpointError(f"checkpoint {path}: DeepSpeed found no checkpoint to load")
+    _load_ema(engine, path, old["world"])
+
+
+def _agree_ok(err: str, dims, device) -> None:
+    """Every rank raises if rank 0's conversion failed (rank 0 with its error)."""
+    from vidscale.scaling.train import signals
+    if signals.agree(bool(err), dims, device):
+        where = " on rank 0" if dims.distributed else ""
+        raise io.CheckpointError(f"checkpoint: universal conversion failed{where}: {err or 'see its log'}")
+
+
+def export_weights(path: Path, ema: bool) -> dict[str, torch.Tensor]:
+    """Consolidated full fp32 weights of a ZeRO checkpoint, without any process group."""
+    state = json.loads((path / "state.json").read_text())
+    if ema:
+        if not (path / "ema/params.json").exists():
+            raise ValueError(f"{path}: this run kept no EMA (optim.ema_decay=0); export without --ema")
+        return full_ema(path, state["layout"]["world"])
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(path / "zero"), tag=TAG)
+    return {k: v.contiguous() for k, v in sd.items()}

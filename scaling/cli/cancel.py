@@ -1,0 +1,51 @@
+"""`vidscale cancel RUN_DIR`: stop a run, whichever launcher started it.
+
+Slurm: scancel; a Ray job: stop it through the job server; a run in the foreground of
+another shell (local, or an attached Ray driver): SIGTERM to that process, which stops
+its ranks (and its embedded Ray cluster).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def add_parser(sub):
+    p = sub.add_parser("cancel", help="cancel a run (any launcher)", description=__doc__)
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    return p
+
+
+def _is_vidscale(pid: int) -> bool:
+    """Guard against a recycled pid: only signal a process that runs vidscale."""
+    try:
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return "vidscale" in cmd or "scaling.cli" in cmd or "cluster." in cmd
+
+
+def run(args) -> int:
+    from vidscale.cluster.job import DONE, read_job
+    job = read_job(args.run_dir)
+    if job.state in DONE:
+        print(f"{args.run_dir}: already {job.state}")
+        return 0
+    if job.launcher == "slurm" and job.job_ids:
+        from vidscale.cluster.slurm import cancel
+        cancel(job)
+    elif job.launcher == "ray" and job.job_ids:
+        from vidscale.cluster.ray_launcher import cancel_job
+        cancel_job(job)
+    else:
+        if not job.pid or not _is_vidscale(job.pid):
+            raise ValueError(f"{args.run_dir}: its launching process ({job.pid}) is not running")
+        os.kill(job.pid, signal.SIGTERM)
+        for _ in range(100):
+            if not _is_vidscale(job.pid):
+                break
+            time.sleep(0.1)
+        job.set_state("CANCELLED")
+    print(f"{args.run_dir}: cancelled {job.launcher} {','.join(job.job_ids) or f'pid {job.pid}'}")
+    return 0

@@ -1,0 +1,71 @@
+"""`vidscale fit RESULTS.csv`: fit scaling laws (Chinchilla approaches 2 and 3) to a sweep.
+
+The CSV needs columns params, tokens, loss; flops is optional (else C = 6 N D), and
+status / budget / name are used when present (see scaling/fit.py for the outlier rule).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _flops(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a FLOPs number like 1e21, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive FLOPs number, got {s!r}")
+    return v
+
+
+def add_parser(sub):
+    p = sub.add_parser("fit", help="fit scaling laws to a results CSV", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", help="results CSV, e.g. SWEEP_DIR/results.csv")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", metavar="OUT.png", help="write the four plots into one PNG")
+    p.add_argument("--budget", type=_flops, nargs="+", action="extend", default=[], metavar="C",
+                   help="compute budget(s) in FLOPs to predict N_opt, D_opt and loss at")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def run(args) -> int:
+    from vidscale.scaling.study.fit import fit, public, read_results
+
+    rows = read_results(args.results)
+    result = fit(rows, args.budget, bootstrap=args.bootstrap, seed=args.seed, where=args.results)
+    if args.plot:
+        from vidscale.scaling.study.report import write_summary_plot
+        write_summary_plot(result, args.plot)
+    if args.json:
+        print(json.dumps(public(result)))
+        return 0
+    print(summary(result))
+    if args.plot:
+        print(f"plots: {args.plot}")
+    return 0
+
+
+def summary(result: dict) -> str:
+    def ci(k):
+        c = result["ci"].get(k)
+        return f" [{c[0]:.4g}, {c[1]:.4g}]" if c else ""
+    lines = [f"{result['n_runs']} runs; L(N, D) = E + A/N^alpha + B/D^beta (95% bootstrap CI)"]
+    for k in ("E", "A", "B", "alpha", "beta"):
+        lines.append(f"  {k:>6} = {result[k]:.4g}{ci(k)}")
+    lines.append(f"  N_opt ~ C^{result['a']:.3f}{ci('a')}   D_opt ~ C^{result['b']:.3f}{ci('b')}   (approach 3)")
+    a2 = result["approach2"]
+    if a2.get("a") is not None:
+        lines.append(f"  N_opt ~ C^{a2['a']:.3f}   D_opt ~ C^{a2['b']:.3f}   (approach 2, "
+                     f"{len(result['isoflop'])} IsoFLOP minima)")
+    for p in result["predictions"]:
+        lines.append(f"  C = {p['budget']:.3g}: N_opt = {p['N_opt']:.3g}, D_opt = {p['D_opt']:.3g}, "
+                     f"loss = {p['loss']:.4f}")
+    for w in result.get("warnings", []):
+        lines.append(f"  warning: {w}")
+    if result["outliers"] or result["dropped"]:
+        lines.append(f"  dropped: {[d['name'] for d in result['dropped']] + result['outliers']}")
+    return "\n".join(lines)

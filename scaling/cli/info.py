@@ -1,0 +1,15 @@
+"""`vidscale info`: the model size table with computed parameter counts."""
+from __future__ import annotations
+
+
+def add_parser(sub):
+    p = sub.add_parser("info", help="show the model size table", description=__doc__)
+    return p
+
+
+def run(args) -> int:
+    from vidscale.models.sizes import SIZES, config_for, param_count
+    print(f"{'size':>6} {'hidden':>7} {'depth':>6} {'heads':>6} {'mlp':>5} {'params':>12}")
+    for name, (h, d, n, m) in SIZES.items():
+        print(f"{name:>6} {h:>7} {d:>6} {n:>6} {m:>5} {param_count(config_for(name)) / 1e6:>11.2f}M")
+    return 0

@@ -1,0 +1,57 @@
+"""The `vidscale` command line. Each subcommand lives in its own module, which provides
+`add_parser(subparsers)` and `run(args) -> int`; this file only lists them."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from vidscale.scaling.config import RecipeError
+
+# (command, module): keep in the order `vidscale --help` shows them
+SUBCOMMANDS = [
+    ("train", "vidscale.scaling.cli.train"),
+    ("resume", "vidscale.scaling.cli.resume"),
+    ("export", "vidscale.scaling.cli.export"),
+    ("sample", "vidscale.scaling.cli.sample"),
+    ("info", "vidscale.scaling.cli.info"),
+    ("bench", "vidscale.scaling.cli.bench"),
+    ("prepare", "vidscale.scaling.cli.prepare"),
+    ("make-videos", "vidscale.scaling.cli.make_videos"),
+    ("sweep", "vidscale.scaling.cli.sweep"),
+    ("fit", "vidscale.scaling.cli.fit"),
+    ("status", "vidscale.scaling.cli.status"),
+    ("cancel", "vidscale.scaling.cli.cancel"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vidscale",
+        description="Train video Diffusion Transformers at scale and fit their scaling laws.",
+        epilog="Run 'vidscale COMMAND --help' for a command's options.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, mod in SUBCOMMANDS:
+        m = importlib.import_module(mod)
+        sp = m.add_parser(sub)
+        sp.set_defaults(_run=m.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (RecipeError, ValueError, FileNotFoundError) as e:
+        print(f"vidscale {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a failed write or read (disk full, checkpoint damaged): one line naming the path
+        print(f"vidscale {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"vidscale {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""`vidscale status [RUN_DIR ...]`: where each run is, for every launcher.
+
+Reads RUN_DIR/job.json, asks the launcher (Slurm: squeue, then sacct, then the jobcomp
+log when accounting is off; Ray jobs: the job server; local and attached Ray runs: whether
+the launching process is alive), updates job.json, and adds the progress from
+metrics.jsonl. Without RUN_DIR: every run under ./runs that has a job.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def add_parser(sub):
+    p = sub.add_parser("status", help="show the state of runs (any launcher)", description=__doc__)
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run directories (default: runs/*)")
+    p.add_argument("--json", action="store_true", help="one JSON object per run")
+    return p
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def refresh(job) -> dict:
+    """The launcher's current view of the job; job.json is updated when the state changed."""
+    extra: dict = {}
+    if job.launcher == "slurm" and job.job_ids:
+        from vidscale.cluster.slurm import job_state
+        st = job_state(job.job_ids[-1])
+        state, extra = st["state"], {"reason": st["reason"], "restarts": st["restarts"], "source": st["source"]}
+    elif job.launcher == "ray" and job.job_ids:
+        from vidscale.cluster.ray_launcher import job_status
+        try:
+            state = job_status(job)
+        except Exception as e:  # the cluster is gone: keep the last known state
+            state, extra = job.state, {"reason": f"Ray job server unreachable: {type(e).__name__}"}
+    else:  # a process here (local, or an attached Ray driver)
+        state = job.state
+        if state == "RUNNING" and job.pid and not _alive(job.pid):
+            state = "EXITED"  # ended without recording how (killed)
+    if state != job.state and state != "UNKNOWN":
+        job.set_state(state)
+    return {"state": state, **extra}
+
+
+def progress(run_dir: Path) -> dict:
+    out: dict = {}
+    m = run_dir / "metrics.jsonl"
+    if m.is_file():
+        lines = [l for l in m.read_text(errors="replace").splitlines() if l.strip()]
+        if lines:
+            try:
+                last = json.loads(lines[-1])
+                out = {"step": last.get("step"), "loss": last.get("loss")}
+            except json.JSONDecodeError:
+                pass
+    for name in ("launch.yaml", "config.yaml"):
+        if (run_dir / name).is_file():
+            import yaml
+            try:
+                out["steps"] = yaml.safe_load((run_dir / name).read_text())["train"]["steps"]
+            except Exception:
+                pass
+            break
+    return out
+
+
+def run(args) -> int:
+    from vidscale.cluster.job import read_job
+    dirs = [Path(d) for d in args.run_dirs] or sorted(p.parent for p in Path("runs").glob("*/job.json"))
+    if not dirs:
+        print("no runs with a job.json under ./runs")
+        return 0
+    code = 0
+    for d in dirs:
+        try:
+            job = read_job(d)
+        except FileNotFoundError as e:
+            if args.run_dirs:
+                raise ValueError(str(e)) from None
+            continue
+        rec = {"run_dir": str(d), "launcher": job.launcher, "job_ids": job.job_ids, **refresh(job),
+               **progress(d)}
+        if args.json:
+            print(json.dumps(rec))
+            continue
+        ids = ",".join(job.job_ids) or (f"pid {job.pid}" if job.pid else "-")
+        prog = f"step {rec.get('step', 0)}/{rec.get('steps', '?')}"
+        if rec.get("loss") is not None:
+            prog += f" loss {rec['loss']:.4f}"
+        why = f" ({rec['reason']})" if rec.get("reason") and rec["reason"] not in ("None", "") else ""
+        print(f"{d}  {job.launcher} {ids}  {rec['state']}{why}  {prog}")
+    return code

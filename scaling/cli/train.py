@@ -1,0 +1,45 @@
+"""`vidscale train RECIPE`: train a recipe here (one or more local processes), on a Ray
+cluster (`--launcher ray`) or as a Slurm job (`--launcher slurm`)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.steps=20 (repeatable)")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train a recipe", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="YAML recipe, e.g. recipes/debug.yaml")
+    add_recipe_args(p)
+    p.add_argument("--run-dir", help="run directory (default runs/<name>-<time>)")
+    p.add_argument("--nproc", type=int, default=None, help="world size: processes to start (default cluster.nproc)")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue from the latest complete checkpoint of the run dir ('auto'; starts fresh "
+                        "if there is none) or from a checkpoint path (checkpoint.resume)")
+    from vidscale.cluster.launch import add_launch_args
+    add_launch_args(p)
+    return p
+
+
+def run(args) -> int:
+    from vidscale.scaling.config import load_config
+
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"train.run_dir={args.run_dir}")
+    if args.nproc is not None:
+        overrides.append(f"cluster.nproc={args.nproc}")
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    from vidscale.cluster.launch import launch, launch_overrides
+    cfg = load_config(args.recipe, overrides + launch_overrides(args))
+    if cfg.data.source != "synthetic" and cfg.cluster.launcher == "local" and cfg.task == "dit":
+        # pre-flight before any process or run dir: index present, channels/text width/patch fit the
+        # model (Ray/Slurm runs may read data only the cluster sees: their ranks check it themselves)
+        from vidscale.data.shards import check_source
+        check_source(cfg)
+    return launch(cfg, wait=args.wait, detach=args.detach)

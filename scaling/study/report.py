@@ -1,0 +1,244 @@
+"""The sweep report: PNG plots of a fit (matplotlib, Agg) and `SWEEP_DIR/report.md`.
+
+Plots take the dict of `scaling.fit.fit` (with its private bootstrap laws for the bands):
+IsoFLOP curves with their parabolas, the compute-optimal frontier with its fit and 95%
+band, loss vs compute, and the residuals of the parametric fit.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on cluster nodes
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vidscale.scaling.study.fit import optimum  # noqa: E402
+
+PLOTS = {"isoflop": "IsoFLOP curves", "frontier": "Compute-optimal frontier",
+         "loss_vs_compute": "Loss vs compute", "residuals": "Residuals of the parametric fit"}
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:.{digits}e}"
+
+
+def _law(result: dict) -> dict:
+    return {k: result[k] for k in ("E", "A", "B", "alpha", "beta", "a", "b", "G", "k")}
+
+
+def _budget_colors(result: dict):
+    budgets = sorted({m["budget"] for m in result["isoflop"]} |
+                     {s["budget"] for s in result["skipped_budgets"]})
+    cmap = plt.get_cmap("viridis")
+    return {b: cmap(i / max(1, len(budgets) - 1)) for i, b in enumerate(budgets)}
+
+
+def _compute_span(result: dict) -> np.ndarray:
+    C = [r["flops"] for r in result["residuals"]] + [p["budget"] for p in result["predictions"]]
+    return np.logspace(math.log10(min(C)) - 0.3, math.log10(max(C)) + 0.3, 60)
+
+
+def plot_isoflop(ax, result: dict) -> None:
+    law = _law(result)
+    res = result["residuals"]
+    groups: dict[float, list[dict]] = {}
+    for r in res:  # group runs by the nearest budget that approach 2 saw
+        budgets = [m["budget"] for m in result["isoflop"]] + [s["budget"] for s in result["skipped_budgets"]]
+        b = min(budgets, key=lambda c: abs(math.log(c / r["flops"]))) if budgets else r["flops"]
+        groups.setdefault(b, []).append(r)
+    colors = _budget_colors(result)
+    minima = {m["budget"]: m for m in result["isoflop"]}
+    for b, rs in sorted(groups.items()):
+        c = colors.get(b, "k")
+        N = np.array([r["params"] for r in rs])
+        ax.scatter(N, [r["loss"] for r in rs], color=c, s=25, zorder=3, label=f"C = {b:.2g} FLOPs")
+        xs = np.logspace(math.log10(N.min()), math.log10(N.max()), 50)
+        if b in minima:
+            ax.plot(xs, np.polyval(minima[b]["parabola"], np.log(xs)), color=c, lw=1.5)
+            ax.scatter([minima[b]["N_opt"]], [minima[b]["loss"]], marker="*", s=140, color=c,
+                       edgecolor="k", zorder=4)
+        d = b / (law["k"] * xs)  # the parametric law along this IsoFLOP line
+        ax.plot(xs, law["E"] + law["A"] / xs ** law["alpha"] + law["B"] / d ** law["beta"], color=c, ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("validation loss")
+    ax.set_title("IsoFLOP curves (solid: parabola in log N, *: minimum; dotted: L(N, D) fit)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _band(result: dict, Cs: np.ndarray, which: int):
+    boots = result.get("_boot_laws") or []
+    if len(boots) < 10:
+        return None
+    vals = np.array([[optimum(p, c)[which] for c in Cs] for p in boots])
+    return np.percentile(vals, 2.5, axis=0), np.percentile(vals, 97.5, axis=0)
+
+
+def plot_frontier(axes, result: dict) -> None:
+    law = _law(result)
+    Cs = _compute_span(result)
+    a2 = result["approach2"]
+    for ax, which, key, label in ((axes[0], 0, "N_opt", "parameters N_opt"), (axes[1], 1, "D_opt", "tokens D_opt")):
+        exp3 = law["a"] if which == 0 else law["b"]
+        ax.plot(Cs, [optimum(law, c)[which] for c in Cs], color="C0", lw=2,
+                label=f"approach 3: ~ C^{exp3:.3f}")
+        band = _band(result, Cs, which)
+        if band is not None:
+            ax.fill_between(Cs, band[0], band[1], color="C0", alpha=0.2, label="95% bootstrap band")
+        if result["isoflop"]:
+            ax.scatter([m["budget"] for m in result["isoflop"]], [m[key] for m in result["isoflop"]],
+                       color="C1", marker="*", s=120, edgecolor="k", zorder=4, label="IsoFLOP minima")
+        if a2.get("a") is not None:
+            e, lc = (a2["a"], a2["log_cN"]) if which == 0 else (a2["b"], a2["log_cD"])
+            ax.plot(Cs, np.exp(lc) * Cs ** e, color="C1", ls="--", label=f"approach 2: ~ C^{e:.3f}")
+        for p in result["predictions"]:
+            ax.scatter([p["budget"]], [p[key]], color="C3", marker="D", zorder=5)
+            ax.annotate(f"{p[key]:.2g}", (p["budget"], p[key]), fontsize=7, xytext=(4, -10),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training compute C (FLOPs)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_title("Compute-optimal model size", fontsize=9)
+    axes[1].set_title("Compute-optimal training tokens", fontsize=9)
+
+
+def plot_loss_vs_compute(ax, result: dict) -> None:
+    law = _law(result)
+    res = result["residuals"]
+    N = np.array([r["params"] for r in res])
+    sc = ax.scatter([r["flops"] for r in res], [r["loss"] for r in res], c=np.log10(N), cmap="plasma", s=25, zorder=3)
+    plt.colorbar(sc, ax=ax, label="log10 parameters")
+    Cs = _compute_span(result)
+    ax.plot(Cs, [optimum(law, c)[2] for c in Cs], color="k", lw=1.5, label="compute-optimal loss (approach 3)")
+    band = _band(result, Cs, 2)
+    if band is not None:
+        ax.fill_between(Cs, band[0], band[1], color="k", alpha=0.15, label="95% bootstrap band")
+    ax.axhline(law["E"], color="gray", ls=":", label=f"irreducible E = {law['E']:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_ylabel("validation loss")
+    ax.set_title("Loss vs compute", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def plot_residuals(axes, result: dict) -> None:
+    res = result["residuals"]
+    r = np.array([x["log_residual"] for x in res])
+    for ax, key, label in ((axes[0], "params", "parameters N"), (axes[1], "flops", "training compute C (FLOPs)")):
+        ax.scatter([x[key] for x in res], r, s=20, color="C2")
+        ax.axhline(0, color="k", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("log(loss) - log(fit)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_title(f"Residuals (RMS {math.sqrt(float(np.mean(r ** 2))):.2e} in log loss)", fontsize=9)
+
+
+def write_plots(result: dict, out_dir: str | Path) -> dict[str, Path]:
+    """One PNG per plot in out_dir; returns {name: path}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in PLOTS:
+        two = name in ("frontier", "residuals")
+        fig, ax = plt.subplots(1, 2 if two else 1, figsize=(11 if two else 6.5, 4.5))
+        {"isoflop": plot_isoflop, "frontier": plot_frontier, "loss_vs_compute": plot_loss_vs_compute,
+         "residuals": plot_residuals}[name](ax, result)
+        fig.tight_layout()
+        paths[name] = out_dir / f"{name}.png"
+        fig.savefig(paths[name], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def write_summary_plot(result: dict, path: str | Path) -> Path:
+    """All four plots in one PNG (`vidscale fit --plot OUT.png`)."""
+    fig = plt.figure(figsize=(13, 13))
+    gs = fig.add_gridspec(3, 2)
+    plot_isoflop(fig.add_subplot(gs[0, 0]), result)
+    plot_loss_vs_compute(fig.add_subplot(gs[0, 1]), result)
+    plot_frontier([fig.add_subplot(gs[1, 0]), fig.add_subplot(gs[1, 1])], result)
+    plot_residuals([fig.add_subplot(gs[2, 0]), fig.add_subplot(gs[2, 1])], result)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def _ci(result: dict, key: str) -> str:
+    ci = result["ci"].get(key)
+    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-"
+
+
+def _runs_table(rows: list[dict]) -> list[str]:
+    lines = ["## Runs", "", "| name | params | tokens | FLOPs | loss | status | wall time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.get('name', '')} | {r.get('params', '')} | {r.get('tokens', '')} | {r.get('flops', '')} | "
+                     f"{r.get('loss', '')} | {r.get('status', '')} | {r.get('wall_time', '')} |")
+    return lines
+
+
+def write_report(sweep_dir: str | Path, result: dict | None, rows: list[dict], title: str = "Scaling-law sweep",
+                 notes: list[str] = ()) -> Path:
+    """SWEEP_DIR/report.md with the fit, its intervals, predictions, the runs and the plots."""
+    sweep_dir = Path(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if result is None:  # too few finished runs: the table only
+        lines = [f"# {title}", "", *notes, ""] + _runs_table(rows)
+        out = sweep_dir / "report.md"
+        out.write_text("\n".join(lines) + "\n")
+        return out
+    paths = write_plots(result, sweep_dir / "plots")
+    a2 = result["approach2"]
+    lines = [f"# {title}", "", *notes, "",
+             f"{result['n_runs']} runs fitted (C = k N D with k = {result['k']:.3g} FLOPs per parameter-token; "
+             f"{result['bootstrap']} bootstrap resamples within each budget; 95% intervals).", "",
+             *[f"**Warning**: {w}." for w in result.get("warnings", [])], "",
+             "## Parametric fit (approach 3)", "",
+             "L(N, D) = E + A / N^alpha + B / D^beta, Huber (delta "
+             f"{result['huber_delta']:g}) on log loss, L-BFGS-B from variable-projection starts.", "",
+             "| parameter | value | 95% CI |", "|---|---|---|"]
+    for k in ("E", "A", "B", "alpha", "beta", "a", "b"):
+        lines.append(f"| {k} | {_fmt(result[k], 4)} | {_ci(result, k)} |")
+    lines += ["", "a: N_opt ~ C^a; b: D_opt ~ C^b.", "", "## IsoFLOP profiles (approach 2)", ""]
+    if a2.get("a") is not None:
+        ca, cb = a2["ci"]["a"], a2["ci"]["b"]
+        lines.append(f"N_opt ~ C^{a2['a']:.3f} (95% CI {[round(x, 3) for x in ca] if ca else '-'}), "
+                     f"D_opt ~ C^{a2['b']:.3f} (95% CI {[round(x, 3) for x in cb] if cb else '-'}).")
+    else:
+        lines.append("Not enough budgets with an interior minimum for a power law (need 2).")
+    lines += ["", "| budget (FLOPs) | N_opt | D_opt | loss at minimum |", "|---|---|---|---|"]
+    lines += [f"| {m['budget']:.3g} | {m['N_opt']:.3g} | {m['D_opt']:.3g} | {m['loss']:.4f} |"
+              for m in result["isoflop"]]
+    lines += [f"| {s['budget']:.3g} | skipped: {s['reason']} | | |" for s in result["skipped_budgets"]]
+    if result["predictions"]:
+        lines += ["", "## Predictions", "", "| budget (FLOPs) | N_opt | D_opt | loss | N_opt (approach 2) |",
+                  "|---|---|---|---|---|"]
+        for p in result["predictions"]:
+            n_ci = p["ci"]["N_opt"]
+            lines.append(f"| {p['budget']:.3g} | {p['N_opt']:.3g} "
+                         f"{'[' + _fmt(n_ci[0]) + ', ' + _fmt(n_ci[1]) + ']' if n_ci else ''} | {p['D_opt']:.3g} | "
+                         f"{p['loss']:.4f} | {_fmt(p.get('approach2', {}).get('N_opt'))} |")
+    lines += ["", "## Outliers", "", f"Rule: {result['outlier_rule']}.", ""]
+    dropped = [f"{d['name']} ({d['reason']})" for d in result["dropped"]] + \
+              [f"{n} (residual)" for n in result["outliers"]]
+    lines.append("Dropped: " + (", ".join(dropped) if dropped else "none") + ".")
+    lines += ["", "## Plots", ""]
+    for name, p in paths.items():
+        lines += [f"### {PLOTS[name]}", "", f"![{PLOTS[name]}]({p.relative_to(sweep_dir)})", ""]
+    lines += _runs_table(rows)
+    out = sweep_dir / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out

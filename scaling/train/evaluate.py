@@ -1,0 +1,147 @@
+"""Deterministic validation loss: the number a scaling-law sweep fits.
+
+Every run of a sweep is scored on the same held-out videos with the same timesteps and the
+same noise, so losses compare like for like across model sizes, seeds, batch sizes and
+parallel layouts:
+  * videos: synthetic data uses indices the training epoch never draws (>= 10^9) under a
+    fixed seed, so the set does not depend on `train.seed`; prepared shards use a fixed,
+    evenly spaced subset of the index (independent of the epoch order);
+  * timesteps and noise are drawn per video from a generator keyed by the video's position
+    in the set, never by its batch, rank or step;
+  * the videos are packed in a fixed order into batches of at most `train.tokens_per_batch`
+    real tokens; attention never crosses videos, so the grouping does not change a loss;
+  * batches go round robin over data-parallel ranks, each sequence-parallel rank scores its
+    slice, and one all-reduce over the world sums token losses. Every rank runs the same
+    number of forwards (ZeRO-3 gathers parameters collectively): a rank with no batch left
+    scores batch 0 with weight 0.
+The loss is the mean over every real token of the set, with the weights the run trained
+(not the EMA), in the run's dtype.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from vidscale.models.packed import pack
+
+VAL_SEED = 2_718_281
+VAL_OFFSET = 10 ** 9  # synthetic indices from here on are never in a training epoch
+
+
+def validation_videos(cfg) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed held-out (latent C x T x H x W, text [Lt, Dt]) pairs of a recipe's data."""
+    n = cfg.train.val_videos
+    if n < 1:
+        raise ValueError(f"train.val_videos = {n}: expected a positive number of validation videos")
+    if cfg.data.source == "synthetic":
+        from vidscale.data.synthetic import synthetic_video
+        c = cfg
+        return [synthetic_video(VAL_OFFSET + i, VAL_SEED, c.model.in_channels, c.data.frames, c.data.sizes,
+                                c.data.text_tokens, c.model.text_dim, c.model.patch) for i in range(n)]
+    from vidscale.data.shards import ShardSource
+    src = ShardSource(cfg.data.source, cfg)
+    ids = sorted({j * len(src) // n for j in range(min(n, len(src)))})
+    out = [(s[0].float(), s[1].float()) for _, s, _ in src.stream(ids) if s is not None]
+    if not out:
+        raise ValueError(f"data.source={cfg.data.source}: no readable validation sample among ids {ids[:8]}")
+    return out
+
+
+def validation_batches(cfg, objective, multiple: int):
+    """[(tokens [L, P], meta, t [V], noise [L, P])] in a fixed order, padded to `multiple`."""
+    videos = validation_videos(cfg)
+    patch = tuple(cfg.model.patch)
+    pt, ph, pw = patch
+    groups, cur, cur_tokens = [], [], 0
+    for j, (lat, _) in enumerate(videos):
+        n = (lat.shape[1] // pt) * (lat.shape[2] // ph) * (lat.shape[3] // pw)
+        if cur and cur_tokens + n > cfg.train.tokens_per_batch:
+            groups.append(cur)
+            cur, cur_tokens = [], 0
+        cur.append(j)
+        cur_tokens += n
+    groups.append(cur)
+    batches = []
+    for g in groups:
+        tokens, meta = pack([videos[j][0] for j in g], [videos[j][1] for j in g], patch, multiple=multiple)
+        t_V, noise = [], []
+        for j in g:
+            gen = torch.Generator().manual_seed(VAL_SEED * 1_000_003 + j)
+            t_V.append(objective.sample_t(1, gen))
+            n = meta.bounds[len(t_V)] - meta.bounds[len(t_V) - 1]
+            noise.append(torch.randn((n, tokens.shape[1]), generator=gen, dtype=tokens.dtype))
+        pad = tokens.new_zeros((meta.seq_len - meta.num_real, tokens.shape[1]))
+        batches.append((tokens, meta, torch.cat(t_V), torch.cat(noise + [pad])))
+    return batches
+
+
+@torch.no_grad()
+def evaluate(tr) -> float:
+    """Mean validation loss per real token; every rank of the world must call it."""
+    dims, cfg = tr.dims, tr.cfg
+    batches = validation_batches(cfg, tr.objective, multiple=dims.sp)
+    rounds = math.ceil(len(batches) / dims.dp)
+    total = torch.zeros((), dtype=torch.float64)
+    was_training = tr.model.training
+    tr.model.eval()
+    for r in range(rounds):
+        b = r * dims.dp + dims.dp_rank
+        weight = 1.0 if b < len(batches) else 0.0
+        tokens_LP, meta, t_V, noise = batches[b if weight else 0]
+        if dims.sp > 1:
+            n = meta.seq_len // dims.sp
+            sl = slice(dims.sp_rank * n, (dims.sp_rank + 1) * n)
+            tokens_LP, noise, meta = tokens_LP[sl], noise[sl], meta.shard(dims.sp_rank, dims.sp)
+        meta = meta.to(tr.device)
+        x0, noise, t_V = tokens_LP.to(tr.device), noise.to(tr.device), t_V.to(tr.device)
+
+        def model_fn(x_t, t_model):
+            return tr.model(x_t, t_model, meta)
+
+        if tr.autocast is not None:
+            with tr.autocast:
+                terms = tr.objective.loss_terms(model_fn, x0, t_V, noise, meta.seg_ids)
+        else:
+            terms = tr.objective.loss_terms(model_fn, x0, t_V, noise, meta.seg_ids)
+        total += weight * (terms.double() * meta.real_mask()).sum().cpu()
+    if dims.distributed:
+        import torch.distributed as dist
+        dist.all_reduce(total)  # sp slices and dp batches: each real token exactly once
+    tr.model.train(was_training)
+    return float(total) / sum(m.num_real for _, m, _, _ in batches)
+
+
+def global_sum(tr, x: float) -> float:
+    """Sum of a per-rank number over the whole world."""
+    if not tr.dims.distributed:
+        return float(x)
+    import torch.distributed as dist
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def write_final(tr, result: dict, wall_time: float, segment_flops: float, segment_tokens: float) -> dict:
+    """Score the run and write RUN_DIR/final.json (rank 0). Every rank must call it.
+
+    flops: the FLOPs counted in this process's segment of the run, summed over ranks, scaled
+    to all the tokens seen (a resumed run did its earlier steps at the same FLOPs per token).
+    """
+    from vidscale.models.sizes import param_count
+
+    t0 = time.perf_counter()
+    val = evaluate(tr)
+    seg_flops = global_sum(tr, segment_flops)
+    flops = seg_flops * tr.tokens_seen / segment_tokens if segment_tokens > 0 else 0.0
+    final = {"val_loss": val, "params": param_count(tr.mcfg), "tokens": tr.tokens_seen, "flops": flops,
+             "steps": tr.step, "train_loss": result.get("loss"), "wall_time": wall_time,
+             "eval_time": time.perf_counter() - t0, "val_videos": tr.cfg.train.val_videos}
+    if tr.is_main:
+        tmp = Path(tr.run_dir) / "final.json.tmp"
+        tmp.write_text(json.dumps(final, indent=1))
+        tmp.replace(Path(tr.run_dir) / "final.json")  # atomic: a sweep reads it as "done"
+    return final

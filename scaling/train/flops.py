@@ -1,0 +1,72 @@
+"""FLOPs model of VideoDiT on a packed batch, and the machine's measured matmul peak.
+
+Counted: every matmul the model executes on the packed batch (padding tokens included,
+since they are computed), attention quadratic in each video's own length, cross-attention
+to each video's own text, and the per-video adaLN / timestep MLPs. A Linear of W weights
+costs 2 W FLOPs per row. Training = 3 x forward (backward is twice the forward).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from vidscale.models.dit import DiTConfig
+
+
+def forward_flops(cfg: DiTConfig, seg_lens: list[int], text_lens: list[int], num_videos: int | None = None,
+                  split: bool = False):
+    """Forward FLOPs for one packed batch.
+
+    seg_lens: self-attention segment lengths (each video, then the padding segment if any);
+    text_lens: text tokens of each video. Returns a total, or a dict by part when `split`.
+    """
+    D, P, Mh, depth = cfg.hidden, cfg.patch_dim, cfg.mlp_hidden, cfg.depth
+    V = len(text_lens) if num_videos is None else num_videos
+    L = sum(seg_lens)
+    Lt = sum(text_lens)
+    parts = {
+        "embed": 2 * L * P * D + 2 * Lt * (cfg.text_dim * D + D * D) + 2 * V * (256 * D + D * D),
+        "attention_proj": depth * 2 * L * (3 * D * D + D * D),
+        "attention_core": depth * 4 * D * sum(l * l for l in seg_lens),
+        "cross_attention": depth * (2 * L * 2 * D * D + 2 * Lt * 2 * D * D + 4 * D * sum(
+            lv * lt for lv, lt in zip(seg_lens[:V], text_lens))),
+        "mlp": depth * 2 * L * 2 * D * Mh,
+        "adaLN": depth * 2 * (V + 1) * D * 6 * D + 2 * (V + 1) * D * 2 * D,
+        "final": 2 * L * D * P,
+    }
+    return parts if split else sum(parts.values())
+
+
+def batch_forward_flops(cfg: DiTConfig, meta, split: bool = False):
+    segs = [e - s for s, e in meta.segments()]
+    texts = [meta.text_bounds[i + 1] - meta.text_bounds[i] for i in range(meta.num_videos)]
+    return forward_flops(cfg, segs, texts, meta.num_videos, split)
+
+
+def train_flops(cfg: DiTConfig, meta) -> int:
+    return 3 * batch_forward_flops(cfg, meta)
+
+
+def flops_per_token_estimate(cfg: DiTConfig, seq_len: int, text_len: int = 16) -> float:
+    """Training FLOPs per video token for videos of `seq_len` tokens (sweep planning)."""
+    return 3 * forward_flops(cfg, [seq_len], [text_len], 1) / seq_len
+
+
+def measure_peak_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       n: int = 2048, seconds: float = 1.0) -> float:
+    """Peak matmul FLOP/s of this machine and dtype: the best of repeated large GEMMs."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best

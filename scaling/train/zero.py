@@ -1,0 +1,206 @@
+"""DeepSpeed ZeRO (stage 3; 1 and 2 by config) behind the engine interface of engine.py.
+
+    engine = build_zero_engine(cfg, dims, device)
+    engine.backward(sum_of_token_losses * engine.loss_scale / real_tokens_of_the_step)
+    grad_norm = engine.step()
+
+The model is applied in a fixed order: construct (partitioned at construction under
+`deepspeed.zero.Init` for stage 3), `init_weights()` under `GatheredParameters`, plug in
+the sequence-parallel attention, wrap blocks for activation checkpointing, then
+`deepspeed.initialize` with a plain torch AdamW and the warmup+cosine schedule.
+
+Gradient scale (measured, see FACTS.md): ZeRO divides gradients by the whole world
+(dp x sp: parameters are partitioned over every rank) and `backward` divides by the
+accumulation steps, so `loss_scale = world * grad_accum` makes the gradient the mean over
+every real token of the step, whatever the uneven real-token counts per rank.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+
+from vidscale.models.attention import get_kernel
+from vidscale.models.dit import VideoDiT
+from vidscale.scaling.config import Config, model_config
+from vidscale.scaling.train.engine import lr_lambda, make_optimizer
+from vidscale.scaling.parallel.sequence import build_sp_attention
+
+
+def deepspeed_config(cfg: Config, dims, device: torch.device) -> dict:
+    """The DeepSpeed config a recipe describes (every value set explicitly)."""
+    p, stage = cfg.parallel, cfg.parallel.zero_stage
+    zero = {
+        "stage": stage,
+        # keep reduce_scatter on: the SP "divide by dp" fix-up of the other path is applied
+        # per bucket (FACTS.md); our loss scale is right for the reduce-scatter path
+        "reduce_scatter": True,
+        "contiguous_gradients": True,
+        "overlap_comm": p.overlap_comm,
+        "reduce_bucket_size": p.reduce_bucket_size,
+    }
+    if stage == 3:
+        zero.update(stage3_prefetch_bucket_size=p.prefetch_bucket_size,
+                    stage3_param_persistence_threshold=p.persistence_threshold)
+    else:
+        zero.update(allgather_bucket_size=p.reduce_bucket_size)
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if p.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # one packed sequence per micro-step
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.train.grad_accum * dims.world,
+        "gradient_clipping": cfg.optim.grad_clip,  # DeepSpeed's default is 1.0, not "off"
+        # bf16 ZeRO on GPU; on CPU bf16 is autocast in the trainer and states stay fp32
+        "bf16": {"enabled": cfg.train.dtype == "bf16" and device.type == "cuda"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # a plain torch AdamW (DeepSpeed's compiles)
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def apply_ac(model: VideoDiT, offload: bool) -> None:
+    """Recompute each block in backward; optionally keep its saved inputs in CPU memory.
+
+    fairscale wraps `forward` in place, so parameter names (and checkpoints) do not change.
+    """
+    from fairscale.nn.checkpoint import checkpoint_wrapper
+
+    for i, blk in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(blk, offload_to_cpu=offload)
+
+
+class ZeroEngine:
+    """`.module` (call it like the model), `.loss_scale`, `.backward`, `.step`, `.lr`.
+
+    `.ds` is the DeepSpeed engine (for checkpoints); `.ema` holds this rank's shard of the
+    EMA weights as plain tensors (the local ZeRO-3 partition, or full tensors at stage 1/2).
+    """
+
+    def __init__(self, ds, model: VideoDiT, optimizer, cfg: Config, dims):
+        self.ds, self.model, self.optimizer, self.cfg, self.dims = ds, model, optimizer, cfg, dims
+        self.module = ds
+        self.gas = cfg.train.grad_accum
+        self.loss_scale = float(dims.world * self.gas)
+        self.stage = cfg.parallel.zero_stage
+        self.ema_decay = cfg.optim.ema_decay
+        self.ema = ({n: self._local(p).detach().float().clone() for n, p in model.named_parameters()}
+                    if self.ema_decay > 0 else None)
+        self._micro = 0
+
+    def _local(self, p: torch.Tensor) -> torch.Tensor:
+        return p.ds_tensor if self.stage == 3 else p.data
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+        self._micro += 1
+        if self._micro < self.gas:
+            self.ds.step()  # not a boundary: DeepSpeed only counts the micro-step
+
+    def step(self) -> torch.Tensor:
+        assert self._micro == self.gas, f"step() after {self._micro} of {self.gas} micro-batches"
+        self.ds.step()
+        self._micro = 0
+        norm = self.ds.get_global_grad_norm()
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    self.ema[n].lerp_(self._local(p).float(), 1 - self.ema_decay)
+        return torch.as_tensor(float(norm) if norm is not None else float("nan"))
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's EMA shard (what a checkpoint saves per rank)."""
+        return dict(self.ema) if self.ema is not None else {}
+
+    def gather_ema(self) -> dict[str, torch.Tensor]:
+        """Full EMA tensors on every rank (a collective: every rank must call it)."""
+        if self.ema is None:
+            return {}
+        if self.stage != 3:
+            return dict(self.ema)
+        import torch.distributed as dist
+        out = {}
+        for n, p in self.model.named_parameters():
+            shard = self.ema[n]
+            parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, shard)
+            out[n] = torch.cat(parts)[:p.ds_numel].view(p.ds_shape)
+        return out
+
+
+def _forget_stale_groups() -> None:
+    """DeepSpeed caches process groups in module globals; after an earlier run in this
+    process destroyed its process group they point at dead groups. Let it rebuild them."""
+    from deepspeed.utils import groups
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, {})
+
+
+def build_zero_engine(cfg: Config, dims, device: torch.device, make_model=None) -> ZeroEngine:
+    """`make_model()` builds another model than the recipe's VideoDiT (scaling/tasks.py)."""
+    make_model = make_model or (lambda: VideoDiT(model_config(cfg.model)))
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+    import torch.distributed as dist
+
+    from vidscale.scaling.parallel.dims import pick_backend
+
+    ds_logger.setLevel(logging.WARNING)
+    # DeepSpeed calls collectives that torch has renamed: one warning per call and rank
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
+    backend = pick_backend(cfg.parallel.backend, device)
+    if not dist.is_initialized():  # a single process: DeepSpeed still needs a process group
+        dims.init(backend, cfg.parallel.timeout_s, force=True)
+    # zero.Init reads these even for one process (launchers set them for every rank)
+    for k, v in (("LOCAL_RANK", dims.local_rank), ("RANK", dims.rank), ("WORLD_SIZE", dims.world)):
+        os.environ.setdefault(k, str(v))
+    deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
+    _forget_stale_groups()
+    ds_cfg = deepspeed_config(cfg, dims, device)
+    stage = cfg.parallel.zero_stage
+
+    # 1. construct: partitioned across the whole dp x sp world as each module is built
+    torch.manual_seed(cfg.train.seed)
+    if stage == 3:
+        with deepspeed.zero.Init(config_dict_or_path=ds_cfg, remote_device="cpu" if cfg.parallel.offload_params
+                                 else None, pin_memory=False):
+            model = make_model()
+        # 2. init_weights on the gathered parameters; rank 0's values are what every rank keeps
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+            torch.manual_seed(cfg.train.seed)
+            model.init_weights()
+    else:
+        with torch.device("meta"):
+            model = make_model()
+        model = model.to_empty(device=device)
+        torch.manual_seed(cfg.train.seed)
+        model.init_weights()
+    # 3. sequence-parallel attention (the model only sees a packed kernel)
+    if isinstance(model, VideoDiT):
+        model.set_attention(build_sp_attention(dims, get_kernel(cfg.model.attn_backend)))
+    # 4. activation checkpointing per block
+    if cfg.model.activation_checkpointing and isinstance(model, VideoDiT):
+        apply_ac(model, cfg.model.ac_offload)
+    # 5. DeepSpeed: a plain AdamW and the warmup+cosine schedule, stepped at each boundary
+    optimizer = make_optimizer(model.parameters(), cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.optim.warmup, cfg.train.steps, cfg.optim.min_lr_ratio))
+    ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                       config=ds_cfg, dist_init_required=False)
+    return ZeroEngine(ds, model, optimizer, cfg, dims)
