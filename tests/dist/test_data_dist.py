@@ -10,7 +10,7 @@ import pytest
 
 from tests.test_data_loader import truncate, write_shards
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 
 
 @pytest.mark.e2e

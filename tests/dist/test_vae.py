@@ -8,7 +8,7 @@ import torch
 
 from vidscale.models.vae import VAEConfig, VideoVAE, latent_frames, psnr
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 
 
 def tiny(seed=0, **kw):

@@ -12,7 +12,7 @@ import pytest
 
 from vidscale.scaling.config import RecipeError
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 DEBUG = ROOT / "recipes" / "debug.yaml"
 
 

@@ -14,7 +14,7 @@ import torch
 from vidscale.data.shapes import render
 from vidscale.data.video import write_video
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 
 
 def cli(*args, timeout=600):

@@ -15,7 +15,7 @@ import pytest
 from vidscale.scaling.checkpoint import storage as ckpt_io
 from vidscale.scaling.train.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 COMMON = ["--set", "logging.every=1", "--set", "logging.progress=false", "--set", "logging.tensorboard=false",
           "--set", "optim.warmup=2", "--set", "data.synthetic_videos=48", "--set", "train.val_videos=2",
           "--set", "checkpoint.keep_last=3"]

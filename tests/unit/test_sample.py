@@ -9,7 +9,7 @@ from vidscale.models.diffusion import make_objective
 from vidscale.models.dit import DiTConfig, VideoDiT
 from vidscale.scaling.inference.sample import clean_frame_mask, sample_latent
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 
 
 def tiny_model(seed=0, patch=(1, 2, 2), C=4):

@@ -12,7 +12,7 @@ import torch
 from vidscale.data.shapes import render
 from vidscale.data.video import decode_clips, write_video
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 
 
 def make_src(src: Path) -> None:

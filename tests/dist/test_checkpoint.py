@@ -18,7 +18,7 @@ from vidscale.scaling.checkpoint.manager import CheckpointError, CorruptCheckpoi
 from vidscale.scaling.config import load_config
 from vidscale.scaling.train.loop import train
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 FAST = ["parallel.zero_stage=0", "logging.progress=false", "logging.tensorboard=false", "logging.every=1", "optim.warmup=2",
         "data.synthetic_videos=32", "train.val_videos=2"]
 

@@ -9,7 +9,7 @@ from vidscale.cluster.slurm import plan, render, time_seconds
 from vidscale.cluster.slurm_task import torch_env
 from vidscale.scaling.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 
 
 def cfg_with(tmp_path, *over):

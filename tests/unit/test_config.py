@@ -5,7 +5,7 @@ import pytest
 
 from vidscale.scaling.config import RecipeError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml"))
 
 

@@ -16,7 +16,7 @@ import torch
 
 from vidscale.cluster.local import spawn_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 STEPS = 5
 BASE = ["train.tokens_per_batch=256", "model.hidden=48", "model.depth=2", "logging.progress=false", "logging.tensorboard=false",
         "checkpoint.every=0", "optim.warmup=2", f"train.steps={STEPS}", "parallel.zero_stage=3",

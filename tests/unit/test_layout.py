@@ -13,7 +13,7 @@ import vidscale.data
 import vidscale.models
 import vidscale.scaling
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 FOLDERS = ("models", "data", "scaling", "cluster")
 
 # Layers, lowest first. A module may import its own layer and the layers below it; within

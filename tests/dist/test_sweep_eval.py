@@ -11,7 +11,7 @@ import torch
 
 from vidscale.scaling.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 
 
 def _cfg(*over):

@@ -14,7 +14,7 @@ from vidscale.data.loader import build_loader, remap_loader_states
 from vidscale.data.shards import ShardWriter
 from vidscale.scaling.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 
 
 def write_shards(root: Path, n: int = 40, max_bytes: int = 6000, seed: int = 0) -> Path:

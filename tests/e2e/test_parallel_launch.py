@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 CLI = [sys.executable, "-m", "vidscale.scaling.cli"]
 
 
