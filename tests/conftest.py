@@ -96,3 +96,24 @@ def debug_zero3_reference(tmp_path_factory):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return read_losses(run)
+
+
+# -- small prepared shard sets ---------------------------------------------------------------
+def write_shards(root: Path, n: int = 40, max_bytes: int = 6000, seed: int = 0) -> Path:
+    """n random latent samples (4 channels, 384-d captions) as webdataset shards under root."""
+    import random
+    from vidscale.data.shards import ShardWriter
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    w = ShardWriter(root, max_bytes=max_bytes, patch=(1, 2, 2))
+    for i in range(n):
+        T, H, W = rng.randint(1, 3), rng.choice([2, 4, 6]), rng.choice([2, 4, 8])
+        w.write(torch.randn(4, T, H, W, generator=g), torch.randn(rng.randint(2, 5), 384, generator=g),
+                {"caption": f"video {i}"})
+    w.close(channels=4, text_dim=384)
+    return root
+
+
+def truncate(path: Path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_data_loader import truncate, write_shards
-
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, truncate, write_shards
 
 
 @pytest.mark.e2e

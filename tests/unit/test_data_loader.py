@@ -11,22 +11,9 @@ import pytest
 import torch
 
 from vidscale.data.loader import build_loader, remap_loader_states
-from vidscale.data.shards import ShardWriter
 from vidscale.scaling.config import load_config
 
-from conftest import ROOT  # noqa: E402
-
-
-def write_shards(root: Path, n: int = 40, max_bytes: int = 6000, seed: int = 0) -> Path:
-    g = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    w = ShardWriter(root, max_bytes=max_bytes, patch=(1, 2, 2))
-    for i in range(n):
-        T, H, W = rng.randint(1, 3), rng.choice([2, 4, 6]), rng.choice([2, 4, 8])
-        w.write(torch.randn(4, T, H, W, generator=g), torch.randn(rng.randint(2, 5), 384, generator=g),
-                {"caption": f"video {i}"})
-    w.close(channels=4, text_dim=384)
-    return root
+from conftest import ROOT, truncate, write_shards
 
 
 def cfg_for(src: Path, *over: str):
@@ -110,11 +97,6 @@ def test_remap_to_a_new_dp_size_loses_and_repeats_nothing(tmp_path, new_dp):
     for e in (0, 1):
         allv = consumed[e] + rest[e]
         assert sorted(allv) == sorted(set(allv)) and len(allv) == 37, (e, len(allv))
-
-
-def truncate(path: Path, keep: float) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * keep)])
 
 
 def test_truncated_shard_and_corrupt_sample_are_skipped_and_counted(tmp_path):
