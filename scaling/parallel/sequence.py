@@ -24,10 +24,9 @@ import math
 from dataclasses import replace
 
 import torch
-import torch.distributed as dist
-
 from vidscale.models.attention import PackedAttentionKernel
 from vidscale.models.packed import PackedMeta
+from vidscale.scaling.parallel import collectives
 
 
 # -- Ulysses: all-to-all between sequence and head sharding ------------------------------
@@ -36,7 +35,7 @@ def _seq_to_head(x_LSHD: torch.Tensor, group, u: int) -> torch.Tensor:
     Lr, S, H, D = x_LSHD.shape
     send = x_LSHD.reshape(Lr, S, u, H // u, D).permute(2, 0, 1, 3, 4).contiguous()  # chunk i -> rank i
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)  # recv[j]: rank j's tokens, my heads
+    collectives.all_to_all_single(recv, send, group=group)  # recv[j]: rank j's tokens, my heads
     return recv.reshape(u * Lr, S, H // u, D)
 
 
@@ -45,7 +44,7 @@ def _head_to_seq(y_LSHD: torch.Tensor, group, u: int) -> torch.Tensor:
     L, S, Hu, D = y_LSHD.shape
     send = y_LSHD.reshape(u, L // u, S, Hu, D).contiguous()  # tokens of rank j -> rank j
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)  # recv[i]: head chunk i of my tokens
+    collectives.all_to_all_single(recv, send, group=group)  # recv[i]: head chunk i of my tokens
     return recv.permute(1, 2, 0, 3, 4).reshape(L // u, S, u * Hu, D)
 
 
@@ -218,16 +217,13 @@ class RingAttention:
         K/V (tag 0) and dK/dV (tag 1) can be in flight together: distinct tags keep them apart.
         """
         x = x.contiguous()
-        recv = torch.empty_like(x)
         nxt, prv = self.ranks[(self.rank + 1) % self.size], self.ranks[(self.rank - 1) % self.size]
-        ops = [dist.P2POp(dist.isend, x, nxt, self.group, tag), dist.P2POp(dist.irecv, recv, prv, self.group, tag)]
         self.sent_bytes += x.numel() * x.element_size()
-        return dist.batch_isend_irecv(ops), recv
+        return collectives.exchange(x, nxt, prv, self.group, tag)
 
     @staticmethod
     def shift_wait(reqs, recv: torch.Tensor) -> torch.Tensor:
-        for req in reqs:
-            req.wait()
+        collectives.wait(reqs)
         return recv
 
     def __call__(self, q_LHD, k_LHD, v_LHD, meta: PackedMeta):
