@@ -14,6 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from vidscale.data.loader import build_loader
+from vidscale.data.prepare import prepare
+from vidscale.data.shapes import make_videos
+from vidscale.scaling.config import load_config
+from vidscale.scaling.train.loop import Trainer
+
 
 def add_args(p) -> None:
     p.add_argument("--recipe", default="recipes/debug.yaml", help="recipe of the training step")
@@ -24,16 +30,13 @@ def add_args(p) -> None:
 
 
 def run(args) -> dict:
-    from vidscale.data.loader import build_loader
-    from vidscale.data.shapes import make_videos
-    from vidscale.scaling.cli.prepare import prepare
-    from vidscale.scaling.config import load_config
-
     with tempfile.TemporaryDirectory(prefix="vidscale-bench-loader-") as tmp:
         tmp = Path(tmp)
         make_videos(tmp / "videos", args.videos, seed=0)
         t0 = time.perf_counter()
-        index = prepare(tmp / "videos", tmp / "shards", load_config(args.recipe, args.overrides), progress=False)
+        pcfg = load_config(args.recipe, args.overrides)
+        index = prepare(tmp / "videos", tmp / "shards", pcfg.data, channels=pcfg.model.in_channels,
+                        patch=pcfg.model.patch, progress=False)
         prep_s = time.perf_counter() - t0
         over = list(args.overrides) + [f"data.source={tmp / 'shards'}", f"train.run_dir={tmp / 'run'}",
                                        "logging.progress=false", "logging.tensorboard=false", "checkpoint.every=0"]
@@ -50,7 +53,6 @@ def run(args) -> dict:
             videos += meta.num_videos
         loader_bps = args.batches / (time.perf_counter() - t0)
 
-        from vidscale.scaling.train.loop import Trainer
         tr = Trainer(cfg)
         tr.train_step()  # warm-up
         t0 = time.perf_counter()

@@ -84,19 +84,20 @@ def test_prepare_real_videos_then_train_on_the_shards(tmp_path):
     assert torch.allclose(lat.float(), PixelEncoder(4).encode(x)[0], atol=0.02)
 
     # decoding in worker processes writes the same bytes
-    from vidscale.scaling.cli.prepare import prepare
+    from vidscale.data.prepare import prepare
     pcfg = load_config(None, ["data.clip_frames=9", "data.max_clips=2", f"data.captions={src / 'captions.jsonl'}",
                               "data.shard_max_bytes=30000"])
-    again = prepare(src, tmp_path / "again", pcfg, progress=False, workers=2)
+    model = {"channels": pcfg.model.in_channels, "patch": pcfg.model.patch}
+    again = prepare(src, tmp_path / "again", pcfg.data, progress=False, workers=2, **model)
     assert [s["name"] for s in again["shards"]] == [s["name"] for s in index["shards"]]
     for s in index["shards"]:
         _assert_same_shard(tmp_path / "again" / s["name"], out / s["name"])
 
     # two parallel parts into one folder: the last one to finish writes the joint index
     from vidscale.data.shards import merge_parts
-    assert prepare(src, tmp_path / "parts", pcfg, progress=False, part=(1, 2))["samples"] > 0
+    assert prepare(src, tmp_path / "parts", pcfg.data, progress=False, part=(1, 2), **model)["samples"] > 0
     assert merge_parts(tmp_path / "parts", 2) is None and not (tmp_path / "parts" / "index.json").exists()
-    prepare(src, tmp_path / "parts", pcfg, progress=False, part=(0, 2))
+    prepare(src, tmp_path / "parts", pcfg.data, progress=False, part=(0, 2), **model)
     joint = merge_parts(tmp_path / "parts", 2)
     assert joint["samples"] == index["samples"] and joint["failed"] == 1 and joint["videos"] == 7
     pcfg.data.source = str(tmp_path / "parts")
@@ -141,7 +142,7 @@ def test_decode_resamples_frame_rate_and_limits_area(tmp_path):
 
 
 def test_caption_sidecars(tmp_path):
-    from vidscale.scaling.cli.prepare import caption_for, load_captions
+    from vidscale.data.prepare import caption_for, load_captions
     (tmp_path / "sub").mkdir()
     v1, v2, v3 = tmp_path / "sub" / "a.mp4", tmp_path / "b.webm", tmp_path / "c.gif"
     v2.with_suffix(".txt").write_text("from the txt\n")
