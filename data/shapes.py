@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vidscale.data.video import write_video
+
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 70), "blue": (40, 80, 220), "yellow": (230, 210, 40),
           "white": (240, 240, 240), "black": (15, 15, 15), "purple": (150, 60, 190), "orange": (240, 140, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -42,8 +44,6 @@ def render(shape: str, color: str, bg: str, motion: str, H: int, W: int, T: int,
 def make_videos(out: str | Path, n: int, sizes=((48, 64), (64, 48), (96, 128), (128, 96)),
                 frames=(9, 33), fps: int = 8, seed: int = 0, ext: str = ".mp4") -> list[Path]:
     """Write `n` videos with `.txt` caption sidecars into `out`; returns the video paths."""
-    from vidscale.data.video import write_video
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vidscale.models.vae import VAELatentEncoder, load_vae
+
 
 def latent_frames(frames: int, temporal: int) -> int:
     """Latent frames of a clip of `frames` frames (1 + 4k frames -> 1 + k latents)."""
@@ -159,7 +161,6 @@ def build_latent_encoder(spec: str, channels: int = 4, device: str = "cpu"):
     if kind in ("wan", "cogvideox"):
         return DiffusersVAE(kind, arg, device=device)
     if kind == "vae":  # a VAE trained by vidscale (models/vae.py)
-        from vidscale.models.vae import VAELatentEncoder, load_vae
         return VAELatentEncoder(load_vae(arg, device))
     if kind == "raw":
         return RawFrames()
