@@ -73,10 +73,9 @@ def _load_without_verify(ck, path: Path) -> None:
     """The load alone (what `restore` does after the manifest check)."""
     import json
 
-    from vidscale.scaling.checkpoint.zero import load_zero
     old = json.loads((path / "state.json").read_text())["layout"]
-    load_zero(ck.tr.engine, path, old, ck.layout(), ck.tr.dims)
-    ck._load_loader(path, old)
+    for part in ck.parts.values():  # the engine (DeepSpeed's shards, EMA), RNG, loader
+        part.load_checkpoint(path, old)
 
 
 def run(args) -> dict:
@@ -103,8 +102,8 @@ def run(args) -> dict:
         # raw and ours interleaved, best of `repeats`: the disk is shared and its speed drifts
         for _ in range(args.repeats):
             # every write measurement starts from a settled disk: nothing dirty, no deletion pending
-            ck.cfg.async_save = False
-            tr.step += 1  # a new tag per save
+            ck.args.async_save = False
+            tr.state.step += 1  # a new tag per save
             os.sync()
             t0 = time.perf_counter()
             path = ck.save()
@@ -123,8 +122,8 @@ def run(args) -> dict:
             t0 = time.perf_counter()
             _load_without_verify(ck, path)
             loads_nv.append(time.perf_counter() - t0)
-            ck.cfg.async_save = True
-            tr.step += 1
+            ck.args.async_save = True
+            tr.state.step += 1
             os.sync()
             t0 = time.perf_counter()
             ck.save()

@@ -5,14 +5,14 @@
 In one run, alternating repetitions (the machine is shared: each figure is the best of its
 repetitions, and the two interleave so that both see the same load):
   peak_flops          a large GEMM of the step's dtype on the step's device (FLOP/s)
-  model_flops_per_s   the step's model FLOPs (scaling/flops.py: every matmul of the packed
+  model_flops_per_s   the step's model FLOPs (scaling/train/flops.py: every matmul of the packed
                       batch, attention quadratic in each video's own length, x3 for
                       training) over the step's wall time (data wait, optimizer included)
   mfu                 model_flops_per_s / peak_flops
   mfu_cpu_time        the same ratio per process-CPU second instead of per wall second (CPU
                       only): insensitive to time-slicing by other processes on a shared machine
   tokens_per_s        packed tokens (padding included) per second; real_tokens_per_s too
-  split               name -> fraction of one profiled step (scaling/step_split.py)
+  split               name -> fraction of one profiled step (scaling/train/step_split.py)
 Defaults: the 30M model, 4096 tokens per step, fp32, plain torch engine, one process.
 """
 from __future__ import annotations
@@ -102,6 +102,6 @@ def run(args) -> dict:
             "peak_flops": peak, "model_flops_per_s": rate,
             "peak_flops_per_cpu_s": peak_cpu if cpu else None, "model_flops_per_cpu_s": best_cpu if cpu else None,
             "step_s": dt, "step_flops": out["flops"], "split": split, "goal_mfu": 0.75,
-            "model": cfg.model.size, "params": param_count(tr.mcfg), "tokens_per_step": out["local_tokens"],
+            "model": cfg.model.size, "params": param_count(tr.task.mcfg), "tokens_per_step": out["local_tokens"],
             "dtype": cfg.train.dtype, "device": str(tr.device), "zero_stage": cfg.parallel.zero_stage,
             "compile": cfg.model.compile, "threads": torch.get_num_threads(), "reps": args.reps}

@@ -57,7 +57,8 @@ def _worker(rank: int, world: int, port: int, opts: dict, out_path: str) -> None
     sys.stdout = sys.stderr  # DeepSpeed prints; stdout carries the one JSON object
     import torch.distributed as dist
     from vidscale.models.packed import pack
-    from vidscale.scaling.config import load_config
+    from vidscale.models.dit import VideoDiT
+    from vidscale.scaling.config import load_config, model_config
     from vidscale.scaling.parallel.dims import ParallelDims
     from vidscale.scaling.train.zero import build_zero_engine
 
@@ -65,7 +66,7 @@ def _worker(rank: int, world: int, port: int, opts: dict, out_path: str) -> None
                                                  f"cluster.nproc={world}", "train.steps=10"])
     dims = ParallelDims.from_env()
     dims.init("gloo", force=True)
-    engine = build_zero_engine(cfg, dims, torch.device("cpu"))
+    engine = build_zero_engine(cfg, dims, torch.device("cpu"), lambda: VideoDiT(model_config(cfg.model)))
     g = torch.Generator().manual_seed(rank)
     x, meta = pack([torch.randn(cfg.model.in_channels, 2, 16, 16, generator=g)],
                    [torch.randn(6, cfg.model.text_dim, generator=g)], tuple(cfg.model.patch))

@@ -1,4 +1,4 @@
-"""What a checkpoint holds, and saving/restoring a `Trainer` with it.
+"""What a checkpoint holds, and saving/restoring the stateful parts of a run with it.
 
 One checkpoint directory (`RUN_DIR/checkpoints/step_XXXXXXXX`, committed atomically by
 `ckpt_io`) holds:
@@ -7,32 +7,41 @@ One checkpoint directory (`RUN_DIR/checkpoints/step_XXXXXXXX`, committed atomica
     config.yaml             the resolved recipe
     rng/rank00000.json      per-rank RNG states: python, numpy, torch (+cuda), as JSON
     loader/dp00000.json     each data-parallel rank's loader state (JSON)
-    TorchEngine (parallel.zero_stage=0, one process):
-      model.safetensors, ema.safetensors, optimizer.pt (tensors only: loaded with
-      weights_only=True), scheduler.json
-    ZeRO engine (scaling/zero.py):
-      zero/...              DeepSpeed's sharded model + optimizer + scheduler states
-      ema/rank00000.safetensors   each rank's EMA shard, sharded like the model
+    the engine's own files (`Engine.checkpoint_files`, scaling/train/engine.py):
+      TorchEngine (parallel.zero_stage=0, one process): model.safetensors,
+        ema.safetensors, optimizer.pt (tensors only: loaded with weights_only=True),
+        scheduler.json
+      ZeRO engine (scaling/train/zero.py, files in checkpoint/zero.py): zero/...
+        DeepSpeed's sharded model + optimizer + scheduler states, and
+        ema/rank00000.safetensors, each rank's EMA shard, sharded like the model
+
+The manager knows none of these parts' internals: the run hands it a `TrainState` (step,
+tokens seen) and its stateful parts (engine, data loader, RNG), each of which lists the
+files it saves and restores itself from a checkpoint.
 
 Same layout: everything is restored as it was, so the losses continue bit for bit. A
 different data-parallel size: the loader states are remapped (`data.loader`); model and
-optimizer states go through DeepSpeed's universal checkpoint (see `scaling/ckpt_zero.py`).
+optimizer states go through DeepSpeed's universal checkpoint (see `checkpoint/zero.py`).
 """
 from __future__ import annotations
 
 import base64
-import copy as copy_
 import json
 import random
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from vidscale.data.loader import remap_loader_states
 from vidscale.scaling.checkpoint import storage as io
 from vidscale.scaling.checkpoint.storage import CheckpointError, CorruptCheckpoint  # noqa: F401  (re-exported)
+from vidscale.scaling.parallel import collectives
+from vidscale.scaling.parallel.dims import ParallelDims
 
 FORMAT = 1
 
@@ -60,53 +69,95 @@ def set_rng_state(s: dict) -> None:
                                       for c in s["cuda"]])
 
 
-# -- tensors for async writes ---------------------------------------------------------------
-def host_copy(tree, _memo: dict | None = None):
-    """A snapshot of a state tree: every tensor copied to host memory (one copy per tensor,
-    however often it is referenced), containers rebuilt with their own types (OrderedDict
-    stays OrderedDict), anything else shared as it is."""
-    memo = {} if _memo is None else _memo
-    if isinstance(tree, torch.Tensor):
-        if id(tree) not in memo:
-            c = tree.detach().to("cpu", copy=True)
-            memo[id(tree)] = torch.nn.Parameter(c, tree.requires_grad) if isinstance(tree, torch.nn.Parameter) else c
-        return memo[id(tree)]
-    if isinstance(tree, dict):
-        out = copy_.copy(tree)
-        for k, v in tree.items():
-            out[k] = host_copy(v, memo)
-        return out
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # namedtuple
-        return type(tree)(*(host_copy(v, memo) for v in tree))
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(host_copy(v, memo) for v in tree)
-    return tree
+# -- the stateful parts of a run -----------------------------------------------------------
+@dataclass
+class TrainState:
+    """Where the run is: saved in state.json, restored first."""
+    step: int = 0
+    tokens_seen: int = 0
+
+
+class Stateful(Protocol):
+    """A part of the run that a checkpoint saves (the engine, the loader, the RNG)."""
+
+    def checkpoint_files(self, tmp: Path, snapshot: bool) -> dict:
+        """{relative path: ('json', obj) | ('safetensors', tensors) | ('torch', obj) | ('text', str)}
+        of this rank; snapshot=True (async save): tensors copied to host memory, written later."""
+
+    def flush_files(self, tmp: Path) -> None:
+        """After every listed file is written: make durable what the part wrote on its own."""
+
+    def load_checkpoint(self, path: Path, saved_layout: dict) -> None:
+        """Restore from `path`, saved under `saved_layout` (world, dp, sp, ...)."""
+
+
+class LoaderPart:
+    """Each data-parallel rank's loader state; another dp size remaps the old ranks' states
+    (`data.loader.remap_loader_states`): every sample not yet consumed in an unfinished
+    epoch goes to exactly one new rank."""
+
+    def __init__(self, loader, dims: ParallelDims):
+        self.loader, self.dims = loader, dims
+
+    def checkpoint_files(self, tmp: Path, snapshot: bool) -> dict:
+        if self.dims.sp_rank != 0:  # the sp ranks of a dp group share one loader
+            return {}
+        return {f"loader/dp{self.dims.dp_rank:05d}.json": ("json", self.loader.state_dict())}
+
+    def flush_files(self, tmp: Path) -> None:
+        pass
+
+    def load_checkpoint(self, path: Path, saved_layout: dict) -> None:
+        d = self.dims
+        states = [json.loads((path / f"loader/dp{r:05d}.json").read_text()) for r in range(saved_layout["dp"])]
+        if saved_layout["dp"] != d.dp:
+            states = remap_loader_states(states, d.dp)
+        self.loader.load_state_dict(states[d.dp_rank])
+
+
+class RngPart:
+    """Each rank's python / numpy / torch (/cuda) RNG states, restored on the same world size
+    only (the training noise is keyed by (seed, step, micro-batch, dp rank), not by them)."""
+
+    def __init__(self, dims: ParallelDims):
+        self.dims = dims
+
+    def checkpoint_files(self, tmp: Path, snapshot: bool) -> dict:
+        return {f"rng/rank{self.dims.rank:05d}.json": ("json", rng_state())}
+
+    def flush_files(self, tmp: Path) -> None:
+        pass
+
+    def load_checkpoint(self, path: Path, saved_layout: dict) -> None:
+        if saved_layout["world"] == self.dims.world:
+            set_rng_state(json.loads((path / f"rng/rank{self.dims.rank:05d}.json").read_text()))
 
 
 class Checkpointer:
-    """Saves and restores a `Trainer`. `save()` on every rank at the same step."""
+    """Saves and restores a run's parts. `save()` on every rank at the same step.
 
-    def __init__(self, trainer):
-        self.tr = trainer
-        self.cfg = trainer.cfg.checkpoint
-        self.root = trainer.run_dir / "checkpoints"
+    parts: {name: Stateful} in the order they are saved and restored (the engine first:
+    its save is a collective). layout: the parallel layout and the engine kind, written to
+    state.json; resuming needs the same engine kind, any world size.
+    """
+
+    def __init__(self, run_dir: Path, args, dims: ParallelDims, state: TrainState, parts: dict[str, Stateful],
+                 layout: dict, config_text: str, timeout_s: float):
+        self.args, self.dims, self.state, self.parts = args, dims, state, parts
+        self.root = Path(run_dir) / "checkpoints"
+        self.metrics = Path(run_dir) / "metrics.jsonl"
+        self._layout, self.config_text, self.timeout_s = dict(layout), config_text, timeout_s
         self.last_step: int | None = None
         self.stalls: list[float] = []   # seconds the loop waited per save
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        io.set_checksum(self.cfg.checksum)
-
-    @property
-    def zero(self) -> bool:
-        return hasattr(self.tr.engine, "ds")
+        io.set_checksum(args.checksum)
 
     def layout(self) -> dict:
-        d = self.tr.dims
-        return {"world": d.world, "dp": d.dp, "sp": d.sp, "ulysses": d.ulysses, "ring": d.ring,
-                "zero_stage": self.tr.cfg.parallel.zero_stage, "engine": "zero" if self.zero else "torch"}
+        return dict(self._layout)
 
     def should_save(self, step: int) -> bool:
-        return self.cfg.every > 0 and step % self.cfg.every == 0
+        return self.args.every > 0 and step % self.args.every == 0
 
     # -- save ------------------------------------------------------------------------------
     def save(self) -> Path:
@@ -114,65 +165,37 @@ class Checkpointer:
         included) is written in the background and this returns after the in-memory snapshot."""
         t0 = time.perf_counter()
         self.wait()  # one save in flight; raises the error of a failed background save
-        tr, d = self.tr, self.tr.dims
-        tag = io.tag_for(tr.step)
-        io.arm_faults(tr.step)
+        d, step = self.dims, self.state.step
+        tag = io.tag_for(step)
+        io.arm_faults(step)
         err = None
         if d.rank == 0:
             try:
                 io.prepare(self.root, tag)
             except CheckpointError as e:
                 err = e
-        self._agree_prepared(err)  # also the barrier: nobody writes before the directory exists
+        self._agree_prepared(err, tag)  # also the barrier: nobody writes before the directory exists
         tmp = io.tmp_dir(self.root, tag)
+        meta = {"step": step, "tokens_seen": self.state.tokens_seen, "layout": self.layout(), "format": FORMAT}
         try:
             files = {}
-            if self.zero:
-                from vidscale.scaling.checkpoint.zero import save_zero
-                # collective: writes each rank's shards (async: snapshots them for the thread)
-                files.update(save_zero(tr.engine, tmp, defer=self.cfg.async_save))
-            files.update(self._snapshot())
+            for part in self.parts.values():
+                files.update(part.checkpoint_files(tmp, self.args.async_save))
+            if d.rank == 0:
+                files["state.json"] = ("json", meta)
+                files["config.yaml"] = ("text", self.config_text)
         except BaseException as e:
             self._mark_failed(tmp, e)
             raise
-        meta = {"step": tr.step, "tokens_seen": tr.tokens_seen, "layout": self.layout(), "format": FORMAT}
-        if self.cfg.async_save:
+        if self.args.async_save:
             self._thread = threading.Thread(target=self._finish_bg, args=(tmp, tag, files, meta), daemon=True)
             self._thread.start()
         else:
             self._finish(tmp, tag, files, meta)
-            self._barrier()  # every rank returns with the checkpoint committed
-        self.last_step = tr.step
+            collectives.barrier()  # every rank returns with the checkpoint committed
+        self.last_step = step
         self.stalls.append(time.perf_counter() - t0)
         return self.root / tag
-
-    def _snapshot(self) -> dict:
-        """{relative path: ('json', obj) | ('safetensors', tensors) | ('torch', obj) | ('text', str)}
-        for this rank; with async_save, tensors are copied to host memory (so the loop may go on
-        while they are written); a synchronous save writes them from where they are."""
-        from vidscale.scaling.config import to_yaml
-        tr, d = self.tr, self.tr.dims
-        files: dict = {f"rng/rank{d.rank:05d}.json": ("json", rng_state())}
-        if d.sp_rank == 0:  # the sp ranks of a dp group share one loader
-            files[f"loader/dp{d.dp_rank:05d}.json"] = ("json", tr.loader.state_dict())
-        if d.rank == 0:
-            files["state.json"] = ("json", {"step": tr.step, "tokens_seen": tr.tokens_seen,
-                                            "layout": self.layout(), "format": FORMAT})
-            files["config.yaml"] = ("text", to_yaml(tr.cfg))
-        eng = tr.engine
-        copy = host_copy if self.cfg.async_save else (lambda tree: tree)
-        if self.zero:
-            from vidscale.scaling.checkpoint.zero import ema_files
-            files.update(copy(ema_files(eng)))
-        else:
-            files["model.safetensors"] = ("safetensors", copy(eng.module.state_dict()))
-            if eng.ema is not None:
-                files["ema.safetensors"] = ("safetensors", copy(eng.ema))
-            files["optimizer.pt"] = ("torch", copy(eng.optimizer.state_dict()))
-            sch = eng.scheduler.state_dict()
-            sch.pop("lr_lambdas", None)  # functions: rebuilt from the recipe
-            files["scheduler.json"] = ("json", sch)
-        return files
 
     def _write(self, tmp: Path, files: dict) -> None:
         from safetensors.torch import save_file
@@ -190,18 +213,17 @@ class Checkpointer:
                 io.write_stream(p, lambda f, o=obj: torch.save(o, f))
 
     def _finish(self, tmp: Path, tag: str, files: dict, meta: dict) -> None:
-        d = self.tr.dims
+        d = self.dims
         try:
             self._write(tmp, files)
-            if self.zero:
-                from vidscale.scaling.checkpoint.zero import fsync_zero
-                fsync_zero(self.tr.engine, tmp)
+            for part in self.parts.values():
+                part.flush_files(tmp)
             (tmp / f".done-{d.rank:05d}").touch()
-            _await(tmp, ".done", d.world, self.tr.cfg.parallel.timeout_s)
+            _await(tmp, ".done", d.world, self.timeout_s)
             io.write_part(tmp, d.rank)
             if d.rank == 0:
-                io.commit(self.root, tmp, tag, d.world, meta, self.tr.cfg.parallel.timeout_s)
-                io.retain(self.root, self.cfg.keep_last, self.cfg.keep_every, tag)
+                io.commit(self.root, tmp, tag, d.world, meta, self.timeout_s)
+                io.retain(self.root, self.args.keep_last, self.args.keep_every, tag)
         except BaseException as e:
             self._mark_failed(tmp, e)
             raise
@@ -216,10 +238,10 @@ class Checkpointer:
         """Tell the other ranks (they poll the directory) and drop the temporary files."""
         io.forget(tmp)
         try:
-            (tmp / f".failed-{self.tr.dims.rank:05d}").write_text(str(e)[:500])
+            (tmp / f".failed-{self.dims.rank:05d}").write_text(str(e)[:500])
         except OSError:
             pass
-        if self.tr.dims.world == 1:
+        if self.dims.world == 1:
             import shutil
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -232,26 +254,20 @@ class Checkpointer:
             e, self._error = self._error, None
             raise e
 
-    def _agree_prepared(self, err: CheckpointError | None) -> None:
+    def _agree_prepared(self, err: CheckpointError | None, tag: str) -> None:
         """Every rank learns whether rank 0 could create the temporary directory (instead of
         waiting in a barrier for a rank that already raised); rank 0's error names the path."""
-        from vidscale.scaling.train import signals
-        failed = signals.agree(err is not None, self.tr.dims, self.tr.device)
+        failed = collectives.agree(err is not None)
         if err is not None:
             raise err
         if failed:
-            raise CheckpointError(f"checkpoint: rank 0 could not create {io.tmp_dir(self.root, io.tag_for(self.tr.step))} "
+            raise CheckpointError(f"checkpoint: rank 0 could not create {io.tmp_dir(self.root, tag)} "
                                   "(its error names the cause)")
-
-    def _barrier(self) -> None:
-        if self.tr.dims.distributed:
-            import torch.distributed as dist
-            dist.barrier()
 
     # -- restore ---------------------------------------------------------------------------
     def restore(self, spec: str) -> Path | None:
-        """Load the checkpoint `spec` names (see `resolve`) into the trainer."""
-        tr, d = self.tr, self.tr.dims
+        """Load the checkpoint `spec` names (see `resolve`) into every part."""
+        d = self.dims
         report = lambda m: print(f"vidscale: {m}", flush=True)  # noqa: E731
         if spec == "auto" and d.distributed:
             path = self._find_latest_striped(report)
@@ -262,44 +278,34 @@ class Checkpointer:
             if d.rank == 0:
                 print(f"vidscale: no complete checkpoint in {self.root}: starting fresh", flush=True)
             return None
-        state = json.loads((path / "state.json").read_text())
-        old = state["layout"]
-        if old["engine"] != self.layout()["engine"]:
+        saved = json.loads((path / "state.json").read_text())
+        old = saved["layout"]
+        if old["engine"] != self._layout["engine"]:
             raise ValueError(f"{path}: saved by the {old['engine']} engine (parallel.zero_stage="
                              f"{old['zero_stage']}); resume with the same parallel.zero_stage")
-        if self.zero:
-            from vidscale.scaling.checkpoint.zero import load_zero
-            load_zero(tr.engine, path, old, self.layout(), d)
-        else:
-            self._load_torch(path)
-        if old["world"] == d.world:
-            set_rng_state(json.loads((path / f"rng/rank{d.rank:05d}.json").read_text()))
-        self._load_loader(path, old)
-        tr.step, tr.tokens_seen = state["step"], state["tokens_seen"]
-        self.last_step = tr.step
+        for part in self.parts.values():
+            part.load_checkpoint(path, old)
+        self.state.step, self.state.tokens_seen = saved["step"], saved["tokens_seen"]
+        self.last_step = self.state.step
         if d.rank == 0:
-            truncate_metrics(tr.run_dir / "metrics.jsonl", tr.step)
-            print(f"vidscale: resumed from {path} (step {tr.step}, saved with {_fmt(old)}, now {_fmt(self.layout())})",
-                  flush=True)
+            truncate_metrics(self.metrics, self.state.step)
+            print(f"vidscale: resumed from {path} (step {self.state.step}, saved with {_fmt(old)}, "
+                  f"now {_fmt(self.layout())})", flush=True)
         return path
 
     def _find_latest_striped(self, report) -> Path | None:
         """`find_latest` with the checksum work split over the ranks: each verifies a stripe of
         the files, and a checkpoint is used only if every rank found its stripe intact."""
-        import torch.distributed as dist
-        d = self.tr.dims
+        d = self.dims
         tags = [t for _, t in reversed(io.committed(self.root))]
-        n = torch.tensor([len(tags)], device=self.tr.device)  # every rank must see the same list
-        dist.all_reduce(n, op=dist.ReduceOp.MIN)
-        for tag in tags[:int(n.item())]:
-            bad = 0
+        n = int(collectives.min_(len(tags)))  # every rank must see the same list
+        for tag in tags[:n]:
+            bad = False
             try:
                 io.verify(self.root / tag, rank=d.rank, world=d.world)
             except CorruptCheckpoint:
-                bad = 1
-            t = torch.tensor([bad], device=self.tr.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            if not t.item():
+                bad = True
+            if not collectives.agree(bad):
                 return self.root / tag
             if d.rank == 0:  # rank 0's output is the one users see: name the file from here
                 try:
@@ -310,45 +316,10 @@ class Checkpointer:
 
     def _broadcast_path(self, path: Path | None) -> Path | None:
         """Rank 0 chose; every rank loads the same checkpoint (the path as bytes, no pickle)."""
-        if not self.tr.dims.distributed:
+        if not self.dims.distributed:
             return path
-        import torch.distributed as dist
-        raw = str(path).encode() if path is not None else b""
-        n = torch.tensor([len(raw)], dtype=torch.int64, device=self.tr.device)
-        dist.broadcast(n, src=0)
-        buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=self.tr.device)
-        if self.tr.dims.rank == 0 and raw:
-            buf.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
-        if int(n.item()):
-            dist.broadcast(buf, src=0)
-        return Path(bytes(buf.cpu().tolist()).decode()) if int(n.item()) else None
-
-    def _load_torch(self, path: Path) -> None:
-        from safetensors.torch import load_file
-        eng, dev = self.tr.engine, self.tr.device
-        eng.module.load_state_dict(load_file(str(path / "model.safetensors"), device=str(dev)))
-        eng.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=dev, weights_only=True))
-        sch = json.loads((path / "scheduler.json").read_text())
-        sch["lr_lambdas"] = [None] * len(eng.optimizer.param_groups)
-        eng.scheduler.load_state_dict(sch)
-        if eng.ema is not None:
-            if not (path / "ema.safetensors").exists():
-                raise ValueError(f"{path}: saved without EMA (optim.ema_decay=0); resume with optim.ema_decay=0")
-            ema = load_file(str(path / "ema.safetensors"), device=str(dev))
-            with torch.no_grad():
-                for k, v in eng.ema.items():
-                    v.copy_(ema[k])
-
-    def _load_loader(self, path: Path, old: dict) -> None:
-        """Same dp size: each rank's state as saved (exact). Another dp size: the states of
-        all old ranks are remapped (`data.loader.remap_loader_states`): every sample not yet
-        consumed in an unfinished epoch goes to exactly one new rank."""
-        from vidscale.data.loader import remap_loader_states
-        tr, d = self.tr, self.tr.dims
-        states = [json.loads((path / f"loader/dp{r:05d}.json").read_text()) for r in range(old["dp"])]
-        if old["dp"] != d.dp:
-            states = remap_loader_states(states, d.dp)
-        tr.loader.load_state_dict(states[d.dp_rank])
+        raw = collectives.broadcast_bytes(str(path).encode() if path is not None else b"")
+        return Path(raw.decode()) if raw else None
 
 
 def resolve(spec: str, root: Path, report=print) -> Path | None:

@@ -27,6 +27,7 @@ names its algorithm per file, so either verifies regardless of the current setti
 """
 from __future__ import annotations
 
+import copy as copy_
 import errno
 import hashlib
 import json
@@ -37,6 +38,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import torch
 
 import xxhash
 
@@ -430,3 +433,26 @@ def find_latest(root: Path, report=print) -> Path | None:
         except CorruptCheckpoint as e:
             report(f"{e}; falling back to the previous checkpoint")
     return None
+
+
+# -- snapshots for background writes ---------------------------------------------------------
+def host_copy(tree, _memo: dict | None = None):
+    """A snapshot of a state tree: every tensor copied to host memory (one copy per tensor,
+    however often it is referenced), containers rebuilt with their own types (OrderedDict
+    stays OrderedDict), anything else shared as it is."""
+    memo = {} if _memo is None else _memo
+    if isinstance(tree, torch.Tensor):
+        if id(tree) not in memo:
+            c = tree.detach().to("cpu", copy=True)
+            memo[id(tree)] = torch.nn.Parameter(c, tree.requires_grad) if isinstance(tree, torch.nn.Parameter) else c
+        return memo[id(tree)]
+    if isinstance(tree, dict):
+        out = copy_.copy(tree)
+        for k, v in tree.items():
+            out[k] = host_copy(v, memo)
+        return out
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # namedtuple
+        return type(tree)(*(host_copy(v, memo) for v in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(host_copy(v, memo) for v in tree)
+    return tree

@@ -101,29 +101,21 @@ def find_weights(path: str | Path, ema: bool = True) -> Path:
                      f"the file written by 'vidscale export')")
 
 
-def save_run_weights(tr) -> list[Path]:
+def save_run_weights(engine, run_dir: Path, cfg: Config, step: int, kind: str = "dit",
+                     extra: dict | None = None) -> list[Path]:
     """End of training: consolidate and write the model (and EMA) weights into the run dir.
 
-    Every rank must call it under ZeRO-3 (gathering is a collective); rank 0 writes.
+    Every rank must call it (consolidating sharded weights is a collective); rank 0 writes.
+    `engine` is any engine of scaling/train/engine.py; `extra` goes into the file's metadata.
     """
-    eng, cfg, kind = tr.engine, tr.cfg, getattr(getattr(tr, "task", None), "name", "dit")
-    model = getattr(eng, "model", None) or eng.module
-    if getattr(eng, "stage", 0) == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()} if tr.is_main else {}
-    else:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    ema = eng.gather_ema() if hasattr(eng, "gather_ema") else (dict(eng.ema) if getattr(eng, "ema", None) else {})
+    state = engine.full_state_dict()  # full on rank 0, {} elsewhere
+    ema = engine.full_ema()
     out = []
-    if tr.is_main:
-        extra = {"step": tr.step}
-        if kind == "vae":  # models/vae.load_vae rebuilds the VAE from this alone
-            extra["vae_config"] = json.dumps(tr.task.vcfg.to_dict())
-        out.append(save_weights(state, tr.run_dir / MODEL_FILE, cfg, kind=kind, extra=extra))
+    if state:
+        extra = {"step": step, **(extra or {})}
+        out.append(save_weights(state, Path(run_dir) / MODEL_FILE, cfg, kind=kind, extra=extra))
         if ema:
             full = dict(state)
             full.update({k: v.to(state[k].dtype) for k, v in ema.items() if k in state})
-            out.append(save_weights(full, tr.run_dir / EMA_FILE, cfg, kind=kind, ema=True, extra=extra))
+            out.append(save_weights(full, Path(run_dir) / EMA_FILE, cfg, kind=kind, ema=True, extra=extra))
     return out

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 
 from vidscale.scaling.checkpoint import storage as io
+from vidscale.scaling.checkpoint.storage import host_copy
+from vidscale.scaling.parallel import collectives
 
 TAG = "state"
 
@@ -48,7 +50,6 @@ def _engine_class():
 
         def save(self, state_dict, path: str):
             if self.deferred is not None:
-                from vidscale.scaling.checkpoint.manager import host_copy
                 self.deferred.append((Path(path), host_copy(state_dict)))
                 return
             io.write_stream(Path(path), lambda f: torch.save(state_dict, f))
@@ -71,20 +72,20 @@ def _manifest_engine(ds) -> None:
         ds.checkpoint_engine = eng
 
 
-def save_zero(engine, tmp: Path, defer: bool = False) -> dict:
+def save_zero(ds, tmp: Path, defer: bool = False) -> dict:
     """Every rank: DeepSpeed saves its shards (a collective), each hashed and fsynced as it is
     written (`ManifestEngine`); `fsync_zero` flushes what DeepSpeed wrote on its own.
     defer=True (async save): the shards are only snapshotted to host memory; returned as
     {relative path: ('torch', state)} for the background writer."""
     from torch.utils.serialization import config as ser
-    _manifest_engine(engine.ds)
-    ce = engine.ds.checkpoint_engine
+    _manifest_engine(ds)
+    ce = ds.checkpoint_engine
     ce.deferred = [] if defer else None
     zdir = tmp / "zero"
     crc = ser.save.compute_crc32
     ser.save.compute_crc32 = False  # halves torch.save time; the manifest's checksum covers integrity
     try:
-        engine.ds.save_checkpoint(str(zdir), tag=TAG, save_latest=False)
+        ds.save_checkpoint(str(zdir), tag=TAG, save_latest=False)
         queued = ce.deferred or []
     except Exception as e:
         raise io.CheckpointError(f"checkpoint: cannot write {zdir}: {e}") from e
@@ -94,26 +95,25 @@ def save_zero(engine, tmp: Path, defer: bool = False) -> dict:
     return {p.relative_to(tmp).as_posix(): ("torch", state) for p, state in queued}
 
 
-def fsync_zero(engine, tmp: Path) -> None:
+def fsync_zero(tmp: Path, rank: int) -> None:
     """Flush the DeepSpeed files this rank wrote outside our writer (its recovery script)."""
     for p in sorted((tmp / "zero" / TAG).glob("*")):
-        if p.is_file() and _mine(p.name, engine) and not io.recorded(p):
+        if p.is_file() and _mine(p.name, rank) and not io.recorded(p):
             io.fsync_path(p)
 
 
-def _mine(name: str, engine) -> bool:
-    r = engine.dims.rank
+def _mine(name: str, r: int) -> bool:
     return f"_rank_{r}_" in name or (r == 0 and "zero_pp_rank" not in name)
 
 
-def ema_files(engine) -> dict:
-    """This rank's EMA files for the snapshot: its partition, and (rank 0) the full shapes."""
-    if engine.ema is None:
+def ema_files(ema: dict | None, model, stage: int, rank: int) -> dict:
+    """This rank's EMA files: its partition, and (rank 0) the full shapes."""
+    if ema is None:
         return {}
-    out = {f"ema/rank{engine.dims.rank:05d}.safetensors": ("safetensors", engine.ema_state_dict())}
-    if engine.dims.rank == 0:
-        shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in engine.model.named_parameters()}
-        out["ema/params.json"] = ("json", {"stage": engine.stage, "shapes": shapes})
+    out = {f"ema/rank{rank:05d}.safetensors": ("safetensors", dict(ema))}
+    if rank == 0:
+        shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
+        out["ema/params.json"] = ("json", {"stage": stage, "shapes": shapes})
     return out
 
 
@@ -131,26 +131,24 @@ def full_ema(path: Path, world: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_ema(engine, path: Path, old_world: int) -> None:
-    if engine.ema is None:
-        return
+def load_ema(ema: dict, model, stage: int, path: Path, old_world: int, d) -> None:
+    """Restore this rank's EMA partition; another world size re-cuts the full tensors."""
     if not (path / "ema/params.json").exists():
         raise ValueError(f"{path}: saved without EMA (optim.ema_decay=0); resume with optim.ema_decay=0")
     from safetensors.torch import load_file
-    d = engine.dims
     if old_world == d.world:
         src = load_file(str(path / f"ema/rank{d.rank:05d}.safetensors"))
     else:
         full = full_ema(path, old_world)
         src = {}
-        for n, shard in engine.ema.items():
+        for n, shard in ema.items():
             flat = full[n].reshape(-1)
-            if engine.stage == 3:  # ZeRO-3 partition: rank r holds flat[r*ps:(r+1)*ps], zero padded
+            if stage == 3:  # ZeRO-3 partition: rank r holds flat[r*ps:(r+1)*ps], zero padded
                 ps = shard.numel()
                 flat = torch.nn.functional.pad(flat, (0, ps * d.world - flat.numel()))[d.rank * ps:(d.rank + 1) * ps]
             src[n] = flat.view(shard.shape)
     with torch.no_grad():
-        for n, v in engine.ema.items():
+        for n, v in ema.items():
             v.copy_(src[n])
 
 
@@ -176,11 +174,10 @@ def convert_universal(path: Path) -> Path:
     return out
 
 
-def load_zero(engine, path: Path, old: dict, new: dict, dims) -> None:
-    """Every rank: load DeepSpeed's states and the EMA, converting if the world changed."""
-    ds = engine.ds
+def load_zero(ds, path: Path, old_world: int, dims) -> None:
+    """Every rank: load DeepSpeed's states, converting them once if the world changed."""
     _manifest_engine(ds)
-    if old["world"] == new["world"]:
+    if old_world == dims.world:
         load_path, _ = ds.load_checkpoint(str(path / "zero"), tag=TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     else:
@@ -190,7 +187,7 @@ def load_zero(engine, path: Path, old: dict, new: dict, dims) -> None:
                 convert_universal(path)
             except Exception as e:  # tell the other ranks instead of leaving them in the barrier
                 err = f"{type(e).__name__}: {e}"
-        _agree_ok(err, dims, ds.device)
+        _agree_ok(err, dims)
         ds._config.load_universal_checkpoint = True
         try:
             load_path, _ = ds.load_checkpoint(str(universal_dir(path)), tag=TAG, load_optimizer_states=True,
@@ -199,13 +196,11 @@ def load_zero(engine, path: Path, old: dict, new: dict, dims) -> None:
             ds._config.load_universal_checkpoint = False  # later saves are ordinary ones
     if load_path is None:
         raise io.CheckpointError(f"checkpoint {path}: DeepSpeed found no checkpoint to load")
-    _load_ema(engine, path, old["world"])
 
 
-def _agree_ok(err: str, dims, device) -> None:
+def _agree_ok(err: str, dims) -> None:
     """Every rank raises if rank 0's conversion failed (rank 0 with its error)."""
-    from vidscale.scaling.train import signals
-    if signals.agree(bool(err), dims, device):
+    if collectives.agree(bool(err)):
         where = " on rank 0" if dims.distributed else ""
         raise io.CheckpointError(f"checkpoint: universal conversion failed{where}: {err or 'see its log'}")
 

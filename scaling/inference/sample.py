@@ -21,7 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vidscale.data.video import write_video
+from vidscale.models.latent import build_latent_encoder
 from vidscale.models.packed import pack, patchify, unpatchify
+from vidscale.models.text import TextEncoder
+from vidscale.scaling.checkpoint.weights import find_weights, load_weights
+from vidscale.scaling.objective import build_objective
 
 
 def _meta(shape_CTHW, texts, patch, device):
@@ -131,7 +136,6 @@ def write_frames(path: str | Path, frames_THWC: np.ndarray, fps: int = 8) -> lis
         return outs
     if path.suffix not in (".mp4", ".gif", ".webm", ".mkv"):
         raise ValueError(f"--out {path}: expected a .mp4, .gif, .webm or .png path")
-    from vidscale.data.video import write_video
 
     T, H, W, _ = frames_THWC.shape
     if path.suffix != ".gif" and (H % 2 or W % 2):  # yuv420p needs even sizes
@@ -191,11 +195,8 @@ class Generator:
     """Model + objective + text encoder + the run's latent encoder."""
 
     def __init__(self, model, cfg, device: str | torch.device = "cpu", text_encoder=None, latent_encoder=None):
-        from vidscale.models.latent import build_latent_encoder
-        from vidscale.scaling.train.loop import build_objective
-
         self.model, self.cfg, self.device = model.to(device).eval(), cfg, torch.device(device)
-        self.objective = build_objective(cfg)
+        self.objective = build_objective(cfg.objective)
         self.patch = tuple(cfg.model.patch)
         self.encoder = latent_encoder or build_latent_encoder(cfg.data.encoder, cfg.model.in_channels)
         self._text = text_encoder
@@ -205,8 +206,6 @@ class Generator:
 
     @classmethod
     def from_path(cls, path: str | Path, ema: bool = True, device: str = "cpu") -> "Generator":
-        from vidscale.scaling.checkpoint.weights import find_weights, load_weights
-
         model, cfg = load_weights(find_weights(path, ema), device)
         return cls(model, cfg, device)
 
@@ -214,7 +213,6 @@ class Generator:
         if not prompt:
             return torch.zeros(0, self.cfg.model.text_dim)
         if self._text is None:
-            from vidscale.models.text import TextEncoder
             self._text = TextEncoder(self.cfg.data.text_encoder)
         t = self._text.encode([prompt])[0]
         if t.shape[-1] != self.cfg.model.text_dim:

@@ -1,17 +1,60 @@
-"""Optimizer engines behind one small interface.
+"""Optimizer engines behind one interface that every caller uses without probing.
 
-    engine.module        the model to call
-    engine.loss_scale    multiply the normalised loss by this before backward
+    engine.kind            'torch' | 'zero' (saved with a checkpoint: resume needs the same)
+    engine.module          what the loop calls (the model, or DeepSpeed's wrapper of it)
+    engine.model           the plain model (parameters by name, train()/eval())
+    engine.loss_scale      multiply the normalised loss by this before backward
+    engine.gathers_params  a forward is a collective (ZeRO-3): every rank runs the same forwards
     engine.backward(loss); grad_norm = engine.step(); engine.lr
+    engine.checkpoint_files(snapshot) / flush_files(tmp) / load_checkpoint(path, layout)
+    engine.full_state_dict() / engine.full_ema()     consolidated weights (collectives)
 
 `TorchEngine` is the plain single-process path (parallel.zero_stage=0). The DeepSpeed
-ZeRO engine (scaling/zero.py) implements the same interface for any world size.
+ZeRO engine (train/zero.py) implements the same interface for any world size.
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Protocol
 
 import torch
+
+from vidscale.scaling.checkpoint.storage import host_copy
+
+
+class Engine(Protocol):
+    kind: str
+    module: torch.nn.Module
+    model: torch.nn.Module
+    loss_scale: float
+    gathers_params: bool
+
+    @property
+    def lr(self) -> float: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> torch.Tensor:
+        """Optimizer step at the end of the accumulation; returns the gradient norm (a device tensor)."""
+
+    def checkpoint_files(self, tmp: Path, snapshot: bool) -> dict:
+        """{relative path: (kind, obj)} of this rank's engine state for a checkpoint in `tmp`
+        (a collective for sharded engines). snapshot=True: copies in host memory, written later."""
+
+    def flush_files(self, tmp: Path) -> None:
+        """After the files are written: make durable anything the engine wrote on its own."""
+
+    def load_checkpoint(self, path: Path, saved_layout: dict) -> None:
+        """Restore from a checkpoint saved under `saved_layout` (another world size is allowed
+        where the engine can re-cut its shards)."""
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Consolidated full weights on rank 0 (other ranks: {}); every rank must call it."""
+
+    def full_ema(self) -> dict[str, torch.Tensor]:
+        """Consolidated full EMA weights on every rank ({} without EMA); every rank must call it."""
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -24,24 +67,30 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def make_optimizer(params, cfg) -> torch.optim.Optimizer:
-    o = cfg.optim
+def make_optimizer(params, o) -> torch.optim.Optimizer:
+    """AdamW of the recipe's `optim` section."""
     # a plain AdamW: DeepSpeed's own CPU Adam JIT-compiles for minutes. fused: one pass over
     # the states instead of ~10 (measured ~10x faster than the default per-tensor loop on CPU)
     return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                              fused=True)
 
 
-class TorchEngine:
-    loss_scale = 1.0
+def make_scheduler(optimizer, o, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup, total_steps, o.min_lr_ratio))
 
-    def __init__(self, model: torch.nn.Module, cfg):
-        self.module = model
-        self.cfg = cfg
-        self.optimizer = make_optimizer(model.parameters(), cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg.optim.warmup, cfg.train.steps, cfg.optim.min_lr_ratio))
-        self.ema_decay = cfg.optim.ema_decay
+
+class TorchEngine:
+    """One process, plain torch: AdamW, warmup + cosine, clipping, an EMA of the weights."""
+    kind = "torch"
+    loss_scale = 1.0
+    gathers_params = False
+
+    def __init__(self, model: torch.nn.Module, optim, total_steps: int):
+        self.module = self.model = model
+        self.grad_clip = optim.grad_clip
+        self.optimizer = make_optimizer(model.parameters(), optim)
+        self.scheduler = make_scheduler(self.optimizer, optim, total_steps)
+        self.ema_decay = optim.ema_decay
         self.ema = {n: p.detach().clone() for n, p in model.named_parameters()} if self.ema_decay > 0 else None
 
     @property
@@ -53,7 +102,7 @@ class TorchEngine:
 
     def step(self) -> torch.Tensor:
         params = [p for p in self.module.parameters() if p.grad is not None]
-        clip = self.cfg.optim.grad_clip
+        clip = self.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         self.optimizer.step()
         self.scheduler.step()
@@ -66,5 +115,40 @@ class TorchEngine:
                                      1 - self.ema_decay)
         return grad_norm.detach()
 
-    def ema_state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.ema) if self.ema is not None else {k: v.detach() for k, v in self.module.state_dict().items()}
+    # -- checkpoints -------------------------------------------------------------------------
+    def checkpoint_files(self, tmp: Path, snapshot: bool) -> dict:
+        copy = host_copy if snapshot else (lambda tree: tree)
+        files = {"model.safetensors": ("safetensors", copy(self.module.state_dict()))}
+        if self.ema is not None:
+            files["ema.safetensors"] = ("safetensors", copy(self.ema))
+        files["optimizer.pt"] = ("torch", copy(self.optimizer.state_dict()))
+        sch = self.scheduler.state_dict()
+        sch.pop("lr_lambdas", None)  # functions: rebuilt from the recipe
+        files["scheduler.json"] = ("json", sch)
+        return files
+
+    def flush_files(self, tmp: Path) -> None:
+        pass  # every file went through the checkpoint writer
+
+    def load_checkpoint(self, path: Path, saved_layout: dict) -> None:
+        from safetensors.torch import load_file
+        dev = next(self.module.parameters()).device
+        self.module.load_state_dict(load_file(str(path / "model.safetensors"), device=str(dev)))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=dev, weights_only=True))
+        sch = json.loads((path / "scheduler.json").read_text())
+        sch["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
+        self.scheduler.load_state_dict(sch)
+        if self.ema is not None:
+            if not (path / "ema.safetensors").exists():
+                raise ValueError(f"{path}: saved without EMA (optim.ema_decay=0); resume with optim.ema_decay=0")
+            ema = load_file(str(path / "ema.safetensors"), device=str(dev))
+            with torch.no_grad():
+                for k, v in self.ema.items():
+                    v.copy_(ema[k])
+
+    # -- weights -------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def full_ema(self) -> dict[str, torch.Tensor]:
+        return dict(self.ema) if self.ema is not None else {}

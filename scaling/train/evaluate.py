@@ -19,14 +19,17 @@ The loss is the mean over every real token of the set, with the weights the run 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
 
+from vidscale.data.shards import ShardSource
+from vidscale.data.synthetic import synthetic_video
 from vidscale.models.packed import pack
+from vidscale.scaling.parallel import collectives
 
 VAL_SEED = 2_718_281
 VAL_OFFSET = 10 ** 9  # synthetic indices from here on are never in a training epoch
@@ -38,11 +41,9 @@ def validation_videos(cfg) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if n < 1:
         raise ValueError(f"train.val_videos = {n}: expected a positive number of validation videos")
     if cfg.data.source == "synthetic":
-        from vidscale.data.synthetic import synthetic_video
         c = cfg
         return [synthetic_video(VAL_OFFSET + i, VAL_SEED, c.model.in_channels, c.data.frames, c.data.sizes,
                                 c.data.text_tokens, c.model.text_dim, c.model.patch) for i in range(n)]
-    from vidscale.data.shards import ShardSource
     src = ShardSource(cfg.data.source, cfg)
     ids = sorted({j * len(src) // n for j in range(min(n, len(src)))})
     out = [(s[0].float(), s[1].float()) for _, s, _ in src.stream(ids) if s is not None]
@@ -80,14 +81,14 @@ def validation_batches(cfg, objective, multiple: int):
 
 
 @torch.no_grad()
-def evaluate(tr) -> float:
-    """Mean validation loss per real token; every rank of the world must call it."""
-    dims, cfg = tr.dims, tr.cfg
-    batches = validation_batches(cfg, tr.objective, multiple=dims.sp)
+def evaluate(model, objective, cfg, dims, device: torch.device, autocast=None) -> float:
+    """Mean validation loss per real token; every rank of the world must call it.
+    `model` is what the loop calls (the engine's module); `autocast` the forward's context."""
+    batches = validation_batches(cfg, objective, multiple=dims.sp)
     rounds = math.ceil(len(batches) / dims.dp)
     total = torch.zeros((), dtype=torch.float64)
-    was_training = tr.model.training
-    tr.model.eval()
+    was_training = model.training
+    model.eval()
     for r in range(rounds):
         b = r * dims.dp + dims.dp_rank
         weight = 1.0 if b < len(batches) else 0.0
@@ -96,52 +97,22 @@ def evaluate(tr) -> float:
             n = meta.seq_len // dims.sp
             sl = slice(dims.sp_rank * n, (dims.sp_rank + 1) * n)
             tokens_LP, noise, meta = tokens_LP[sl], noise[sl], meta.shard(dims.sp_rank, dims.sp)
-        meta = meta.to(tr.device)
-        x0, noise, t_V = tokens_LP.to(tr.device), noise.to(tr.device), t_V.to(tr.device)
+        meta = meta.to(device)
+        x0, noise, t_V = tokens_LP.to(device), noise.to(device), t_V.to(device)
 
         def model_fn(x_t, t_model):
-            return tr.model(x_t, t_model, meta)
+            return model(x_t, t_model, meta)
 
-        if tr.autocast is not None:
-            with tr.autocast:
-                terms = tr.objective.loss_terms(model_fn, x0, t_V, noise, meta.seg_ids)
-        else:
-            terms = tr.objective.loss_terms(model_fn, x0, t_V, noise, meta.seg_ids)
+        with autocast if autocast is not None else contextlib.nullcontext():
+            terms = objective.loss_terms(model_fn, x0, t_V, noise, meta.seg_ids)
         total += weight * (terms.double() * meta.real_mask()).sum().cpu()
-    if dims.distributed:
-        import torch.distributed as dist
-        dist.all_reduce(total)  # sp slices and dp batches: each real token exactly once
-    tr.model.train(was_training)
-    return float(total) / sum(m.num_real for _, m, _, _ in batches)
+    total = collectives.sum_(total)  # sp slices and dp batches: each real token exactly once
+    model.train(was_training)
+    return total / sum(m.num_real for _, m, _, _ in batches)
 
 
-def global_sum(tr, x: float) -> float:
-    """Sum of a per-rank number over the whole world."""
-    if not tr.dims.distributed:
-        return float(x)
-    import torch.distributed as dist
-    t = torch.tensor([float(x)], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item())
-
-
-def write_final(tr, result: dict, wall_time: float, segment_flops: float, segment_tokens: float) -> dict:
-    """Score the run and write RUN_DIR/final.json (rank 0). Every rank must call it.
-
-    flops: the FLOPs counted in this process's segment of the run, summed over ranks, scaled
-    to all the tokens seen (a resumed run did its earlier steps at the same FLOPs per token).
-    """
-    from vidscale.models.sizes import param_count
-
-    t0 = time.perf_counter()
-    val = evaluate(tr)
-    seg_flops = global_sum(tr, segment_flops)
-    flops = seg_flops * tr.tokens_seen / segment_tokens if segment_tokens > 0 else 0.0
-    final = {"val_loss": val, "params": param_count(tr.mcfg), "tokens": tr.tokens_seen, "flops": flops,
-             "steps": tr.step, "train_loss": result.get("loss"), "wall_time": wall_time,
-             "eval_time": time.perf_counter() - t0, "val_videos": tr.cfg.train.val_videos}
-    if tr.is_main:
-        tmp = Path(tr.run_dir) / "final.json.tmp"
-        tmp.write_text(json.dumps(final, indent=1))
-        tmp.replace(Path(tr.run_dir) / "final.json")  # atomic: a sweep reads it as "done"
-    return final
+def write_final(run_dir: Path, final: dict) -> None:
+    """RUN_DIR/final.json, atomically: a sweep reads its existence as "done" (rank 0 only)."""
+    tmp = Path(run_dir) / "final.json.tmp"
+    tmp.write_text(json.dumps(final, indent=1))
+    tmp.replace(Path(run_dir) / "final.json")

@@ -1,239 +1,187 @@
-"""What the train loop trains: a small interface so one loop (engine, ZeRO, checkpoints,
-logging) serves the video DiT and the video VAE. `Config.task` picks one.
+"""What the train loop trains: one loop (engine, ZeRO, checkpoints, logging) serves the video
+DiT and the video VAE. `Config.task` picks one; a task owns its model, data, loss and scores
+and never reaches into the loop.
 
-    task.make_model()                      -> nn.Module (plain; init_weights() after building)
-    task.build_loader(cfg, dp_rank, dp)    -> iterator of (batch, meta); meta has num_real, seq_len
-    task.micro_loss(tr, batch, meta, i)    -> (sum of this rank's element losses, count)
-    task.flops(tr, meta)                   -> training FLOPs of the micro-batch (0 when not modelled)
-    task.after_step(tr)                    -> extra metrics for the log (every rank calls it)
+    task = build_task(cfg, dims, device)
+    task.make_model()                             -> plain nn.Module (init_weights() after building)
+    task.build_loader(dp_rank, dp, multiple)      -> iterator of (batch, meta); meta has num_real, seq_len
+    task.micro_loss(model, batch, meta, step, i)  -> (sum of this rank's element losses, their count)
+    task.flops(meta)                              -> training FLOPs of the micro-batch (0 when not modelled)
+    task.after_step(engine, step, run_dir)        -> extra metrics for the log (every rank calls it)
+    task.evaluate(engine)                         -> the held-out score a finished run reports (every rank)
+    task.weights_metadata()                       -> what a weights file needs to rebuild the model
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
-import random
-import warnings
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
 
 import torch
 
+from vidscale.data.clips import ClipLoader
+from vidscale.data.loader import build_loader
+from vidscale.models.dit import VideoDiT
+from vidscale.models.packed import PackedMeta
 from vidscale.models.vae import VAEConfig, VideoVAE
+from vidscale.scaling.config import Config, model_config
+from vidscale.scaling.objective import (build_objective, clean_frames_mask, diffusion_inputs, drop_captions,
+                                        step_generator)
+from vidscale.scaling.parallel import collectives
+from vidscale.scaling.parallel.dims import ParallelDims
+from vidscale.scaling.train.evaluate import evaluate
+from vidscale.scaling.train.flops import train_flops
+from vidscale.scaling.train.samples import TrainingSamples
+
+
+class Task(Protocol):
+    name: str
+
+    def make_model(self) -> torch.nn.Module: ...
+
+    def build_loader(self, dp_rank: int, dp: int, multiple: int = 1) -> Iterator: ...
+
+    def micro_loss(self, model, batch, meta, step: int, micro: int) -> tuple[torch.Tensor, int]: ...
+
+    def flops(self, meta) -> float: ...
+
+    def after_step(self, engine, step: int, run_dir: Path) -> dict: ...
+
+    def evaluate(self, engine) -> dict[str, float]: ...
+
+    def weights_metadata(self) -> dict[str, str]: ...
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    """The forward's autocast context (bf16 recipes), or a no-op context."""
+    if cfg.train.dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class DiTTask:
-    """The video diffusion transformer on packed latents (the loop's original job)."""
+    """The video diffusion transformer on packed latents.
+
+    A micro-batch's loss: timesteps and noise from a generator keyed by (seed, step, micro,
+    dp rank), drawn on the full packed batch, then this rank's sequence-parallel slice; the
+    sum of the real tokens' losses (the loop normalises by the real tokens of the step).
+    """
     name = "dit"
 
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self._sampler = None
+    def __init__(self, cfg: Config, dims: ParallelDims, device: torch.device):
+        self.cfg, self.dims, self.device = cfg, dims, device
+        self.mcfg = model_config(cfg.model)
+        self.objective = build_objective(cfg.objective)
+        self._samples = TrainingSamples(cfg, dims, device)
 
-    def make_model(self):
-        from vidscale.models.dit import VideoDiT
-        from vidscale.scaling.config import model_config
-        return VideoDiT(model_config(self.cfg.model))
+    def make_model(self) -> torch.nn.Module:
+        return VideoDiT(self.mcfg)
 
-    def build_loader(self, cfg, dp_rank, dp, multiple=1):
-        from vidscale.data.loader import build_loader
-        return build_loader(cfg, dp_rank, dp, multiple=multiple)
+    def build_loader(self, dp_rank: int, dp: int, multiple: int = 1):
+        return build_loader(self.cfg, dp_rank, dp, multiple=multiple)
 
-    def micro_loss(self, tr, tokens, meta, micro):
-        return tr.micro_loss(tokens, meta, micro)
+    def micro_loss(self, model, tokens_LP, meta: PackedMeta, step: int, micro: int) -> tuple[torch.Tensor, int]:
+        """Sum of this rank's real-token losses for one micro-batch, and its real-token count."""
+        c, d = self.cfg, self.dims
+        gen = step_generator(c.train.seed, step, micro, d.dp_rank)
+        meta = drop_captions(meta, c.objective.caption_dropout, gen)
+        t_V, noise = diffusion_inputs(self.objective, tokens_LP, meta, gen)
+        clean = clean_frames_mask(meta, c.objective.cond_frames, self.mcfg.in_channels, self.mcfg.patch, gen)
+        if d.sp > 1:
+            n = meta.seq_len // d.sp
+            sl = slice(d.sp_rank * n, (d.sp_rank + 1) * n)
+            tokens_LP, noise, meta = tokens_LP[sl], noise[sl], meta.shard(d.sp_rank, d.sp)
+            clean = clean[sl] if clean is not None else None
+        meta = meta.to(self.device)
+        x0, noise, t_V = tokens_LP.to(self.device), noise.to(self.device), t_V.to(self.device)
+        clean = clean.to(self.device) if clean is not None else None
 
-    def flops(self, tr, meta):
-        from vidscale.scaling.train.flops import train_flops
-        return train_flops(tr.mcfg, meta)
+        def model_fn(x_t, t_model):
+            return model(x_t, t_model, meta)
 
-    def after_step(self, tr) -> dict:
+        with autocast_for(c, self.device):
+            terms = self.objective.loss_terms(model_fn, x0, t_V, noise, meta.seg_ids, clean)
+        return (terms * meta.real_mask()).sum(), int(meta.num_real)
+
+    def flops(self, meta) -> float:
+        return train_flops(self.mcfg, meta)
+
+    def after_step(self, engine, step: int, run_dir: Path) -> dict:
         every = self.cfg.logging.sample_every
-        if every and (tr.step % every == 0 or tr.step == self.cfg.train.steps):
-            from vidscale.scaling.train.samples import write_train_samples
-            write_train_samples(tr)
+        if every and (step % every == 0 or step == self.cfg.train.steps):
+            self._samples.write(engine, self.objective, step, run_dir)
+        return {}
+
+    def evaluate(self, engine) -> dict[str, float]:
+        if self.cfg.train.val_videos <= 0:
+            return {}
+        return {"val_loss": evaluate(engine.module, self.objective, self.cfg, self.dims, self.device,
+                                     autocast_for(self.cfg, self.device))}
+
+    def weights_metadata(self) -> dict[str, str]:
         return {}
 
 
-# -- the VAE task ----------------------------------------------------------------------------
-def vae_config(cfg) -> VAEConfig:
+def vae_config(cfg: Config) -> VAEConfig:
     v = cfg.vae
     return VAEConfig(z_dim=v.z_dim, base=v.base, mults=tuple(v.mults), temporal_down=tuple(v.temporal_down),
                      num_res=v.num_res)
-
-
-@dataclass
-class ClipMeta:
-    """What the loop reads of a micro-batch: its element count (the loss normaliser)."""
-    num_real: int
-    seq_len: int
-    names: tuple = ()
-
-
-class ClipLoader:
-    """Pixel clips [1, 3, T, H, W] in [-1, 1], one per micro-batch, split over data-parallel ranks.
-
-    Sources: data.source=synthetic (moving shapes rendered on the fly, data/shapes.py) or
-    shards prepared with `data.encoder=raw`. The last `vae.val_clips` samples are held out.
-    State: (epoch, position in this rank's list): exact resume on the same layout.
-    """
-
-    def __init__(self, cfg, dp_rank: int, dp: int):
-        self.cfg, self.dp_rank, self.dp = cfg, dp_rank, dp
-        self.epoch, self.pos = 0, 0
-        self.efficiency = 1.0
-        self.stats = {"skipped": 0}
-        self.shards = None
-        v = cfg.vae
-        if cfg.data.source == "synthetic":
-            n = cfg.data.synthetic_videos
-            self.train_ids, self.val_ids = list(range(n)), list(range(n, n + v.val_clips))
-        else:
-            from vidscale.data.shards import ShardSource, read_index
-            index = read_index(cfg.data.source)
-            if index.get("encoder") != "raw":
-                raise ValueError(f"data.source = {cfg.data.source!r} holds {index.get('encoder')!r} latents; a "
-                                 f"'task: vae' run trains on pixels: prepare it with --set data.encoder=raw")
-            self.shards = _RawShards(cfg)
-            n = len(self.shards.src)
-            if n <= v.val_clips:
-                raise ValueError(f"data.source = {cfg.data.source!r}: {n} clips, not more than vae.val_clips="
-                                 f"{v.val_clips} held out")
-            self.train_ids, self.val_ids = list(range(n - v.val_clips)), list(range(n - v.val_clips, n))
-        if len(self.train_ids) < dp:
-            raise ValueError(f"data: {len(self.train_ids)} training clips for {dp} data-parallel ranks")
-
-    def rank_ids(self, epoch: int) -> list[int]:
-        ids = list(self.train_ids)
-        random.Random(self.cfg.train.seed * 7919 + epoch).shuffle(ids)
-        n = len(ids) // self.dp * self.dp
-        return ids[:n][self.dp_rank::self.dp]
-
-    def clip(self, i: int) -> torch.Tensor:
-        c = self.cfg
-        if self.shards is not None:
-            x = self.shards.load(i)
-        else:
-            from vidscale.data.shapes import COLORS, MOTIONS, SHAPES, render
-            rng = random.Random(c.train.seed * 1_000_003 + i)
-            colors = list(COLORS)
-            fg, bg = rng.sample(colors, 2)
-            H, W = c.vae.crop if c.vae.crop[0] else (64, 64)
-            f = render(rng.choice(SHAPES), fg, bg, rng.choice(list(MOTIONS)), H, W, c.vae.frames, seed=i)
-            x = torch.from_numpy(f).permute(3, 0, 1, 2).float() / 127.5 - 1
-        return x[None]
-
-    def crop(self, x, i: int, train: bool):
-        ch, cw = self.cfg.vae.crop
-        H, W = x.shape[-2:]
-        fs = 2 ** (len(self.cfg.vae.mults) - 1)
-        ch, cw = (min(ch, H), min(cw, W)) if ch else (H, W)
-        ch, cw = ch // fs * fs, cw // fs * fs
-        if ch < fs or cw < fs:
-            raise ValueError(f"clip {i}: {H}x{W} frames are smaller than the VAE's x{fs} compression")
-        g = random.Random((self.cfg.train.seed * 1_000_003 + self.epoch) * 1_000_003 + i) if train else None
-        y0 = g.randint(0, H - ch) if g else (H - ch) // 2
-        x0 = g.randint(0, W - cw) if g else (W - cw) // 2
-        return x[..., y0:y0 + ch, x0:x0 + cw].contiguous()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        ids = self.rank_ids(self.epoch)
-        if self.pos >= len(ids):
-            self.epoch, self.pos = self.epoch + 1, 0
-            ids = self.rank_ids(self.epoch)
-        i = ids[self.pos]
-        self.pos += 1
-        x = self.crop(self.clip(i), i, train=True)
-        return x, ClipMeta(num_real=x.numel(), seq_len=x.numel(), names=(str(i),))
-
-    def val_clips(self) -> list[torch.Tensor]:
-        return [self.crop(self.clip(i), i, train=False) for i in self.val_ids]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "dp": self.dp}
-
-    def load_state_dict(self, sd: dict) -> None:
-        if sd.get("dp", self.dp) != self.dp:
-            warnings.warn("vae loader: resumed on another data-parallel size; the epoch restarts")
-            self.epoch, self.pos = sd["epoch"], 0
-            return
-        self.epoch, self.pos = sd["epoch"], sd["pos"]
-
-
-class _RawShards:
-    """Random access to raw pixel shards (reads a shard up to the sample: fine for small sets)."""
-
-    def __init__(self, cfg):
-        from vidscale.data.shards import ShardSource
-        c = cfg
-        # the shard pre-flight compares channels with the DiT's in_channels: pixels have 3
-        shim = type("C", (), {})()
-        shim.data = c.data
-        # one clip per micro-batch: no token budget to check (0 = none)
-        shim.train = type("T", (), {"seed": c.train.seed, "tokens_per_batch": 0})()
-        shim.model = type("M", (), {"in_channels": 3, "text_dim": _text_dim(c.data.source),
-                                    "patch": [1, 1, 1]})()
-        self.src = ShardSource(c.data.source, shim)
-        self._cache: dict[int, torch.Tensor] = {}
-
-    def load(self, i: int) -> torch.Tensor:
-        if i not in self._cache:
-            lat, _, _ = self.src.load_one(i)
-            self._cache[i] = lat.float()
-        return self._cache[i]
-
-
-def _text_dim(root) -> int:
-    from vidscale.data.shards import read_index
-    return int(read_index(root).get("text_dim") or 0)
 
 
 class VAETask:
     """The causal video VAE: reconstruction + beta * KL, PSNR on held-out clips."""
     name = "vae"
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, dims: ParallelDims, device: torch.device):
+        self.cfg, self.dims, self.device = cfg, dims, device
         self.vcfg = vae_config(cfg)
+        self.loader: ClipLoader | None = None
         self._val = None
 
-    def make_model(self):
+    def make_model(self) -> torch.nn.Module:
         return VideoVAE(self.vcfg)
 
-    def build_loader(self, cfg, dp_rank, dp, multiple=1):
-        self.loader = ClipLoader(cfg, dp_rank, dp)
+    def build_loader(self, dp_rank: int, dp: int, multiple: int = 1):
+        self.loader = ClipLoader(self.cfg.data, self.cfg.vae, self.cfg.train.seed, dp_rank, dp)
         return self.loader
 
-    def micro_loss(self, tr, x, meta, micro):
-        from vidscale.scaling.train.loop import step_generator
-        gen = step_generator(self.cfg.train.seed, tr.step, micro, tr.dims.dp_rank)
-        x = x.to(tr.device)
-        ctx = tr.autocast if tr.autocast is not None else _null()
-        with ctx:
-            recon, mean, logvar = tr.model(x, gen)
+    def micro_loss(self, model, x, meta, step: int, micro: int) -> tuple[torch.Tensor, int]:
+        gen = step_generator(self.cfg.train.seed, step, micro, self.dims.dp_rank)
+        x = x.to(self.device)
+        with autocast_for(self.cfg, self.device):
+            recon, mean, logvar = model(x, gen)
         rec = (recon.float() - x.float()).pow(2).sum()
         kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).sum()
         # KL per latent element, weighted like the per-pixel MSE: beta scales it per pixel
         return rec + self.cfg.vae.beta * kl * (x.numel() / mean.numel()), x.numel()
 
-    def flops(self, tr, meta):
+    def flops(self, meta) -> float:
         return 0.0  # conv FLOPs are not modelled: MFU reads 0 for VAE runs
 
-    def after_step(self, tr) -> dict:
+    def after_step(self, engine, step: int, run_dir: Path) -> dict:
         c = self.cfg
         every = c.train.val_every
-        if tr.step == c.train.steps or (every and tr.step % every == 0):
-            return {"val_psnr": self.val_psnr(tr)}
+        if step == c.train.steps or (every and step % every == 0):
+            return {"val_psnr": self.val_psnr(engine)}
         return {}
 
+    def evaluate(self, engine) -> dict[str, float]:
+        return {}  # the held-out PSNR is logged by after_step at the last step
+
+    def weights_metadata(self) -> dict[str, str]:
+        return {"vae_config": json.dumps(self.vcfg.to_dict())}  # models/vae.load_vae rebuilds from this
+
     @torch.no_grad()
-    def val_psnr(self, tr) -> float:
+    def val_psnr(self, engine) -> float:
         """PSNR (dB, frames in [-1, 1]) of encode-mean -> decode over the held-out clips.
         Every rank calls it: under ZeRO-3 each forward is a collective, so ranks run the same
         number of forwards (padding rounds weigh 0)."""
         if self._val is None:
             self._val = self.loader.val_clips()
-        clips, d = self._val, tr.dims
-        model = getattr(tr.engine, "model", None) or tr.model  # the plain VideoVAE (ZeRO-3 hooks gather)
+        clips, d = self._val, self.dims
+        model = engine.model  # the plain VideoVAE (ZeRO-3's hooks gather its parameters)
         sse = torch.zeros(2, dtype=torch.float64)
         rounds = math.ceil(len(clips) / d.dp)
         was = model.training
@@ -241,26 +189,15 @@ class VAETask:
         for r in range(rounds):
             b = r * d.dp + d.dp_rank
             w = 1.0 if b < len(clips) else 0.0
-            x = clips[b if w else 0].to(tr.device)
+            x = clips[b if w else 0].to(self.device)
             mean, _ = model.encode_dist(x)
             y = model.decoder(mean)[:, :, :x.shape[2]].clamp(-1, 1)
             sse += w * torch.tensor([(y.double() - x.double()).pow(2).sum().item(), x.numel()], dtype=torch.float64)
         model.train(was)
-        if d.distributed:
-            import torch.distributed as dist
-            dist.all_reduce(sse)
+        sse = collectives.sum_tensor(sse)
         mse = float(sse[0] / sse[1])
         return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
-def build_task(cfg):
-    return VAETask(cfg) if cfg.task == "vae" else DiTTask(cfg)
-
+def build_task(cfg: Config, dims: ParallelDims, device: torch.device) -> Task:
+    return VAETask(cfg, dims, device) if cfg.task == "vae" else DiTTask(cfg, dims, device)

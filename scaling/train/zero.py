@@ -9,24 +9,30 @@ The model is applied in a fixed order: construct (partitioned at construction un
 the sequence-parallel attention, wrap blocks for activation checkpointing, then
 `deepspeed.initialize` with a plain torch AdamW and the warmup+cosine schedule.
 
-Gradient scale (measured, see FACTS.md): ZeRO divides gradients by the whole world
-(dp x sp: parameters are partitioned over every rank) and `backward` divides by the
-accumulation steps, so `loss_scale = world * grad_accum` makes the gradient the mean over
-every real token of the step, whatever the uneven real-token counts per rank.
+Gradient scale (measured with DeepSpeed 0.19 on gloo): ZeRO divides gradients by the
+whole world (dp x sp: parameters are partitioned over every rank, so DeepSpeed's data-
+parallel group is the whole world) and `backward` divides by the accumulation steps, so
+`loss_scale = world * grad_accum` makes the gradient the mean over every real token of
+the step, whatever the uneven real-token counts per rank. With `reduce_scatter` off,
+DeepSpeed instead applies a sequence-parallel "divide by dp" fix-up per bucket that this
+scale does not match: keep it on.
 """
 from __future__ import annotations
 
 import logging
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
-from vidscale.models.attention import get_kernel
-from vidscale.models.dit import VideoDiT
-from vidscale.scaling.config import Config, model_config
-from vidscale.scaling.train.engine import lr_lambda, make_optimizer
-from vidscale.scaling.parallel.sequence import build_sp_attention
+from vidscale.scaling.checkpoint import zero as ckpt_zero
+from vidscale.scaling.checkpoint.storage import host_copy
+from vidscale.scaling.config import Config
+from vidscale.scaling.parallel import collectives
+from vidscale.scaling.parallel.dims import pick_backend
+from vidscale.scaling.parallel.parallelize import build_model, parallelize
+from vidscale.scaling.train.engine import make_optimizer, make_scheduler
 
 
 def deepspeed_config(cfg: Config, dims, device: torch.device) -> dict:
@@ -34,8 +40,8 @@ def deepspeed_config(cfg: Config, dims, device: torch.device) -> dict:
     p, stage = cfg.parallel, cfg.parallel.zero_stage
     zero = {
         "stage": stage,
-        # keep reduce_scatter on: the SP "divide by dp" fix-up of the other path is applied
-        # per bucket (FACTS.md); our loss scale is right for the reduce-scatter path
+        # keep reduce_scatter on: the other path applies a sequence-parallel "divide by dp"
+        # fix-up per bucket; our loss scale is right for the reduce-scatter path
         "reduce_scatter": True,
         "contiguous_gradients": True,
         "overlap_comm": p.overlap_comm,
@@ -65,30 +71,21 @@ def deepspeed_config(cfg: Config, dims, device: torch.device) -> dict:
     }
 
 
-def apply_ac(model: VideoDiT, offload: bool) -> None:
-    """Recompute each block in backward; optionally keep its saved inputs in CPU memory.
-
-    fairscale wraps `forward` in place, so parameter names (and checkpoints) do not change.
-    """
-    from fairscale.nn.checkpoint import checkpoint_wrapper
-
-    for i, blk in enumerate(model.blocks):
-        model.blocks[i] = checkpoint_wrapper(blk, offload_to_cpu=offload)
-
-
 class ZeroEngine:
-    """`.module` (call it like the model), `.loss_scale`, `.backward`, `.step`, `.lr`.
+    """The engine interface (train/engine.py) over a DeepSpeed engine.
 
-    `.ds` is the DeepSpeed engine (for checkpoints); `.ema` holds this rank's shard of the
-    EMA weights as plain tensors (the local ZeRO-3 partition, or full tensors at stage 1/2).
+    `.ds` is the DeepSpeed engine; `.ema` holds this rank's shard of the EMA weights as
+    plain tensors (the local ZeRO-3 partition, or full tensors at stage 1/2).
     """
+    kind = "zero"
 
-    def __init__(self, ds, model: VideoDiT, optimizer, cfg: Config, dims):
-        self.ds, self.model, self.optimizer, self.cfg, self.dims = ds, model, optimizer, cfg, dims
+    def __init__(self, ds, model: torch.nn.Module, optimizer, cfg: Config, dims):
+        self.ds, self.model, self.optimizer, self.dims = ds, model, optimizer, dims
         self.module = ds
         self.gas = cfg.train.grad_accum
         self.loss_scale = float(dims.world * self.gas)
         self.stage = cfg.parallel.zero_stage
+        self.gathers_params = self.stage == 3
         self.ema_decay = cfg.optim.ema_decay
         self.ema = ({n: self._local(p).detach().float().clone() for n, p in model.named_parameters()}
                     if self.ema_decay > 0 else None)
@@ -118,24 +115,39 @@ class ZeroEngine:
                     self.ema[n].lerp_(self._local(p).float(), 1 - self.ema_decay)
         return torch.as_tensor(float(norm) if norm is not None else float("nan"))
 
-    def ema_state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's EMA shard (what a checkpoint saves per rank)."""
-        return dict(self.ema) if self.ema is not None else {}
+    # -- checkpoints (checkpoint/zero.py knows DeepSpeed's files) ----------------------------
+    def checkpoint_files(self, tmp: Path, snapshot: bool) -> dict:
+        # collective: writes each rank's shards (snapshot: copies them for the background writer)
+        files = ckpt_zero.save_zero(self.ds, tmp, defer=snapshot)
+        ema = ckpt_zero.ema_files(self.ema, self.model, self.stage, self.dims.rank)
+        files.update(host_copy(ema) if snapshot else ema)
+        return files
 
-    def gather_ema(self) -> dict[str, torch.Tensor]:
+    def flush_files(self, tmp: Path) -> None:
+        ckpt_zero.fsync_zero(tmp, self.dims.rank)
+
+    def load_checkpoint(self, path: Path, saved_layout: dict) -> None:
+        ckpt_zero.load_zero(self.ds, path, saved_layout["world"], self.dims)
+        if self.ema is not None:
+            ckpt_zero.load_ema(self.ema, self.model, self.stage, path, saved_layout["world"], self.dims)
+
+    # -- weights -------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.stage != 3:
+            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+            return ({k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
+                    if self.dims.rank == 0 else {})
+
+    def full_ema(self) -> dict[str, torch.Tensor]:
         """Full EMA tensors on every rank (a collective: every rank must call it)."""
         if self.ema is None:
             return {}
         if self.stage != 3:
             return dict(self.ema)
-        import torch.distributed as dist
-        out = {}
-        for n, p in self.model.named_parameters():
-            shard = self.ema[n]
-            parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
-            dist.all_gather(parts, shard)
-            out[n] = torch.cat(parts)[:p.ds_numel].view(p.ds_shape)
-        return out
+        return {n: collectives.all_gather_cat(self.ema[n])[:p.ds_numel].view(p.ds_shape)
+                for n, p in self.model.named_parameters()}
 
 
 def _forget_stale_groups() -> None:
@@ -151,15 +163,12 @@ def _forget_stale_groups() -> None:
             setattr(groups, name, {})
 
 
-def build_zero_engine(cfg: Config, dims, device: torch.device, make_model=None) -> ZeroEngine:
-    """`make_model()` builds another model than the recipe's VideoDiT (scaling/tasks.py)."""
-    make_model = make_model or (lambda: VideoDiT(model_config(cfg.model)))
+def build_zero_engine(cfg: Config, dims, device: torch.device, make_model) -> ZeroEngine:
+    """Build `make_model()` partitioned (stage 3), parallelize it, wrap it in DeepSpeed."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     import deepspeed
     from deepspeed.utils import logger as ds_logger
     import torch.distributed as dist
-
-    from vidscale.scaling.parallel.dims import pick_backend
 
     ds_logger.setLevel(logging.WARNING)
     # DeepSpeed calls collectives that torch has renamed: one warning per call and rank
@@ -173,34 +182,24 @@ def build_zero_engine(cfg: Config, dims, device: torch.device, make_model=None) 
     deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
     _forget_stale_groups()
     ds_cfg = deepspeed_config(cfg, dims, device)
-    stage = cfg.parallel.zero_stage
 
     # 1. construct: partitioned across the whole dp x sp world as each module is built
     torch.manual_seed(cfg.train.seed)
-    if stage == 3:
+    if cfg.parallel.zero_stage == 3:
         with deepspeed.zero.Init(config_dict_or_path=ds_cfg, remote_device="cpu" if cfg.parallel.offload_params
                                  else None, pin_memory=False):
             model = make_model()
-        # 2. init_weights on the gathered parameters; rank 0's values are what every rank keeps
+        # init_weights on the gathered parameters; rank 0's values are what every rank keeps
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
             torch.manual_seed(cfg.train.seed)
             model.init_weights()
     else:
-        with torch.device("meta"):
-            model = make_model()
-        model = model.to_empty(device=device)
-        torch.manual_seed(cfg.train.seed)
-        model.init_weights()
-    # 3. sequence-parallel attention (the model only sees a packed kernel)
-    if isinstance(model, VideoDiT):
-        model.set_attention(build_sp_attention(dims, get_kernel(cfg.model.attn_backend)))
-    # 4. activation checkpointing per block
-    if cfg.model.activation_checkpointing and isinstance(model, VideoDiT):
-        apply_ac(model, cfg.model.ac_offload)
-    # 5. DeepSpeed: a plain AdamW and the warmup+cosine schedule, stepped at each boundary
-    optimizer = make_optimizer(model.parameters(), cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.optim.warmup, cfg.train.steps, cfg.optim.min_lr_ratio))
+        model = build_model(make_model, device, cfg.train.seed)
+    # 2. sequence-parallel attention and activation checkpointing (parallel/parallelize.py)
+    parallelize(model, dims, cfg.model)
+    # 3. DeepSpeed: a plain AdamW and the warmup+cosine schedule, stepped at each boundary
+    optimizer = make_optimizer(model.parameters(), cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.steps)
     ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                        config=ds_cfg, dist_init_required=False)
     return ZeroEngine(ds, model, optimizer, cfg, dims)

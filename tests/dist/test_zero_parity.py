@@ -31,6 +31,7 @@ def _cfg(overrides, run_dir):
 def _worker(rank, world, port, out_dir, overrides):
     torch.set_num_threads(1)
     from deepspeed.utils import safe_get_full_grad
+    from vidscale.scaling.parallel import collectives
     from vidscale.scaling.train.loop import Trainer
 
     tr = Trainer(_cfg(overrides, os.path.join(out_dir, "run")))
@@ -38,23 +39,23 @@ def _worker(rank, world, port, out_dir, overrides):
     tr.engine.model.blocks[0].mlp.register_forward_hook(lambda *a: calls.append(1))
     # step 0 by hand (as Trainer.train_step does it) to read the gradients before the update
     batches = [next(tr.loader) for _ in range(tr.cfg.train.grad_accum)]
-    global_real = tr._global_sum(sum(m.num_real for _, m in batches))
+    global_real = collectives.sum_(sum(m.num_real for _, m in batches), tr.dims.group("dp"))
     loss_sum = torch.zeros(())
     for micro, (tokens, meta) in enumerate(batches):
-        s, _ = tr.micro_loss(tokens, meta, micro)
+        s, _ = tr.task.micro_loss(tr.model, tokens, meta, tr.step, micro)
         tr.engine.backward(s * (tr.engine.loss_scale / global_real))
         loss_sum += s.detach()
     grads = {n: safe_get_full_grad(p).clone() for n, p in tr.engine.model.named_parameters()}
     mlp_calls = len(calls)
     out = {"loss_sum": loss_sum, "global_real": global_real, "grad_norm": tr.engine.step()}
-    tr.step += 1
+    tr.state.step += 1
     losses = [tr.reduce_loss(out)]
     norms = [float(out["grad_norm"])]
     for _ in range(STEPS - 1):
         out = tr.train_step()
         losses.append(tr.reduce_loss(out))
         norms.append(float(out["grad_norm"]))
-    ema = tr.engine.gather_ema()
+    ema = tr.engine.full_ema()
     shard_numel = sum(getattr(p, "ds_tensor", p).numel() for p in tr.engine.model.parameters())
     if rank == 0:
         torch.save({"grads": grads, "losses": losses, "norms": norms, "ema": ema, "lr": tr.engine.lr,
@@ -65,13 +66,17 @@ def _worker(rank, world, port, out_dir, overrides):
 def reference(overrides, run_dir, dp, sp):
     """Plain torch, one process, the dp ranks' batches of each step in one optimizer step."""
     from vidscale.data.loader import build_loader
+    from vidscale.models.dit import VideoDiT
+    from vidscale.scaling.config import model_config
+    from vidscale.scaling.objective import build_objective, diffusion_inputs, drop_captions, step_generator
+    from vidscale.scaling.parallel.parallelize import build_model
     from vidscale.scaling.train.engine import TorchEngine
-    from vidscale.scaling.train.loop import build_model, build_objective, diffusion_inputs, drop_captions, step_generator
 
     cfg = _cfg(overrides, run_dir)
     cfg = replace(cfg, parallel=replace(cfg.parallel, zero_stage=0, ulysses=1, ring=1))
-    engine = TorchEngine(build_model(cfg, torch.device("cpu")), cfg)
-    objective = build_objective(cfg)
+    model = build_model(lambda: VideoDiT(model_config(cfg.model)), torch.device("cpu"), cfg.train.seed)
+    engine = TorchEngine(model, cfg.optim, cfg.train.steps)
+    objective = build_objective(cfg.objective)
     loaders = [build_loader(cfg, r, dp, multiple=sp) for r in range(dp)]
     losses, norms, grads0 = [], [], None
     for step in range(STEPS):

@@ -1,0 +1,69 @@
+"""What a diffusion training step draws, below both training and sampling.
+
+The objective a recipe names, and the per-step inputs of a micro-batch: timesteps and
+noise from a generator keyed by (seed, step, micro-batch, data-parallel rank), so the same
+step draws the same numbers on any sequence-parallel layout and after any restart;
+caption dropout for classifier-free guidance; the clean leading frames of image-to-video
+training. The training loop (scaling/train) and the sampler (scaling/inference) both
+import this; neither imports the other's internals.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from vidscale.models.diffusion import make_objective
+from vidscale.models.packed import PackedMeta, patchify
+
+
+def step_generator(seed: int, step: int, micro: int, dp_rank: int) -> torch.Generator:
+    """Same (step, micro, dp rank) -> same timesteps and noise, on any sp layout or restart."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 65_537 + dp_rank)
+
+
+def build_objective(o):
+    """The objective of a recipe's `objective` section (ObjectiveArgs)."""
+    if o.name == "ddpm":
+        return make_objective("ddpm", num_steps=o.num_steps, schedule=o.schedule)
+    return make_objective("flow", logit_mean=o.logit_mean, logit_std=o.logit_std, shift=o.shift)
+
+
+def drop_captions(meta: PackedMeta, p: float, gen: torch.Generator) -> PackedMeta:
+    """Classifier-free guidance training: empty the caption of each video with probability p."""
+    if p <= 0:
+        return meta
+    keep = torch.rand(meta.num_videos, generator=gen) >= p
+    pieces, bounds = [], [0]
+    for i in range(meta.num_videos):
+        s, e = meta.text_bounds[i], meta.text_bounds[i + 1]
+        if keep[i]:
+            pieces.append(meta.text[s:e])
+        bounds.append(bounds[-1] + (e - s if keep[i] else 0))
+    text = torch.cat(pieces) if pieces else meta.text[:0]
+    return replace(meta, text=text, text_bounds=tuple(bounds))
+
+
+def clean_frames_mask(meta: PackedMeta, max_frames: int, channels: int, patch, gen: torch.Generator):
+    """Image-to-video training: [L, P] bool marking a random number (0..max_frames, at least
+    one frame left to denoise) of leading latent frames per video, given clean and not in
+    the loss. None when off. Drawn on the full batch, before any sequence-parallel slice."""
+    if max_frames <= 0:
+        return None
+    pt, ph, pw = patch
+    mask = torch.zeros(meta.seq_len, channels * pt * ph * pw, dtype=torch.bool)
+    ks = torch.randint(0, max_frames + 1, (meta.num_videos,), generator=gen)
+    for i, (Tg, Hg, Wg) in enumerate(meta.grid):
+        k = min(int(ks[i]), Tg * pt - 1)
+        if k > 0:
+            m = torch.zeros(channels, Tg * pt, Hg * ph, Wg * pw)
+            m[:, :k] = 1
+            mask[meta.bounds[i]:meta.bounds[i + 1]] = patchify(m, patch) > 0.5
+    return mask
+
+
+def diffusion_inputs(objective, tokens_LP: torch.Tensor, meta: PackedMeta, gen: torch.Generator):
+    """Timesteps [V] and noise [L, P] for a full (unsharded) packed batch."""
+    t_V = objective.sample_t(meta.num_videos, gen)
+    noise = torch.randn(tokens_LP.shape, generator=gen, dtype=tokens_LP.dtype)
+    return t_V, noise
