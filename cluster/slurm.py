@@ -18,6 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vidscale.cluster.job import new_job
+from vidscale.scaling.config import save_config
+
 SAFE = re.compile(r"^[A-Za-z0-9_.,:@%/+=\-\[\]]+$")
 """Characters allowed in a value Slurm takes verbatim on an `#SBATCH` line: no spaces,
 quotes, `$`, `;`, backquotes or newlines, so nothing can leave the option it belongs to."""
@@ -33,19 +36,21 @@ SCRIPT = "job.sbatch"
 CONFIG = "launch.yaml"
 
 
-def _run(cmd: list[str], timeout: float = 30, check: bool = False) -> subprocess.CompletedProcess:
+def call(cmd: list[str], timeout: float = 30, check: bool = False) -> subprocess.CompletedProcess:
+    """Run a Slurm command (sbatch, squeue, scontrol, ...); `check`: a failure is a one-line ValueError."""
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
         raise ValueError(f"{cmd[0]}: not found; is this a Slurm cluster? "
                          "(a single-node test cluster: cluster/scripts/slurm-up.sh)") from None
     if check and r.returncode != 0:
-        raise ValueError(f"{' '.join(cmd[:2])} failed: {_first_error(r.stderr) or r.stdout.strip()}")
+        raise ValueError(f"{' '.join(cmd[:2])} failed: {first_error(r.stderr) or r.stdout.strip()}")
     return r
 
 
-def _first_error(text: str) -> str:
-    """The first line that says something (Slurm prints PMIx noise first, see CLUSTER.md)."""
+def first_error(text: str) -> str:
+    """The first line of a Slurm command's stderr that says something: Slurm 22.05 built
+    without PMIx starts with noise such as `mpi/pmix_v4: ... can not load PMIx library`."""
     lines = [l.strip() for l in text.splitlines() if l.strip() and "pmix" not in l.lower()]
     return lines[0] if lines else ""
 
@@ -236,7 +241,7 @@ def _gpus(gres: str) -> int:
 
 def check_feasible(p: SlurmPlan, script: Path) -> None:
     """Refuse, with one clear line, a job this cluster can never run (it would pend forever)."""
-    r = _run(["sinfo", "-h", "-N", "-o", "%P|%N|%c|%G|%a"], check=True)
+    r = call(["sinfo", "-h", "-N", "-o", "%P|%N|%c|%G|%a"], check=True)
     nodes: dict[str, dict] = {}  # partition -> {node: (cpus, gpus)}
     default = ""
     for line in r.stdout.splitlines():
@@ -262,15 +267,14 @@ def check_feasible(p: SlurmPlan, script: Path) -> None:
                          f"need {p.ntasks_per_node * p.cpus_per_task} CPUs per node; the nodes of partition "
                          f"{part!r} have at most {max_cpus}")
     # whatever else (account, qos, constraint, memory) the controller itself judges
-    r = _run(["sbatch", "--test-only", str(script)])
+    r = call(["sbatch", "--test-only", str(script)])
     if r.returncode != 0:
-        raise ValueError(f"Slurm refuses the job ({script}): {_first_error(r.stderr)}")
+        raise ValueError(f"Slurm refuses the job ({script}): {first_error(r.stderr)}")
 
 
 # -- submit, query, follow, cancel -------------------------------------------------------------
 def write_job(cfg) -> tuple[SlurmPlan, Path]:
     """Write RUN_DIR/launch.yaml (what the ranks load) and RUN_DIR/job.sbatch."""
-    from vidscale.scaling.config import save_config
     p = plan(cfg)
     p.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, p.run_dir / CONFIG)
@@ -280,10 +284,9 @@ def write_job(cfg) -> tuple[SlurmPlan, Path]:
 
 
 def submit(cfg, wait: bool = False, command: list[str] | None = None) -> int:
-    from vidscale.cluster.job import new_job
     p, script = write_job(cfg)
     check_feasible(p, script)
-    r = _run(["sbatch", "--parsable", str(script)], check=True)
+    r = call(["sbatch", "--parsable", str(script)], check=True)
     job_id = r.stdout.strip().split(";")[0]
     job = new_job("slurm", p.run_dir, command or sys.argv, job_ids=[job_id], state="PENDING")
     job.save()
@@ -295,7 +298,7 @@ def submit(cfg, wait: bool = False, command: list[str] | None = None) -> int:
 
 
 def _scontrol_job(job_id: str) -> dict:
-    r = _run(["scontrol", "show", "job", "-o", job_id])
+    r = call(["scontrol", "show", "job", "-o", job_id])
     if r.returncode != 0:
         return {}
     return dict(tok.split("=", 1) for tok in r.stdout.split() if "=" in tok)
@@ -304,13 +307,13 @@ def _scontrol_job(job_id: str) -> dict:
 def job_state(job_id: str) -> dict:
     """{'state', 'reason', 'restarts', 'exit_code', 'source'}: squeue while Slurm remembers the
     job, then sacct, then the jobcomp log (clusters without accounting)."""
-    r = _run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T|%r"])
+    r = call(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T|%r"])
     if r.returncode == 0 and r.stdout.strip():
         state, reason = r.stdout.strip().splitlines()[0].split("|", 1)
         info = _scontrol_job(job_id)
         return {"state": state, "reason": reason, "restarts": int(info.get("Restarts", 0) or 0),
                 "exit_code": info.get("ExitCode", ""), "source": "squeue"}
-    r = _run(["sacct", "-j", job_id, "-X", "-n", "--parsable2", "-o", "JobID,State,ExitCode,Reason"])
+    r = call(["sacct", "-j", job_id, "-X", "-n", "--parsable2", "-o", "JobID,State,ExitCode,Reason"])
     if r.returncode == 0 and r.stdout.strip():
         _, state, code, reason = r.stdout.strip().splitlines()[-1].split("|")
         return {"state": state.split()[0], "reason": reason, "restarts": 0, "exit_code": code, "source": "sacct"}
@@ -324,7 +327,7 @@ def job_state(job_id: str) -> dict:
 
 
 def _jobcomp_line(job_id: str) -> str:
-    r = _run(["scontrol", "show", "config"])
+    r = call(["scontrol", "show", "config"])
     m = re.search(r"^JobCompLoc\s*=\s*(\S+)", r.stdout, re.M)
     if not m or not Path(m.group(1)).is_file():
         return ""
@@ -356,7 +359,7 @@ def follow(job, poll_s: float = 1.0, out=sys.stdout) -> int:
                 out.write(chunk)
                 out.flush()
         if st["state"] == "PENDING" and st["restarts"] > nudged and st["reason"] == "BeginTime":
-            _run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"])
+            call(["scontrol", "update", f"jobid={job_id}", "StartTime=now"])
             nudged = st["restarts"]
         if st["state"] != job.state:
             job.set_state(st["state"])
@@ -367,5 +370,5 @@ def follow(job, poll_s: float = 1.0, out=sys.stdout) -> int:
 
 def cancel(job) -> None:
     for job_id in job.job_ids:
-        _run(["scancel", job_id], check=True)
+        call(["scancel", job_id], check=True)
     job.set_state("CANCELLED")

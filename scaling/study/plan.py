@@ -14,7 +14,7 @@
 
 `load_sweep(path)` checks it (one-line `RecipeError`s naming the file and key) and
 `plan(spec)` expands it into runs. A run's length is never hand-set: it follows from its
-budget through the FLOPs model of `scaling/flops.py` (every matmul of the packed batch,
+budget through the FLOPs model of `scaling/train/flops.py` (every matmul of the packed batch,
 attention quadratic in each video's own length, padding included) applied to the
 expected packed batch, the mean over batches drawn from the run's own data loader:
     steps = round(budget / (dp x grad_accum x E[training FLOPs of one packed batch])).
@@ -32,7 +32,11 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vidscale.data.loader import build_loader
+from vidscale.models.sizes import param_count
 from vidscale.scaling.config import Config, RecipeError, load_config, model_config, validate
+from vidscale.scaling.parallel.dims import ParallelDims
+from vidscale.scaling.train.flops import forward_flops
 
 PROBE_BATCHES = 8
 """Packed batches drawn to estimate the expected batch (per data setting, shared by models)."""
@@ -191,7 +195,6 @@ def load_sweep(path: str | Path) -> Sweep:
     for m in _model_specs(args):  # every run's recipe must load (types, sizes, layout)
         base_cfg = _run_config(sweep, m, args.lr[0] if args.lr else 0, args.tokens_per_batch[0]
                                if args.tokens_per_batch else 0, args.seeds[0], steps=1)
-        from vidscale.scaling.parallel.dims import ParallelDims
         try:
             ParallelDims.validate(base_cfg.cluster.nproc, base_cfg.parallel.ulysses, base_cfg.parallel.ring,
                                   model_config(base_cfg.model).heads, where=f"{path}: model {_label(m)}")
@@ -274,9 +277,6 @@ def _fmt_budget(b: float) -> str:
 def expected_batch(cfg: Config, cache: dict) -> tuple[list[tuple[list[int], list[int]]], float]:
     """Segment and text lengths of PROBE_BATCHES packed batches from the run's own loader,
     and their mean real tokens. Cached per data setting: every model shares it."""
-    from vidscale.data.loader import build_loader
-    from vidscale.scaling.parallel.dims import ParallelDims
-
     sp = cfg.parallel.ulysses * cfg.parallel.ring
     key = (json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg.data)), sort_keys=True),
            cfg.train.tokens_per_batch, cfg.train.seed, tuple(cfg.model.patch), cfg.model.in_channels, sp)
@@ -295,9 +295,6 @@ def expected_batch(cfg: Config, cache: dict) -> tuple[list[tuple[list[int], list
 
 def plan(sweep: Sweep) -> list[Run]:
     """Every run of the sweep, sorted by budget then size, with its derived length."""
-    from vidscale.models.sizes import param_count
-    from vidscale.scaling.train.flops import forward_flops
-
     a = sweep.args
     cache: dict = {}
     runs = []
@@ -313,14 +310,13 @@ def plan(sweep: Sweep) -> list[Run]:
                         for cell in a.cells:  # later cells win
                             if cell.model in ("", label) and cell.budget in (0, budget):
                                 c_lr, c_tpb = cell.lr or c_lr, cell.tokens_per_batch or c_tpb
-                        runs.append(_plan_run(sweep, m, label, budget, c_lr, c_tpb, seed, cache,
-                                              param_count, forward_flops))
+                        runs.append(_plan_run(sweep, m, label, budget, c_lr, c_tpb, seed, cache))
     names = [r.name for r in runs]
     assert len(set(names)) == len(names), names
     return runs
 
 
-def _plan_run(sweep, m, label, budget, lr, tpb, seed, cache, param_count, forward_flops) -> Run:
+def _plan_run(sweep, m, label, budget, lr, tpb, seed, cache) -> Run:
     a = sweep.args
     cfg = _run_config(sweep, m, lr, tpb, seed, steps=1)
     mcfg = model_config(cfg.model)

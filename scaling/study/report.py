@@ -1,11 +1,13 @@
 """The sweep report: PNG plots of a fit (matplotlib, Agg) and `SWEEP_DIR/report.md`.
 
-Plots take the dict of `scaling.fit.fit` (with its private bootstrap laws for the bands):
-IsoFLOP curves with their parabolas, the compute-optimal frontier with its fit and 95%
-band, loss vs compute, and the residuals of the parametric fit.
+`write_sweep_report` fits a sweep's finished runs (`fit.py`), then writes SWEEP_DIR/fit.json
+and the report. Plots take the dict of `fit.fit` (with its private bootstrap laws for the
+bands): IsoFLOP curves with their parabolas, the compute-optimal frontier with its fit and
+95% band, loss vs compute, and the residuals of the parametric fit.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -15,7 +17,7 @@ matplotlib.use("Agg")  # files only: no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vidscale.scaling.study.fit import optimum  # noqa: E402
+from vidscale.scaling.study.fit import fit, optimum, public  # noqa: E402
 
 PLOTS = {"isoflop": "IsoFLOP curves", "frontier": "Compute-optimal frontier",
          "loss_vs_compute": "Loss vs compute", "residuals": "Residuals of the parametric fit"}
@@ -242,3 +244,23 @@ def write_report(sweep_dir: str | Path, result: dict | None, rows: list[dict], t
     out = sweep_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def write_sweep_report(sweep, rows: list[dict], budgets: list[float], bootstrap: int) -> Path:
+    """Fit the finished runs of a sweep (at least 5) and write SWEEP_DIR/fit.json and report.md;
+    predictions at `budgets` (default 10x and 100x the largest budget that finished)."""
+    done = [r for r in rows if r["status"] == "done"]
+    notes = [f"Sweep `{sweep.path}` (base recipe `{sweep.base}`), {len(done)}/{len(rows)} runs done. "
+             f"Loss: the deterministic validation loss of each run (`scaling/train/evaluate.py`)."]
+    if len(done) < 5:
+        return write_report(sweep.dir, None, rows, title=f"Sweep {sweep.args.name}",
+                            notes=notes + [f"No fit: {len(done)} finished runs, a fit needs at least 5."])
+    largest = max(float(r["budget"]) for r in done)
+    budgets = budgets or [10 * largest, 100 * largest]
+    try:
+        result = fit(rows, budgets, bootstrap=bootstrap, where=str(sweep.dir / "results.csv"))
+    except ValueError as e:
+        return write_report(sweep.dir, None, rows, title=f"Sweep {sweep.args.name}",
+                            notes=notes + [f"No fit: {e}"])
+    (sweep.dir / "fit.json").write_text(json.dumps(public(result), indent=1))
+    return write_report(sweep.dir, result, rows, title=f"Sweep {sweep.args.name}", notes=notes)

@@ -1,0 +1,267 @@
+"""Running a planned sweep: every run is a `vidscale train` of its resolved recipe
+(SWEEP_DIR/recipes/NAME.yaml) in its own process, through the launcher asked for.
+
+    local   one run after another here
+    ray     concurrent runs on one Ray cluster (an embedded local one unless an address is
+            given), as many at once as its CPUs hold
+    slurm   one job array, a task per unfinished run (`cluster/jobarray.py`)
+
+A run is finished when its final.json exists (`ledger.py`): running the same sweep again
+skips finished runs and restarts the others with checkpoint.resume=auto, so they continue
+from their latest complete checkpoint. SWEEP_DIR/state.json and results.csv are rewritten
+at every change; progress lines go to stdout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vidscale.cluster.jobarray import (cancel_array, common_header, follow_array, render_array, submit_array,
+                                       task_id)
+from vidscale.cluster.ray_cluster import EmbeddedRay
+from vidscale.cluster.slurm import write_job
+from vidscale.scaling.config import save_config
+from vidscale.scaling.study.ledger import Ledger, read_final
+
+
+def run_command(recipe: Path, launcher: str, address: str) -> list[str]:
+    """The `vidscale train` command line of one run."""
+    cmd = [sys.executable, "-m", "vidscale.scaling.cli", "train", str(recipe), "--launcher", launcher]
+    if launcher == "ray" and address:
+        cmd += ["--address", address]
+    if launcher == "slurm":
+        cmd += ["--wait"]
+    return cmd
+
+
+def _last_metrics(run) -> dict:
+    p = Path(run.cfg.train.run_dir) / "metrics.jsonl"
+    try:
+        with open(p, "rb") as f:
+            f.seek(max(0, os.path.getsize(p) - 4096))
+            last = f.read().decode(errors="replace").strip().splitlines()[-1]
+        return json.loads(last)
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
+def _tail(path: Path, n: int = 3) -> str:
+    try:
+        lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])
+
+
+def write_plan(sweep, runs) -> None:
+    """SWEEP_DIR/plan.json: every run's planned size, length and FLOPs."""
+    sweep.dir.mkdir(parents=True, exist_ok=True)
+    (sweep.dir / "plan.json").write_text(json.dumps(
+        [{"name": r.name, "model": r.model, "budget": r.budget, "params": r.params, "steps": r.steps,
+          "tokens": r.tokens, "flops": r.flops, "lr": r.lr, "tokens_per_batch": r.tokens_per_batch,
+          "seed": r.seed} for r in runs], indent=1))
+
+
+def check_finished_runs(runs) -> None:
+    """A final.json from another plan would be silently fitted: refuse."""
+    for r in runs:
+        fin = read_final(r)
+        if fin is not None and fin.get("steps") != r.steps:
+            raise ValueError(f"{r.cfg.train.run_dir}/final.json: finished with {fin.get('steps')} steps but the "
+                             f"sweep now plans {r.steps}: use a new sweep_dir for a changed sweep")
+
+
+class Runner:
+    """Runs as subprocesses here, `concurrency` at a time (local: 1; Ray: what the cluster holds)."""
+
+    def __init__(self, sweep, runs, launcher: str, address: str, concurrency: int, progress_every: float):
+        self.sweep, self.runs, self.launcher, self.address = sweep, runs, launcher, address
+        self.concurrency, self.progress_every = max(1, concurrency), progress_every
+        self.dir = sweep.dir
+        self.ledger = Ledger(self.dir, runs)
+        self.running: dict[str, tuple] = {}  # name -> (Popen, start time, run)
+
+    def say(self, msg: str) -> None:
+        c = self.ledger.counts()
+        head = (f"[sweep {self.sweep.args.name}] {time.strftime('%H:%M:%S')} done {c.get('done', 0)}/{len(self.runs)}"
+                f" running {c.get('running', 0)} failed {c.get('failed', 0)}")
+        print(f"{head} | {msg}", flush=True)
+
+    def recipe(self, run) -> Path:
+        """SWEEP_DIR/recipes/NAME.yaml, the run's resolved recipe, written."""
+        p = self.dir / "recipes" / f"{run.name}.yaml"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        save_config(run.cfg, p)
+        return p
+
+    def start(self, run) -> None:
+        recipe = self.recipe(run)
+        Path(run.cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
+        log = open(self.dir / "logs" / f"{run.name}.log", "a")
+        env = dict(os.environ)
+        # a run's ranks share the machine with the other runs: no oversubscribed thread pools
+        per = max(1, (os.cpu_count() or 1) // (self.concurrency * run.cfg.cluster.nproc))
+        env.setdefault("OMP_NUM_THREADS", str(per))
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        st = self.ledger.state[run.name]
+        proc = subprocess.Popen(run_command(recipe, self.launcher, self.address), stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=os.getcwd())
+        log.close()
+        self.running[run.name] = (proc, time.time(), run)
+        resumed = " (resuming)" if st["attempts"] else ""
+        self.ledger.set(run.name, status="running", attempts=st["attempts"] + 1)
+        self.say(f"started {run.name}: {run.params / 1e6:.2f}M params, {run.steps} steps, "
+                 f"{run.flops:.3g} FLOPs{resumed}")
+
+    def poll(self) -> None:
+        for name, (proc, t0, run) in list(self.running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            del self.running[name]
+            wall = self.ledger.state[name]["wall_time"] + time.time() - t0
+            fin = read_final(run)
+            if rc == 0 and fin is not None:
+                self.ledger.set(name, status="done", wall_time=wall)
+                self.say(f"finished {name}: val loss {fin['val_loss']:.4f} in {wall:.0f} s")
+            else:
+                self.ledger.set(name, status="failed", wall_time=wall, exit_code=rc)
+                self.say(f"FAILED {name} (exit {rc}): {_tail(self.dir / 'logs' / f'{name}.log')[-400:]}")
+
+    def progress(self) -> None:
+        parts = []
+        for name, (_, t0, run) in self.running.items():
+            m = _last_metrics(run)
+            step = f"step {int(m['step'])}/{run.steps} loss {m.get('loss', float('nan')):.4f}" if m else "starting"
+            parts.append(f"{name}: {step} ({time.time() - t0:.0f} s)")
+        self.say("; ".join(parts) or "idle")
+
+    def stop_all(self) -> None:
+        for name, (proc, t0, _) in self.running.items():
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 20
+        for name, (proc, t0, _) in self.running.items():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            self.ledger.set(name, status="interrupted",
+                            wall_time=self.ledger.state[name]["wall_time"] + time.time() - t0)
+        self.running.clear()
+
+    def run(self) -> None:
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        todo = [r for r in self.runs if self.ledger.state[r.name]["status"] != "done"]
+        skipped = len(self.runs) - len(todo)
+        self.ledger.save()
+        if skipped:
+            self.say(f"{skipped} finished run(s) skipped; {len(todo)} to run")
+        last = time.time()
+        try:
+            while todo or self.running:
+                while todo and len(self.running) < self.concurrency:
+                    self.start(todo.pop(0))
+                time.sleep(0.5)
+                self.poll()
+                if self.running and time.time() - last >= self.progress_every:
+                    self.progress()
+                    last = time.time()
+        except BaseException:
+            self.stop_all()
+            raise
+
+
+class SlurmArrayRunner(Runner):
+    """Each run's own sbatch script is written as for `vidscale train --launcher slurm`
+    (`cluster/slurm.py`); one job array runs task i as run i's script (`cluster/jobarray.py`)."""
+
+    def run(self) -> None:
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        todo = [r for r in self.runs if self.ledger.state[r.name]["status"] != "done"]
+        self.ledger.save()
+        if len(todo) < len(self.runs):
+            self.say(f"{len(self.runs) - len(todo)} finished run(s) skipped; {len(todo)} to run")
+        if not todo:
+            return
+        scripts = []
+        for r in todo:
+            self.recipe(r)
+            scripts.append(write_job(r.cfg)[1])
+        header = common_header(scripts)
+        if header is None:
+            raise ValueError(f"{self.sweep.path}: the runs ask Slurm for different resources (cluster.nproc / "
+                             "cluster.slurm.*); a job array needs one shape: use --launcher local or ray")
+        name = self.sweep.args.name
+        path = self.dir / "sweep.sbatch"
+        path.write_text(render_array(f"sweep '{name}'", f"vidscale-sweep-{name}", header, scripts,
+                                     [r.name for r in todo], self.dir / "logs"))
+        job = submit_array(path, "sweep's job array")
+        t0 = time.time()
+        for i, r in enumerate(todo):
+            st = self.ledger.state[r.name]
+            self.ledger.set(r.name, status="running", attempts=st["attempts"] + 1, slurm_job=task_id(job, i))
+        self.say(f"submitted job array {job} ({len(todo)} tasks): {path}")
+        active, last = set(range(len(todo))), time.time()
+        try:
+            for i in follow_array(job, len(todo)):
+                if i is None:  # one poll of the queue done
+                    if active and time.time() - last >= self.progress_every:
+                        self.running = {todo[k].name: (None, t0, todo[k]) for k in active}
+                        self.progress()
+                        last = time.time()
+                    continue
+                active.discard(i)
+                run, tid = todo[i], task_id(job, i)
+                wall = self.ledger.state[run.name]["wall_time"] + time.time() - t0
+                fin = read_final(run)
+                if fin is not None:
+                    self.ledger.set(run.name, status="done", wall_time=wall)
+                    self.say(f"finished {run.name} (task {tid}): val loss {fin['val_loss']:.4f}")
+                else:
+                    self.ledger.set(run.name, status="failed", wall_time=wall)
+                    self.say(f"FAILED {run.name} (task {tid}): {_tail(self.dir / 'logs' / f'{run.name}.log')[-400:]}")
+        except BaseException:
+            cancel_array(job)
+            for i in active:
+                self.ledger.set(todo[i].name, status="interrupted")
+            raise
+        finally:
+            self.running = {}
+
+
+def _ray_concurrency(runs, cpus: int) -> int:
+    need = max(r.cfg.cluster.nproc * r.cfg.cluster.cpus_per_worker for r in runs)
+    return max(1, int(cpus // need))
+
+
+def run_sweep(sweep, runs, launcher: str = "local", address: str = "", cpus: int = 0,
+              progress_every: float = 15.0) -> list[dict]:
+    """Run every unfinished run of the plan; returns the results rows (`ledger.COLUMNS`).
+    Ray without an address: an embedded cluster of `cpus` CPUs (0: all), stopped at the end."""
+    write_plan(sweep, runs)
+    check_finished_runs(runs)
+    if launcher == "ray":
+        cpus = cpus or os.cpu_count() or 1
+        if address:
+            runner = Runner(sweep, runs, "ray", address, _ray_concurrency(runs, cpus), progress_every)
+            runner.run()
+        else:
+            with EmbeddedRay(cpus) as address:
+                runner = Runner(sweep, runs, "ray", address, _ray_concurrency(runs, cpus), progress_every)
+                runner.run()
+    elif launcher == "slurm":
+        runner = SlurmArrayRunner(sweep, runs, "slurm", "", len(runs), progress_every)
+        runner.run()
+    else:
+        runner = Runner(sweep, runs, "local", "", 1, progress_every)
+        runner.run()
+    return runner.ledger.rows()
