@@ -5,7 +5,8 @@ Contract with the launchers (Slurm pre-emption, `cluster/`):
 1. `install()` (called by `train(cfg)` on every rank) makes SIGUSR1 set the flag; the
    handler only sets a flag, so a step in flight is never interrupted.
 2. At each step boundary the loop asks `save_requested()`; in a distributed run the
-   ranks agree (a MAX all-reduce), so a signal that reached any one rank is enough. The
+   ranks agree (`collectives.agree`, a MAX all-reduce), so a signal that reached any
+   one rank is enough. The
    all-reduce reads its result on the host, so a multi-rank run asks only at logging
    steps (`logging.every`), save steps and the last step, where the loop syncs anyway:
    no host-device sync per step. Give the signal that much warning (`--signal=USR1@90`
@@ -51,14 +52,3 @@ def install(signum: int = signal.SIGUSR1) -> None:
     (a Ray worker thread, a test thread) this is a no-op and `request_save()` still works."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signum, _handler)
-
-
-def agree(flag: bool, dims, device=None) -> bool:
-    """True on every rank if it is True on any rank (one tiny all-reduce, read on the host)."""
-    if not dims.distributed:
-        return flag
-    import torch
-    import torch.distributed as dist
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)  # nccl needs a cuda tensor
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
