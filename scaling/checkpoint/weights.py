@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from vidscale.models.dit import VideoDiT
 from vidscale.scaling.config import Config, load_config, model_config, to_yaml
 
 MODEL_FILE, EMA_FILE = "model.safetensors", "ema.safetensors"
@@ -67,8 +68,6 @@ def config_of(meta: dict[str, str], path: str | Path) -> Config:
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu"):
     """A weights file -> (VideoDiT with those weights, its Config)."""
-    from vidscale.models.dit import VideoDiT
-
     state, meta = read_weights(path)
     if meta.get("kind", "dit") != "dit":
         raise ValueError(f"{path}: holds a {meta.get('kind')!r} model, expected a DiT")
