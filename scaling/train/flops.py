@@ -48,11 +48,6 @@ def train_flops(cfg: DiTConfig, meta) -> int:
     return 3 * batch_forward_flops(cfg, meta)
 
 
-def flops_per_token_estimate(cfg: DiTConfig, seq_len: int, text_len: int = 16) -> float:
-    """Training FLOPs per video token for videos of `seq_len` tokens (sweep planning)."""
-    return 3 * forward_flops(cfg, [seq_len], [text_len], 1) / seq_len
-
-
 def measure_peak_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                        n: int = 2048, seconds: float = 1.0) -> float:
     """Peak matmul FLOP/s of this machine and dtype: the best of repeated large GEMMs."""
