@@ -9,7 +9,14 @@
 # writes slurm.conf under one writable directory ($VIDSCALE_SLURM_DIR, default
 # /tmp/vidscale-slurm), starts munged, slurmctld and slurmd by hand (no systemd here) and
 # waits until the node is idle. What it started is listed in $DIR/started for slurm-down.sh.
-# Facts this relies on: /work/shared/CLUSTER.md (no cgroups, no database: jobcomp/filetxt).
+# Choices behind slurm.conf (tried on Debian 12 with Slurm 22.05, as root):
+#  - no cgroups needed: ProctrackType=proctrack/linuxproc, TaskPlugin=task/none;
+#  - no accounting database: AccountingStorageType=accounting_storage/none, so `sacct` fails
+#    and `vidscale status` reads ended jobs from the jobcomp/filetxt log (JobCompLoc);
+#  - apt does not start the daemons: munged runs as user munge with a 1024-byte key (mode
+#    400); the node is localhost(127.0.0.1), so nothing depends on the hostname resolving;
+#  - a requeued job may start again only cred_expire+1 s later (default 120 s) and pending
+#    jobs are looked at every sched_interval (default 60 s): both are lowered below.
 set -euo pipefail
 
 DIR=${VIDSCALE_SLURM_DIR:-/tmp/vidscale-slurm}
