@@ -2,7 +2,7 @@
 
 A *packed attention kernel* maps q, k, v of shape [L, H, Dh] plus `PackedMeta` to an
 output [L, H, Dh] in which no token attends across a video boundary. The local kernels
-here see the whole sequence. Sequence-parallel kernels (in `scaling/sequence_parallel.py`)
+here see the whole sequence. Sequence-parallel kernels (in `scaling/parallel/sequence.py`)
 wrap a local kernel and are handed to the model by `VideoDiT.set_attention`; the model
 never knows how the sequence is distributed.
 """
@@ -84,6 +84,7 @@ def varlen(q_LHD, k_LHD, v_LHD, meta: PackedMeta):
 
 
 KERNELS = {"sdpa": sdpa_loop, "dense": sdpa_dense, "varlen": varlen}
+"""Packed attention kernels by name (`model.attn_backend`; recipe validation reads this table)."""
 
 
 def get_kernel(name: str) -> PackedAttentionKernel:

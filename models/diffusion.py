@@ -36,6 +36,10 @@ def _masked_mse(pred, target, clean):
     return err.mean(-1)
 
 
+SCHEDULES = ("linear", "cosine")
+"""DDPM beta schedules (`objective.schedule`)."""
+
+
 class DDPM:
     name = "ddpm"
 
@@ -50,7 +54,7 @@ class DDPM:
             betas = torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(num_steps)],
                                  dtype=torch.float64)
         else:
-            raise ValueError(f"objective.schedule: unknown schedule {schedule!r}, expected 'linear' or 'cosine'")
+            raise ValueError(f"objective.schedule: unknown schedule {schedule!r}, expected one of {list(SCHEDULES)}")
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)
 
@@ -145,9 +149,11 @@ class RectifiedFlow:
         return x
 
 
+OBJECTIVES = {"ddpm": DDPM, "flow": RectifiedFlow}
+"""Training objectives by name (`objective.name`)."""
+
+
 def make_objective(name: str, **kw):
-    if name == "ddpm":
-        return DDPM(**kw)
-    if name == "flow":
-        return RectifiedFlow(**kw)
-    raise ValueError(f"objective.name: unknown objective {name!r}, expected 'ddpm' or 'flow'")
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective.name: unknown objective {name!r}, expected one of {list(OBJECTIVES)}")
+    return OBJECTIVES[name](**kw)

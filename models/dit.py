@@ -20,16 +20,20 @@ from vidscale.models.packed import PackedMeta
 
 @dataclass
 class DiTConfig:
-    hidden: int = 64
-    depth: int = 2
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    in_channels: int = 4
-    patch: tuple[int, int, int] = (1, 2, 2)
-    text_dim: int = 384
-    qk_norm: bool = True
+    """The resolved architecture. No defaults but RoPE's base: a recipe's `model` section
+    (scaling/config.py `ModelArgs`, with the size table of models/sizes.py) holds them, and
+    `scaling.config.model_config` builds this from it."""
+    hidden: int
+    depth: int
+    heads: int
+    mlp_ratio: float
+    in_channels: int
+    patch: tuple[int, int, int]
+    text_dim: int
+    qk_norm: bool
+    attn_backend: str
+    """A key of `models.attention.KERNELS`."""
     rope_theta: float = 10000.0
-    attn_backend: str = "sdpa"
 
     @property
     def patch_dim(self) -> int:

@@ -1,8 +1,6 @@
 """Model size table. Parameter counts are computed from the architecture, never typed."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 from vidscale.models.dit import DiTConfig
 
 # name: (hidden, depth, heads, mlp_ratio)
@@ -23,11 +21,14 @@ SIZES: dict[str, tuple[int, int, int, float]] = {
 }
 
 
-def config_for(size: str, **overrides) -> DiTConfig:
+def config_for(size: str, **fields) -> DiTConfig:
+    """A row of the table as a `DiTConfig`; `fields` give the rest of the architecture
+    (in_channels, patch, text_dim, qk_norm, attn_backend) and may override the row's shape.
+    `scaling.config.model_config` calls it with a recipe's model section."""
     if size not in SIZES:
         raise ValueError(f"model.size: unknown size {size!r}, expected one of {list(SIZES)}")
     hidden, depth, heads, mlp = SIZES[size]
-    return replace(DiTConfig(hidden=hidden, depth=depth, heads=heads, mlp_ratio=mlp), **overrides)
+    return DiTConfig(**{"hidden": hidden, "depth": depth, "heads": heads, "mlp_ratio": mlp, **fields})
 
 
 def param_count(cfg: DiTConfig) -> int:
@@ -44,14 +45,3 @@ def param_count(cfg: DiTConfig) -> int:
     final = lin(D, 2 * D) + lin(D, P)
     return embed + cfg.depth * block + final
 
-
-def matmul_params(cfg: DiTConfig) -> tuple[int, int]:
-    """(weights applied to every video token, weights applied to every text token) per forward.
-
-    Used by the FLOPs model: a Linear of W weights costs 2*W FLOPs per token it touches.
-    adaLN and timestep MLPs run once per video and are negligible; they are not counted.
-    """
-    D, P, Mh = cfg.hidden, cfg.patch_dim, cfg.mlp_hidden
-    per_video_token = P * D + cfg.depth * (3 * D * D + D * D + D * D + D * D + 2 * D * Mh) + D * P
-    per_text_token = cfg.text_dim * D + D * D + cfg.depth * (2 * D * D)
-    return per_video_token, per_text_token
