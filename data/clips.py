@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vidscale.data.args import LoaderArgs
 from vidscale.data.shapes import COLORS, MOTIONS, SHAPES, render
 from vidscale.data.shards import ShardSource, read_index
 
@@ -29,7 +30,7 @@ class ClipLoader:
     State: (epoch, position in this rank's list): exact resume on the same layout.
     """
 
-    def __init__(self, data, vae, seed: int, dp_rank: int, dp: int):
+    def __init__(self, data: LoaderArgs, vae, seed: int, dp_rank: int, dp: int):
         """data: the recipe's `data` section (source, synthetic_videos); vae: its `vae` section
         (crop, frames, mults, val_clips); seed: `train.seed`."""
         self.data, self.vae, self.seed, self.dp_rank, self.dp = data, vae, seed, dp_rank, dp
@@ -116,15 +117,9 @@ class ClipLoader:
 class _RawShards:
     """Random access to raw pixel shards (reads a shard up to the sample: fine for small sets)."""
 
-    def __init__(self, data, seed: int):
-        # the shard pre-flight compares channels with the DiT's in_channels: pixels have 3
-        shim = type("C", (), {})()
-        shim.data = data
-        # one clip per micro-batch: no token budget to check (0 = none)
-        shim.train = type("T", (), {"seed": seed, "tokens_per_batch": 0})()
-        shim.model = type("M", (), {"in_channels": 3, "text_dim": _text_dim(data.source),
-                                    "patch": [1, 1, 1]})()
-        self.src = ShardSource(data.source, shim)
+    def __init__(self, data: LoaderArgs, seed: int):
+        # pixels have 3 channels; one clip per micro-batch: no token budget (0) to check
+        self.src = ShardSource(data.source, seed=seed, patch=(1, 1, 1), channels=3, tokens_per_batch=0)
         self._cache: dict[int, torch.Tensor] = {}
 
     def load(self, i: int) -> torch.Tensor:
@@ -132,7 +127,3 @@ class _RawShards:
             lat, _, _ = self.src.load_one(i)
             self._cache[i] = lat.float()
         return self._cache[i]
-
-
-def _text_dim(root) -> int:
-    return int(read_index(root).get("text_dim") or 0)

@@ -1,10 +1,14 @@
 """Packed, resumable, data-parallel loading.
 
-`build_loader(cfg, dp_rank, dp_size, multiple)` returns an iterator of packed batches
-`(tokens [L, P], PackedMeta)` of at most `train.tokens_per_batch` real tokens each, padded
-only up to `multiple` (the sequence-parallel degree), with `state_dict()` /
-`load_state_dict()`. Every sequence-parallel rank of a data-parallel group builds the same
-loader (same dp_rank) and gets the identical batch; the engine takes its slice.
+    build_loader(cfg.data, seed=cfg.train.seed, tokens_per_batch=cfg.train.tokens_per_batch,
+                 patch=cfg.model.patch, channels=cfg.model.in_channels, text_dim=cfg.model.text_dim,
+                 dp_rank=r, dp_size=dp, multiple=sp)
+
+returns an iterator of packed batches `(tokens [L, P], PackedMeta)` of at most
+`tokens_per_batch` real tokens each, padded only up to `multiple` (the sequence-parallel
+degree), with `state_dict()` / `load_state_dict()`. Every sequence-parallel rank of a
+data-parallel group builds the same loader (same dp_rank) and gets the identical batch; the
+engine takes its slice.
 
 How an epoch is planned (all from the index: nothing is decoded to plan):
   1. the epoch's global sample order: `source.order(epoch)` (shards shuffled by seed and
@@ -38,24 +42,29 @@ from __future__ import annotations
 import copy
 import logging
 import random
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
+from vidscale.data.args import LoaderArgs, SyntheticArgs
 from vidscale.data.packing import Item, Packer, drop_tokens, pack_dropped, too_long
+from vidscale.data.shards import ShardSource
 from vidscale.data.synthetic import synthetic_video
 from vidscale.models.packed import PackedMeta
 
 log = logging.getLogger("vidscale.data")
 STATE_VERSION = 1
+ON_ERROR = ("skip", "fail")
+"""`data.on_error`: count an unreadable sample and go on, or raise."""
 
 
 class SyntheticSource:
-    """An epoch of `n` deterministic synthetic videos (see data/synthetic.py)."""
+    """An epoch of `synthetic.synthetic_videos` deterministic synthetic videos (data/synthetic.py)."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.n = cfg.data.synthetic_videos
+    def __init__(self, synthetic: SyntheticArgs, *, seed: int, channels: int, text_dim: int, patch: Sequence[int]):
+        self.args, self.seed = synthetic, seed
+        self.channels, self.text_dim, self.patch = channels, text_dim, tuple(patch)
+        self.n = synthetic.synthetic_videos
         self._tokens: dict[int, int] = {}
 
     def __len__(self) -> int:
@@ -65,23 +74,23 @@ class SyntheticSource:
         return f"synthetic:{i}"
 
     def fingerprint(self) -> str:
-        c = self.cfg
-        return f"synthetic:{self.n}:{c.data.frames}:{c.data.sizes}:{c.data.text_tokens}"
+        a = self.args
+        return f"synthetic:{self.n}:{a.frames}:{a.sizes}:{a.text_tokens}"
 
     def order(self, epoch: int) -> list[int]:
         ids = list(range(self.n))
-        random.Random(self.cfg.train.seed * 7919 + epoch).shuffle(ids)
+        random.Random(self.seed * 7919 + epoch).shuffle(ids)
         return ids
 
     def _load(self, i: int):
-        c = self.cfg
-        return synthetic_video(i, c.train.seed, c.model.in_channels, c.data.frames, c.data.sizes,
-                               c.data.text_tokens, c.model.text_dim, c.model.patch)
+        a = self.args
+        return synthetic_video(i, self.seed, self.channels, a.frames, a.sizes, a.text_tokens, self.text_dim,
+                               list(self.patch))
 
     def tokens(self, i: int) -> int:
         if i not in self._tokens:
             lat, _ = self._load(i)
-            pt, ph, pw = self.cfg.model.patch
+            pt, ph, pw = self.patch
             _, T, H, W = lat.shape
             self._tokens[i] = (T // pt) * (H // ph) * (W // pw)
         return self._tokens[i]
@@ -129,14 +138,13 @@ def _block(n: int, rank: int, size: int) -> list[list[int]]:
 class PackedLoader:
     """Plans, loads and packs one dp rank's share of each epoch (see the module doc)."""
 
-    def __init__(self, source, budget: int, dp_rank: int, dp_size: int, seed: int, lookahead: int = 64,
-                 multiple: int = 1, patch=(1, 2, 2), workers: int = 0, on_error: str = "skip",
-                 drop: float = 0.0, drop_min_tokens: int = 1024, shuffle: int = 0):
+    def __init__(self, source, data: LoaderArgs, *, budget: int, seed: int, patch: Sequence[int], dp_rank: int,
+                 dp_size: int, multiple: int):
         self.source, self.budget, self.seed = source, budget, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.lookahead, self.multiple, self.patch = lookahead, multiple, tuple(patch)
-        self.workers, self.on_error, self.shuffle = workers, on_error, shuffle
-        self.drop, self.drop_min_tokens = drop, drop_min_tokens
+        self.lookahead, self.multiple, self.patch = data.lookahead, multiple, tuple(patch)
+        self.workers, self.on_error, self.shuffle = data.workers, data.on_error, data.shuffle_buffer
+        self.drop, self.drop_min_tokens = data.drop_tokens, data.drop_min_tokens
         self.n = len(source)
         if self.n < dp_size:
             raise ValueError(f"data: {self.n} samples cannot feed {dp_size} data-parallel ranks")
@@ -385,13 +393,17 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def build_loader(cfg, dp_rank: int = 0, dp_size: int = 1, multiple: int = 1) -> PackedLoader:
-    if cfg.data.source == "synthetic":
-        source = SyntheticSource(cfg)
+def build_loader(data: LoaderArgs, *, seed: int, tokens_per_batch: int, patch: Sequence[int], channels: int,
+                 text_dim: int, dp_rank: int = 0, dp_size: int = 1, multiple: int = 1) -> PackedLoader:
+    """The packed loader of dp rank `dp_rank` of `dp_size` (see the module doc). `data` is the
+    recipe's data section; seed and tokens_per_batch come from `train`; patch, channels
+    (`model.in_channels`) and text_dim from `model`; `multiple` is the sequence-parallel degree.
+    Shards are checked against the model and the budget first (ValueError, one line)."""
+    if data.source == "synthetic":
+        source = SyntheticSource(data, seed=seed, channels=channels, text_dim=text_dim, patch=patch)
     else:
-        from vidscale.data.shards import ShardSource  # real shards (vidscale prepare)
-        source = ShardSource(cfg.data.source, cfg)
-    d = cfg.data
-    return PackedLoader(source, cfg.train.tokens_per_batch, dp_rank, dp_size, cfg.train.seed, d.lookahead,
-                        multiple, cfg.model.patch, d.workers, d.on_error, d.drop_tokens, d.drop_min_tokens,
-                        d.shuffle_buffer)
+        source = ShardSource(data.source, seed=seed, patch=patch, channels=channels, text_dim=text_dim,
+                             tokens_per_batch=tokens_per_batch, drop_tokens=data.drop_tokens,
+                             drop_min_tokens=data.drop_min_tokens)
+    return PackedLoader(source, data, budget=tokens_per_batch, seed=seed, patch=patch, dp_rank=dp_rank,
+                        dp_size=dp_size, multiple=multiple)

@@ -53,7 +53,7 @@ class Packer:
 
     Deterministic: ties between equal token counts go to the earlier item."""
 
-    def __init__(self, budget: int, lookahead: int = 64):
+    def __init__(self, budget: int, lookahead: int):
         if budget < 1:
             raise ValueError(f"train.tokens_per_batch must be positive, got {budget}")
         self.budget, self.lookahead = budget, max(1, lookahead)
@@ -93,7 +93,7 @@ class Packer:
         return out
 
 
-def pack_all(items: Iterable[Item], budget: int, lookahead: int = 64) -> Iterator[Bin]:
+def pack_all(items: Iterable[Item], budget: int, lookahead: int) -> Iterator[Bin]:
     p = Packer(budget, lookahead)
     for it in items:
         yield from p.push(it)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vidscale.data.args import PrepareArgs
 from vidscale.data.shards import ShardWriter
 from vidscale.data.video import VIDEO_EXTS, clip_lengths, decode_clips
 from vidscale.models.latent import build_latent_encoder
@@ -103,11 +104,11 @@ def _decode(v: Path, **kw):
 
 
 # -- the pipeline -----------------------------------------------------------------------------
-def prepare(src: str | Path, out: str | Path, data, *, channels: int, patch, progress: bool = True,
+def prepare(src: str | Path, out: str | Path, data: PrepareArgs, *, channels: int, patch, progress: bool = True,
             device: str = "cpu", workers: int = 0, part: tuple[int, int] | None = None) -> dict:
     """Prepare SRC into shards under OUT; returns the index (plus a summary).
 
-    `data` is a recipe's data section (`scaling.config.DataArgs`: encoder, text_encoder,
+    `data` is a recipe's data section (its `PrepareArgs` part, data/args.py: encoder, text_encoder,
     clip_frames, fps, max_area, max_clips, shard_max_bytes, captions); `channels` and
     `patch` are the model's latent channels and (pt, ph, pw) patch, which the clips' sizes
     and the latent encoder must fit. `part=(i, n)` prepares every n-th video from i.

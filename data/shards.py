@@ -13,6 +13,7 @@ Shards roll over once they pass `max_bytes` (so a shard can exceed it by one sam
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from vidscale.data import packing
 
 INDEX = "index.json"
 EXTS = ("safetensors", "json")  # members a complete sample must have
@@ -49,7 +52,7 @@ class ShardWriter:
     `part=(i, n)` (one of n preparations running in parallel, e.g. a Slurm array) writes
     `shard-IIIII-NNNNNN.tar` and `index-IIIII-of-NNNNN.json`; `merge_parts` joins them."""
 
-    def __init__(self, out: str | Path, max_bytes: int = 64_000_000, patch=(1, 2, 2), info: dict | None = None,
+    def __init__(self, out: str | Path, max_bytes: int, patch, info: dict | None = None,
                  part: tuple[int, int] | None = None):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -152,31 +155,32 @@ def read_index(root: str | Path) -> dict:
     return index
 
 
-def check_source(cfg) -> dict:
-    """Pre-flight for a shard `data.source`: index present, channels, text width and patch
-    compatible with the model. Raises ValueError with one line."""
-    index = read_index(cfg.data.source)
-    src = cfg.data.source
+def check_source(root: str | Path, *, patch, channels: int | None = None, text_dim: int | None = None,
+                 tokens_per_batch: int = 0, drop_tokens: float = 0.0, drop_min_tokens: int = 0) -> dict:
+    """Pre-flight for the shards under `root` (`data.source`): index present, latents of
+    `channels` (`model.in_channels`) and text of width `text_dim` (`model.text_dim`) when
+    given, shapes divisible by `patch`, and no sample over `tokens_per_batch` after token
+    dropping (0: no budget). Returns the index; raises ValueError with one line."""
+    index = read_index(root)
+    src = str(root)
     if index.get("samples", 0) < 1:
         raise ValueError(f"data.source = {src!r}: the index holds no samples")
     C, D = index.get("channels"), index.get("text_dim")
-    if C is not None and C != cfg.model.in_channels:
+    if channels is not None and C is not None and C != channels:
         raise ValueError(f"data.source = {src!r} holds {C}-channel latents but model.in_channels = "
-                         f"{cfg.model.in_channels}: set model.in_channels={C}")
-    if D is not None and D != cfg.model.text_dim:
+                         f"{channels}: set model.in_channels={C}")
+    if text_dim is not None and D is not None and D != text_dim:
         raise ValueError(f"data.source = {src!r} holds {D}-wide text tokens but model.text_dim = "
-                         f"{cfg.model.text_dim}: set model.text_dim={D}")
-    pt, ph, pw = cfg.model.patch
-    from vidscale.data.packing import drop_tokens, too_long
-    budget = cfg.train.tokens_per_batch
+                         f"{text_dim}: set model.text_dim={D}")
+    pt, ph, pw = patch
     for s in index["shards"]:
         for key, (T, H, W) in zip(s["keys"], s["shapes"]):
             if T % pt or H % ph or W % pw:
                 raise ValueError(f"data.source = {src!r}: a latent of shape T,H,W={T},{H},{W} in {s['name']} "
-                                 f"is not divisible by model.patch={list(cfg.model.patch)}")
-            n = drop_tokens(tokens_of((T, H, W), cfg.model.patch), cfg.data.drop_tokens, cfg.data.drop_min_tokens)
-            if budget and n > budget:
-                raise too_long(f"{s['name']}:{key}", n, budget)
+                                 f"is not divisible by model.patch={list(patch)}")
+            n = packing.drop_tokens(tokens_of((T, H, W), patch), drop_tokens, drop_min_tokens)
+            if tokens_per_batch and n > tokens_per_batch:
+                raise packing.too_long(f"{s['name']}:{key}", n, tokens_per_batch)
     return index
 
 
@@ -188,11 +192,17 @@ class ShardSource:
     read. `stream(ids)` reads those ids in that order and yields (id, sample or None, error).
     """
 
-    def __init__(self, root: str | Path, cfg):
+    def __init__(self, root: str | Path, *, seed: int, patch, channels: int | None = None,
+                 text_dim: int | None = None, tokens_per_batch: int = 0, drop_tokens: float = 0.0,
+                 drop_min_tokens: int = 0):
+        """seed: `train.seed` (shard order per epoch); patch: the model's (token counts);
+        the rest is `check_source`'s pre-flight (None / 0: not checked)."""
         self.root = Path(root)
-        self.index = check_source(cfg)
-        self.patch = tuple(cfg.model.patch)
-        self.seed = cfg.train.seed
+        self.index = check_source(root, patch=patch, channels=channels, text_dim=text_dim,
+                                  tokens_per_batch=tokens_per_batch, drop_tokens=drop_tokens,
+                                  drop_min_tokens=drop_min_tokens)
+        self.patch = tuple(patch)
+        self.seed = seed
         self.shard_of: list[int] = []
         self.key_of: list[str] = []
         self._tokens: list[int] = []
@@ -213,7 +223,6 @@ class ShardSource:
 
     def fingerprint(self) -> str:
         """Identifies the shard set (names, keys, shapes): a loader state only fits its own data."""
-        import hashlib
         desc = [(s["name"], s["keys"], s["shapes"]) for s in self.index["shards"]]
         return "shards:" + hashlib.sha1(json.dumps(desc).encode()).hexdigest()[:16]
 

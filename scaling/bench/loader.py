@@ -44,7 +44,8 @@ def run(args) -> dict:
             over.append(f"data.workers={args.workers}")
         cfg = load_config(args.recipe, over)
 
-        loader = build_loader(cfg, 0, 1)
+        loader = build_loader(cfg.data, seed=cfg.train.seed, tokens_per_batch=cfg.train.tokens_per_batch,
+                              patch=cfg.model.patch, channels=cfg.model.in_channels, text_dim=cfg.model.text_dim)
         next(loader)  # workers started, first plan made
         t0 = time.perf_counter()
         videos = 0

@@ -44,7 +44,9 @@ def validation_videos(cfg) -> list[tuple[torch.Tensor, torch.Tensor]]:
         c = cfg
         return [synthetic_video(VAL_OFFSET + i, VAL_SEED, c.model.in_channels, c.data.frames, c.data.sizes,
                                 c.data.text_tokens, c.model.text_dim, c.model.patch) for i in range(n)]
-    src = ShardSource(cfg.data.source, cfg)
+    src = ShardSource(cfg.data.source, seed=cfg.train.seed, patch=cfg.model.patch, channels=cfg.model.in_channels,
+                      text_dim=cfg.model.text_dim, tokens_per_batch=cfg.train.tokens_per_batch,
+                      drop_tokens=cfg.data.drop_tokens, drop_min_tokens=cfg.data.drop_min_tokens)
     ids = sorted({j * len(src) // n for j in range(min(n, len(src)))})
     out = [(s[0].float(), s[1].float()) for _, s, _ in src.stream(ids) if s is not None]
     if not out:

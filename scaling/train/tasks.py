@@ -80,7 +80,10 @@ class DiTTask:
         return VideoDiT(self.mcfg)
 
     def build_loader(self, dp_rank: int, dp: int, multiple: int = 1):
-        return build_loader(self.cfg, dp_rank, dp, multiple=multiple)
+        c = self.cfg
+        return build_loader(c.data, seed=c.train.seed, tokens_per_batch=c.train.tokens_per_batch, patch=c.model.patch,
+                            channels=c.model.in_channels, text_dim=c.model.text_dim, dp_rank=dp_rank, dp_size=dp,
+                            multiple=multiple)
 
     def micro_loss(self, model, tokens_LP, meta: PackedMeta, step: int, micro: int) -> tuple[torch.Tensor, int]:
         """Sum of this rank's real-token losses for one micro-batch, and its real-token count."""

@@ -1,0 +1,64 @@
+"""The parts of a recipe's `data` section, each declared by what reads it.
+
+`scaling/config.py` combines them into `DataArgs` by inheritance, so recipe keys stay flat
+(`data.source`, `data.lookahead`, `data.clip_frames`, ...). They live here, below the
+engine, so the data components can name the part they take without importing `scaling`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SyntheticArgs:
+    """The synthetic latent generator (data/synthetic.py), used when `data.source=synthetic`."""
+    synthetic_videos: int = 256
+    """Videos in one synthetic epoch."""
+    frames: list[int] = field(default_factory=lambda: [1, 4])
+    """Synthetic latent frame range [min, max]."""
+    sizes: list[list[int]] = field(default_factory=lambda: [[8, 8], [8, 12], [12, 8], [16, 16], [8, 16]])
+    """Synthetic latent (H, W) choices."""
+    text_tokens: list[int] = field(default_factory=lambda: [4, 16])
+    """Synthetic caption length range [min, max]."""
+
+
+@dataclass
+class LoaderArgs(SyntheticArgs):
+    """The training loader (data/loader.py): where samples come from (prepared shards, or the
+    synthetic generator whose keys it inherits) and how they are shuffled, packed and read."""
+    source: str = "synthetic"
+    """'synthetic' (generated latents) or a directory of prepared shards (`vidscale prepare`)."""
+    lookahead: int = 64
+    """Videos buffered by the packer (first-fit-decreasing over this window)."""
+    shuffle_buffer: int = 256
+    """Samples shuffled together before packing, in consecutive windows of a rank's read order
+    (0 or 1 = off). The reader holds about shuffle_buffer + lookahead decoded samples."""
+    workers: int = 0
+    """Loader worker processes (0 reads in the training process)."""
+    on_error: str = "skip"
+    """Undecodable sample or truncated shard: 'skip' (count and go on) or 'fail'."""
+    drop_tokens: float = 0.0
+    """NaViT token dropping: fraction of tokens of long videos dropped at random (0 = off)."""
+    drop_min_tokens: int = 1024
+    """Only videos with at least this many tokens get tokens dropped."""
+
+
+@dataclass
+class PrepareArgs:
+    """Turning videos into shards (`vidscale prepare`, data/prepare.py)."""
+    encoder: str = "pixel"
+    """Latent encoder: 'pixel' (built-in stand-in), 'wan:PATH', 'cogvideox:PATH', 'vae:RUN_DIR'."""
+    text_encoder: str = "minilm"
+    """Text encoder: 'minilm' (packaged all-MiniLM-L6-v2) or a local T5/UMT5/CLIP path."""
+    clip_frames: int = 17
+    """Frames per clip (1 + 4k suits 4x temporal compression)."""
+    fps: float = 0.0
+    """Resample to this frame rate (0 keeps the source rate)."""
+    max_area: int = 0
+    """Resize so H*W <= max_area keeping aspect (0 keeps native size)."""
+    max_clips: int = 4
+    """Clips cut from one long video at most."""
+    shard_max_bytes: int = 64_000_000
+    """A shard rolls over to the next once it passes this size (so it may exceed it by one sample)."""
+    captions: str = ""
+    """Caption sidecar (jsonl or csv with 'file' and 'caption'); default: a .txt beside each video."""
