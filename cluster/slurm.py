@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vidscale.cluster.job import new_job
-from vidscale.scaling.config import save_config
+from vidscale.scaling.config import check_layout, save_config
 
 SAFE = re.compile(r"^[A-Za-z0-9_.,:@%/+=\-\[\]]+$")
 """Characters allowed in a value Slurm takes verbatim on an `#SBATCH` line: no spaces,
@@ -109,6 +109,7 @@ def plan(cfg) -> SlurmPlan:
         raise ValueError(f"cluster.slurm.nodes = {s.nodes}: expected a positive integer")
     if c.nproc % s.nodes:
         raise ValueError(f"cluster.nproc = {c.nproc} ranks do not split evenly over cluster.slurm.nodes = {s.nodes}")
+    check_layout(cfg, c.nproc, f"--nproc {c.nproc}")
     if s.cpus_per_task < 1:
         raise ValueError(f"cluster.slurm.cpus_per_task = {s.cpus_per_task}: expected a positive integer")
     if s.gpus_per_node < 0:

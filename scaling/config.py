@@ -3,17 +3,51 @@
     cfg = load_config("recipes/debug.yaml", ["train.steps=20", "parallel.ulysses=2"])
 
 Unknown keys, wrong types and bad values raise `RecipeError`, a one-line message that
-names the file, the key and what was expected, before any worker starts.
+names the file, the key and what was expected, before any worker starts. The parallel
+layout is checked by `check_layout`, here when the recipe loads and again by each launcher
+for the world size it is about to start.
+
+Each set of allowed values is one table, owned by the code that acts on it: attention
+kernels (`models.attention.KERNELS`), model sizes (`models.sizes.SIZES`), objectives and
+schedules (`models.diffusion`), `data.on_error` (`data.loader.ON_ERROR`); the engine's own
+(checksums, launchers, devices) are defined below. The `data` section's parts are declared
+in data/args.py, below the engine, so data components can name the part they take.
 """
 from __future__ import annotations
 
 import difflib
+import hashlib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import xxhash
 from omegaconf import MISSING, OmegaConf  # noqa: F401
 from omegaconf.errors import OmegaConfBaseException
+
+from vidscale.data.args import LoaderArgs, PrepareArgs
+from vidscale.data.loader import ON_ERROR
+from vidscale.models.attention import KERNELS
+from vidscale.models.diffusion import OBJECTIVES, SCHEDULES
+from vidscale.models.dit import DiTConfig
+from vidscale.models.sizes import SIZES, config_for
+
+CHECKSUMS: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+"""`checkpoint.checksum`: name -> hasher (scaling/checkpoint/storage.py hashes with it). The
+table sits here, at the head of the engine chain, because the checkpoint package reads
+recipes (it imports this module), so this module cannot import it."""
+LAUNCHERS = ("local", "ray", "slurm")
+"""`cluster.launcher` and the CLI's `--launcher` (cluster/launch.py dispatches on them)."""
+DEVICES = ("auto", "cpu", "cuda")
+"""`train.device` and `vidscale prepare --device`: auto is cuda when present."""
+TASKS = ("dit", "vae")
+"""`task` (scaling/train/tasks.py builds one)."""
+DTYPES = ("fp32", "bf16")
+"""`train.dtype`."""
+BACKENDS = ("auto", "gloo", "nccl")
+"""`parallel.backend`: auto is nccl on GPU, gloo on CPU."""
+ZERO_STAGES = (0, 1, 2, 3)
+"""`parallel.zero_stage` (0 = plain torch, one process)."""
 
 
 class RecipeError(ValueError):
@@ -39,8 +73,10 @@ class ModelArgs:
     text_dim: int = 384
     """Width of the text-encoder tokens (384 for the packaged MiniLM)."""
     qk_norm: bool = True
+    """RMSNorm on queries and keys (per head) before RoPE."""
     attn_backend: str = "sdpa"
-    """Packed attention kernel: sdpa (per-video SDPA; CPU), varlen (flash; GPU), dense (reference)."""
+    """Packed attention kernel (`models.attention.KERNELS`): sdpa (per-video SDPA; CPU),
+    varlen (flash; GPU), dense (reference)."""
     activation_checkpointing: bool = False
     """Recompute each block in backward (fairscale checkpoint_wrapper)."""
     ac_offload: bool = False
@@ -50,46 +86,11 @@ class ModelArgs:
 
 
 @dataclass
-class DataArgs:
-    source: str = "synthetic"
-    """'synthetic' (generated latents) or a directory of prepared shards (`vidscale prepare`)."""
-    synthetic_videos: int = 256
-    """Videos in one synthetic epoch."""
-    frames: list[int] = field(default_factory=lambda: [1, 4])
-    """Synthetic latent frame range [min, max]."""
-    sizes: list[list[int]] = field(default_factory=lambda: [[8, 8], [8, 12], [12, 8], [16, 16], [8, 16]])
-    """Synthetic latent (H, W) choices."""
-    text_tokens: list[int] = field(default_factory=lambda: [4, 16])
-    """Synthetic caption length range [min, max]."""
-    lookahead: int = 64
-    """Videos buffered by the packer (first-fit-decreasing over this window)."""
-    shuffle_buffer: int = 256
-    """Samples shuffled together before packing, in consecutive windows of a rank's read order
-    (0 or 1 = off). The reader holds about shuffle_buffer + lookahead decoded samples."""
-    workers: int = 0
-    """Loader worker processes (0 reads in the training process)."""
-    on_error: str = "skip"
-    """Undecodable sample or truncated shard: 'skip' (count and go on) or 'fail'."""
-    drop_tokens: float = 0.0
-    """NaViT token dropping: fraction of tokens of long videos dropped at random (0 = off)."""
-    drop_min_tokens: int = 1024
-    """Only videos with at least this many tokens get tokens dropped."""
-    # preparation (vidscale prepare)
-    encoder: str = "pixel"
-    """Latent encoder: 'pixel' (built-in stand-in), 'wan:PATH', 'cogvideox:PATH', 'vae:RUN_DIR'."""
-    text_encoder: str = "minilm"
-    """Text encoder: 'minilm' (packaged all-MiniLM-L6-v2) or a local T5/UMT5/CLIP path."""
-    clip_frames: int = 17
-    """Frames per clip (1 + 4k suits 4x temporal compression)."""
-    fps: float = 0.0
-    """Resample to this frame rate (0 keeps the source rate)."""
-    max_area: int = 0
-    """Resize so H*W <= max_area keeping aspect (0 keeps native size)."""
-    max_clips: int = 4
-    """Clips cut from one long video at most."""
-    shard_max_bytes: int = 64_000_000
-    captions: str = ""
-    """Caption sidecar (jsonl or csv with 'file' and 'caption'); default: a .txt beside each video."""
+class DataArgs(PrepareArgs, LoaderArgs):
+    """The recipe's `data` section. Its keys stay flat (`data.source`, `data.lookahead`,
+    `data.synthetic_videos`, `data.clip_frames`, ...); each is declared by the part that reads
+    it (data/args.py): `LoaderArgs` for training, which includes the synthetic generator's
+    `SyntheticArgs`, and `PrepareArgs` for `vidscale prepare`. Components take their part."""
 
 
 @dataclass
@@ -241,7 +242,7 @@ class SlurmArgs:
 @dataclass
 class ClusterArgs:
     launcher: str = "local"
-    """local, ray or slurm."""
+    """Where the ranks run (`LAUNCHERS`): local processes, Ray Train workers or a Slurm job."""
     nproc: int = 1
     """World size (processes, one per device)."""
     address: str = ""
@@ -341,27 +342,37 @@ def _recipe_layers(path: Path) -> list[tuple[Any, Path]]:
     return layers
 
 
+def _one_of(values) -> str:
+    """'a, b or c' for a message."""
+    vs = [str(v) for v in values]
+    return ", ".join(vs[:-1]) + " or " + vs[-1] if len(vs) > 1 else vs[0]
+
+
 def validate(cfg: Config, where: str) -> None:
     """Value checks that types alone cannot express. Raises RecipeError (one line)."""
-    from vidscale.models.sizes import SIZES
 
     def bad(key, value, expected):
         raise RecipeError(f"{where}: key '{key}' = {value!r}: expected {expected}")
 
-    if cfg.model.size not in SIZES:
-        bad("model.size", cfg.model.size, f"one of {list(SIZES)}")
+    c = cfg
+    for key, value, allowed in [("model.size", c.model.size, SIZES),
+                                ("model.attn_backend", c.model.attn_backend, KERNELS),
+                                ("task", c.task, TASKS),
+                                ("objective.name", c.objective.name, OBJECTIVES),
+                                ("objective.schedule", c.objective.schedule, SCHEDULES),
+                                ("checkpoint.checksum", c.checkpoint.checksum, CHECKSUMS),
+                                ("train.dtype", c.train.dtype, DTYPES),
+                                ("train.device", c.train.device, DEVICES),
+                                ("parallel.zero_stage", c.parallel.zero_stage, ZERO_STAGES),
+                                ("parallel.backend", c.parallel.backend, BACKENDS),
+                                ("data.on_error", c.data.on_error, ON_ERROR),
+                                ("cluster.launcher", c.cluster.launcher, LAUNCHERS)]:
+        if value not in allowed:
+            bad(key, value, f"one of {_one_of(allowed)}")
     if len(cfg.model.patch) != 3 or min(cfg.model.patch) < 1:
         bad("model.patch", cfg.model.patch, "three positive integers [pt, ph, pw]")
-    if cfg.model.attn_backend not in ("sdpa", "varlen", "dense"):
-        bad("model.attn_backend", cfg.model.attn_backend, "sdpa, varlen or dense")
-    if cfg.task not in ("dit", "vae"):
-        bad("task", cfg.task, "'dit' or 'vae'")
     if len(cfg.vae.temporal_down) != len(cfg.vae.mults) - 1:
         bad("vae.temporal_down", cfg.vae.temporal_down, f"one entry per downsampling ({len(cfg.vae.mults) - 1})")
-    if cfg.objective.name not in ("flow", "ddpm"):
-        bad("objective.name", cfg.objective.name, "'flow' or 'ddpm'")
-    if cfg.objective.schedule not in ("linear", "cosine"):
-        bad("objective.schedule", cfg.objective.schedule, "'linear' or 'cosine'")
     if not 0 <= cfg.objective.caption_dropout < 1:
         bad("objective.caption_dropout", cfg.objective.caption_dropout, "a probability in [0, 1)")
     for key, v in [("train.steps", cfg.train.steps), ("train.tokens_per_batch", cfg.train.tokens_per_batch),
@@ -372,34 +383,11 @@ def validate(cfg: Config, where: str) -> None:
             bad(key, v, "a positive integer")
     if cfg.checkpoint.every < 0:
         bad("checkpoint.every", cfg.checkpoint.every, "0 (only at the end) or a positive integer")
-    if cfg.checkpoint.checksum not in ("xxh3_128", "sha256"):
-        bad("checkpoint.checksum", cfg.checkpoint.checksum, "xxh3_128 or sha256")
     if cfg.optim.lr <= 0:
         bad("optim.lr", cfg.optim.lr, "a positive learning rate")
-    if cfg.train.dtype not in ("fp32", "bf16"):
-        bad("train.dtype", cfg.train.dtype, "fp32 or bf16")
-    if cfg.train.device not in ("auto", "cpu", "cuda"):
-        bad("train.device", cfg.train.device, "auto, cpu or cuda")
-    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
-        bad("parallel.zero_stage", cfg.parallel.zero_stage, "0, 1, 2 or 3")
-    if cfg.cluster.nproc > 1 and cfg.parallel.zero_stage == 0:
-        bad("parallel.zero_stage", 0, f"1, 2 or 3 for cluster.nproc={cfg.cluster.nproc} (0 is plain torch, one process)")
-    from vidscale.scaling.parallel.dims import ParallelDims
-    try:  # a one-process recipe may name an sp layout that a launcher's --nproc completes
-        sp = cfg.parallel.ulysses * cfg.parallel.ring
-        ParallelDims.validate(cfg.cluster.nproc if cfg.cluster.nproc > 1 else sp, cfg.parallel.ulysses,
-                              cfg.parallel.ring, model_config(cfg.model).heads, where)
-    except ValueError as e:
-        raise RecipeError(str(e)) from None
     if cfg.parallel.offload_params and cfg.parallel.zero_stage != 3:
         bad("parallel.offload_params", True, f"zero_stage 3 (parameters are only partitioned at stage 3, "
             f"got zero_stage={cfg.parallel.zero_stage})")
-    if cfg.parallel.backend not in ("auto", "gloo", "nccl"):
-        bad("parallel.backend", cfg.parallel.backend, "auto, gloo or nccl")
-    if cfg.data.on_error not in ("skip", "fail"):
-        bad("data.on_error", cfg.data.on_error, "'skip' or 'fail'")
-    if cfg.cluster.launcher not in ("local", "ray", "slurm"):
-        bad("cluster.launcher", cfg.cluster.launcher, "local, ray or slurm")
     if len(cfg.data.frames) != 2 or not 1 <= cfg.data.frames[0] <= cfg.data.frames[1]:
         bad("data.frames", cfg.data.frames, "[min, max] latent frames with 1 <= min <= max")
     for hw in cfg.data.sizes:
@@ -407,6 +395,29 @@ def validate(cfg: Config, where: str) -> None:
             bad("data.sizes", hw, f"[H, W] divisible by the patch {cfg.model.patch[1:]}")
     if cfg.data.frames[0] % cfg.model.patch[0] or cfg.data.frames[1] % cfg.model.patch[0]:
         bad("data.frames", cfg.data.frames, f"frame counts divisible by pt={cfg.model.patch[0]}")
+    # A one-process recipe may name an sp layout that a launcher's --nproc completes: check it
+    # for the smallest world it fits; the launcher checks again for the world it starts.
+    sp = cfg.parallel.ulysses * cfg.parallel.ring
+    check_layout(cfg, cfg.cluster.nproc if cfg.cluster.nproc > 1 else sp, where)
+
+
+def check_layout(cfg: Config, world: int, where: str) -> None:
+    """The parallel layout of `cfg` on `world` processes, before any of them starts: a
+    one-line RecipeError naming the key. `load_config` calls it, and so does each launcher
+    with the world size it is about to start; ParallelDims only asserts what this ensured."""
+    p = cfg.parallel
+    sp = p.ulysses * p.ring
+    if world % sp:
+        raise RecipeError(f"{where}: parallel.ulysses={p.ulysses} x parallel.ring={p.ring} = sp {sp} does not "
+                          f"divide the world size {world} (cluster.nproc / --nproc)")
+    if cfg.task == "dit":  # Ulysses shards the DiT's attention heads (the VAE has none)
+        heads = model_config(cfg.model).heads
+        if heads % p.ulysses:
+            raise RecipeError(f"{where}: parallel.ulysses={p.ulysses} does not divide the model's {heads} "
+                              f"attention heads (Ulysses shards heads)")
+    if world > 1 and p.zero_stage == 0:
+        raise RecipeError(f"{where}: parallel.zero_stage=0 runs a single process; set parallel.zero_stage to "
+                          f"1, 2 or 3 for a world of {world}")
 
 
 def to_yaml(cfg: Config) -> str:
@@ -417,10 +428,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(to_yaml(cfg))
 
 
-def model_config(args: ModelArgs):
+def model_config(args: ModelArgs) -> DiTConfig:
     """The `DiTConfig` a recipe's model section describes."""
-    from vidscale.models.sizes import config_for
-
     over: dict[str, Any] = dict(patch=tuple(args.patch), in_channels=args.in_channels, text_dim=args.text_dim,
                                 qk_norm=args.qk_norm, attn_backend=args.attn_backend)
     for k in ("hidden", "depth", "heads", "mlp_ratio"):

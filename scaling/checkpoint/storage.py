@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy as copy_
 import errno
-import hashlib
 import json
 import os
 import re
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-import xxhash
+from vidscale.scaling.config import CHECKSUMS, CheckpointArgs
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -53,14 +52,13 @@ can kill -9 the process mid-save); 'mkdir@STEP' makes creating that save's tempo
 directory fail (ENOSPC). Unset in normal runs."""
 
 
-ALGORITHMS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
-_algo = {"name": "xxh3_128"}
+_algo = {"name": CheckpointArgs.checksum}  # until set_checksum: checkpoint.checksum's default
 
 
 def set_checksum(name: str) -> None:
     """The algorithm for files written from now on (`checkpoint.checksum`)."""
-    if name not in ALGORITHMS:
-        raise ValueError(f"checkpoint.checksum: unknown algorithm {name!r}, expected one of {sorted(ALGORITHMS)}")
+    if name not in CHECKSUMS:
+        raise ValueError(f"checkpoint.checksum: unknown algorithm {name!r}, expected one of {sorted(CHECKSUMS)}")
     _algo["name"] = name
 
 
@@ -156,7 +154,7 @@ class _HashingWriter:
     """A binary file that hashes what passes through it (what torch.save writes to)."""
 
     def __init__(self, f):
-        self.f, self.h, self.size = f, ALGORITHMS[checksum_name()](), 0
+        self.f, self.h, self.size = f, CHECKSUMS[checksum_name()](), 0
         self.error: OSError | None = None  # torch's C++ writer reports ours as a position mismatch
 
     def write(self, b) -> int:
@@ -220,7 +218,7 @@ def write_with(path: Path, writer) -> None:
 
 def digest_file(path: Path, algorithm: str | None = None, chunk: int = 8 << 20):
     """(hash object, size) of a file's bytes."""
-    h = ALGORITHMS[algorithm or checksum_name()]()
+    h = CHECKSUMS[algorithm or checksum_name()]()
     size = 0
     buf = bytearray(chunk)
     view = memoryview(buf)
@@ -409,7 +407,7 @@ def verify(ckpt: Path, hashes: bool = True, rank: int = 0, world: int = 1) -> di
     if hashes:
         def check(rel: str) -> str | None:
             e = man["files"][rel]
-            alg = next((a for a in ALGORITHMS if a in e), None)
+            alg = next((a for a in CHECKSUMS if a in e), None)
             if alg is None:
                 return f"has no checksum this version knows ({sorted(e)})"
             if digest_file(ckpt / rel, alg)[0].hexdigest() != e[alg]:

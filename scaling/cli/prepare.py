@@ -16,7 +16,7 @@ import argparse
 
 from vidscale.data.prepare import parse_part, prepare
 from vidscale.data.shards import merge_parts
-from vidscale.scaling.config import load_config
+from vidscale.scaling.config import DEVICES, load_config
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="prepare only every N-th video starting at I (parallel jobs into one OUT; the "
                         "last part to finish writes index.json)")
     p.add_argument("--workers", type=int, default=0, help="video decoding processes (default 0: in this one)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where the VAE and text encoder run (auto: cuda when present)")
     return p
 

@@ -16,6 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
+from vidscale.scaling.config import LAUNCHERS, ClusterArgs
 from vidscale.scaling.study.plan import load_sweep, plan
 from vidscale.scaling.study.report import write_sweep_report
 from vidscale.scaling.study.runner import run_sweep
@@ -25,7 +26,7 @@ def add_parser(sub):
     p = sub.add_parser("sweep", help="run a scaling-law sweep, fit it, write its report", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="sweep file, e.g. recipes/sweeps/tiny.yaml")
-    p.add_argument("--launcher", choices=["local", "ray", "slurm"], default="local",
+    p.add_argument("--launcher", choices=LAUNCHERS, default=ClusterArgs.launcher,
                    help="local: one run after another here; ray: concurrent runs on a Ray cluster; "
                         "slurm: one job array, a task per run")
     p.add_argument("--address", default="", help="Ray cluster address (default: an embedded local cluster)")

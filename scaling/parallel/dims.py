@@ -50,16 +50,9 @@ class ParallelDims:
     def distributed(self) -> bool:
         return self.world > 1
 
-    @staticmethod
-    def validate(world: int, ulysses: int, ring: int, heads: int, where: str = "recipe") -> None:
-        """One-line errors for impossible layouts, before any process starts."""
-        sp = ulysses * ring
-        if world % sp:
-            raise ValueError(f"{where}: parallel.ulysses={ulysses} x parallel.ring={ring} = sp {sp} does not "
-                             f"divide the world size {world} (cluster.nproc / --nproc)")
-        if heads % ulysses:
-            raise ValueError(f"{where}: parallel.ulysses={ulysses} does not divide the model's {heads} "
-                             f"attention heads (Ulysses shards heads)")
+    def __post_init__(self):
+        # users get a one-line error from scaling.config.check_layout (recipe load, launchers)
+        assert self.world % self.sp == 0, f"layout invariant: sp {self.sp} divides the world {self.world}"
 
     @classmethod
     def from_env(cls, ulysses: int = 1, ring: int = 1) -> "ParallelDims":

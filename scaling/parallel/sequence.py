@@ -90,7 +90,7 @@ class UlyssesAttention:
 
     def __call__(self, q_LHD, k_LHD, v_LHD, meta: PackedMeta):
         Lr, H, _ = q_LHD.shape
-        assert H % self.size == 0, "ParallelDims.validate checks heads % ulysses"
+        assert H % self.size == 0, "scaling.config.check_layout checks heads % ulysses"
         qkv = _SeqToHead.apply(torch.stack([q_LHD, k_LHD, v_LHD], 1), self)  # [u*Lr, 3, H/u, Dh]
         # the group's block starts where its first rank's slice starts; only the offset
         # (and the global bounds) matter to the inner kernels, not the per-token fields

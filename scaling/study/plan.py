@@ -34,8 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from vidscale.data.loader import build_loader
 from vidscale.models.sizes import param_count
-from vidscale.scaling.config import Config, RecipeError, load_config, model_config, validate
-from vidscale.scaling.parallel.dims import ParallelDims
+from vidscale.scaling.config import Config, RecipeError, check_layout, load_config, model_config, validate
 from vidscale.scaling.train.flops import forward_flops
 
 PROBE_BATCHES = 8
@@ -195,11 +194,7 @@ def load_sweep(path: str | Path) -> Sweep:
     for m in _model_specs(args):  # every run's recipe must load (types, sizes, layout)
         base_cfg = _run_config(sweep, m, args.lr[0] if args.lr else 0, args.tokens_per_batch[0]
                                if args.tokens_per_batch else 0, args.seeds[0], steps=1)
-        try:
-            ParallelDims.validate(base_cfg.cluster.nproc, base_cfg.parallel.ulysses, base_cfg.parallel.ring,
-                                  model_config(base_cfg.model).heads, where=f"{path}: model {_label(m)}")
-        except ValueError as e:
-            raise RecipeError(str(e)) from None
+        check_layout(base_cfg, base_cfg.cluster.nproc, f"{path}: model {_label(m)}")
     return sweep
 
 
@@ -281,8 +276,10 @@ def expected_batch(cfg: Config, cache: dict) -> tuple[list[tuple[list[int], list
     key = (json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg.data)), sort_keys=True),
            cfg.train.tokens_per_batch, cfg.train.seed, tuple(cfg.model.patch), cfg.model.in_channels, sp)
     if key not in cache:
-        ParallelDims.validate(cfg.cluster.nproc, cfg.parallel.ulysses, cfg.parallel.ring, 1 << 30)
-        loader = build_loader(cfg, 0, cfg.cluster.nproc // sp, multiple=sp)
+        check_layout(cfg, cfg.cluster.nproc, f"run {cfg.name}")
+        loader = build_loader(cfg.data, seed=cfg.train.seed, tokens_per_batch=cfg.train.tokens_per_batch,
+                              patch=cfg.model.patch, channels=cfg.model.in_channels, text_dim=cfg.model.text_dim,
+                              dp_size=cfg.cluster.nproc // sp, multiple=sp)
         shapes, real = [], 0
         for _ in range(PROBE_BATCHES):
             _, meta = next(loader)

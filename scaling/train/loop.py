@@ -51,9 +51,7 @@ def default_run_dir(cfg: Config) -> str:
 def build_engine(cfg: Config, dims: ParallelDims, device: torch.device, task: Task) -> Engine:
     """The recipe's engine around the task's model, parallelized (parallel/parallelize.py)."""
     if cfg.parallel.zero_stage == 0:
-        if dims.world > 1:
-            raise ValueError("parallel.zero_stage=0 runs a single process; use zero_stage 1-3 "
-                             f"for a world of {dims.world}")
+        assert dims.world == 1, "layout invariant: zero_stage 0 is one process (scaling.config.check_layout)"
         model = parallelize(build_model(task.make_model, device, cfg.train.seed), dims, cfg.model)
         return TorchEngine(model, cfg.optim, cfg.train.steps)
     return build_zero_engine(cfg, dims, device, task.make_model)
@@ -69,9 +67,7 @@ class Trainer:
         self.cfg = cfg
         if cfg.train.tune_malloc:
             host_memory.tune()
-        self.dims = ParallelDims.from_env(cfg.parallel.ulysses, cfg.parallel.ring)
-        heads = model_config(cfg.model).heads if cfg.task == "dit" else 1  # Ulysses shards the DiT's heads
-        ParallelDims.validate(self.dims.world, cfg.parallel.ulysses, cfg.parallel.ring, heads)
+        self.dims = ParallelDims.from_env(cfg.parallel.ulysses, cfg.parallel.ring)  # layout: config.check_layout
         self.device = pick_device(cfg.train.device, self.dims.local_rank)
         self.dims.init(pick_backend(cfg.parallel.backend, self.device), cfg.parallel.timeout_s)
         self.run_dir = Path(cfg.train.run_dir or default_run_dir(cfg)).absolute()
