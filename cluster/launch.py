@@ -8,7 +8,7 @@
 
 `vidscale train` and `vidscale resume` both end here. Every launch records itself in
 RUN_DIR/job.json (`cluster/job.py`). Returns the process exit code: 0, a failure, or
-`scaling.signals.EXIT_REQUEUE` when the ranks stopped after a pre-emption checkpoint.
+`scaling.train.signals.EXIT_REQUEUE` when the ranks stopped after a pre-emption checkpoint.
 """
 from __future__ import annotations
 
@@ -19,10 +19,17 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from vidscale.cluster.job import new_job
+from vidscale.cluster.local import launch_local
+from vidscale.cluster.ray_launcher import launch_ray
+from vidscale.cluster.slurm import submit
+from vidscale.scaling.config import LAUNCHERS
+from vidscale.scaling.train.loop import default_run_dir, train
+from vidscale.scaling.train.signals import EXIT_REQUEUE
+
 
 def with_run_dir(cfg):
     """Fix the run dir (absolute) before anything starts, so every rank and record agrees."""
-    from vidscale.scaling.train.loop import default_run_dir
     run_dir = Path(cfg.train.run_dir or default_run_dir(cfg)).absolute()
     return replace(cfg, train=replace(cfg.train, run_dir=str(run_dir)))
 
@@ -34,27 +41,21 @@ def launch(cfg, *, wait: bool = False, detach: bool = False, command: list[str] 
     if detach and how == "local":
         raise ValueError("--detach needs --launcher ray or slurm (a local run lives in this process)")
     if how == "slurm":
-        from vidscale.cluster.slurm import submit
         return submit(cfg, wait=wait, command=command)
     if how == "ray":
-        from vidscale.cluster.ray_launcher import launch_ray
         return launch_ray(cfg, wait=wait, detach=detach, command=command)
     return launch_here(cfg, command)
 
 
 def launch_here(cfg, command: list[str]) -> int:
-    from vidscale.cluster.job import new_job
-    from vidscale.scaling.train.signals import EXIT_REQUEUE
     job = new_job("local", cfg.train.run_dir, command, state="RUNNING", pid=os.getpid())
     job.save()
     code = 1
     signal.signal(signal.SIGTERM, _interrupt)  # `vidscale cancel`: record it, stop the ranks
     try:
         if cfg.cluster.nproc > 1:
-            from vidscale.cluster.local import launch_local
             code = launch_local(cfg)
         else:
-            from vidscale.scaling.train.loop import train
             result = train(cfg)
             print(json.dumps(result))
             code = EXIT_REQUEUE if result.get("preempted") else 0
@@ -74,7 +75,7 @@ def _interrupt(signum, frame):  # noqa: ARG001
 
 # -- command-line flags shared by `vidscale train` and `vidscale resume` -----------------------------
 def add_launch_args(p) -> None:
-    p.add_argument("--launcher", choices=["local", "ray", "slurm"], default=None,
+    p.add_argument("--launcher", choices=LAUNCHERS, default=None,
                    help="where the ranks run (default cluster.launcher): local processes, Ray Train "
                         "workers, or a Slurm job")
     p.add_argument("--wait", action="store_true",

@@ -18,24 +18,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from vidscale.scaling.config import check_layout, save_config
+from vidscale.scaling.train.loop import default_run_dir
+from vidscale.scaling.train.signals import EXIT_REQUEUE
+
 
 def free_port() -> int:
     """A TCP port that is free now on 127.0.0.1 (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def check_layout(cfg, nproc: int) -> None:
-    """Every layout mistake as a one-line ValueError, before any process starts."""
-    from vidscale.scaling.config import model_config
-    from vidscale.scaling.parallel.dims import ParallelDims
-
-    ParallelDims.validate(nproc, cfg.parallel.ulysses, cfg.parallel.ring, model_config(cfg.model).heads,
-                          where=f"--nproc {nproc}")
-    if nproc > 1 and cfg.parallel.zero_stage == 0:
-        raise ValueError(f"--nproc {nproc}: parallel.zero_stage=0 runs a single process; "
-                         "set parallel.zero_stage to 1, 2 or 3")
 
 
 def _die_with_parent() -> None:
@@ -70,12 +62,8 @@ def _stop(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
 
 def launch_local(cfg) -> int:
     """Start `cluster.nproc` ranks of `train(cfg)` here; return 0 or the failing rank's code."""
-    from vidscale.scaling.config import save_config
-    from vidscale.scaling.train.signals import EXIT_REQUEUE
-    from vidscale.scaling.train.loop import default_run_dir
-
     nproc = cfg.cluster.nproc
-    check_layout(cfg, nproc)
+    check_layout(cfg, nproc, f"--nproc {nproc}")
     run_dir = Path(cfg.train.run_dir or default_run_dir(cfg)).absolute()
     cfg = replace(cfg, train=replace(cfg.train, run_dir=str(run_dir)))  # one run dir for all ranks
     logs = run_dir / "logs"

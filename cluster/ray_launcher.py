@@ -26,12 +26,27 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
+if __name__ == "__main__":
+    # Run by a Slurm batch script (Ray on Slurm) that forwards its pre-emption USR1 here: it
+    # must not kill the driver (the workers see the stop file and checkpoint). Ignore it
+    # before the imports below, which take seconds, rather than only once main() runs.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+from vidscale.cluster.job import new_job  # noqa: E402
+from vidscale.cluster.ray_cluster import use_token_auth  # noqa: E402
+from vidscale.cluster.slurm import REQUEUE_MARKER  # noqa: E402
+from vidscale.cluster.slurm_task import watch_stop_file  # noqa: E402
+from vidscale.scaling.config import check_layout, load_config, save_config  # noqa: E402
+from vidscale.scaling.parallel import collectives  # noqa: E402
+from vidscale.scaling.train.loop import train  # noqa: E402
+
 CONFIG = "launch.yaml"
 ATTEMPTS = ".ray_attempts"
 """Per-launch markers in the run dir: a worker group that finds its launch's marker is a restart."""
 WORKER_ENV = {
     # the controller polls workers this often; Ray's default (2 s) makes every report and
-    # every failure detection slow (CLUSTER.md: 1.7 s per report)
+    # every failure detection slow (measured, Ray 2.60: ray.train.report() blocked ~1.7 s
+    # per call at the default, 3-7 ms at 0.2 s)
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONUNBUFFERED": "1",
@@ -56,8 +71,7 @@ def check_request(cfg) -> None:
         raise ValueError(f"cluster.gpus_per_worker = {c.gpus_per_worker}: expected 0 or more")
     if c.max_failures < -1:
         raise ValueError(f"cluster.max_failures = {c.max_failures}: expected -1 (no limit), 0 or more")
-    from vidscale.cluster.local import check_layout
-    check_layout(cfg, c.nproc)
+    check_layout(cfg, c.nproc, f"--nproc {c.nproc}")
 
 
 def check_resources(cfg) -> None:
@@ -78,32 +92,24 @@ def check_resources(cfg) -> None:
 def _is_restart(run_dir: Path, launch_id: str) -> bool:
     """Rank 0 decides (a marker per launch) and tells the others, so all ranks agree even if a
     worker died before it got this far in the previous attempt."""
-    import torch.distributed as dist
-    flag = [False]
+    restart = False
     if int(os.environ.get("RANK", "0")) == 0:
         marker = run_dir / ATTEMPTS / launch_id
-        flag[0] = marker.exists()
+        restart = marker.exists()
         marker.parent.mkdir(parents=True, exist_ok=True)
         with open(marker, "a") as f:
             f.write(f"{time.time():.3f}\n")
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(flag, src=0)
-    return bool(flag[0])
+    return bool(collectives.broadcast_json(restart, src=0))
 
 
 def train_worker(config: dict) -> None:
     """Ray Train's per-worker function: one rank of `train(cfg)`."""
-    from vidscale.cluster.slurm import REQUEUE_MARKER
-    from vidscale.scaling.config import load_config
-    from vidscale.scaling.train.loop import train
-
     cfg = load_config(config["config_path"])
     run_dir = Path(cfg.train.run_dir)
     if _is_restart(run_dir, config["launch_id"]) and not cfg.checkpoint.resume:
         cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, resume="auto"))
         print(f"vidscale: worker group restarted; rank {os.environ.get('RANK')} resumes from the latest "
               "complete checkpoint", flush=True)
-    from vidscale.cluster.slurm_task import watch_stop_file
     watch_stop_file(config.get("stop_file", ""))
     result = train(cfg)
     if result.get("preempted") and os.environ.get("RANK", "0") == "0":
@@ -112,7 +118,6 @@ def train_worker(config: dict) -> None:
 
 # -- the driver ------------------------------------------------------------------------------------
 def write_config(cfg) -> Path:
-    from vidscale.scaling.config import save_config
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CONFIG
@@ -122,7 +127,6 @@ def write_config(cfg) -> Path:
 
 def run_trainer(cfg, address: str = "", nodes: int = 1) -> int:
     """Run the training here as the Ray driver; returns 0 on success, 1 on failure."""
-    from vidscale.cluster.ray_cluster import use_token_auth
     use_token_auth()  # before ray is imported: it reads the mode once
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -181,7 +185,6 @@ def _raise_interrupt(signum, frame):  # noqa: ARG001
 
 
 def launch_ray(cfg, wait: bool = False, detach: bool = False, command: list[str] | None = None) -> int:
-    from vidscale.cluster.job import new_job
     check_request(cfg)
     address = address_of(cfg)
     if detach or is_job_server(address):
@@ -206,7 +209,6 @@ def launch_ray(cfg, wait: bool = False, detach: bool = False, command: list[str]
 
 # -- Ray jobs ---------------------------------------------------------------------------------------
 def _client(address: str):
-    from vidscale.cluster.ray_cluster import use_token_auth
     use_token_auth()  # before ray is imported: it reads the mode once
     from ray.job_submission import JobSubmissionClient
     if not address:
@@ -221,7 +223,6 @@ def _local(address: str) -> bool:
 
 
 def submit_job(cfg, address: str, wait: bool = False, command: list[str] | None = None) -> int:
-    from vidscale.cluster.job import new_job
     client = _client(address)
     path = write_config(cfg)
     # on this machine the job runs this interpreter; elsewhere, the cluster's `python`
@@ -287,7 +288,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default="auto", help="Ray cluster to use (default: the one this job runs on)")
     p.add_argument("--nodes", type=int, default=1, help="wait until this many Ray nodes have joined")
     a = p.parse_args(argv)
-    from vidscale.scaling.config import load_config
     cfg = load_config(a.config)
     # Ray on Slurm: the batch script forwards its pre-emption USR1 here too; it must not kill
     # the driver (the workers see the stop file and checkpoint), and a requeued job resumes
@@ -300,7 +300,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _wait_for_nodes(address: str, n: int, timeout_s: float = 300) -> None:
-    from vidscale.cluster.ray_cluster import use_token_auth
     use_token_auth()
     import ray
     ray.init(address=address, logging_level="WARNING")

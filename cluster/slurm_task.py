@@ -14,6 +14,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+if __name__ == "__main__":
+    # until train() installs its handler, USR1 (pre-emption) must not kill the rank: the stop
+    # file the batch script also leaves behind carries the request. Ignore it before the
+    # imports below, which take seconds (Slurm may signal a job right after it starts).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+from vidscale.cluster.slurm import REQUEUE_MARKER  # noqa: E402
+from vidscale.scaling.config import load_config  # noqa: E402
+from vidscale.scaling.train import signals  # noqa: E402
+from vidscale.scaling.train.loop import train  # noqa: E402
+
 
 def torch_env(env: dict) -> dict:
     """RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / NODE_RANK from SLURM_* variables."""
@@ -34,7 +45,6 @@ def watch_stop_file(path: str, poll_s: float = 0.5) -> None:
         return
 
     def poll():
-        from vidscale.scaling.train import signals
         while True:
             if os.path.exists(path):
                 signals.request_save()
@@ -44,15 +54,9 @@ def watch_stop_file(path: str, poll_s: float = 0.5) -> None:
 
 
 def main() -> int:
-    # until train() installs its handler, USR1 (pre-emption) must not kill the rank: the stop
-    # file the batch script also left behind carries the request
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # as above, for callers of main()
     os.environ.update(torch_env(os.environ))
     watch_stop_file(os.environ.get("VIDSCALE_STOP_FILE", ""))
-    from vidscale.cluster.slurm import REQUEUE_MARKER
-    from vidscale.scaling.config import load_config
-    from vidscale.scaling.train.loop import train
-
     cfg = load_config(os.environ["VIDSCALE_CONFIG"])
     if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 and not cfg.checkpoint.resume:
         cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, resume="auto"))
