@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 
+from vidscale.scaling.bench import checkpoint, dp, loader, packing, sp, step, zero
+
 # (name, module in scaling/bench/, one-line help)
-BENCHES: list[tuple[str, str, str]] = [
-    ("packing", "vidscale.scaling.bench.packing", "NaViT packing efficiency vs pad-to-longest and bucketing"),
-    ("loader", "vidscale.scaling.bench.loader", "loader batches/s from real shards vs the training step"),
-    ("step", "vidscale.scaling.bench.step", "training-step MFU against the machine's measured GEMM peak, time split"),
-    ("dp", "vidscale.scaling.bench.dp", "ZeRO-3 data-parallel overhead: dp=2 vs dp=1 step time per token"),
-    ("sp", "vidscale.scaling.bench.sp", "sequence parallelism sp=2 vs sp=1: memory, time, exactness, bytes moved"),
-    ("zero", "vidscale.scaling.bench.zero", "ZeRO-3 model+optimizer state bytes per rank, dp=2 vs dp=1"),
-    ("checkpoint", "vidscale.scaling.bench.checkpoint", "ZeRO-3 checkpoint save/load MB/s vs raw disk; stall per save"),
+BENCHES = [
+    ("packing", packing, "NaViT packing efficiency vs pad-to-longest and bucketing"),
+    ("loader", loader, "loader batches/s from real shards vs the training step"),
+    ("step", step, "training-step MFU against the machine's measured GEMM peak, time split"),
+    ("dp", dp, "ZeRO-3 data-parallel overhead: dp=2 vs dp=1 step time per token"),
+    ("sp", sp, "sequence parallelism sp=2 vs sp=1: memory, time, exactness, bytes moved"),
+    ("zero", zero, "ZeRO-3 model+optimizer state bytes per rank, dp=2 vs dp=1"),
+    ("checkpoint", checkpoint, "ZeRO-3 checkpoint save/load MB/s vs raw disk; stall per save"),
 ]
 
 
@@ -25,13 +26,13 @@ def add_parser(sub):
         bp.add_argument("--json", action="store_true", help="print one JSON object")
         bp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key of the benchmark's recipe")
-        importlib.import_module(mod).add_args(bp)
+        mod.add_args(bp)
         bp.set_defaults(_bench=mod)
     return p
 
 
 def run(args) -> int:
-    result = importlib.import_module(args._bench).run(args)
+    result = args._bench.run(args)
     if args.json:
         print(json.dumps(result))
     else:

@@ -9,6 +9,11 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
+
+from vidscale.cluster.job import DONE, read_job
+from vidscale.cluster.ray_launcher import cancel_job
+from vidscale.cluster.slurm import cancel
 
 
 def add_parser(sub):
@@ -17,26 +22,28 @@ def add_parser(sub):
     return p
 
 
+ENTRY_MODULES = ("vidscale.scaling.cli", "vidscale.cluster.")
+"""`python -m` modules that launch runs (the CLI, the Ray launcher and Slurm tasks)."""
+
+
 def _is_vidscale(pid: int) -> bool:
-    """Guard against a recycled pid: only signal a process that runs vidscale."""
+    """Guard against a recycled pid: only signal a process that runs vidscale (the `vidscale`
+    command or `python -m` one of ENTRY_MODULES)."""
     try:
-        cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace").split("\0")
     except OSError:
         return False
-    return "vidscale" in cmd or "scaling.cli" in cmd or "cluster." in cmd
+    return any(Path(a).name == "vidscale" or a.startswith(ENTRY_MODULES) for a in argv)
 
 
 def run(args) -> int:
-    from vidscale.cluster.job import DONE, read_job
     job = read_job(args.run_dir)
     if job.state in DONE:
         print(f"{args.run_dir}: already {job.state}")
         return 0
     if job.launcher == "slurm" and job.job_ids:
-        from vidscale.cluster.slurm import cancel
         cancel(job)
     elif job.launcher == "ray" and job.job_ids:
-        from vidscale.cluster.ray_launcher import cancel_job
         cancel_job(job)
     else:
         if not job.pid or not _is_vidscale(job.pid):

@@ -3,13 +3,21 @@
 Takes the newest complete checkpoint of RUN_DIR (or the step_* directory given), gathers
 the full fp32 weights (from DeepSpeed's ZeRO shards when the run used ZeRO; no process
 group needed) or the EMA weights, and writes one safetensors file with the recipe in its
-metadata: `scaling.weights.load_weights(path)` rebuilds a `VideoDiT` from it, no DeepSpeed.
+metadata: `scaling.checkpoint.weights.load_weights(path)` rebuilds a `VideoDiT` from it, no DeepSpeed.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+from safetensors.torch import load_file
+
+from vidscale.scaling.checkpoint.manager import resolve
+from vidscale.scaling.checkpoint.weights import save_weights
+from vidscale.scaling.checkpoint.zero import export_weights
+from vidscale.scaling.config import load_config
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -23,20 +31,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def export(spec: str, out: str | Path, ema: bool = False) -> tuple[Path, Path]:
     """Write the weights; returns (checkpoint used, output file)."""
-    import sys
-
-    from safetensors.torch import load_file
-
-    from vidscale.scaling.checkpoint.manager import resolve
-    from vidscale.scaling.config import load_config
-    from vidscale.scaling.checkpoint.weights import save_weights
-
     ckpt = resolve(spec, Path(spec) / "checkpoints", report=lambda m: print(f"vidscale export: {m}", file=sys.stderr))
     assert ckpt is not None
     state = json.loads((ckpt / "state.json").read_text())
     cfg = load_config(ckpt / "config.yaml")
     if state["layout"]["engine"] == "zero":
-        from vidscale.scaling.checkpoint.zero import export_weights
         weights = export_weights(ckpt, ema)
     else:
         f = ckpt / ("ema.safetensors" if ema else "model.safetensors")

@@ -1,12 +1,15 @@
 """`vidscale fit RESULTS.csv`: fit scaling laws (Chinchilla approaches 2 and 3) to a sweep.
 
 The CSV needs columns params, tokens, loss; flops is optional (else C = 6 N D), and
-status / budget / name are used when present (see scaling/fit.py for the outlier rule).
+status / budget / name are used when present (see scaling/study/fit.py for the outlier rule).
 """
 from __future__ import annotations
 
 import argparse
 import json
+
+from vidscale.scaling.study.fit import fit, public, read_results
+from vidscale.scaling.study.report import write_summary_plot
 
 
 def _flops(s: str) -> float:
@@ -33,12 +36,9 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from vidscale.scaling.study.fit import fit, public, read_results
-
     rows = read_results(args.results)
     result = fit(rows, args.budget, bootstrap=args.bootstrap, seed=args.seed, where=args.results)
     if args.plot:
-        from vidscale.scaling.study.report import write_summary_plot
         write_summary_plot(result, args.plot)
     if args.json:
         print(json.dumps(public(result)))

@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from vidscale.scaling.cli import (bench, cancel, export, fit, info, make_videos, prepare, resume, sample, status,
+                                  sweep, train)
 from vidscale.scaling.config import RecipeError
 
-# (command, module): keep in the order `vidscale --help` shows them
-SUBCOMMANDS = [
-    ("train", "vidscale.scaling.cli.train"),
-    ("resume", "vidscale.scaling.cli.resume"),
-    ("export", "vidscale.scaling.cli.export"),
-    ("sample", "vidscale.scaling.cli.sample"),
-    ("info", "vidscale.scaling.cli.info"),
-    ("bench", "vidscale.scaling.cli.bench"),
-    ("prepare", "vidscale.scaling.cli.prepare"),
-    ("make-videos", "vidscale.scaling.cli.make_videos"),
-    ("sweep", "vidscale.scaling.cli.sweep"),
-    ("fit", "vidscale.scaling.cli.fit"),
-    ("status", "vidscale.scaling.cli.status"),
-    ("cancel", "vidscale.scaling.cli.cancel"),
-]
+# keep in the order `vidscale --help` shows them
+SUBCOMMANDS = [train, resume, export, sample, info, bench, prepare, make_videos, sweep, fit, status, cancel]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train video Diffusion Transformers at scale and fit their scaling laws.",
         epilog="Run 'vidscale COMMAND --help' for a command's options.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, mod in SUBCOMMANDS:
-        m = importlib.import_module(mod)
+    for m in SUBCOMMANDS:
         sp = m.add_parser(sub)
         sp.set_defaults(_run=m.run)
     return p

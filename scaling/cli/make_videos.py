@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from vidscale.data.shapes import make_videos
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("make-videos", help="write captioned demo videos of moving shapes", description=__doc__)
@@ -15,8 +17,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from vidscale.data.shapes import make_videos
-
     if args.n < 1:
         raise ValueError(f"--n {args.n}: expected a positive number of videos")
     paths = make_videos(args.out, args.n, seed=args.seed, ext=args.ext)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vidscale.cluster.launch import add_launch_args, launch, launch_overrides
+from vidscale.scaling.checkpoint import storage as ckpt_io
+from vidscale.scaling.cli.train import add_recipe_args
+from vidscale.scaling.config import load_config
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from vidscale.cluster.launch import add_launch_args
-    from vidscale.scaling.cli.train import add_recipe_args
-
     p = sub.add_parser("resume", help="resume a run from its latest complete checkpoint", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
@@ -29,10 +31,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from vidscale.cluster.launch import launch, launch_overrides
-    from vidscale.scaling.checkpoint import storage as ckpt_io
-    from vidscale.scaling.config import load_config
-
     run_dir = Path(args.run_dir).absolute()
     recipe = run_dir / "config.yaml"
     if not recipe.is_file():

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from vidscale.scaling.inference.sample import Generator, SampleArgs, to_uint8, write_frames
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate a video from a run or a weights file", description=__doc__,
@@ -37,8 +39,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from vidscale.scaling.inference.sample import Generator, SampleArgs, to_uint8, write_frames
-
     gen = Generator.from_path(args.run, ema=not args.no_ema, device=args.device)
     a = SampleArgs(prompt=args.prompt, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
                    cfg_scale=args.cfg_scale, seed=args.seed, first_frame=args.first_frame,

@@ -11,6 +11,10 @@ import json
 import os
 from pathlib import Path
 
+from vidscale.cluster.job import read_job
+from vidscale.cluster.ray_launcher import job_status
+from vidscale.cluster.slurm import job_state
+
 
 def add_parser(sub):
     p = sub.add_parser("status", help="show the state of runs (any launcher)", description=__doc__)
@@ -31,11 +35,9 @@ def refresh(job) -> dict:
     """The launcher's current view of the job; job.json is updated when the state changed."""
     extra: dict = {}
     if job.launcher == "slurm" and job.job_ids:
-        from vidscale.cluster.slurm import job_state
         st = job_state(job.job_ids[-1])
         state, extra = st["state"], {"reason": st["reason"], "restarts": st["restarts"], "source": st["source"]}
     elif job.launcher == "ray" and job.job_ids:
-        from vidscale.cluster.ray_launcher import job_status
         try:
             state = job_status(job)
         except Exception as e:  # the cluster is gone: keep the last known state
@@ -72,7 +74,6 @@ def progress(run_dir: Path) -> dict:
 
 
 def run(args) -> int:
-    from vidscale.cluster.job import read_job
     dirs = [Path(d) for d in args.run_dirs] or sorted(p.parent for p in Path("runs").glob("*/job.json"))
     if not dirs:
         print("no runs with a job.json under ./runs")

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from vidscale.cluster.launch import add_launch_args, launch, launch_overrides
+from vidscale.data.shards import check_source
+from vidscale.scaling.config import load_config
+
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -20,14 +24,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue from the latest complete checkpoint of the run dir ('auto'; starts fresh "
                         "if there is none) or from a checkpoint path (checkpoint.resume)")
-    from vidscale.cluster.launch import add_launch_args
     add_launch_args(p)
     return p
 
 
 def run(args) -> int:
-    from vidscale.scaling.config import load_config
-
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"train.run_dir={args.run_dir}")
@@ -35,11 +36,11 @@ def run(args) -> int:
         overrides.append(f"cluster.nproc={args.nproc}")
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
-    from vidscale.cluster.launch import launch, launch_overrides
     cfg = load_config(args.recipe, overrides + launch_overrides(args))
     if cfg.data.source != "synthetic" and cfg.cluster.launcher == "local" and cfg.task == "dit":
         # pre-flight before any process or run dir: index present, channels/text width/patch fit the
         # model (Ray/Slurm runs may read data only the cluster sees: their ranks check it themselves)
-        from vidscale.data.shards import check_source
-        check_source(cfg)
+        check_source(cfg.data.source, patch=cfg.model.patch, channels=cfg.model.in_channels,
+                     text_dim=cfg.model.text_dim, tokens_per_batch=cfg.train.tokens_per_batch,
+                     drop_tokens=cfg.data.drop_tokens, drop_min_tokens=cfg.data.drop_min_tokens)
     return launch(cfg, wait=args.wait, detach=args.detach)
