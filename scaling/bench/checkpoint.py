@@ -21,10 +21,15 @@ filesystem:
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
 from pathlib import Path
+
+from vidscale.scaling.checkpoint import storage as ckpt_io
+from vidscale.scaling.config import load_config
+from vidscale.scaling.train.loop import Trainer
 
 
 def add_args(p) -> None:
@@ -71,18 +76,12 @@ def raw_write_read(path: Path, nbytes: int) -> tuple[float, float]:
 
 def _load_without_verify(ck, path: Path) -> None:
     """The load alone (what `restore` does after the manifest check)."""
-    import json
-
     old = json.loads((path / "state.json").read_text())["layout"]
     for part in ck.parts.values():  # the engine (DeepSpeed's shards, EMA), RNG, loader
         part.load_checkpoint(path, old)
 
 
 def run(args) -> dict:
-    from vidscale.scaling.checkpoint import storage as ckpt_io
-    from vidscale.scaling.config import load_config
-    from vidscale.scaling.train.loop import Trainer
-
     os.environ.setdefault("RANK", "0"), os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     base = Path(args.dir) if args.dir else None

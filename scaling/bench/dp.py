@@ -18,6 +18,13 @@ import sys
 import tempfile
 import time
 
+import torch
+
+from vidscale.cluster.local import spawn_ranks
+from vidscale.scaling.config import load_config
+from vidscale.scaling.parallel import collectives
+from vidscale.scaling.train.loop import Trainer
+
 
 def add_args(p) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per run after one warm-up (default 3)")
@@ -31,13 +38,8 @@ DEFAULTS = ["model.size=30M", "train.tokens_per_batch=2048", "parallel.zero_stag
 
 
 def _worker(rank: int, world: int, port: int, overrides: list[str], steps: int, out_path: str) -> None:
-    import torch
-
     torch.set_num_threads(1)
     sys.stdout = sys.stderr  # DeepSpeed prints; results go to out_path
-    from vidscale.scaling.config import load_config
-    from vidscale.scaling.train.loop import Trainer
-
     cfg = load_config(None, DEFAULTS + [f"cluster.nproc={world}", f"train.run_dir={os.path.dirname(out_path)}/run{world}"]
                       + overrides)
     tr = Trainer(cfg)
@@ -45,7 +47,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], steps: int, 
     best, tokens = float("inf"), 0
     for _ in range(steps):
         if world > 1:  # start the timed step together
-            torch.distributed.barrier()
+            collectives.barrier()
         t0 = time.perf_counter()
         out = tr.train_step()
         float(out["grad_norm"])
@@ -58,8 +60,6 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], steps: int, 
 
 
 def _measure(world: int, overrides: list[str], steps: int, tmp: str) -> dict:
-    from vidscale.cluster.local import spawn_ranks
-
     out = os.path.join(tmp, f"dp{world}-{time.monotonic_ns()}.json")
     codes = spawn_ranks(_worker, world, (overrides, steps, out))
     if not os.path.exists(out):

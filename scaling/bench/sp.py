@@ -18,6 +18,15 @@ import time
 
 import torch
 
+from vidscale.cluster.local import spawn_ranks
+from vidscale.models.attention import sdpa_loop
+from vidscale.models.dit import VideoDiT
+from vidscale.models.packed import pack
+from vidscale.scaling.config import load_config, model_config
+from vidscale.scaling.parallel import collectives
+from vidscale.scaling.parallel.dims import ParallelDims
+from vidscale.scaling.parallel.sequence import build_sp_attention, sent_bytes
+
 SCHEMES = {"ulysses": (2, 1), "ring": (1, 2)}
 
 
@@ -38,7 +47,6 @@ def analytic_bytes_per_layer(scheme: str, n: int, heads: int, head_dim: int, ele
 
 
 def _batch(cfg, frames: int, size: int, sp: int):
-    from vidscale.models.packed import pack
     g = torch.Generator().manual_seed(0)
     C, Dt = cfg.model.in_channels, cfg.model.text_dim
     # one long video and a short one behind it: the boundary falls inside a slice
@@ -67,14 +75,8 @@ def _measure(fn, reps: int, model) -> tuple[float, int]:
 def _worker(rank: int, world: int, port: int, opts: dict, out_path: str) -> None:
     torch.set_num_threads(1)
     sys.stdout = sys.stderr  # stdout carries the one JSON object
-    import torch.distributed as dist
-    from vidscale.models.attention import sdpa_loop
-    from vidscale.models.dit import VideoDiT
-    from vidscale.scaling.config import load_config, model_config
-    from vidscale.scaling.parallel.dims import ParallelDims
-    from vidscale.scaling.parallel.sequence import build_sp_attention, sent_bytes
-
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    world_dims = ParallelDims(world=world, rank=rank)  # sp=1: the whole sequence on every rank
+    world_dims.init("gloo")
     cfg = load_config(None, opts["overrides"])
     mcfg = model_config(cfg.model)
     torch.manual_seed(0)
@@ -105,26 +107,21 @@ def _worker(rank: int, world: int, port: int, opts: dict, out_path: str) -> None
         before = sent_bytes(kernel)
         out = step(xs, ms).detach()
         sent = (sent_bytes(kernel) - before) // mcfg.depth
-        parts = [torch.empty_like(out) for _ in range(world)]
-        dist.all_gather(parts, out.contiguous())
-        diff = (torch.cat(parts) - ref).abs().max().item()
+        diff = (collectives.all_gather_cat(out) - ref).abs().max().item()  # the slices, in rank order
         t2, m2 = _measure(lambda: step(xs, ms), opts["reps"], model)
         res[name] = {"time_s": t2, "peak_bytes": m2, "max_abs_diff": diff, "bytes_per_layer": sent,
                      "analytic_bytes_per_layer": analytic_bytes_per_layer(
                          name, n, mcfg.heads, mcfg.hidden // mcfg.heads, x.element_size(), dims.sp)}
         model.set_attention(sdpa_loop)
-    allres = [None] * world
-    dist.all_gather_object(allres, res)
+    allres = collectives.gather_json(res)
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(allres, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    collectives.barrier()
+    world_dims.destroy()
 
 
 def run(args) -> dict:
-    from vidscale.cluster.local import spawn_ranks
-
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     for s in schemes:
         if s not in SCHEMES:

@@ -22,6 +22,11 @@ import time
 
 import torch
 
+from vidscale.models.sizes import param_count
+from vidscale.scaling.config import load_config
+from vidscale.scaling.train.loop import Trainer
+from vidscale.scaling.train.step_split import profile_step
+
 DEFAULTS = ["model.size=30M", "train.tokens_per_batch=4096", "train.dtype=fp32", "parallel.zero_stage=0",
             "train.steps=1000000", "optim.warmup=1", "logging.progress=false", "logging.tensorboard=false",
             "checkpoint.every=0"]
@@ -68,10 +73,6 @@ def gemm_rates(device, dtype, seconds: float, n: int = 2048) -> tuple[float, flo
 
 
 def run(args) -> dict:
-    from vidscale.scaling.config import load_config
-    from vidscale.scaling.train.step_split import profile_step
-    from vidscale.scaling.train.loop import Trainer
-
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="vidscale-bench-step-") as tmp:
@@ -94,8 +95,6 @@ def run(args) -> dict:
             split = profile_step(tr)[1] if not args.no_split else {}
         finally:
             tr.dims.destroy()
-    from vidscale.models.sizes import param_count
-
     cpu = tr.device.type == "cpu"
     return {"mfu": rate / peak, "mfu_cpu_time": best_cpu / peak_cpu if cpu else None,
             "tokens_per_s": out["local_tokens"] / dt, "real_tokens_per_s": out["global_real"] / dt,

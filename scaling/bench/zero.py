@@ -14,6 +14,14 @@ import tempfile
 
 import torch
 
+from vidscale.cluster.local import spawn_ranks
+from vidscale.models.dit import VideoDiT
+from vidscale.models.packed import pack
+from vidscale.scaling.config import load_config, model_config
+from vidscale.scaling.parallel import collectives
+from vidscale.scaling.parallel.dims import ParallelDims
+from vidscale.scaling.train.zero import build_zero_engine
+
 
 def add_args(p) -> None:
     p.add_argument("--size", default="small", help="model.size to measure (default small)")
@@ -55,13 +63,6 @@ def state_bytes(engine) -> dict[str, int]:
 def _worker(rank: int, world: int, port: int, opts: dict, out_path: str) -> None:
     torch.set_num_threads(1)
     sys.stdout = sys.stderr  # DeepSpeed prints; stdout carries the one JSON object
-    import torch.distributed as dist
-    from vidscale.models.packed import pack
-    from vidscale.models.dit import VideoDiT
-    from vidscale.scaling.config import load_config, model_config
-    from vidscale.scaling.parallel.dims import ParallelDims
-    from vidscale.scaling.train.zero import build_zero_engine
-
     cfg = load_config(None, opts["overrides"] + [f"model.size={opts['size']}", f"parallel.zero_stage={opts['stage']}",
                                                  f"cluster.nproc={world}", "train.steps=10"])
     dims = ParallelDims.from_env()
@@ -75,8 +76,7 @@ def _worker(rank: int, world: int, port: int, opts: dict, out_path: str) -> None
     engine.step()
     res = state_bytes(engine)
     res["total"] = sum(res.values())
-    allres = [None] * world
-    dist.all_gather_object(allres, res)
+    allres = collectives.gather_json(res)
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(allres, f)
@@ -84,8 +84,6 @@ def _worker(rank: int, world: int, port: int, opts: dict, out_path: str) -> None
 
 
 def run(args) -> dict:
-    from vidscale.cluster.local import spawn_ranks
-
     opts = {"size": args.size, "stage": args.stage, "overrides": list(args.overrides)}
     per_dp = {}
     with tempfile.TemporaryDirectory() as d:
