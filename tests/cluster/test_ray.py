@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEBUG_ZERO3, ROOT, read_losses, vidscale_cmd, wait_for
+import conftest
+from conftest import DEBUG_ZERO3, ROOT, read_losses, set_args, vidscale_cmd, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -21,15 +22,12 @@ def env_without_ray_address() -> dict:
 
 
 def train_args(run: Path, *extra, nproc: int = 2) -> list[str]:
-    args = ["train", "recipes/debug.yaml", "--launcher", "ray", "--nproc", str(nproc), "--run-dir", str(run)]
-    for o in DEBUG_ZERO3 + list(extra):
-        args += ["--set", o]
-    return args
+    return ["train", "recipes/debug.yaml", "--launcher", "ray", "--nproc", str(nproc), "--run-dir", str(run),
+            *set_args([*DEBUG_ZERO3, *extra])]
 
 
 def vidscale(*args, timeout=600):
-    return subprocess.run(vidscale_cmd() + list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=env_without_ray_address())
+    return conftest.vidscale(*args, timeout=timeout, env=env_without_ray_address())
 
 
 def last_step(run: Path) -> int:

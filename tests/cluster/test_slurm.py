@@ -7,20 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEBUG_ZERO3, ROOT, read_losses, vidscale_cmd, wait_for
+from conftest import DEBUG_ZERO3, read_losses, set_args, vidscale, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.cluster
 
 
-def vidscale(*args, timeout=600):
-    return subprocess.run(vidscale_cmd() + list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
 def train_args(run: Path, *extra) -> list[str]:
-    args = ["train", "recipes/debug.yaml", "--launcher", "slurm", "--nproc", "2", "--run-dir", str(run)]
-    for o in DEBUG_ZERO3 + list(extra):
-        args += ["--set", o]
-    return args
+    return ["train", "recipes/debug.yaml", "--launcher", "slurm", "--nproc", "2", "--run-dir", str(run),
+            *set_args([*DEBUG_ZERO3, *extra])]
 
 
 def job_of(run: Path) -> dict:

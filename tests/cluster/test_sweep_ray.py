@@ -2,16 +2,14 @@
 or as Slurm jobs on a real single-node Slurm."""
 import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, vidscale  # noqa: E402
+
+pytestmark = pytest.mark.cluster
 
 
-@pytest.mark.cluster
 def test_two_run_sweep_on_embedded_ray(tmp_path):
     p = tmp_path / "ray.yaml"
     p.write_text(f"""
@@ -24,8 +22,7 @@ min_steps: 3
 set: {{train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkpoint.every: 0,
       train.tokens_per_batch: 512}}
 """)
-    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "sweep", str(p), "--launcher", "ray", "--cpus", "2",
-                        "--progress-every", "5"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = vidscale("sweep", p, "--launcher", "ray", "--cpus", "2", "--progress-every", "5", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = tmp_path / "out"
     with open(out / "results.csv", newline="") as f:
@@ -40,7 +37,6 @@ set: {{train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkp
     assert (out / "report.md").exists()
 
 
-@pytest.mark.cluster
 def test_two_run_sweep_on_slurm(tmp_path, slurm_cluster):
     """--launcher slurm: one job array, a task per run, each task running the run's own script."""
     p = tmp_path / "slurm.yaml"
@@ -54,8 +50,7 @@ min_steps: 3
 set: {{train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkpoint.every: 0,
       train.tokens_per_batch: 512, cluster.slurm.time: "00:20:00"}}
 """)
-    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "sweep", str(p), "--launcher", "slurm",
-                        "--progress-every", "5"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = vidscale("sweep", p, "--launcher", "slurm", "--progress-every", "5", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     with open(tmp_path / "out" / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -69,6 +64,5 @@ set: {{train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkp
         assert (tmp_path / "out" / "runs" / x["name"] / "job.sbatch").exists()
         assert 0 < float(x["loss"]) < 5
     # the same command again: nothing left to run
-    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "sweep", str(p), "--launcher", "slurm"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = vidscale("sweep", p, "--launcher", "slurm", timeout=300)
     assert r.returncode == 0 and "2 finished run(s) skipped; 0 to run" in r.stdout, r.stdout + r.stderr

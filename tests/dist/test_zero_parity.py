@@ -9,23 +9,22 @@ hide a gradient off by a constant factor.
 import json
 import os
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from vidscale.cluster.local import spawn_ranks
 
-from conftest import ROOT  # noqa: E402
+from conftest import debug_config, loader_for  # noqa: E402
+
+pytestmark = pytest.mark.dist
 STEPS = 5
-BASE = ["train.tokens_per_batch=256", "model.hidden=48", "model.depth=2", "logging.progress=false", "logging.tensorboard=false",
-        "checkpoint.every=0", "optim.warmup=2", f"train.steps={STEPS}", "parallel.zero_stage=3",
-        "optim.ema_decay=0.9"]
+BASE = ["train.tokens_per_batch=256", "model.hidden=48", "model.depth=2", "checkpoint.every=0", "optim.warmup=2",
+        f"train.steps={STEPS}", "parallel.zero_stage=3", "optim.ema_decay=0.9"]
 
 
 def _cfg(overrides, run_dir):
-    from vidscale.scaling.config import load_config
-    return load_config(ROOT / "recipes/debug.yaml", BASE + list(overrides) + [f"train.run_dir={run_dir}"])
+    return debug_config(*BASE, *overrides, f"train.run_dir={run_dir}")
 
 
 def _worker(rank, world, port, out_dir, overrides):
@@ -65,7 +64,6 @@ def _worker(rank, world, port, out_dir, overrides):
 
 def reference(overrides, run_dir, dp, sp):
     """Plain torch, one process, the dp ranks' batches of each step in one optimizer step."""
-    from vidscale.data.loader import build_loader
     from vidscale.models.dit import VideoDiT
     from vidscale.scaling.config import model_config
     from vidscale.scaling.objective import build_objective, diffusion_inputs, drop_captions, step_generator
@@ -77,7 +75,7 @@ def reference(overrides, run_dir, dp, sp):
     model = build_model(lambda: VideoDiT(model_config(cfg.model)), torch.device("cpu"), cfg.train.seed)
     engine = TorchEngine(model, cfg.optim, cfg.train.steps)
     objective = build_objective(cfg.objective)
-    loaders = [build_loader(cfg, r, dp, multiple=sp) for r in range(dp)]
+    loaders = [loader_for(cfg, r, dp, multiple=sp) for r in range(dp)]
     losses, norms, grads0 = [], [], None
     for step in range(STEPS):
         batches = [[next(loaders[r]) for _ in range(cfg.train.grad_accum)] for r in range(dp)]
@@ -116,7 +114,6 @@ def _run(tmp_path, world, overrides, dp, sp):
     return got
 
 
-@pytest.mark.dist
 def test_zero3_dp2_activation_checkpointing_matches_single_process(tmp_path):
     got = _run(tmp_path, 2, ["model.activation_checkpointing=true", "model.ac_offload=true"], dp=2, sp=1)
     full = sum(g.numel() for g in got["grads"].values())
@@ -124,13 +121,11 @@ def test_zero3_dp2_activation_checkpointing_matches_single_process(tmp_path):
     assert got["mlp_calls"] == 2  # forward, then the recompute in backward
 
 
-@pytest.mark.dist
 def test_zero3_dp2_sp2_ulysses_grad_accum_matches_single_process(tmp_path):
     got = _run(tmp_path, 4, ["parallel.ulysses=2", "train.grad_accum=2"], dp=2, sp=2)
     assert got["mlp_calls"] == 2  # two micro-batches, no recompute
 
 
-@pytest.mark.dist
 def test_zero2_ring_sp2_matches_single_process(tmp_path):
     """Stage 2 (by config) under ring attention: one data-parallel group of two sp ranks."""
     got = _run(tmp_path, 2, ["parallel.zero_stage=2", "parallel.ring=2"], dp=1, sp=2)
@@ -147,7 +142,6 @@ def _twice(rank, world, port, out_dir):
         json.dump(losses, f)
 
 
-@pytest.mark.dist
 def test_zero3_trains_twice_in_one_process(tmp_path):
     codes = spawn_ranks(_twice, 1, (str(tmp_path),))
     assert (tmp_path / "twice.json").exists(), codes

@@ -15,22 +15,22 @@ import pytest
 from vidscale.scaling.checkpoint import storage as ckpt_io
 from vidscale.scaling.train.metrics import read_metrics
 
-from conftest import ROOT  # noqa: E402
-COMMON = ["--set", "logging.every=1", "--set", "logging.progress=false", "--set", "logging.tensorboard=false",
-          "--set", "optim.warmup=2", "--set", "data.synthetic_videos=48", "--set", "train.val_videos=2",
-          "--set", "checkpoint.keep_last=3"]
+from conftest import DEBUG, ROOT, cli_env, set_args, vidscale, vidscale_cmd  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+COMMON = set_args(["logging.every=1", "logging.progress=false", "logging.tensorboard=false", "optim.warmup=2",
+                   "data.synthetic_videos=48", "train.val_videos=2", "checkpoint.keep_last=3"])
 
 
 def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    env = cli_env(**extra)
     env.pop(ckpt_io.FAULT_ENV, None)
     env.update(extra)
     return env
 
 
 def _vidscale(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env or _env())
+    return vidscale(*args, timeout=timeout, env=env or _env())
 
 
 def _wait_for(cond, proc, timeout=240, what=""):
@@ -63,7 +63,6 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs}
 
 
-@pytest.mark.e2e
 def test_kill9_mid_save_then_resume_is_exact(tmp_path):
     """ZeRO-3, one process: kill -9 while the step-6 checkpoint is half written; the step-3
     one stays intact and is resumed; the resumed losses equal an uninterrupted run's bit for bit."""
@@ -72,7 +71,7 @@ def test_kill9_mid_save_then_resume_is_exact(tmp_path):
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     run = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "vidscale.scaling.cli", *train, "--run-dir", str(run)], cwd=ROOT,
+    p = subprocess.Popen(vidscale_cmd(*train, "--run-dir", run), cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=_env(**{ckpt_io.FAULT_ENV: "hang@6"}))  # stalls after the save's first file
     tmp = run / "checkpoints" / ".tmp-step_00000006"
@@ -131,15 +130,14 @@ print(json.dumps({"step": tr.step, "dw": dw, "de": de, "lr": tr.engine.lr}))
 """
 
 
-@pytest.mark.e2e
 @pytest.mark.dist
 def test_kill9_of_a_rank_mid_save_then_resume_dp2_as_dp1(tmp_path):
     """ZeRO-3 on 2 ranks: kill -9 rank 1 while the step-6 checkpoint is being written; the
     step-3 checkpoint is intact and `vidscale resume --nproc 1` continues from it through the
     universal checkpoint: weights and EMA equal the saved ones exactly, training completes."""
     run = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "vidscale.scaling.cli", "train", "recipes/debug.yaml", "--nproc", "2",
-                          "--set", "train.steps=6", "--set", "checkpoint.every=3", *COMMON, "--run-dir", str(run)],
+    p = subprocess.Popen(vidscale_cmd("train", "recipes/debug.yaml", "--nproc", "2", "--set", "train.steps=6",
+                                      "--set", "checkpoint.every=3", *COMMON, "--run-dir", run),
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=_env(**{ckpt_io.FAULT_ENV: "hang@6"}))
     tmp = run / "checkpoints" / ".tmp-step_00000006"
@@ -176,16 +174,14 @@ def test_kill9_of_a_rank_mid_save_then_resume_dp2_as_dp1(tmp_path):
     assert ckpt_io.read_latest(root) == "step_00000006"
 
 
-@pytest.mark.e2e
 @pytest.mark.dist
 def test_sigusr1_preemption_then_resume_sp2_as_dp2(tmp_path):
     """dp=1 x sp=2 with async saves: SIGUSR1 to ONE rank -> both finish the step, save, exit
     85; resumed as dp=2 x sp=1 with the loader remapped: the rest of the epoch is seen once."""
     run = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "vidscale.scaling.cli", "train", "recipes/debug.yaml", "--nproc", "2",
-                          "--set", "parallel.ulysses=2", "--set", "train.steps=8", "--set", "checkpoint.every=2",
-                          "--set", "checkpoint.async_save=true",
-                          *COMMON, "--run-dir", str(run)],
+    p = subprocess.Popen(vidscale_cmd("train", "recipes/debug.yaml", "--nproc", "2", "--set", "parallel.ulysses=2",
+                                      "--set", "train.steps=8", "--set", "checkpoint.every=2",
+                                      "--set", "checkpoint.async_save=true", *COMMON, "--run-dir", run),
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         _wait_for(lambda: len(read_metrics(run)) >= 3, p, what="step 3")  # step 2 saved
@@ -220,7 +216,6 @@ def test_sigusr1_preemption_then_resume_sp2_as_dp2(tmp_path):
     assert left[0] | left[1] == old_left
 
 
-@pytest.mark.e2e
 @pytest.mark.dist
 def test_a_save_rank_0_cannot_start_stops_every_rank_at_once(tmp_path):
     """ZeRO-3 on 2 ranks: rank 0 cannot create the step-4 temporary directory (ENOSPC). The run
@@ -238,3 +233,15 @@ def test_a_save_rank_0_cannot_start_stops_every_rank_at_once(tmp_path):
     root = run / "checkpoints"
     assert [t for _, t in ckpt_io.committed(root)] == ["step_00000002"] and ckpt_io.read_latest(root) == "step_00000002"
     ckpt_io.verify(root / "step_00000002")
+
+
+def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    r = vidscale("resume", run, timeout=120)
+    assert r.returncode == 2 and "config.yaml: not found" in r.stderr
+    (run / "config.yaml").write_text(DEBUG.read_text())
+    r = vidscale("resume", run, timeout=120)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "no checkpoint to resume from" in lines[0], r.stderr
+    assert not (run / "checkpoints").exists()

@@ -1,18 +1,26 @@
 """`vidscale prepare` on small real video files written here with PyAV (two resolutions,
 mp4 and webm, one corrupt file), then the training loop on the prepared shards."""
 import json
-import subprocess
-import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load
 
+from vidscale.data.prepare import prepare
 from vidscale.data.shapes import render
+from vidscale.data.shards import ShardSource, merge_parts
 from vidscale.data.video import decode_clips, write_video
+from vidscale.models.latent import PixelEncoder
+from vidscale.scaling.config import load_config
+from vidscale.scaling.train.loop import train
+from vidscale.scaling.train.metrics import read_metrics
 
-from conftest import ROOT  # noqa: E402
+from conftest import DEBUG, QUIET, vidscale  # noqa: E402
+
+pytestmark = pytest.mark.e2e
 
 
 def make_src(src: Path) -> None:
@@ -29,14 +37,10 @@ def make_src(src: Path) -> None:
                                                   for n in ("d.mp4", "e.mp4", "f.mp4")))
 
 
-@pytest.mark.e2e
 def _assert_same_shard(a: Path, b: Path) -> None:
     """Same members, same metadata and latents byte for byte; caption embeddings equal up to one
     bf16 rounding step: the text encoder's BLAS reductions may round differently in another
     process (seen: 1-4 of ~3000 values one ULP apart between the CLI and the test process)."""
-    import tarfile
-
-    from safetensors.torch import load
     ta, tb = tarfile.open(a), tarfile.open(b)
     ma, mb = ta.getmembers(), tb.getmembers()
     assert [m.name for m in ma] == [m.name for m in mb], a
@@ -55,10 +59,8 @@ def _assert_same_shard(a: Path, b: Path) -> None:
 def test_prepare_real_videos_then_train_on_the_shards(tmp_path):
     src, out = tmp_path / "videos", tmp_path / "shards"
     make_src(src)
-    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "prepare", str(src), str(out), "--no-progress",
-                        "--set", "data.clip_frames=9", "--set", "data.max_clips=2",
-                        "--set", f"data.captions={src / 'captions.jsonl'}", "--set", "data.shard_max_bytes=30000"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = vidscale("prepare", src, out, "--no-progress", "--set", "data.clip_frames=9", "--set", "data.max_clips=2",
+                 "--set", f"data.captions={src / 'captions.jsonl'}", "--set", "data.shard_max_bytes=30000")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "skipped 1 unreadable video" in r.stdout and "broken.mp4" in r.stderr
     index = json.loads((out / "index.json").read_text())
@@ -66,10 +68,9 @@ def test_prepare_real_videos_then_train_on_the_shards(tmp_path):
     assert index["samples"] == 1 + 2 + 1 + 2 + 1 + 1 and index["failed"] == 1 and index["videos"] == 7
     assert index["channels"] == 4 and index["text_dim"] == 384 and len(index["shards"]) >= 2
 
-    from vidscale.data.shards import ShardSource
-    from vidscale.scaling.config import load_config
-    cfg = load_config(ROOT / "recipes/debug.yaml", [f"data.source={out}"])
-    source = ShardSource(out, cfg)
+    cfg = load_config(DEBUG, [f"data.source={out}"])
+    source = ShardSource(out, seed=cfg.train.seed, patch=cfg.model.patch, channels=cfg.model.in_channels,
+                         text_dim=cfg.model.text_dim, tokens_per_batch=cfg.train.tokens_per_batch)
     samples = {s[2]["source"].split("/")[-1] + str(s[2]["frame_range"]): s for _, s, _ in source.stream(
         list(range(len(source))))}
     lat, text, meta = samples["b.mp4[9, 18]"]
@@ -78,13 +79,11 @@ def test_prepare_real_videos_then_train_on_the_shards(tmp_path):
     assert samples["f.mp4[0, 9]"][2]["caption"] == "sidecar f.mp4"
     assert samples["a.mp4[0, 9]"][0].shape == (4, 3, 4, 6)
     # the stored latent is the pixel encoding of the decoded frames (bf16 on disk)
-    from vidscale.models.latent import PixelEncoder
     clip = list(decode_clips(src / "b.mp4", 9, 16))[1]
     x = torch.from_numpy(np.ascontiguousarray(clip.frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
     assert torch.allclose(lat.float(), PixelEncoder(4).encode(x)[0], atol=0.02)
 
     # decoding in worker processes writes the same bytes
-    from vidscale.data.prepare import prepare
     pcfg = load_config(None, ["data.clip_frames=9", "data.max_clips=2", f"data.captions={src / 'captions.jsonl'}",
                               "data.shard_max_bytes=30000"])
     model = {"channels": pcfg.model.in_channels, "patch": pcfg.model.patch}
@@ -94,24 +93,22 @@ def test_prepare_real_videos_then_train_on_the_shards(tmp_path):
         _assert_same_shard(tmp_path / "again" / s["name"], out / s["name"])
 
     # two parallel parts into one folder: the last one to finish writes the joint index
-    from vidscale.data.shards import merge_parts
     assert prepare(src, tmp_path / "parts", pcfg.data, progress=False, part=(1, 2), **model)["samples"] > 0
     assert merge_parts(tmp_path / "parts", 2) is None and not (tmp_path / "parts" / "index.json").exists()
     prepare(src, tmp_path / "parts", pcfg.data, progress=False, part=(0, 2), **model)
     joint = merge_parts(tmp_path / "parts", 2)
     assert joint["samples"] == index["samples"] and joint["failed"] == 1 and joint["videos"] == 7
-    pcfg.data.source = str(tmp_path / "parts")
+    parts = ShardSource(tmp_path / "parts", seed=pcfg.train.seed, patch=pcfg.model.patch,
+                        channels=pcfg.model.in_channels, text_dim=pcfg.model.text_dim,
+                        tokens_per_batch=pcfg.train.tokens_per_batch)
     got = {(m["source"], tuple(m["frame_range"])) for _, (_, _, m), _ in
-           ShardSource(tmp_path / "parts", pcfg).stream(list(range(joint["samples"])))}
+           parts.stream(list(range(joint["samples"])))}
     assert got == {(m["source"], tuple(m["frame_range"])) for _, _, m in samples.values()}
 
-    from vidscale.scaling.train.metrics import read_metrics
-    from vidscale.scaling.train.loop import train
     run = tmp_path / "run"
-    cfg = load_config(ROOT / "recipes/debug.yaml", [f"data.source={out}", f"train.run_dir={run}", "train.steps=40",
-                                                    "train.tokens_per_batch=128", "logging.every=1",
-                                                    "logging.progress=false", "logging.tensorboard=false",
-                                                    "checkpoint.every=0", "parallel.zero_stage=0"])
+    cfg = load_config(DEBUG, [f"data.source={out}", f"train.run_dir={run}", "train.steps=40",
+                              "train.tokens_per_batch=128", "logging.every=1", *QUIET, "checkpoint.every=0",
+                              "parallel.zero_stage=0"])
     train(cfg)
     recs = read_metrics(run)
     losses = [r["loss"] for r in recs]
@@ -121,36 +118,10 @@ def test_prepare_real_videos_then_train_on_the_shards(tmp_path):
 
 
 def test_missing_or_mismatched_source_fails_before_training(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "train", "recipes/debug.yaml",
-                        "--set", f"data.source={tmp_path / 'nothing'}", "--run-dir", str(tmp_path / "run")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = vidscale("train", "recipes/debug.yaml", "--set", f"data.source={tmp_path / 'nothing'}",
+                 "--run-dir", tmp_path / "run", timeout=120)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "data.source" in lines[0] and "no such directory" in lines[0]
     assert not (tmp_path / "run").exists()
 
 
-def test_decode_resamples_frame_rate_and_limits_area(tmp_path):
-    frames = np.stack([np.full((48, 80, 3), 5 * t, np.uint8) for t in range(33)])  # brightness = frame index
-    write_video(tmp_path / "v.mp4", frames, fps=16)
-    clips = list(decode_clips(tmp_path / "v.mp4", 9, 16, fps=8))
-    assert [c.frames.shape for c in clips] == [(9, 48, 80, 3)] and clips[0].fps == 8
-    means = clips[0].frames.reshape(9, -1).mean(1) / 5  # every other source frame
-    assert np.allclose(means, np.arange(0, 18, 2), atol=1.0), means
-    small = list(decode_clips(tmp_path / "v.mp4", 17, 16, max_area=32 * 64))
-    assert len(small) == 1 and small[0].frames.shape[1:3] == (32, 64) and small[0].orig_size == (48, 80)
-    assert [c.start for c in decode_clips(tmp_path / "v.mp4", 5, 16, max_clips=3)] == [0, 5, 10]
-
-
-def test_caption_sidecars(tmp_path):
-    from vidscale.data.prepare import caption_for, load_captions
-    (tmp_path / "sub").mkdir()
-    v1, v2, v3 = tmp_path / "sub" / "a.mp4", tmp_path / "b.webm", tmp_path / "c.gif"
-    v2.with_suffix(".txt").write_text("from the txt\n")
-    (tmp_path / "caps.csv").write_text('file,caption\nsub/a.mp4,"a, with comma"\nb.webm,from the csv\n')
-    caps = load_captions(str(tmp_path / "caps.csv"), tmp_path)
-    assert caption_for(v1, tmp_path, caps) == "a, with comma"
-    assert caption_for(v2, tmp_path, caps) == "from the csv"  # the sidecar file wins over the .txt
-    assert caption_for(v2, tmp_path, {}) == "from the txt" and caption_for(v3, tmp_path, caps) is None
-    (tmp_path / "bad.jsonl").write_text('{"file": "a.mp4"}\n')
-    with pytest.raises(ValueError, match="row 1 lacks 'file' or 'caption'"):
-        load_captions(str(tmp_path / "bad.jsonl"), tmp_path)

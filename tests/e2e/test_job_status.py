@@ -6,15 +6,16 @@ import time
 
 import pytest
 
-from conftest import ROOT, vidscale_cmd
+from conftest import ROOT, vidscale, vidscale_cmd  # noqa: E402
+
+pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.e2e
 def test_local_run_status_and_cancel(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(vidscale_cmd() + ["train", "recipes/debug.yaml", "--run-dir", str(run),
-                                              "--set", "train.steps=100000", "--set", "checkpoint.every=0",
-                                              "--set", "logging.progress=false", "--set", "logging.every=1"],
+    proc = subprocess.Popen(vidscale_cmd("train", "recipes/debug.yaml", "--run-dir", run,
+                                         "--set", "train.steps=100000", "--set", "checkpoint.every=0",
+                                         "--set", "logging.progress=false", "--set", "logging.every=1"),
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -25,16 +26,14 @@ def test_local_run_status_and_cancel(tmp_path):
         job = json.loads((run / "job.json").read_text())
         assert job["launcher"] == "local" and job["pid"] == proc.pid and job["command"][1:3] == ["train",
                                                                                                  "recipes/debug.yaml"]
-        st = subprocess.run(vidscale_cmd() + ["status", str(run), "--json"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
+        st = vidscale("status", run, "--json", timeout=60)
         rec = json.loads(st.stdout)
         assert rec["state"] == "RUNNING" and rec["step"] >= 1 and rec["steps"] == 100000
-        c = subprocess.run(vidscale_cmd() + ["cancel", str(run)], cwd=ROOT, capture_output=True, text=True,
-                           timeout=60)
+        c = vidscale("cancel", run, timeout=60)
         assert c.returncode == 0, c.stderr
         proc.wait(timeout=30)
         assert json.loads((run / "job.json").read_text())["state"] == "CANCELLED"
-        again = subprocess.run(vidscale_cmd() + ["cancel", str(run)], cwd=ROOT, capture_output=True, text=True)
+        again = vidscale("cancel", run, timeout=None)
         assert again.returncode == 0 and "already CANCELLED" in again.stdout
     finally:
         if proc.poll() is None:
@@ -42,6 +41,5 @@ def test_local_run_status_and_cancel(tmp_path):
 
 
 def test_status_of_a_dir_without_job_record_is_one_clear_line(tmp_path):
-    r = subprocess.run(vidscale_cmd() + ["status", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
+    r = vidscale("status", tmp_path, timeout=60)
     assert r.returncode == 2 and "job.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -4,18 +4,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT  # noqa: E402
-CLI = [sys.executable, "-m", "vidscale.scaling.cli"]
+from conftest import ROOT, cli_env, vidscale, vidscale_cmd  # noqa: E402
+
+pytestmark = pytest.mark.e2e
 
 
 def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return cli_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
 @pytest.fixture(scope="module")
@@ -24,20 +24,18 @@ def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     for cmd in (["make-videos", str(d / "videos"), "--n", "16"],
                 ["prepare", str(d / "videos"), str(d / "shards"), "--recipe", "recipes/debug.yaml", "--no-progress"]):
-        r = subprocess.run(CLI + cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        r = vidscale(*cmd, timeout=300, env=_env())
         assert r.returncode == 0, r.stderr[-2000:]
     return d / "shards"
 
 
-@pytest.mark.e2e
 @pytest.mark.dist
 def test_dp2_sp2_trains_debug_recipe_from_shards(tmp_path, shards):
     run = tmp_path / "run"
-    r = subprocess.run(CLI + ["train", "recipes/debug.yaml", "--nproc", "4", "--run-dir", str(run),
-                              "--set", "parallel.ulysses=2", "--set", f"data.source={shards}",
-                              "--set", "train.steps=30", "--set", "logging.every=3", "--set", "checkpoint.every=0",
-                              "--set", "logging.progress=false"],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    r = vidscale("train", "recipes/debug.yaml", "--nproc", "4", "--run-dir", run,
+                 "--set", "parallel.ulysses=2", "--set", f"data.source={shards}",
+                 "--set", "train.steps=30", "--set", "logging.every=3", "--set", "checkpoint.every=0",
+                 "--set", "logging.progress=false", env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 10
@@ -60,14 +58,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.e2e
 @pytest.mark.dist
 def test_a_dead_rank_stops_the_run(tmp_path):
     run = tmp_path / "run"
-    p = subprocess.Popen(CLI + ["train", "recipes/debug.yaml", "--nproc", "2", "--run-dir", str(run),
-                                "--set", "train.steps=100000", "--set", "logging.every=1",
-                                "--set", "logging.progress=false", "--set", "checkpoint.every=0",
-                                "--set", "train.tokens_per_batch=256"],
+    p = subprocess.Popen(vidscale_cmd("train", "recipes/debug.yaml", "--nproc", "2", "--run-dir", run,
+                                      "--set", "train.steps=100000", "--set", "logging.every=1",
+                                      "--set", "logging.progress=false", "--set", "checkpoint.every=0",
+                                      "--set", "train.tokens_per_batch=256"),
                          cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -88,15 +85,13 @@ def test_a_dead_rank_stops_the_run(tmp_path):
     assert not any(_alive(pid) for pid in ranks)  # rank 0 was stopped, not left hanging
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize("overrides,needle", [
     (["--nproc", "3", "--set", "parallel.ulysses=2"], "does not divide the world size 3"),
     (["--nproc", "4", "--set", "parallel.ulysses=4", "--set", "model.heads=6"], "does not divide the model's 6"),
     (["--nproc", "2", "--set", "parallel.zero_stage=0"], "parallel.zero_stage"),
 ])
 def test_wrong_layouts_fail_in_one_line_before_start(tmp_path, overrides, needle):
-    r = subprocess.run(CLI + ["train", "recipes/debug.yaml", "--run-dir", str(tmp_path / "x")] + overrides,
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    r = vidscale("train", "recipes/debug.yaml", "--run-dir", tmp_path / "x", *overrides, timeout=120, env=_env())
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], r.stderr

@@ -2,24 +2,26 @@
 vidscale prepare -> vidscale train -> vidscale sample (text-to-video, image-to-video, SDEdit),
 and a `task: vae` run used as the latent encoder of `vidscale prepare`."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vidscale.data.shapes import render
 from vidscale.data.video import write_video
+from vidscale.models.latent import PixelEncoder
+from vidscale.scaling.inference.sample import read_video
 
-from conftest import ROOT  # noqa: E402
+from conftest import cli_env, vidscale  # noqa: E402
+
+pytestmark = pytest.mark.e2e
 
 
 def cli(*args, timeout=600):
-    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", *map(str, args)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=timeout, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    r = vidscale(*args, timeout=timeout, env=cli_env())
     assert r.returncode == 0, (args[0], r.stderr[-3000:])
     return r
 
@@ -37,7 +39,6 @@ def make_videos(src: Path, n: int = 4) -> None:
         (src / f"v{k}.txt").write_text(f"a {color} circle moving {motion}")
 
 
-@pytest.mark.e2e
 def test_prepare_train_sample_through_the_cli(tmp_path):
     src, shards, run = tmp_path / "videos", tmp_path / "shards", tmp_path / "run"
     make_videos(src)
@@ -65,11 +66,9 @@ def test_prepare_train_sample_through_the_cli(tmp_path):
 
     # image-to-video: the first frame is the image, through the encoder's round trip
     img = render("square", "yellow", "black", "right", 32, 32, 1, seed=0)[0]
-    from PIL import Image
     Image.fromarray(img).save(tmp_path / "first.png")
     cli("sample", run, "--prompt", "a yellow square", "--frames", 5, "--height", 32, "--width", 32, "--steps", 3,
         "--first-frame", tmp_path / "first.png", "--out", tmp_path / "i2v.png")
-    from vidscale.models.latent import PixelEncoder
     enc = PixelEncoder(4)
     x = torch.from_numpy(img).permute(2, 0, 1)[:, None][None].float() / 127.5 - 1
     want = ((enc.decode(enc.encode(x))[0, :, 0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
@@ -79,7 +78,6 @@ def test_prepare_train_sample_through_the_cli(tmp_path):
     # SDEdit at strength 0 returns the input video (through the latent encoder's round trip)
     cli("sample", run, "--prompt", "anything", "--frames", 5, "--height", 32, "--width", 32, "--steps", 4,
         "--init-video", src / "v0.mp4", "--strength", 0, "--out", tmp_path / "edit.png")
-    from vidscale.scaling.inference.sample import read_video
     v = read_video(src / "v0.mp4", 5, 32, 32)
     rt = ((enc.decode(enc.encode(v[None]))[0, :, :5].clamp(-1, 1) + 1) * 127.5).round().byte()
     for t in range(5):
@@ -92,12 +90,10 @@ def test_prepare_train_sample_through_the_cli(tmp_path):
         "--steps", 2, "--out", tmp_path / "e.png")
 
     # one-line errors
-    r = subprocess.run([sys.executable, "-m", "vidscale.scaling.cli", "sample", str(run), "--frames", "4", "--out",
-                        str(tmp_path / "x.mp4")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = vidscale("sample", run, "--frames", "4", "--out", tmp_path / "x.mp4", timeout=300)
     assert r.returncode == 2 and "--frames 4" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.e2e
 def test_vae_run_is_a_latent_encoder_for_prepare(tmp_path):
     """Pixel shards (data.encoder=raw) -> `task: vae` training with held-out PSNR -> prepare
     latents with data.encoder=vae:RUN_DIR."""

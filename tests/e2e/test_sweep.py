@@ -1,104 +1,21 @@
-"""Sweep recipes, run lengths from the FLOPs model, and `vidscale sweep` end to end."""
+"""`vidscale sweep` end to end: results, report, and resuming an interrupted sweep."""
 import csv
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from vidscale.scaling.config import RecipeError
+from conftest import ROOT, vidscale_cmd, write_sweep  # noqa: E402
 
-from conftest import ROOT  # noqa: E402
-DEBUG = ROOT / "recipes" / "debug.yaml"
-
-
-def write_sweep(tmp_path, text: str, name: str = "sweep.yaml") -> Path:
-    p = tmp_path / name
-    p.write_text(f"base: {DEBUG}\nsweep_dir: {tmp_path / 'out'}\n" + text)
-    return p
-
-
-def _err(tmp_path, text):
-    from vidscale.scaling.study.plan import load_sweep
-    with pytest.raises(RecipeError) as e:
-        load_sweep(write_sweep(tmp_path, text, "bad.yaml"))
-    msg = str(e.value)
-    assert "\n" not in msg and "bad.yaml" in msg
-    return msg
-
-
-def test_sweep_mistakes_are_one_line_errors(tmp_path):
-    assert "budgets" in _err(tmp_path, "models: [debug]\nbudgets: []\n")
-    assert "budgets" in _err(tmp_path, "models: [debug]\nbudgets: [-1e9]\n")
-    assert "model.size" in _err(tmp_path, "models: [huge]\nbudgets: [1e10]\n")
-    assert "modls" in _err(tmp_path, "modls: [debug]\nbudgets: [1e10]\n")
-    assert "aspect" in _err(tmp_path, "depths: [2]\nbudgets: [1e10]\n")
-    assert "cells[0].model" in _err(tmp_path, "models: [debug]\nbudgets: [1e10]\ncells: [{model: nope, lr: 1e-3}]\n")
-    assert "train.stpes" in _err(tmp_path, "models: [debug]\nbudgets: [1e10]\nset: {train.stpes: 3}\n")
-    assert "divisible" in _err(tmp_path, "models: [{hidden: 96, depth: 1, heads: 5}]\nbudgets: [1e10]\n")
-
-
-def test_budget_too_small_for_a_run(tmp_path):
-    from vidscale.scaling.study.plan import load_sweep, plan
-    s = load_sweep(write_sweep(tmp_path, "models: [debug]\nbudgets: [1e3]\n"))
-    with pytest.raises(RecipeError, match="min_steps"):
-        plan(s)
-
-
-def test_steps_follow_from_the_flops_model(tmp_path):
-    """steps = round(budget / E[FLOPs of a step]), E over the run's own packed batches."""
-    import torch  # noqa: F401
-    from vidscale.data.loader import build_loader
-    from vidscale.scaling.config import model_config
-    from vidscale.scaling.train.flops import train_flops
-    from vidscale.scaling.study.plan import PROBE_BATCHES, load_sweep, plan
-
-    s = load_sweep(write_sweep(tmp_path, """
-models: [tiny, {name: narrow, hidden: 64, depth: 2}]
-aspect: 32
-depths: [1]
-budgets: [1e11, 3e11]
-tokens_per_batch: [512]
-lr: [1e-3]
-cells: [{model: narrow, budget: 3e11, lr: 3e-3}]
-"""))
-    runs = plan(s)
-    # sorted by budget, then parameters; the lr is in the name once a cell sets one
-    assert [r.name for r in runs] == ["h32d1-C1e11-lr0.001", "narrow-C1e11-lr0.001", "tiny-C1e11-lr0.001",
-                                      "h32d1-C3e11-lr0.001", "narrow-C3e11-lr0.003", "tiny-C3e11-lr0.001"]
-    by = {(r.model, r.budget): r for r in runs}
-    assert len(runs) == 6 and by[("narrow", 3e11)].lr == 3e-3 and by[("narrow", 1e11)].lr == 1e-3
-    for r in runs:
-        cfg = r.cfg
-        loader = build_loader(cfg, 0, 1, multiple=1)
-        mcfg = model_config(cfg.model)
-        per_batch = sum(train_flops(mcfg, next(loader)[1]) for _ in range(PROBE_BATCHES)) / PROBE_BATCHES
-        assert r.steps == round(r.budget / per_batch), r.name
-        assert r.flops == pytest.approx(r.budget, rel=0.5 / r.steps + 1e-9)
-        assert cfg.train.steps == r.steps and cfg.checkpoint.resume == "auto"
-        assert cfg.train.tokens_per_batch == 512 and Path(cfg.train.run_dir) == s.dir / "runs" / r.name
-    # IsoFLOP: 3x the budget is 3x the steps; a bigger model gets fewer steps
-    assert by[("tiny", 3e11)].steps == pytest.approx(3 * by[("tiny", 1e11)].steps, abs=2)
-    assert by[("h32d1", 1e11)].params < by[("tiny", 1e11)].params
-    assert by[("h32d1", 1e11)].steps > by[("tiny", 1e11)].steps
-    # attention is in the count: its quadratic term is over 1% of a step here
-    from vidscale.scaling.train.flops import forward_flops
-    r = by[("tiny", 1e11)]
-    loader = build_loader(r.cfg, 0, 1, multiple=1)
-    metas = [next(loader)[1] for _ in range(PROBE_BATCHES)]
-    mcfg = model_config(r.cfg.model)
-    attn = sum(3 * (sum(forward_flops(mcfg, [e - s for s, e in m.segments()],
-                                         [m.text_bounds[i + 1] - m.text_bounds[i] for i in range(m.num_videos)],
-                                         m.num_videos, split=True)[k] for k in ("attention_core",))) for m in metas)
-    assert attn > 0.01 * r.flops / r.steps * PROBE_BATCHES
+pytestmark = pytest.mark.e2e
 
 
 def _sweep_cmd(path, *extra):
-    return [sys.executable, "-m", "vidscale.scaling.cli", "sweep", str(path), "--progress-every", "2", *extra]
+    return vidscale_cmd("sweep", path, "--progress-every", "2", *extra)
 
 
 TINY = """
@@ -116,7 +33,6 @@ def _rows(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.e2e
 def test_two_run_sweep_writes_results_and_report(tmp_path):
     p = write_sweep(tmp_path, TINY)
     r = subprocess.run(_sweep_cmd(p), cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -138,7 +54,6 @@ def test_two_run_sweep_writes_results_and_report(tmp_path):
     assert "h32d1-C1e9" in report and "h48d1-C1e9" in report
 
 
-@pytest.mark.e2e
 def test_interrupted_sweep_resumes_without_rerunning_finished_runs(tmp_path):
     """Kill the sweep while its second run trains (after it saved a checkpoint), run the same
     command again: the first run is skipped, the second resumes from its checkpoint."""

@@ -1,9 +1,9 @@
 """Recipes: every shipped recipe loads; mistakes are one-line errors naming file and key."""
-from pathlib import Path
-
 import pytest
 
-from vidscale.scaling.config import RecipeError, load_config
+from vidscale.data.args import LoaderArgs, PrepareArgs, SyntheticArgs
+from vidscale.models.attention import KERNELS
+from vidscale.scaling.config import CHECKSUMS, LAUNCHERS, RecipeError, check_layout, load_config, save_config
 
 from conftest import ROOT  # noqa: E402
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml"))
@@ -75,3 +75,37 @@ def test_base_recipe_inheritance(tmp_path):
     (tmp_path / "child.yaml").write_text(f"base: {ROOT / 'recipes/debug.yaml'}\ntrain:\n  steps: 7\n")
     cfg = load_config(tmp_path / "child.yaml")
     assert cfg.train.steps == 7 and cfg.model.size == "debug"
+
+
+def test_data_section_keys_stay_flat(tmp_path):
+    """`data` is one flat section however its parts are declared: YAML and --set keys, and
+    the saved config.yaml, load back into the same structured config."""
+    (tmp_path / "r.yaml").write_text("data:\n  lookahead: 8\n  clip_frames: 9\n")
+    cfg = load_config(tmp_path / "r.yaml", ["data.source=synthetic", "data.synthetic_videos=12", "data.encoder=pixel:8"])
+    assert all(isinstance(cfg.data, part) for part in (LoaderArgs, SyntheticArgs, PrepareArgs))
+    assert (cfg.data.lookahead, cfg.data.clip_frames, cfg.data.synthetic_videos, cfg.data.encoder) == (8, 9, 12, "pixel:8")
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    msg = _err(tmp_path, "data:\n  lookahed: 8\n")
+    assert "data.lookahed" in msg and "data.lookahead" in msg
+
+
+def test_allowed_values_are_the_tables_of_the_code_that_acts_on_them(tmp_path):
+    for text, key, table in [("model:\n  attn_backend: flash\n", "model.attn_backend", KERNELS),
+                             ("checkpoint:\n  checksum: md5\n", "checkpoint.checksum", CHECKSUMS),
+                             ("cluster:\n  launcher: k8s\n", "cluster.launcher", LAUNCHERS)]:
+        msg = _err(tmp_path, text)
+        assert key in msg and all(name in msg for name in table), msg
+
+
+def test_layout_is_checked_when_the_recipe_loads(tmp_path):
+    msg = _err(tmp_path, "name: x\n", ["cluster.nproc=3", "parallel.ulysses=2"])
+    assert "parallel.ulysses=2" in msg and "does not divide the world size 3" in msg
+    msg = _err(tmp_path, "name: x\n", ["parallel.ulysses=4", "model.heads=6"])  # a one-process recipe: sp 4
+    assert "does not divide the model's 6" in msg
+    msg = _err(tmp_path, "name: x\n", ["cluster.nproc=2", "parallel.zero_stage=0"])
+    assert "parallel.zero_stage" in msg
+    cfg = load_config(ROOT / "recipes/debug.yaml", ["parallel.ulysses=2"])  # completed by --nproc 2 or 4 ...
+    check_layout(cfg, 4, "--nproc 4")
+    with pytest.raises(RecipeError, match=r"^--nproc 3: .*does not divide the world size 3"):
+        check_layout(cfg, 3, "--nproc 3")  # ... not by 3

@@ -3,17 +3,16 @@ dp ranks, exact resume (with and without worker processes), remapping to a new d
 corrupt shards and samples skipped and counted (or failing by data.on_error)."""
 import io
 import json
-import random
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from vidscale.data.loader import build_loader, remap_loader_states
+from vidscale.data.loader import remap_loader_states
 from vidscale.scaling.config import load_config
 
-from conftest import ROOT, truncate, write_shards
+from conftest import QUIET, ROOT, loader_for, truncate, write_shards
 
 
 def cfg_for(src: Path, *over: str):
@@ -35,7 +34,7 @@ def test_two_dp_ranks_see_every_sample_exactly_once_per_epoch(tmp_path):
     cfg = cfg_for(src)
     for epoch in range(2):
         seen = []
-        loaders = [build_loader(cfg, r, 2) for r in range(2)]
+        loaders = [loader_for(cfg, r, 2) for r in range(2)]
         for ld in loaders:
             ld.epoch = epoch
             for tokens, meta in epoch_batches(ld):
@@ -43,7 +42,7 @@ def test_two_dp_ranks_see_every_sample_exactly_once_per_epoch(tmp_path):
                 seen += meta.names
         assert len(seen) == 41 and len(set(seen)) == 41, epoch
     # the two epochs visit shards in different orders
-    a, b = build_loader(cfg, 0, 2), build_loader(cfg, 0, 2)
+    a, b = loader_for(cfg, 0, 2), loader_for(cfg, 0, 2)
     b.epoch = 1
     assert [m.names for _, m in epoch_batches(a)] != [m.names for _, m in epoch_batches(b)]
 
@@ -52,14 +51,14 @@ def test_two_dp_ranks_see_every_sample_exactly_once_per_epoch(tmp_path):
 def test_restored_loader_yields_exactly_the_rest(tmp_path, workers):
     src = write_shards(tmp_path / "s", n=30)
     cfg = cfg_for(src, f"data.workers={workers}")
-    ref = build_loader(cfg, 1, 2, multiple=2)
+    ref = loader_for(cfg, 1, 2, multiple=2)
     want = [next(ref) for _ in range(14)]  # crosses into the next epoch
     assert ref.epoch >= 1
-    ld = build_loader(cfg, 1, 2, multiple=2)
+    ld = loader_for(cfg, 1, 2, multiple=2)
     for _ in range(5):
         next(ld)
     sd = json.loads(json.dumps(ld.state_dict()))  # what a checkpoint stores
-    back = build_loader(cfg_for(src, f"data.workers={2 - workers}"), 1, 2, multiple=2)  # any worker count
+    back = loader_for(cfg_for(src, f"data.workers={2 - workers}"), 1, 2, multiple=2)  # any worker count
     back.load_state_dict(sd)
     for k in range(5, 14):
         tokens, meta = next(back)
@@ -67,17 +66,17 @@ def test_restored_loader_yields_exactly_the_rest(tmp_path, workers):
         assert torch.equal(tokens, want[k][0]) and meta.seq_len % 2 == 0
         assert torch.equal(meta.text, want[k][1].text) and torch.equal(meta.coords, want[k][1].coords)
     with pytest.raises(ValueError, match="dp_size"):
-        build_loader(cfg, 0, 3).load_state_dict(sd)
+        loader_for(cfg, 0, 3).load_state_dict(sd)
     other = write_shards(tmp_path / "other", n=30, seed=1)  # as many samples, different data
     with pytest.raises(ValueError, match="source"):
-        build_loader(cfg_for(other), 1, 2, multiple=2).load_state_dict(sd)
+        loader_for(cfg_for(other), 1, 2, multiple=2).load_state_dict(sd)
 
 
 @pytest.mark.parametrize("new_dp", [1, 3])
 def test_remap_to_a_new_dp_size_loses_and_repeats_nothing(tmp_path, new_dp):
     src = write_shards(tmp_path / "s", n=37)
     cfg = cfg_for(src)
-    old = [build_loader(cfg, r, 2) for r in range(2)]
+    old = [loader_for(cfg, r, 2) for r in range(2)]
     consumed: dict[int, list] = {0: [], 1: []}
     for r, steps in ((0, 3), (1, 6)):  # rank 1 runs into its next epoch
         for _ in range(steps):
@@ -85,7 +84,7 @@ def test_remap_to_a_new_dp_size_loses_and_repeats_nothing(tmp_path, new_dp):
             consumed[old[r].epoch] += names  # the epoch of the batch just returned
     assert old[1].epoch == 1 and old[0].epoch == 0  # the ranks are in different epochs
     states = remap_loader_states([json.loads(json.dumps(ld.state_dict())) for ld in old], new_dp)
-    new = [build_loader(cfg, r, new_dp) for r in range(new_dp)]
+    new = [loader_for(cfg, r, new_dp) for r in range(new_dp)]
     rest: dict[int, list] = {0: [], 1: [], 2: []}
     for ld, sd in zip(new, states):
         ld.load_state_dict(sd)
@@ -116,7 +115,7 @@ def test_truncated_shard_and_corrupt_sample_are_skipped_and_counted(tmp_path):
             m.size = len(data)
             t.addfile(m, io.BytesIO(data))
     cfg = cfg_for(src)
-    ld = build_loader(cfg, 0, 1)
+    ld = loader_for(cfg, 0, 1)
     names = [n for _, m in epoch_batches(ld) for n in m.names]
     assert len(set(names)) == len(names)
     assert ld.stats["skipped"] == 30 - len(names)
@@ -125,7 +124,7 @@ def test_truncated_shard_and_corrupt_sample_are_skipped_and_counted(tmp_path):
     assert len(names) >= 30 - lost - 1
     next(ld)  # the next epoch goes on
     with pytest.raises(ValueError, match="on_error=fail"):
-        fail = build_loader(cfg_for(src, "data.on_error=fail"), 0, 1)
+        fail = loader_for(cfg_for(src, "data.on_error=fail"), 0, 1)
         for _ in range(40):
             next(fail)
 
@@ -133,7 +132,7 @@ def test_truncated_shard_and_corrupt_sample_are_skipped_and_counted(tmp_path):
 def test_token_dropping_and_too_long_videos(tmp_path):
     src = write_shards(tmp_path / "s", n=12)
     cfg = cfg_for(src, "data.drop_tokens=0.5", "data.drop_min_tokens=8")
-    ld = build_loader(cfg, 0, 1)
+    ld = loader_for(cfg, 0, 1)
     for tokens, meta in epoch_batches(ld):
         for i in range(meta.num_videos):
             T, H, W = meta.grid[i]
@@ -141,10 +140,9 @@ def test_token_dropping_and_too_long_videos(tmp_path):
             n = meta.bounds[i + 1] - meta.bounds[i]
             assert n == (full if full < 8 else full - full // 2)
     with pytest.raises(ValueError, match="tokens_per_batch=4"):
-        next(build_loader(cfg_for(src, "train.tokens_per_batch=4"), 0, 1))
+        next(loader_for(cfg_for(src, "train.tokens_per_batch=4"), 0, 1))
 
 
-@pytest.mark.e2e
 def test_training_on_shards_with_workers_resumes_bit_for_bit(tmp_path):
     """The trainer's checkpoint holds the loader state: a run resumed at step 3 continues with
     exactly the losses of the uninterrupted run (same batches from the shards)."""
@@ -152,7 +150,7 @@ def test_training_on_shards_with_workers_resumes_bit_for_bit(tmp_path):
     from vidscale.scaling.train.loop import train
     src = write_shards(tmp_path / "s", n=40)
     common = ["parallel.zero_stage=0", "data.workers=2", "train.steps=6", "checkpoint.every=3", "logging.every=1",
-              "logging.progress=false", "logging.tensorboard=false", "train.val_videos=1"]
+              *QUIET, "train.val_videos=1"]
     train(cfg_for(src, f"train.run_dir={tmp_path / 'a'}", *common))
     ckpt = tmp_path / "a" / "checkpoints" / "step_00000003"
     assert ckpt.is_dir()

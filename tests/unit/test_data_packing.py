@@ -31,7 +31,7 @@ def test_packing_efficiency_on_mixed_resolutions_beats_padding_and_buckets():
 
 
 def test_video_longer_than_the_budget_is_an_error_naming_it():
-    p = Packer(100)
+    p = Packer(100, lookahead=8)
     with pytest.raises(ValueError, match=r"'clip-7' has 101 tokens.*tokens_per_batch=100"):
         p.push(Item("clip-7", 101))
 

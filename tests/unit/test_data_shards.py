@@ -1,7 +1,6 @@
 """Shard round trip, the latent encoders (pixel stand-in, a diffusers Wan VAE from a local
 folder) and the packaged MiniLM text encoder."""
 import tarfile
-from types import SimpleNamespace as NS
 
 import pytest
 import torch
@@ -25,20 +24,18 @@ def test_shard_round_trip_is_exact_in_bf16(tmp_path):
     assert index["shards"][0]["tokens"][0] == 1 * 2 * 3
     names = tarfile.open(tmp_path / index["shards"][0]["name"]).getnames()
     assert names[:3] == ["000000000.json", "000000000.safetensors", "000000000.txt"]
-    data = NS(source=str(tmp_path), drop_tokens=0.0, drop_min_tokens=1024)
-    cfg = NS(data=data, model=NS(in_channels=4, text_dim=16, patch=[1, 2, 2]), train=NS(seed=0, tokens_per_batch=1024))
-    src = ShardSource(tmp_path, cfg)
+    model = {"patch": (1, 2, 2), "channels": 4, "text_dim": 16}
+    src = ShardSource(tmp_path, seed=0, tokens_per_batch=1024, **model)
     got = {i: s for i, s, _ in src.stream(list(range(9)))}
     for i, (lat, txt) in enumerate(written):
         glat, gtxt, meta = got[i]
         assert glat.dtype == torch.bfloat16 and torch.equal(glat, lat) and torch.equal(gtxt, txt)
         assert meta["caption"] == f"clip {i}" and meta["shape"] == list(lat.shape) and meta["fps"] == 8.0
-    bad = NS(data=data, model=NS(in_channels=16, text_dim=16, patch=[1, 2, 2]), train=NS(seed=0, tokens_per_batch=1024))
     with pytest.raises(ValueError, match="model.in_channels=4"):
-        ShardSource(tmp_path, bad)
-    cfg.train.tokens_per_batch = 4  # the first latent, 1 x 4 x 6, holds 6 tokens
+        ShardSource(tmp_path, seed=0, tokens_per_batch=1024, **{**model, "channels": 16})
+    # the first latent, 1 x 4 x 6, holds 6 tokens
     with pytest.raises(ValueError, match=r"shard-\d+.tar:\d+' has 6 tokens.*tokens_per_batch=4"):
-        ShardSource(tmp_path, cfg)
+        ShardSource(tmp_path, seed=0, tokens_per_batch=4, **model)
 
 
 def smooth_video(T=9, H=32, W=48):

@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from vidscale.models.diffusion import DDPM, RectifiedFlow
-from vidscale.models.dit import DiTConfig, VideoDiT
+from vidscale.models.dit import VideoDiT
 from vidscale.models.packed import pack
+
+from conftest import dit_config  # noqa: E402
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -36,7 +38,7 @@ def test_flow_interpolates_between_data_and_noise():
 @pytest.mark.parametrize("objective", [DDPM(), RectifiedFlow()], ids=["ddpm", "flow"])
 def test_tiny_model_overfits_fixed_batch(objective):
     torch.manual_seed(0)
-    cfg = DiTConfig(hidden=64, depth=2, heads=4, in_channels=2, text_dim=8)
+    cfg = dit_config(hidden=64, depth=2, heads=4, in_channels=2, text_dim=8)
     m = VideoDiT(cfg)
     m.init_weights()
     g = torch.Generator().manual_seed(0)

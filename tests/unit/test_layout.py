@@ -13,7 +13,7 @@ import vidscale.data
 import vidscale.models
 import vidscale.scaling
 
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, TIERS  # noqa: E402
 FOLDERS = ("models", "data", "scaling", "cluster")
 
 # Layers, lowest first. A module may import its own layer and the layers below it; within
@@ -217,3 +217,36 @@ def test_training_code_never_imports_ray():
                 if isinstance(node, (ast.Import, ast.ImportFrom)):
                     mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                     assert not any(m == "ray" or m.startswith("ray.") for m in mods), f"{f} imports ray"
+
+
+def _mark_names(nodes) -> set[str]:
+    """NAME of each `pytest.mark.NAME` or `pytest.mark.NAME(...)` among the nodes."""
+    names = set()
+    for d in nodes:
+        d = d.func if isinstance(d, ast.Call) else d
+        if isinstance(d, ast.Attribute) and isinstance(d.value, ast.Attribute) and d.value.attr == "mark":
+            names.add(d.attr)
+    return names
+
+
+def test_every_test_carries_the_marker_of_its_folder():
+    """tests/dist -> `dist`, tests/e2e -> `e2e`, tests/cluster -> `cluster` (a module-level
+    `pytestmark` or a decorator); tests/unit carries none of them. Read from the source, so a
+    unit run checks every folder; conftest checks the collected items the same way."""
+    tiers = set(TIERS.values())
+    bad = []
+    for f in sorted((ROOT / "tests").glob("*/test_*.py")):
+        folder, tree = f.parent.name, ast.parse(f.read_text())
+        module = set()
+        for n in tree.body:
+            if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "pytestmark" for t in n.targets):
+                module |= _mark_names(n.value.elts if isinstance(n.value, (ast.List, ast.Tuple)) else [n.value])
+        for n in tree.body:
+            if isinstance(n, ast.FunctionDef) and n.name.startswith("test_"):
+                marks = (module | _mark_names(n.decorator_list)) & tiers
+                where = f"{f.relative_to(ROOT)}::{n.name}"
+                if folder in TIERS and TIERS[folder] not in marks:
+                    bad.append(f"{where}: not marked `{TIERS[folder]}`")
+                if folder == "unit" and marks:
+                    bad.append(f"{where}: marked {sorted(marks)} in tests/unit")
+    assert not bad, "\n".join(bad)

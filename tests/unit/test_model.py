@@ -3,16 +3,18 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vidscale.models.dit import DiTBlock, DiTConfig, VideoDiT
+from vidscale.models.dit import DiTBlock, VideoDiT
 from vidscale.models.packed import pack, patchify, unpack, unpatchify
-from vidscale.models.sizes import SIZES, config_for, param_count
+from vidscale.models.sizes import SIZES, param_count
 from vidscale.scaling.train.flops import batch_forward_flops
+
+from conftest import dit_config  # noqa: E402
 
 torch.manual_seed(0)
 
 
 def tiny_cfg(**kw):
-    return DiTConfig(hidden=48, depth=2, heads=4, in_channels=3, patch=(1, 2, 2), text_dim=32, **kw)
+    return dit_config(hidden=48, depth=2, heads=4, in_channels=3, patch=(1, 2, 2), text_dim=32, **kw)
 
 
 def trained_like(cfg):
@@ -110,17 +112,17 @@ def test_meta_device_then_init_weights_touches_everything():
 
 @pytest.mark.parametrize("size", list(SIZES))
 def test_param_count_is_computed(size):
-    cfg = config_for(size)
+    cfg = dit_config(size=size)
     with torch.device("meta"):
         m = VideoDiT(cfg)
     assert sum(p.numel() for p in m.parameters()) == param_count(cfg)
 
 
 def test_size_table_spans_debug_to_30b():
-    assert 0.5e6 < param_count(config_for("debug")) < 2e6
+    assert 0.5e6 < param_count(dit_config(size="debug")) < 2e6
     for name, lo, hi in [("1B", 0.8e9, 1.3e9), ("3B", 2.5e9, 3.5e9), ("7B", 6e9, 8.5e9),
                          ("14B", 12e9, 16e9), ("30B", 26e9, 34e9)]:
-        assert lo < param_count(config_for(name)) < hi, name
+        assert lo < param_count(dit_config(size=name)) < hi, name
 
 
 def test_any_resolution_and_duration():

@@ -11,12 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from vidscale.models.attention import equal_runs, sdpa_loop
-from vidscale.models.dit import DiTConfig, VideoDiT
+from vidscale.models.dit import VideoDiT
 from vidscale.models.packed import pack
+from vidscale.scaling.parallel.sequence import _block_attn, _block_attn_grad
+
+from conftest import dit_config  # noqa: E402
 
 
 def cfg_(**kw):
-    return DiTConfig(**{**dict(hidden=48, depth=2, heads=4, in_channels=3, patch=(1, 2, 2), text_dim=32), **kw})
+    return dit_config(**{**dict(hidden=48, depth=2, heads=4, in_channels=3, patch=(1, 2, 2), text_dim=32), **kw})
 
 
 def model_(cfg, dtype=torch.float64):
@@ -198,3 +201,20 @@ def test_fused_rms_norm_and_gated_add_gradcheck():
     rows = torch.tensor([r for s, e, r in pieces for _ in range(e - s)])
     assert_close(segment_gated_add(xs, gate, ys, pieces), xs + gate[rows] * ys, 1e-12, "gated add")
     assert torch.autograd.gradcheck(lambda a, b, c: segment_gated_add(a, b, c, pieces), (xs, gate, ys))
+
+
+def test_ring_block_math_matches_torch_flash_kernel():
+    """The matmul path (used off CPU) and the CPU flash path agree, forward and backward."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, 4, 16, generator=g, dtype=torch.float64) for n in (30, 45, 45))
+    do = torch.randn(30, 4, 16, generator=g, dtype=torch.float64)
+    o1, l1 = _block_attn(q, k, v, 0.25, cpu_flash=True)
+    o2, l2 = _block_attn(q, k, v, 0.25, cpu_flash=False, chunk=7)  # several query chunks
+    assert (o1 - o2).abs().max() < 1e-6 and (l1 - l2).abs().max() < 1e-6
+    g1 = _block_attn_grad(do, q, k, v, o1, l1, 0.25, cpu_flash=True)
+    g2 = _block_attn_grad(do, q, k, v, o1, l1, 0.25, cpu_flash=False, chunk=7)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = torch.softmax(torch.einsum("qhd,khd->hqk", qr, kr) * 0.25, -1)
+    torch.einsum("hqk,khd->qhd", ref, vr).backward(do)
+    for a, b, r in zip(g1, g2, (qr.grad, kr.grad, vr.grad)):
+        assert (a - r).abs().max() < 1e-6 and (b - r).abs().max() < 1e-6

@@ -1,20 +1,19 @@
 """Sampling: shapes, overfit-and-reproduce by both samplers, image-to-video, SDEdit."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from vidscale.models.diffusion import make_objective
-from vidscale.models.dit import DiTConfig, VideoDiT
+from vidscale.models.dit import VideoDiT
 from vidscale.scaling.inference.sample import clean_frame_mask, sample_latent
 
-from conftest import ROOT  # noqa: E402
+from conftest import dit_config  # noqa: E402
 
 
 def tiny_model(seed=0, patch=(1, 2, 2), C=4):
     torch.manual_seed(seed)
-    m = VideoDiT(DiTConfig(hidden=32, depth=2, heads=2, in_channels=C, patch=patch, text_dim=8))
+    m = VideoDiT(dit_config(hidden=32, depth=2, heads=2, in_channels=C, patch=patch, text_dim=8))
     m.init_weights()
     for p in m.parameters():  # a non-trivial (not identity-initialised) network
         p.data.add_(0.02 * torch.randn_like(p))
@@ -84,7 +83,7 @@ def overfit(name: str, steps: int = 300, copies: int = 16):
     from vidscale.data.synthetic import synthetic_video
     from vidscale.models.packed import pack
     torch.manual_seed(0)
-    model = VideoDiT(DiTConfig(hidden=64, depth=2, heads=2, in_channels=4, patch=(1, 2, 2), text_dim=16))
+    model = VideoDiT(dit_config(hidden=64, depth=2, heads=2, in_channels=4, patch=(1, 2, 2), text_dim=16))
     model.init_weights()
     lat, text = synthetic_video(0, 0, 4, [2, 2], [[4, 4]], [3, 3], 16, [1, 2, 2])
     obj = make_objective(name)

@@ -1,13 +1,15 @@
 """The profiled time split attributes forward and backward work to the parts of the model."""
 import torch
 
-from vidscale.models.dit import DiTConfig, VideoDiT
+from vidscale.models.dit import VideoDiT
 from vidscale.models.packed import pack
 from vidscale.scaling.train.step_split import CATEGORIES, StepProfiler
 
+from conftest import dit_config  # noqa: E402
+
 
 def test_split_attributes_forward_backward_and_caller_ranges():
-    cfg = DiTConfig(hidden=64, depth=2, heads=4, in_channels=3, patch=(1, 2, 2), text_dim=32)
+    cfg = dit_config(hidden=64, depth=2, heads=4, in_channels=3, patch=(1, 2, 2), text_dim=32)
     torch.manual_seed(0)
     m = VideoDiT(cfg)
     m.init_weights()
@@ -35,7 +37,7 @@ def test_split_attributes_forward_backward_and_caller_ranges():
 
 def test_backward_time_goes_to_the_forward_op_category():
     """An MLP-only graph: its backward (the larger part) lands in 'mlp', not 'other'."""
-    cfg = DiTConfig(hidden=64, depth=1, heads=4, in_channels=3, patch=(1, 2, 2), text_dim=32)
+    cfg = dit_config(hidden=64, depth=1, heads=4, in_channels=3, patch=(1, 2, 2), text_dim=32)
     m = VideoDiT(cfg)
     m.init_weights()
     h = torch.randn(512, 64, requires_grad=True)

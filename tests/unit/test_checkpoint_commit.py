@@ -1,0 +1,176 @@
+"""Checkpoints of the single-process engine (plain torch, debug model, in this process):
+atomic commit, manifest, damage detection, failed writes, retention, RNG state, export."""
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xxhash
+from safetensors.torch import load_file
+
+from vidscale.scaling.checkpoint import storage as ckpt_io
+from vidscale.scaling.checkpoint.manager import CheckpointError, CorruptCheckpoint, resolve, rng_state, set_rng_state
+from vidscale.scaling.checkpoint.weights import load_weights
+from vidscale.scaling.cli.export import export
+from vidscale.scaling.train import signals
+from vidscale.scaling.train.loop import Trainer, train
+
+from conftest import short_run  # noqa: E402
+
+
+def _train(run_dir, *over) -> dict:
+    return train(short_run(run_dir, *over))
+
+
+@pytest.mark.parametrize("checksum", ["xxh3_128", "sha256"])
+def test_save_commits_complete_checkpoints_with_manifest(tmp_path, checksum):
+    _train(tmp_path, "train.steps=4", "checkpoint.every=2", f"checkpoint.checksum={checksum}")
+    root = tmp_path / "checkpoints"
+    assert [t for _, t in ckpt_io.committed(root)] == ["step_00000002", "step_00000004"]
+    assert ckpt_io.read_latest(root) == "step_00000004"
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporaries left
+    ck = root / "step_00000004"
+    man = json.loads((ck / "manifest.json").read_text())
+    files = sorted(p.relative_to(ck).as_posix() for p in ck.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert sorted(man["files"]) == files
+    for rel, e in man["files"].items():
+        data = (ck / rel).read_bytes()
+        want = xxhash.xxh3_128(data) if checksum == "xxh3_128" else hashlib.sha256(data)
+        assert e["size"] == len(data) and e[checksum] == want.hexdigest(), rel
+    for f in ("model.safetensors", "ema.safetensors", "optimizer.pt", "scheduler.json", "state.json",
+              "config.yaml", "rng/rank00000.json", "loader/dp00000.json"):
+        assert f in man["files"], f
+    st = json.loads((ck / "state.json").read_text())
+    assert st["step"] == 4 and st["tokens_seen"] > 0
+    assert st["layout"] == {"world": 1, "dp": 1, "sp": 1, "ulysses": 1, "ring": 1, "zero_stage": 0, "engine": "torch"}
+    # the optimizer file holds tensors and plain containers only: loadable without unpickling objects
+    opt = torch.load(ck / "optimizer.pt", weights_only=True)
+    assert opt["state"] and "param_groups" in opt
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path, damage):
+    _train(tmp_path, "train.steps=4", "checkpoint.every=2")
+    root = tmp_path / "checkpoints"
+    victim = root / "step_00000004" / "model.safetensors"
+    data = victim.read_bytes()
+    if damage == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":  # same size, one byte altered: only the checksum sees it
+        victim.write_bytes(data[:-100] + bytes([data[-100] ^ 0xFF]) + data[-99:])
+    else:
+        victim.unlink()
+    with pytest.raises(CorruptCheckpoint, match="model.safetensors"):
+        ckpt_io.verify(root / "step_00000004")
+    reports = []
+    assert resolve("auto", root, report=reports.append) == root / "step_00000002"
+    assert len(reports) == 1 and str(victim) in reports[0]
+
+
+def test_missing_manifest_means_incomplete(tmp_path):
+    _train(tmp_path, "train.steps=4", "checkpoint.every=2")
+    root = tmp_path / "checkpoints"
+    (root / "step_00000004" / "manifest.json").unlink()
+    reports = []
+    assert resolve("auto", root, report=reports.append) == root / "step_00000002"
+    assert "manifest.json is missing" in reports[0]
+
+
+def test_failed_write_names_the_path_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setenv(ckpt_io.FAULT_ENV, "enospc@4")
+    with pytest.raises(CheckpointError, match=r"cannot write .*\.tmp-step_00000004.*No space left on device"):
+        _train(tmp_path, "train.steps=4", "checkpoint.every=2")
+    root = tmp_path / "checkpoints"
+    assert [t for _, t in ckpt_io.committed(root)] == ["step_00000002"]
+    assert ckpt_io.read_latest(root) == "step_00000002"
+    ckpt_io.verify(root / "step_00000002")
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]
+
+
+def _can_mount_tmpfs(where: Path) -> bool:
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True)
+    except FileNotFoundError:
+        return False
+    if r.returncode == 0:
+        subprocess.run(["umount", str(where)], check=True)
+    return r.returncode == 0
+
+
+def test_disk_full_on_a_real_tmpfs(tmp_path):
+    """A real ENOSPC: the run dir on a tmpfs with room for one checkpoint, not two."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if not _can_mount_tmpfs(mnt):
+        pytest.skip("needs permission to mount a tmpfs (root); the injected-ENOSPC test covers the logic")
+    one = tmp_path / "probe"
+    _train(one, "train.steps=1", "checkpoint.every=1", "train.val_videos=1")
+    size = sum(p.stat().st_size for p in (one / "checkpoints").rglob("*") if p.is_file())
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.6) + (1 << 20)}", "tmpfs", str(mnt)], check=True)
+    try:
+        with pytest.raises(CheckpointError, match=r"cannot write .*mnt/run/checkpoints/\.tmp-step_00000004.*"
+                                                  r"No space left on device"):
+            _train(mnt / "run", "train.steps=4", "checkpoint.every=2")
+        root = mnt / "run" / "checkpoints"
+        assert [t for _, t in ckpt_io.committed(root)] == ["step_00000002"]
+        assert ckpt_io.read_latest(root) == "step_00000002"
+        ckpt_io.verify(root / "step_00000002")
+        assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]  # space given back
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_retention_keeps_last_k_and_every_mth(tmp_path):
+    _train(tmp_path, "train.steps=7", "checkpoint.every=1", "checkpoint.keep_last=2", "checkpoint.keep_every=3",
+           "data.synthetic_videos=16")
+    root = tmp_path / "checkpoints"
+    assert [s for s, _ in ckpt_io.committed(root)] == [3, 6, 7]
+    assert ckpt_io.read_latest(root) == "step_00000007"
+
+
+def test_rng_state_round_trips_through_json():
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    s = json.loads(json.dumps(rng_state()))
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(s)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_export_loads_into_videodit_without_deepspeed(tmp_path):
+    _train(tmp_path, "train.steps=2", "checkpoint.every=2")
+    for ema in (False, True):
+        out = tmp_path / f"w{int(ema)}.safetensors"
+        export(str(tmp_path), out, ema=ema)
+        model, cfg = load_weights(out)
+        saved = load_file(str(tmp_path / "checkpoints/step_00000002" / ("ema" if ema else "model")) + ".safetensors")
+        for n, p in model.named_parameters():
+            assert torch.equal(p.detach(), saved[n]), n
+        assert cfg.model.size == "debug"
+
+
+def test_signal_requests_a_save_and_stops(tmp_path):
+    cfg = short_run(tmp_path, "train.steps=6", "checkpoint.every=0")
+    # the flag is read at the step boundary: request it before the first step ends
+    orig = Trainer.train_step
+
+    def step_then_signal(self):
+        out = orig(self)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+    Trainer.train_step = step_then_signal
+    try:
+        r = train(cfg)
+    finally:
+        Trainer.train_step = orig
+        signals.clear()
+    assert r["preempted"] and r["steps"] == 2
+    assert [s for s, _ in ckpt_io.committed(tmp_path / "checkpoints")] == [2]
