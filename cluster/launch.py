@@ -19,10 +19,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from vidscale.cluster.job import new_job
+from vidscale.cluster.job import new_job, read_job
 from vidscale.cluster.local import launch_local
-from vidscale.cluster.ray_launcher import launch_ray
-from vidscale.cluster.slurm import submit
+from vidscale.cluster.ray_launcher import address_of, follow_job, is_job_server, launch_ray
+from vidscale.cluster.slurm import follow, submit
+from vidscale.scaling.checkpoint.rundir import RunLock, check_fresh
 from vidscale.scaling.config import LAUNCHERS
 from vidscale.scaling.train.loop import default_run_dir, train
 from vidscale.scaling.train.signals import EXIT_REQUEUE
@@ -35,16 +36,25 @@ def with_run_dir(cfg):
 
 
 def launch(cfg, *, wait: bool = False, detach: bool = False, command: list[str] | None = None) -> int:
+    """Own the run directory (its lock, before anything is written there), check that a fresh
+    run does not land on an earlier one, then start the ranks. A run driven from here (local
+    processes, Ray workers) keeps the lock to its end, and its ranks inherit it; a submitted
+    job (Slurm, a detached Ray job) releases it once submitted, and the job's rank 0 takes it."""
     cfg = with_run_dir(cfg)
     command = list(command if command is not None else sys.argv)
     how = cfg.cluster.launcher
     if detach and how == "local":
         raise ValueError("--detach needs --launcher ray or slurm (a local run lives in this process)")
-    if how == "slurm":
-        return submit(cfg, wait=wait, command=command)
-    if how == "ray":
-        return launch_ray(cfg, wait=wait, detach=detach, command=command)
-    return launch_here(cfg, command)
+    submitted = how == "slurm" or (how == "ray" and (detach or is_job_server(address_of(cfg))))
+    with RunLock(cfg.train.run_dir).acquire(command):
+        check_fresh(cfg.train.run_dir, cfg.checkpoint.resume)
+        if not submitted:
+            return launch_ray(cfg, command=command) if how == "ray" else launch_here(cfg, command)
+        code = submit(cfg, command=command) if how == "slurm" else launch_ray(cfg, detach=True, command=command)
+    if wait and code == 0:  # the lock is the job's now: follow it from outside
+        job = read_job(cfg.train.run_dir)
+        return follow(job) if how == "slurm" else follow_job(job)
+    return code
 
 
 def launch_here(cfg, command: list[str]) -> int:
@@ -87,11 +97,12 @@ def add_launch_args(p) -> None:
                         "default cluster.address, then RAY_ADDRESS, else an embedded local cluster)")
 
 
-def launch_overrides(args) -> list[str]:
-    """`--launcher/--address` as recipe overrides (they are recipe keys: cluster.*)."""
-    out = []
+def launch_values(args) -> dict:
+    """`--launcher/--address` as recipe values (they are recipe keys: cluster.*), set exactly
+    as given (`load_config(values=...)`), never parsed as YAML."""
+    out = {}
     if getattr(args, "launcher", None):
-        out.append(f"cluster.launcher={args.launcher}")
+        out["cluster.launcher"] = args.launcher
     if getattr(args, "address", None):
-        out.append(f"cluster.address={args.address}")
+        out["cluster.address"] = args.address
     return out

@@ -36,6 +36,7 @@ from vidscale.cluster.job import new_job  # noqa: E402
 from vidscale.cluster.ray_cluster import use_token_auth  # noqa: E402
 from vidscale.cluster.slurm import REQUEUE_MARKER  # noqa: E402
 from vidscale.cluster.slurm_task import watch_stop_file  # noqa: E402
+from vidscale.scaling.checkpoint.rundir import LOCK_ENV  # noqa: E402
 from vidscale.scaling.config import check_layout, load_config, save_config  # noqa: E402
 from vidscale.scaling.parallel import collectives  # noqa: E402
 from vidscale.scaling.train.loop import train  # noqa: E402
@@ -104,6 +105,8 @@ def _is_restart(run_dir: Path, launch_id: str) -> bool:
 
 def train_worker(config: dict) -> None:
     """Ray Train's per-worker function: one rank of `train(cfg)`."""
+    if config.get("run_lock"):  # the driver owns the run dir: rank 0 runs under its lock
+        os.environ[LOCK_ENV] = config["run_lock"]
     cfg = load_config(config["config_path"])
     run_dir = Path(cfg.train.run_dir)
     if _is_restart(run_dir, config["launch_id"]) and not cfg.checkpoint.resume:
@@ -163,7 +166,9 @@ def run_trainer(cfg, address: str = "", nodes: int = 1) -> int:
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"config_path": str(path), "launch_id": uuid.uuid4().hex,
-                               "stop_file": os.environ.get("VIDSCALE_STOP_FILE", "")},
+                               "stop_file": os.environ.get("VIDSCALE_STOP_FILE", ""),
+                               # the run dir's lock, when this driver holds it (cluster/launch.py)
+                               "run_lock": os.environ.get(LOCK_ENV, "")},
             torch_config=TorchConfig(backend=backend, timeout_s=cfg.parallel.timeout_s),
             scaling_config=ScalingConfig(num_workers=c.nproc, use_gpu=use_gpu, resources_per_worker=per_worker),
             run_config=RunConfig(name=re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.name), storage_path=str(run_dir / "ray"),

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-from dataclasses import dataclass, field, fields, is_dataclass
+import math
+import os
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -303,8 +305,11 @@ def _merge(base, other, where: str):
         raise _one_line(e, where) from None
 
 
-def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- recipe YAML (optionally with `base: other.yaml`) <- `key=value` overrides."""
+def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                values: dict[str, Any] | None = None) -> Config:
+    """Defaults <- recipe YAML (optionally with `base: other.yaml`) <- `key=value` overrides
+    <- `values`: {key: value} set as they are, never parsed (paths, addresses, job ids that
+    the CLI takes as arguments: a run dir named `a #2`, `true` or `${x}` stays exactly that)."""
     cfg = OmegaConf.structured(Config)
     if recipe is not None:
         for layer, path in _recipe_layers(Path(recipe)):
@@ -321,8 +326,38 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
             raise RecipeError(f"--set {o!r}: {str(e).splitlines()[0]}") from None
         cfg = _merge(cfg, layer, f"--set {o}")
     obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    if values:
+        obj = set_values(obj, values)
     validate(obj, str(recipe) if recipe else "<defaults>")
     return obj
+
+
+def set_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """A copy of `cfg` with `{"section.key": value}` set exactly (type-checked, not parsed)."""
+    for key, value in values.items():
+        parts = key.split(".")
+        chain = [cfg]
+        for name in parts[:-1]:
+            sub = getattr(chain[-1], name, None)
+            if not is_dataclass(sub):
+                raise RecipeError(f"unknown key '{key}'")
+            chain.append(sub)
+        leaf = chain[-1]
+        kinds = {f.name: f.type for f in fields(leaf)}
+        if parts[-1] not in kinds:
+            raise RecipeError(f"unknown key '{key}'")
+        current = getattr(leaf, parts[-1])
+        if type(value) is not type(current) and not (isinstance(current, float) and type(value) is int):
+            kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+            raise RecipeError(f"key '{key}' = {value!r}: expected {kind.get(type(current), type(current).__name__)}")
+        if isinstance(value, str) and ("\n" in value or "\x00" in value):
+            raise RecipeError(f"key '{key}' = {value!r}: a newline or NUL byte cannot be kept exactly; "
+                              "choose another value")
+        new = value
+        for obj, name in zip(reversed(chain), reversed(parts)):
+            new = replace(obj, **{name: new})
+        cfg = new
+    return cfg
 
 
 def _recipe_layers(path: Path) -> list[tuple[Any, Path]]:
@@ -383,8 +418,36 @@ def validate(cfg: Config, where: str) -> None:
             bad(key, v, "a positive integer")
     if cfg.checkpoint.every < 0:
         bad("checkpoint.every", cfg.checkpoint.every, "0 (only at the end) or a positive integer")
-    if cfg.optim.lr <= 0:
-        bad("optim.lr", cfg.optim.lr, "a positive learning rate")
+    for key, v in _numbers(cfg):
+        if isinstance(v, float) and not math.isfinite(v):
+            bad(key, v, "a finite number")
+    o = cfg.optim
+    for key, v, ok, expected in [
+            ("optim.lr", o.lr, 0 < o.lr <= 10, "a learning rate in (0, 10]"),
+            ("optim.betas", o.betas, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "two numbers in [0, 1)"),
+            ("optim.eps", o.eps, 0 < o.eps < 1, "a small positive number"),
+            ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, "a number >= 0"),
+            ("optim.warmup", o.warmup, o.warmup >= 0, "a number of steps >= 0"),
+            ("optim.min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "a ratio in [0, 1]"),
+            ("optim.grad_clip", o.grad_clip, o.grad_clip >= 0, "a norm >= 0 (0 = no clipping)"),
+            ("optim.ema_decay", o.ema_decay, 0 <= o.ema_decay < 1, "a decay in [0, 1) (0 = no EMA)"),
+            ("objective.logit_std", c.objective.logit_std, c.objective.logit_std > 0, "a positive number"),
+            ("objective.shift", c.objective.shift, c.objective.shift > 0, "a positive number"),
+            ("objective.num_steps", c.objective.num_steps, c.objective.num_steps >= 2, "at least 2 steps"),
+            ("objective.cond_frames", c.objective.cond_frames, c.objective.cond_frames >= 0, "a number >= 0"),
+            ("data.drop_tokens", c.data.drop_tokens, 0 <= c.data.drop_tokens < 1, "a fraction in [0, 1)"),
+            ("data.lookahead", c.data.lookahead, c.data.lookahead >= 1, "a positive number of videos"),
+            ("data.shuffle_buffer", c.data.shuffle_buffer, c.data.shuffle_buffer >= 0, "a number >= 0"),
+            ("data.workers", c.data.workers, c.data.workers >= 0, "a number of processes >= 0"),
+            ("data.fps", c.data.fps, c.data.fps >= 0, "a frame rate >= 0 (0 keeps the source's)"),
+            ("train.val_videos", c.train.val_videos, c.train.val_videos >= 0, "a number >= 0"),
+            ("parallel.timeout_s", c.parallel.timeout_s, c.parallel.timeout_s > 0, "a positive number of seconds"),
+            ("checkpoint.keep_last", c.checkpoint.keep_last, c.checkpoint.keep_last >= 1, "at least 1"),
+            ("cluster.cpus_per_worker", c.cluster.cpus_per_worker, c.cluster.cpus_per_worker > 0, "a positive number"),
+            ("cluster.gpus_per_worker", c.cluster.gpus_per_worker, c.cluster.gpus_per_worker >= 0, "a number >= 0"),
+            ("vae.beta", c.vae.beta, c.vae.beta >= 0, "a number >= 0")]:
+        if not ok:
+            bad(key, v, expected)
     if cfg.parallel.offload_params and cfg.parallel.zero_stage != 3:
         bad("parallel.offload_params", True, f"zero_stage 3 (parameters are only partitioned at stage 3, "
             f"got zero_stage={cfg.parallel.zero_stage})")
@@ -399,6 +462,20 @@ def validate(cfg: Config, where: str) -> None:
     # for the smallest world it fits; the launcher checks again for the world it starts.
     sp = cfg.parallel.ulysses * cfg.parallel.ring
     check_layout(cfg, cfg.cluster.nproc if cfg.cluster.nproc > 1 else sp, where)
+
+
+def _numbers(dc, prefix: str = ""):
+    """(key, value) of every number in the config, list items included."""
+    for f in fields(dc):
+        v = getattr(dc, f.name)
+        if is_dataclass(v):
+            yield from _numbers(v, prefix + f.name + ".")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            yield prefix + f.name, v
+        elif isinstance(v, list):
+            for x in v:
+                if isinstance(x, (int, float)) and not isinstance(x, bool):
+                    yield prefix + f.name, x
 
 
 def check_layout(cfg: Config, world: int, where: str) -> None:
@@ -420,12 +497,28 @@ def check_layout(cfg: Config, world: int, where: str) -> None:
                           f"1, 2 or 3 for a world of {world}")
 
 
+def _escape(node):
+    """Strings as they are: OmegaConf would resolve `${...}` when the file is read back."""
+    if isinstance(node, str):
+        return node.replace("${", "\\${")
+    if isinstance(node, dict):
+        return {k: _escape(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_escape(v) for v in node]
+    return node
+
+
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    plain = OmegaConf.to_container(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml(OmegaConf.create(_escape(plain)))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(to_yaml(cfg))
+    """Written to a temporary file and renamed: a reader never sees half a recipe."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
 
 
 def model_config(args: ModelArgs) -> DiTConfig:

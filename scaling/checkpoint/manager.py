@@ -275,6 +275,12 @@ class Checkpointer:
             path = resolve(spec, self.root, report=report) if d.rank == 0 else None
             path = self._broadcast_path(path)
         if path is None:
+            found = io.committed(self.root)
+            if found:  # never start over on top of a run whose checkpoints are all damaged
+                raise CorruptCheckpoint(
+                    f"{self.root}: none of its {len(found)} checkpoint(s) passed verification (the errors above "
+                    "name the files); nothing was changed. Restore them from a copy, or start a new run "
+                    "in another directory")
             if d.rank == 0:
                 print(f"vidscale: no complete checkpoint in {self.root}: starting fresh", flush=True)
             return None
@@ -366,8 +372,20 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
-    keep = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
-    if len(keep) != len(lines):
+    keep = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:  # a torn last line: the process died while appending it
+                print(f"vidscale: {path}: dropped a torn last line ({len(line)} bytes)", flush=True)
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not JSON; repair or remove that line") from None
+        if rec.get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if keep != lines:
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(keep))
         tmp.replace(path)

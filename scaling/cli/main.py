@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, ValueError, FileNotFoundError) as e:
         print(f"vidscale {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a failed write or read (disk full, checkpoint damaged): one line naming the path
+    except (OSError, FloatingPointError) as e:  # a failed write or read (disk full, checkpoint damaged), a
+        # run dir in use, a diverged run: one line naming the path or the step
         print(f"vidscale {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

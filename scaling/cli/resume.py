@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vidscale.cluster.launch import add_launch_args, launch, launch_overrides
+from vidscale.cluster.launch import add_launch_args, launch, launch_values
 from vidscale.scaling.checkpoint import storage as ckpt_io
 from vidscale.scaling.cli.train import add_recipe_args
 from vidscale.scaling.config import load_config
@@ -39,8 +39,8 @@ def run(args) -> int:
     if not ckpt_io.committed(root):
         raise ValueError(f"{root}: no checkpoint to resume from (a run saves every checkpoint.every steps "
                          "and at its end)")
-    overrides = list(args.overrides) + [f"train.run_dir={run_dir}", "checkpoint.resume=auto"]
+    values = {**launch_values(args), "train.run_dir": str(run_dir), "checkpoint.resume": "auto"}
     if args.nproc is not None:
-        overrides.append(f"cluster.nproc={args.nproc}")
-    cfg = load_config(recipe, overrides + launch_overrides(args))
+        values["cluster.nproc"] = args.nproc
+    cfg = load_config(recipe, list(args.overrides), values=values)
     return launch(cfg, wait=args.wait, detach=args.detach)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vidscale.cluster.launch import add_launch_args, launch, launch_overrides
+from vidscale.cluster.launch import add_launch_args, launch, launch_values
 from vidscale.data.shards import check_source
 from vidscale.scaling.config import load_config
 
@@ -23,20 +23,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=None, help="world size: processes to start (default cluster.nproc)")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue from the latest complete checkpoint of the run dir ('auto'; starts fresh "
-                        "if there is none) or from a checkpoint path (checkpoint.resume)")
+                        "only in a run dir without checkpoints) or from a checkpoint path (checkpoint.resume); "
+                        "without it, a run dir that holds an earlier run is refused")
     add_launch_args(p)
     return p
 
 
 def run(args) -> int:
-    overrides = list(args.overrides)
+    # paths and the like are set as given, never parsed (a run dir named `a #2` stays that)
+    values = launch_values(args)
     if args.run_dir:
-        overrides.append(f"train.run_dir={args.run_dir}")
+        values["train.run_dir"] = args.run_dir
     if args.nproc is not None:
-        overrides.append(f"cluster.nproc={args.nproc}")
+        values["cluster.nproc"] = args.nproc
     if args.resume is not None:
-        overrides.append(f"checkpoint.resume={args.resume}")
-    cfg = load_config(args.recipe, overrides + launch_overrides(args))
+        values["checkpoint.resume"] = args.resume
+    cfg = load_config(args.recipe, list(args.overrides), values=values)
     if cfg.data.source != "synthetic" and cfg.cluster.launcher == "local" and cfg.task == "dit":
         # pre-flight before any process or run dir: index present, channels/text width/patch fit the
         # model (Ray/Slurm runs may read data only the cluster sees: their ranks check it themselves)

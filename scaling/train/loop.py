@@ -23,6 +23,7 @@ import torch
 
 from vidscale.models.sizes import param_count
 from vidscale.scaling.checkpoint.manager import Checkpointer, LoaderPart, RngPart, TrainState
+from vidscale.scaling.checkpoint.rundir import RunDirBusy, RunDirTaken, RunLock, check_fresh, held_by_launcher
 from vidscale.scaling.checkpoint.weights import save_run_weights
 from vidscale.scaling.config import Config, load_config, model_config, save_config, to_yaml
 from vidscale.scaling.parallel import collectives
@@ -72,9 +73,19 @@ class Trainer:
         self.dims.init(pick_backend(cfg.parallel.backend, self.device), cfg.parallel.timeout_s)
         self.run_dir = Path(cfg.train.run_dir or default_run_dir(cfg)).absolute()
         self.is_main = self.dims.rank == 0
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+        self.lock = None
+        err = None
+        if self.is_main:  # own the run dir before anything is written there
+            try:
+                if not held_by_launcher(self.run_dir):
+                    self.lock = RunLock(self.run_dir).acquire(sys.argv, wait_s=60)
+                check_fresh(self.run_dir, cfg.checkpoint.resume)
+            except (RunDirBusy, RunDirTaken) as e:
+                err = e
+        if collectives.agree(err is not None):  # every rank stops, rank 0 with the reason
+            if err is not None:
+                raise err
+            raise RunDirBusy(f"{self.run_dir}: rank 0 could not take the run directory (its error names why)")
         seed_all(cfg.train.seed)
         self.task = build_task(cfg, self.dims, self.device)  # what trains: the DiT, or the VAE
         self.engine = build_engine(cfg, self.dims, self.device, self.task)
@@ -90,6 +101,10 @@ class Trainer:
                                  to_yaml(cfg), cfg.parallel.timeout_s)
         if cfg.checkpoint.resume:  # '' fresh, 'auto' latest complete, or a path
             self.ckpt.restore(cfg.checkpoint.resume)
+        if self.is_main:  # only now: a failed restore leaves the run's recipe as it was
+            save_config(cfg, self.run_dir / "config.yaml")
+        self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)  # steps, counted on device
+        self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
 
     @property
     def step(self) -> int:
@@ -119,14 +134,40 @@ class Trainer:
             flops += self.task.flops(meta)
         with self._range("optimizer"):
             grad_norm = self.engine.step()
+        # divergence, noted on the device (no host sync here): read at logging and save steps
+        bad = ~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm.to(self.device))
+        self._first_nonfinite = torch.where(bad & (self._nonfinite == 0), self.state.step + 1,
+                                            self._first_nonfinite)
+        self._nonfinite += bad.long()
         self.state.step += 1
         self.state.tokens_seen += int(global_real)
         return {"loss_sum": loss_sum, "global_real": global_real, "grad_norm": grad_norm,
                 "flops": flops / max(self.dims.sp, 1), "local_tokens": sum(m.seq_len for _, m in batches)}
 
+    def check_finite(self) -> None:
+        """Every rank: stop if any rank saw a non-finite loss or gradient norm since the start.
+        Called before each save and at logging steps, so nothing non-finite is ever saved and
+        retention never deletes the last finite checkpoint."""
+        first = collectives.max_(self._first_nonfinite)
+        if first >= 0:
+            last = self.ckpt.root / f"step_{self.ckpt.last_step:08d}" if self.ckpt.last_step else None
+            raise NonFiniteError(
+                f"{self.run_dir}: the loss or gradient norm became non-finite at step {int(first)} (optim.lr="
+                f"{self.cfg.optim.lr}); stopped without saving. Last finite checkpoint: "
+                f"{last if last else 'none'}; lower the learning rate or resume it with other settings")
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def reduce_loss(self, out: dict) -> float:
         """Mean loss per real token over the step, across dp and sp (a host sync: log steps only)."""
         return collectives.sum_(out["loss_sum"]) / out["global_real"]
+
+
+class NonFiniteError(FloatingPointError):
+    """The run diverged: a non-finite loss or gradient norm (one line, naming the step)."""
 
 
 class _Null:
@@ -140,6 +181,10 @@ class _Null:
 _NULL = _Null()
 
 
+PEAK_EVERY_S = 120.0
+"""Seconds between re-measurements of the GEMM peak that `mfu` divides by."""
+
+
 def train(cfg: Config) -> dict:
     """Train a recipe. Runs on one process or as one rank of a torch.distributed world."""
     signals.clear()
@@ -148,8 +193,11 @@ def train(cfg: Config) -> dict:
     tr = Trainer(cfg)
     c = cfg
     tokens_at_start, run_flops = tr.tokens_seen, 0.0  # this process's share, for final.json
-    peak = measure_peak_flops(tr.device, torch.bfloat16 if c.train.dtype == "bf16" else torch.float32,
-                              seconds=0.5) if tr.is_main else 0.0
+    dtype = torch.bfloat16 if c.train.dtype == "bf16" else torch.float32
+    # the GEMM peak moves with the machine's load: measured at the start and again every
+    # PEAK_EVERY_S at a logging step (0.25 s each), and logged with the MFU it divides
+    peak = measure_peak_flops(tr.device, dtype, seconds=0.5) if tr.is_main else 0.0
+    t_peak = time.perf_counter()
     log = MetricsLogger(tr.run_dir, tr.is_main, c.logging.tensorboard, c.logging.progress,
                         total=c.train.steps, initial=tr.step)
     if tr.is_main:
@@ -172,9 +220,12 @@ def train(cfg: Config) -> dict:
             if tr.step % c.logging.every == 0 or tr.step == c.train.steps:
                 last_loss = tr.reduce_loss(out)
                 dt = time.perf_counter() - t_last
+                if tr.is_main and time.perf_counter() - t_peak > PEAK_EVERY_S:
+                    peak = measure_peak_flops(tr.device, dtype, seconds=0.25)
+                    t_peak = time.perf_counter()
                 rec = {"loss": last_loss, "tokens": tr.tokens_seen, "lr": tr.engine.lr,
                        "grad_norm": float(out["grad_norm"]), "tokens_per_s": tok_last / dt,
-                       "mfu": (flops_acc / dt) / peak if peak else 0.0,
+                       "mfu": (flops_acc / dt) / peak if peak else 0.0, "peak_flops": peak,
                        "packing_efficiency": tr.loader.efficiency,
                        "skipped_samples": tr.loader.stats["skipped"],  # this rank's unreadable samples
                        "memory_gb": _memory_gb(tr.device)}
@@ -182,6 +233,7 @@ def train(cfg: Config) -> dict:
                     rec.update({f"split.{k}": v for k, v in split.items()})
                 log.log(tr.step, {**rec, **extra})
                 t_last, tok_last, flops_acc = time.perf_counter(), 0, 0.0
+                tr.check_finite()
             elif extra:
                 log.log(tr.step, extra)
             # ranks agree on a save request (a collective and a host sync) only where the loop
@@ -190,12 +242,17 @@ def train(cfg: Config) -> dict:
                     or tr.step == c.train.steps):
                 preempted = collectives.agree(signals.save_requested())
             if tr.ckpt.should_save(tr.step) or preempted:
+                tr.check_finite()
                 tr.ckpt.save()
             if preempted:
                 break
+        tr.check_finite()
         if tr.ckpt.last_step != tr.step:  # the end of the run is always saved
             tr.ckpt.save()
         tr.ckpt.wait()
+    except BaseException:
+        tr.close()  # the run dir is free again (a stopped process frees it anyway)
+        raise
     finally:
         log.close()
     result = {"run_dir": str(tr.run_dir), "steps": tr.step, "loss": last_loss, "tokens": tr.tokens_seen,
@@ -217,6 +274,7 @@ def train(cfg: Config) -> dict:
             result.update(scores)
         # consolidated weights for `vidscale sample` (every rank: a gather)
         save_run_weights(tr.engine, tr.run_dir, c, tr.step, kind=tr.task.name, extra=tr.task.weights_metadata())
+    tr.close()
     tr.dims.destroy()
     return result
 

@@ -1,0 +1,129 @@
+"""A run directory is owned: one run at a time writes into it, and a fresh start never
+lands on an earlier run.
+
+- `RunLock`: an exclusive `flock` on RUN_DIR/.lock, taken by the launching process before it
+  writes anything (job.json, configs) and held while the run is driven from there; ranks
+  started by that launcher inherit it through the environment (VIDSCALE_RUN_LOCK); rank 0
+  of a run that no launcher holds (a Slurm batch job, a detached Ray job) takes it itself.
+  A second `train`/`resume` on the same directory fails at once, naming the holder. The
+  kernel drops the lock when its holder dies: a crashed run never leaves a stale lock.
+- `check_fresh`: a run that does not resume refuses a directory that already holds
+  checkpoints or a finished run's files.
+- `write_text_atomic`: files the run rewrites (config.yaml) are replaced in one rename.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import socket
+import time
+from pathlib import Path
+
+from vidscale.scaling.checkpoint import storage
+
+LOCK_FILE = ".lock"
+LOCK_ENV = "VIDSCALE_RUN_LOCK"
+FINISHED_FILES = ("final.json", "model.safetensors")
+
+
+class RunDirBusy(OSError):
+    """Another process owns the run directory (one line: who)."""
+
+
+class RunDirTaken(ValueError):
+    """A fresh run was pointed at a directory that holds an earlier run."""
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "another process"
+    cmd = " ".join(holder.get("command", []))[:120]
+    return f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')} ({cmd})"
+
+
+class RunLock:
+    """An exclusive lock on a run directory; `acquire()` raises `RunDirBusy` naming the holder."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self.fd: int | None = None
+
+    def holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self, command: list[str] | None = None, wait_s: float = 0.0) -> "RunLock":
+        """wait_s: keep trying that long (rank 0 of a submitted job, while its submitter lets go)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+            os.close(fd)
+            raise RunDirBusy(f"{self.run_dir}: in use by {_describe(self.holder())} (lock {self.path}); wait for "
+                             f"it to end, or `vidscale cancel {self.run_dir}`") from None
+        token = secrets.token_hex(8)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "token": token,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": list(command or [])}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self.fd = fd
+        os.environ[LOCK_ENV] = token  # ranks started from here run under this lock
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            if os.environ.get(LOCK_ENV) == self.holder().get("token"):
+                os.environ.pop(LOCK_ENV, None)
+            os.ftruncate(self.fd, 0)  # no holder: a job that inherited our environment takes it anew
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def held_by_launcher(run_dir: str | Path) -> bool:
+    """True when this process was started by the launcher that holds the run dir's lock."""
+    token = os.environ.get(LOCK_ENV)
+    return bool(token) and RunLock(run_dir).holder().get("token") == token
+
+
+def check_fresh(run_dir: str | Path, resume: str) -> None:
+    """A run that does not resume must not land on an earlier run's files."""
+    if resume:
+        return
+    run_dir = Path(run_dir)
+    found = storage.committed(run_dir / "checkpoints")
+    if found:
+        raise RunDirTaken(f"{run_dir}: holds checkpoints of an earlier run (up to step {found[-1][0]}); continue "
+                          f"it with `vidscale resume {run_dir}` (or --resume auto), or choose another --run-dir")
+    for name in FINISHED_FILES:
+        if (run_dir / name).exists():
+            raise RunDirTaken(f"{run_dir}: holds a finished run ({name}); choose another --run-dir")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
