@@ -4,6 +4,8 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PIP     := $(BIN)/pip --disable-pip-version-check -q
+# TORCH_INDEX: an index to take torch from (e.g. PyTorch's CPU wheels); default: the configured one
+TORCH_INDEX ?=
 export PIP_NO_INPUT := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -13,11 +15,11 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
-# torch is pinned first through constraints.txt: an unpinned torch would pull a CUDA build
-# of several GB here; pyproject keeps an open range for GPU users.
+# torch is installed first, pinned through constraints.txt; which build that is depends on the
+# index (a CPU wheel where the index serves one; PyPI's Linux wheel is the CUDA build): see README.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(PIP) install -c constraints.txt torch==2.13.0
+	$(PIP) install -c constraints.txt $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(PIP) install -c constraints.txt -e ".[test,vae]"
 	$(BIN)/python -m vidscale.scaling.warmup
 	touch $(STAMP)
