@@ -12,6 +12,7 @@ import torch
 
 from vidscale.data.loader import remap_loader_states
 from vidscale.scaling.config import load_config
+from vidscale.scaling.train.metrics import ConsumedLog
 
 from conftest import QUIET, ROOT, loader_for, truncate, write_shards
 
@@ -181,6 +182,23 @@ def test_on_batch_reports_exactly_the_batches_taken(tmp_path, workers):
     ld = loader_for(cfg_for(src, f"data.workers={workers}"), 0, 1, on_batch=lambda e, names: got.append((e, names)))
     taken = [(ld.epoch, next(ld)[1].names) for _ in range(3)]
     assert got == taken
+
+
+def test_consumed_log_writes_per_step_and_epoch_and_drops_records_past_a_resume(tmp_path):
+    logs = [ConsumedLog(tmp_path, r) for r in range(3)]
+    for step in (1, 2, 3):
+        for r, lg in enumerate(logs):
+            lg.on_batch(step, [f"{r}.{step}a"])
+            lg.on_batch(step, [f"{r}.{step}b"])
+            lg.on_batch(step + 1, [f"{r}.{step}c"])  # the step crosses into the next epoch
+            lg.write(step)
+    first = json.loads((tmp_path / "consumed/dp00001.jsonl").read_text().splitlines()[0])
+    assert first == {"step": 1, "epoch": 1, "keys": ["1.1a", "1.1b"]}
+    for r in range(2):  # resumed from step 2 on 2 ranks: rank 0 also cuts the old rank 2's file
+        ConsumedLog(tmp_path, r).truncate(2, dp=2)
+    steps = {p.name: [json.loads(x)["step"] for x in p.read_text().splitlines()]
+             for p in (tmp_path / "consumed").glob("dp*.jsonl")}
+    assert steps == {f"dp0000{r}.jsonl": [1, 1, 2, 2] for r in range(3)}
 
 
 def test_truncated_shard_and_corrupt_sample_are_skipped_and_counted(tmp_path):
