@@ -41,6 +41,10 @@ class LoaderArgs(SyntheticArgs):
     """NaViT token dropping: fraction of tokens of long videos dropped at random (0 = off)."""
     drop_min_tokens: int = 1024
     """Only videos with at least this many tokens get tokens dropped."""
+    record_consumed: bool = False
+    """Each data-parallel rank appends the names of the samples it trained on to
+    RUN_DIR/consumed/dpNNNNN.jsonl, one {"step", "epoch", "keys"} line per step and epoch
+    (records past a resumed checkpoint's step are dropped on resume, like metrics.jsonl's)."""
 
 
 @dataclass

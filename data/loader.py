@@ -42,7 +42,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -56,6 +56,8 @@ log = logging.getLogger("vidscale.data")
 STATE_VERSION = 1
 ON_ERROR = ("skip", "fail")
 """`data.on_error`: count an unreadable sample and go on, or raise."""
+OnBatch = Callable[[int, tuple[str, ...]], None]
+"""Called with (epoch, sample names) for each batch the training process takes from `next()`."""
 
 
 class SyntheticSource:
@@ -139,7 +141,7 @@ class PackedLoader:
     """Plans, loads and packs one dp rank's share of each epoch (see the module doc)."""
 
     def __init__(self, source, data: LoaderArgs, *, budget: int, seed: int, patch: Sequence[int], dp_rank: int,
-                 dp_size: int, multiple: int):
+                 dp_size: int, multiple: int, on_batch: OnBatch | None = None):
         self.source, self.budget, self.seed = source, budget, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.lookahead, self.multiple, self.patch = data.lookahead, multiple, tuple(patch)
@@ -157,6 +159,7 @@ class PackedLoader:
         self._plan: tuple[list[int], list[list[int]]] = ([], [])
         self._it = None
         self._empty_segments = 0
+        self.on_batch = on_batch  # only batches taken here: never those workers prefetched
 
     # -- planning ----------------------------------------------------------------------
     def kept_tokens(self, i: int) -> int:
@@ -197,7 +200,7 @@ class PackedLoader:
 
     def _producer_copy(self) -> "PackedLoader":
         c = copy.copy(self)
-        c._it, c.queue, c.stats = None, [dict(q) for q in self.queue], {}
+        c._it, c.queue, c.stats, c.on_batch = None, [dict(q) for q in self.queue], {}, None
         return c
 
     def _batches(self):
@@ -237,6 +240,8 @@ class PackedLoader:
             self.stats["real_tokens"] += meta.num_real
             self.stats["budget_tokens"] += max(self.budget, meta.seq_len)
             self.stats["padded_tokens"] += meta.seq_len
+            if self.on_batch is not None:
+                self.on_batch(self.epoch, meta.names)
             return tokens, meta
 
     @property
@@ -276,8 +281,10 @@ def remap_loader_states(states: list[dict], new_dp: int) -> list[dict]:
 
     The old ranks may be in different epochs. Up to the latest epoch E any of them reached,
     the remaining positions of each epoch (its default blocks and queued segments, minus
-    what was consumed) are split contiguously over the new ranks as queued segments; from
-    epoch E + 1 on, the new ranks take their default blocks."""
+    what was consumed) are split contiguously over the new ranks as queued segments; every
+    new rank's last segment is in epoch E (empty where nothing of E is left for it, also
+    when new dp > the samples left), so from epoch E + 1 on, and only then, the new ranks
+    take their default blocks."""
     if new_dp < 1:
         raise ValueError(f"new dp size must be positive, got {new_dp}")
     if not states:
@@ -305,7 +312,9 @@ def remap_loader_states(states: list[dict], new_dp: int) -> list[dict]:
             mine = pos[r * len(pos) // new_dp:(r + 1) * len(pos) // new_dp]
             if mine:
                 segs.append({"epoch": e, "ranges": _to_ranges(mine)})
-        if not segs:  # nothing left for this rank before epoch E + 1: an empty segment at E
+        if not segs or segs[-1]["epoch"] != last:
+            # nothing left for this rank in epoch E: an explicit empty segment at E, or the
+            # rank would roll from its last segment into its default block of E (consumed)
             segs.append({"epoch": last, "ranges": []})
         head = segs.pop(0)
         stats = {k: sum(s["stats"][k] for s in states) // new_dp for k in states[0]["stats"]}
@@ -394,10 +403,12 @@ def _worker_init(_):
 
 
 def build_loader(data: LoaderArgs, *, seed: int, tokens_per_batch: int, patch: Sequence[int], channels: int,
-                 text_dim: int, dp_rank: int = 0, dp_size: int = 1, multiple: int = 1) -> PackedLoader:
+                 text_dim: int, dp_rank: int = 0, dp_size: int = 1, multiple: int = 1,
+                 on_batch: OnBatch | None = None) -> PackedLoader:
     """The packed loader of dp rank `dp_rank` of `dp_size` (see the module doc). `data` is the
     recipe's data section; seed and tokens_per_batch come from `train`; patch, channels
-    (`model.in_channels`) and text_dim from `model`; `multiple` is the sequence-parallel degree.
+    (`model.in_channels`) and text_dim from `model`; `multiple` is the sequence-parallel degree;
+    `on_batch(epoch, names)` is told the samples of each batch taken (`data.record_consumed`).
     Shards are checked against the model and the budget first (ValueError, one line)."""
     if data.source == "synthetic":
         source = SyntheticSource(data, seed=seed, channels=channels, text_dim=text_dim, patch=patch)
@@ -406,4 +417,4 @@ def build_loader(data: LoaderArgs, *, seed: int, tokens_per_batch: int, patch: S
                              tokens_per_batch=tokens_per_batch, drop_tokens=data.drop_tokens,
                              drop_min_tokens=data.drop_min_tokens)
     return PackedLoader(source, data, budget=tokens_per_batch, seed=seed, patch=patch, dp_rank=dp_rank,
-                        dp_size=dp_size, multiple=multiple)
+                        dp_size=dp_size, multiple=multiple, on_batch=on_batch)

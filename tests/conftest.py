@@ -110,11 +110,11 @@ def write_sweep(dir: Path, text: str, name: str = "sweep.yaml") -> Path:
     return p
 
 
-def loader_for(cfg, dp_rank: int = 0, dp_size: int = 1, multiple: int = 1):
+def loader_for(cfg, dp_rank: int = 0, dp_size: int = 1, multiple: int = 1, on_batch=None):
     """The packed loader a recipe's training uses (as `DiTTask.build_loader` builds it)."""
     return build_loader(cfg.data, seed=cfg.train.seed, tokens_per_batch=cfg.train.tokens_per_batch,
                         patch=cfg.model.patch, channels=cfg.model.in_channels, text_dim=cfg.model.text_dim,
-                        dp_rank=dp_rank, dp_size=dp_size, multiple=multiple)
+                        dp_rank=dp_rank, dp_size=dp_size, multiple=multiple, on_batch=on_batch)
 
 
 def dit_config(**model):

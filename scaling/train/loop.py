@@ -33,7 +33,7 @@ from vidscale.scaling.train import host_memory, signals
 from vidscale.scaling.train.engine import Engine, TorchEngine
 from vidscale.scaling.train.evaluate import write_final
 from vidscale.scaling.train.flops import measure_peak_flops
-from vidscale.scaling.train.metrics import MetricsLogger
+from vidscale.scaling.train.metrics import ConsumedLog, MetricsLogger
 from vidscale.scaling.train.step_split import StepProfiler, profile_step
 from vidscale.scaling.train.tasks import Task, build_task
 from vidscale.scaling.train.zero import build_zero_engine
@@ -92,7 +92,11 @@ class Trainer:
         self.model = self.engine.module
         if cfg.model.compile:  # last: after the engine's hooks and the sp kernel are in place
             apply_compile(self.engine.model)
-        self.loader = self.task.build_loader(self.dims.dp_rank, self.dims.dp, multiple=self.dims.sp)
+        # the sp ranks of a dp group take the same batches: one record per dp rank
+        self.consumed = (ConsumedLog(self.run_dir, self.dims.dp_rank)
+                         if cfg.data.record_consumed and self.dims.sp_rank == 0 else None)
+        self.loader = self.task.build_loader(self.dims.dp_rank, self.dims.dp, multiple=self.dims.sp,
+                                             on_batch=self.consumed.on_batch if self.consumed else None)
         self.state = TrainState()
         layout = {"world": self.dims.world, "dp": self.dims.dp, "sp": self.dims.sp, "ulysses": self.dims.ulysses,
                   "ring": self.dims.ring, "zero_stage": cfg.parallel.zero_stage, "engine": self.engine.kind}
@@ -100,7 +104,8 @@ class Trainer:
         self.ckpt = Checkpointer(self.run_dir, cfg.checkpoint, self.dims, self.state, parts, layout,
                                  to_yaml(cfg), cfg.parallel.timeout_s)
         if cfg.checkpoint.resume:  # '' fresh, 'auto' latest complete, or a path
-            self.ckpt.restore(cfg.checkpoint.resume)
+            if self.ckpt.restore(cfg.checkpoint.resume) is not None and self.consumed is not None:
+                self.consumed.truncate(self.state.step, self.dims.dp)
         if self.is_main:  # only now: a failed restore leaves the run's recipe as it was
             save_config(cfg, self.run_dir / "config.yaml")
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)  # steps, counted on device
@@ -141,6 +146,8 @@ class Trainer:
         self._nonfinite += bad.long()
         self.state.step += 1
         self.state.tokens_seen += int(global_real)
+        if self.consumed is not None:
+            self.consumed.write(self.state.step)
         return {"loss_sum": loss_sum, "global_real": global_real, "grad_norm": grad_norm,
                 "flops": flops / max(self.dims.sp, 1), "local_tokens": sum(m.seq_len for _, m in batches)}
 

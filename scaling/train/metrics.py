@@ -1,9 +1,12 @@
-"""Run metrics: metrics.jsonl (every logged step), TensorBoard scalars, a progress bar."""
+"""Run metrics: metrics.jsonl (every logged step), TensorBoard scalars, a progress bar; the
+samples each data-parallel rank trained on (consumed/dpNNNNN.jsonl, `data.record_consumed`)."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+
+from vidscale.scaling.checkpoint.manager import truncate_metrics
 
 
 class MetricsLogger:
@@ -57,3 +60,41 @@ class MetricsLogger:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     p = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+
+
+class ConsumedLog:
+    """`data.record_consumed`: the samples one dp rank trained on, observed rather than
+    recomputed. The loader reports each batch the training process takes (`on_batch`; never
+    those its workers prefetched); `write(step)` appends one {"step", "epoch", "keys"} line per
+    epoch of the step to RUN_DIR/consumed/dpNNNNN.jsonl once the step is done."""
+
+    def __init__(self, run_dir: str | Path, dp_rank: int):
+        self.dir = Path(run_dir) / "consumed"
+        self.dp_rank = dp_rank
+        self.path = self.dir / f"dp{dp_rank:05d}.jsonl"
+        self._pending: list[tuple[int, list[str]]] = []
+
+    def on_batch(self, epoch: int, names) -> None:
+        if self._pending and self._pending[-1][0] == epoch:
+            self._pending[-1][1].extend(names)
+        else:
+            self._pending.append((epoch, list(names)))
+
+    def write(self, step: int) -> None:
+        if not self._pending:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.writelines(json.dumps({"step": step, "epoch": e, "keys": k}) + "\n" for e, k in self._pending)
+        self._pending = []
+
+    def truncate(self, step: int, dp: int) -> None:
+        """On resume from `step`: drop the records the interrupted run wrote after it (they are
+        trained again). Each rank truncates its own file; dp rank 0 also those of old ranks
+        beyond the new dp size, which nobody else opens."""
+        self._pending = []
+        truncate_metrics(self.path, step)
+        if self.dp_rank == 0 and self.dir.is_dir():
+            for p in sorted(self.dir.glob("dp*.jsonl")):
+                if int(p.stem[2:]) >= dp:
+                    truncate_metrics(p, step)

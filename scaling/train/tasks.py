@@ -4,7 +4,8 @@ and never reaches into the loop.
 
     task = build_task(cfg, dims, device)
     task.make_model()                             -> plain nn.Module (init_weights() after building)
-    task.build_loader(dp_rank, dp, multiple)      -> iterator of (batch, meta); meta has num_real, seq_len
+    task.build_loader(dp_rank, dp, multiple, on_batch) -> iterator of (batch, meta); meta has num_real,
+                                                  seq_len; on_batch(epoch, names) hears each batch taken
     task.micro_loss(model, batch, meta, step, i)  -> (sum of this rank's element losses, their count)
     task.flops(meta)                              -> training FLOPs of the micro-batch (0 when not modelled)
     task.after_step(engine, step, run_dir)        -> extra metrics for the log (every rank calls it)
@@ -22,7 +23,7 @@ from typing import Iterator, Protocol
 import torch
 
 from vidscale.data.clips import ClipLoader
-from vidscale.data.loader import build_loader
+from vidscale.data.loader import OnBatch, build_loader
 from vidscale.models.dit import VideoDiT
 from vidscale.models.packed import PackedMeta
 from vidscale.models.vae import VAEConfig, VideoVAE
@@ -41,7 +42,7 @@ class Task(Protocol):
 
     def make_model(self) -> torch.nn.Module: ...
 
-    def build_loader(self, dp_rank: int, dp: int, multiple: int = 1) -> Iterator: ...
+    def build_loader(self, dp_rank: int, dp: int, multiple: int = 1, on_batch: OnBatch | None = None) -> Iterator: ...
 
     def micro_loss(self, model, batch, meta, step: int, micro: int) -> tuple[torch.Tensor, int]: ...
 
@@ -79,11 +80,11 @@ class DiTTask:
     def make_model(self) -> torch.nn.Module:
         return VideoDiT(self.mcfg)
 
-    def build_loader(self, dp_rank: int, dp: int, multiple: int = 1):
+    def build_loader(self, dp_rank: int, dp: int, multiple: int = 1, on_batch: OnBatch | None = None):
         c = self.cfg
         return build_loader(c.data, seed=c.train.seed, tokens_per_batch=c.train.tokens_per_batch, patch=c.model.patch,
                             channels=c.model.in_channels, text_dim=c.model.text_dim, dp_rank=dp_rank, dp_size=dp,
-                            multiple=multiple)
+                            multiple=multiple, on_batch=on_batch)
 
     def micro_loss(self, model, tokens_LP, meta: PackedMeta, step: int, micro: int) -> tuple[torch.Tensor, int]:
         """Sum of this rank's real-token losses for one micro-batch, and its real-token count."""
@@ -146,7 +147,9 @@ class VAETask:
     def make_model(self) -> torch.nn.Module:
         return VideoVAE(self.vcfg)
 
-    def build_loader(self, dp_rank: int, dp: int, multiple: int = 1):
+    def build_loader(self, dp_rank: int, dp: int, multiple: int = 1, on_batch: OnBatch | None = None):
+        if on_batch is not None:
+            raise ValueError("data.record_consumed: the VAE's clip loader does not record its samples (task: vae)")
         self.loader = ClipLoader(self.cfg.data, self.cfg.vae, self.cfg.train.seed, dp_rank, dp)
         return self.loader
 

@@ -89,9 +89,12 @@ def test_ulysses_ring_usp_equal_single_process(tmp_path):
     res = [json.loads(f.read_text()) for f in files]
     for u, r in LAYOUTS:
         key = f"{u}x{r}"
+        print(f"sp parity {key}: outputs {max(res[k][key]['out_diff'] for k in range(world)):.2e}, "
+              f"gradients {max(res[k][key]['grad_diff'] for k in range(world)):.2e}")
         for rank in range(world):
-            assert res[rank][key]["out_diff"] <= 1e-5, (key, rank, res[rank][key])
-            assert res[rank][key]["grad_diff"] <= 1e-6, (key, rank, res[rank][key])
+            # 10x the figures README.md states (measured: outputs 2.4e-7, gradients 1.2e-7)
+            assert res[rank][key]["out_diff"] <= 2.4e-6, (key, rank, res[rank][key])
+            assert res[rank][key]["grad_diff"] <= 1.2e-6, (key, rank, res[rank][key])
             assert res[rank][key]["grad_scale"] > 1e-3  # gradients are not trivially zero
         reals = [res[rank][key]["real"] for rank in range(u * r)]
         assert len(set(reals)) > 1, (key, reals)  # uneven real tokens across sp ranks

@@ -2,6 +2,7 @@
 dp ranks, exact resume (with and without worker processes), remapping to a new dp size,
 corrupt shards and samples skipped and counted (or failing by data.on_error)."""
 import io
+import itertools
 import json
 import tarfile
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 from vidscale.data.loader import remap_loader_states
 from vidscale.scaling.config import load_config
+from vidscale.scaling.train.metrics import ConsumedLog
 
 from conftest import QUIET, ROOT, loader_for, truncate, write_shards
 
@@ -96,6 +98,107 @@ def test_remap_to_a_new_dp_size_loses_and_repeats_nothing(tmp_path, new_dp):
     for e in (0, 1):
         allv = consumed[e] + rest[e]
         assert sorted(allv) == sorted(set(allv)) and len(allv) == 37, (e, len(allv))
+
+
+def _consume_across_remap(cfg, steps: list[int], new_dp: int) -> tuple[dict, int, list[dict], list[str]]:
+    """Old rank r takes steps[r] batches, the states go through a checkpoint's JSON and
+    `remap_loader_states`, then every new rank takes batches until it has left the latest epoch
+    any old rank reached. Returns what the ranks consumed ({epoch: [names]}, as the loaders
+    reported them through on_batch), that epoch, the remapped states and every sample's name."""
+    seen: dict[int, list[str]] = {}
+    record = lambda epoch, names: seen.setdefault(epoch, []).extend(names)  # noqa: E731
+    old = [loader_for(cfg, r, len(steps), on_batch=record) for r in range(len(steps))]
+    for ld, k in zip(old, steps):
+        for _ in range(k):
+            next(ld)
+    states = remap_loader_states([json.loads(json.dumps(ld.state_dict())) for ld in old], new_dp)
+    last = max(max([s["epoch"]] + [q["epoch"] for q in s["queue"]]) for s in states)
+    for r, sd in enumerate(states):
+        epochs: list[int] = []
+
+        def record_new(epoch, names, epochs=epochs):
+            epochs.append(epoch)
+            if epoch <= last:  # epoch last + 1 on: the new ranks' default blocks
+                record(epoch, names)
+
+        ld = loader_for(cfg, r, new_dp, on_batch=record_new)
+        ld.load_state_dict(sd)
+        while not epochs or epochs[-1] <= last:
+            next(ld)
+    return seen, last, states, [old[0].source.name(i) for i in range(old[0].n)]
+
+
+def _idle_in_latest_epoch(states: list[dict], last: int) -> bool:
+    """Some new rank has samples of an earlier epoch but none of the latest (the issue's case)."""
+    for s in states:
+        segs = [(s["epoch"], s["ranges"])] + [(q["epoch"], q["ranges"]) for q in s["queue"]]
+        if any(r for e, r in segs if e < last) and not any(r for e, r in segs if e == last):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("n", [5, 8, 13])
+def test_remap_property_every_sample_of_an_unfinished_epoch_is_consumed_exactly_once(tmp_path, n):
+    """Over many (old dp, new dp, interruption steps of each old rank), also new dp x old dp >
+    samples and new dp > the samples left of the latest epoch: from the keys the real loaders
+    consumed, every epoch up to the latest one reached before the remap holds every sample
+    exactly once (no consumed sample repeated, none left out)."""
+    src = write_shards(tmp_path / "s", n=n, max_bytes=3000)
+    cfg = cfg_for(src, "train.tokens_per_batch=40")  # 1-3 samples a batch: ranks drift apart
+    # equal steps on every rank (a training run) and unequal ones (states of any progress)
+    progress = ([(k,) for k in range(5)] + list(itertools.product(range(4), repeat=2))
+                + list(itertools.product((0, 1, 3), repeat=3)))
+    idle = crowded = cases = 0
+    for steps in progress:
+        for new_dp in sorted({1, 2, 3, 5, 7, n} - set(range(n + 1, 8))):
+            seen, last, states, every = _consume_across_remap(cfg, list(steps), new_dp)
+            for e in range(last + 1):
+                assert sorted(seen.get(e, [])) == sorted(every), (steps, new_dp, e, last)
+            idle += _idle_in_latest_epoch(states, last)
+            crowded += len(steps) * new_dp > n
+            cases += 1
+    assert idle and crowded and cases >= 150, (idle, crowded, cases)  # the issue's case and dp x dp > n
+
+
+def test_remap_the_issue_case_3_ranks_to_5_over_8_samples(tmp_path):
+    """The issue's case: old ranks straddle an epoch boundary and some new rank gets nothing
+    of the latest epoch; it used to roll into its default block of that epoch (a repeat)."""
+    src = write_shards(tmp_path / "s", n=8, max_bytes=3000, seed=2)
+    cfg = cfg_for(src, "train.tokens_per_batch=40")
+    idle = 0
+    for k in range(5):
+        seen, last, states, every = _consume_across_remap(cfg, [k, 3, 3], 5)
+        for e in range(last + 1):
+            assert sorted(seen.get(e, [])) == sorted(every), (k, e, last)
+        idle += _idle_in_latest_epoch(states, last)
+    assert idle >= 3
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_on_batch_reports_exactly_the_batches_taken(tmp_path, workers):
+    """Batches that workers prefetched but the training process never took are not reported."""
+    src = write_shards(tmp_path / "s", n=30)
+    got: list = []
+    ld = loader_for(cfg_for(src, f"data.workers={workers}"), 0, 1, on_batch=lambda e, names: got.append((e, names)))
+    taken = [(ld.epoch, next(ld)[1].names) for _ in range(3)]
+    assert got == taken
+
+
+def test_consumed_log_writes_per_step_and_epoch_and_drops_records_past_a_resume(tmp_path):
+    logs = [ConsumedLog(tmp_path, r) for r in range(3)]
+    for step in (1, 2, 3):
+        for r, lg in enumerate(logs):
+            lg.on_batch(step, [f"{r}.{step}a"])
+            lg.on_batch(step, [f"{r}.{step}b"])
+            lg.on_batch(step + 1, [f"{r}.{step}c"])  # the step crosses into the next epoch
+            lg.write(step)
+    first = json.loads((tmp_path / "consumed/dp00001.jsonl").read_text().splitlines()[0])
+    assert first == {"step": 1, "epoch": 1, "keys": ["1.1a", "1.1b"]}
+    for r in range(2):  # resumed from step 2 on 2 ranks: rank 0 also cuts the old rank 2's file
+        ConsumedLog(tmp_path, r).truncate(2, dp=2)
+    steps = {p.name: [json.loads(x)["step"] for x in p.read_text().splitlines()]
+             for p in (tmp_path / "consumed").glob("dp*.jsonl")}
+    assert steps == {f"dp0000{r}.jsonl": [1, 1, 2, 2] for r in range(3)}
 
 
 def test_truncated_shard_and_corrupt_sample_are_skipped_and_counted(tmp_path):
