@@ -44,7 +44,7 @@ from vidscale.scaling.config import CHECKSUMS, CheckpointArgs
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
-_TAG_RE = re.compile(r"^step_(\d{8,})$")
+_TAG_RE = re.compile(r"step_(\d{8,})")
 FAULT_ENV = "VIDSCALE_CKPT_FAULT"
 """Fault injection for the fault tests: 'enospc@STEP' makes the first file write of the save
 at STEP fail with ENOSPC; 'hang@STEP' sleeps forever after that save's first file (so a test
@@ -79,7 +79,7 @@ def tag_for(step: int) -> str:
 
 
 def step_of(name: str) -> int | None:
-    m = _TAG_RE.match(name)
+    m = _TAG_RE.fullmatch(name)
     return int(m.group(1)) if m else None
 
 

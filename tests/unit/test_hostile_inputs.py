@@ -4,7 +4,12 @@ import json
 import pytest
 import torch
 
+from vidscale.cluster.slurm import plan
 from vidscale.data.shards import ShardSource, ShardWriter
+from vidscale.scaling.checkpoint.storage import step_of
+from vidscale.scaling.config import load_config
+
+from conftest import ROOT  # noqa: E402
 
 MODEL = {"patch": (1, 2, 2), "channels": 4, "text_dim": 16}
 
@@ -43,3 +48,35 @@ def test_index_shard_names_outside_the_source_are_refused(tmp_path, name):
         list(src.stream([0]))
     assert "\n" not in str(e.value) and repr(name) in str(e.value)
     assert not marker.exists()
+
+
+# A value that ends in a newline: `re.match(...$)` accepts it, and on an `#SBATCH` line it
+# ends the header, so sbatch ignores every option after it.
+HOSTILE_SLURM_VALUES = [
+    ("train.run_dir", "{tmp}/run\n"),
+    ("cluster.slurm.partition", "gpu\n"),
+    ("cluster.slurm.account", "acct\n"),
+    ("cluster.slurm.qos", "high\n"),
+    ("cluster.slurm.constraint", "a100\n"),
+    ("cluster.slurm.time", "10\n"),
+    ("cluster.slurm.extra", ["--exclusive\n"]),
+]
+
+
+@pytest.mark.parametrize("key,value", HOSTILE_SLURM_VALUES)
+def test_slurm_values_with_a_trailing_newline_are_refused(tmp_path, key, value):
+    cfg = load_config(ROOT / "recipes/debug.yaml", [f"train.run_dir={tmp_path / 'run'}", "cluster.nproc=2",
+                                                     "parallel.zero_stage=3"])
+    section, field = key.rsplit(".", 1)
+    obj = cfg
+    for part in section.split("."):
+        obj = getattr(obj, part)
+    setattr(obj, field, value.format(tmp=tmp_path) if isinstance(value, str) else value)
+    with pytest.raises(ValueError) as e:
+        plan(cfg)
+    assert "\n" not in str(e.value) and key in str(e.value), str(e.value)
+
+
+def test_checkpoint_tag_with_a_trailing_newline_is_not_a_step():
+    assert step_of("step_00000004") == 4
+    assert step_of("step_00000004\n") is None
