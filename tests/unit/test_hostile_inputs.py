@@ -1,12 +1,20 @@
 """Inputs nobody should send, each refused in one line before anything runs on its behalf."""
+import argparse
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
+from vidscale.cluster.job import new_job
 from vidscale.cluster.slurm import plan
 from vidscale.data.shards import ShardSource, ShardWriter
 from vidscale.scaling.checkpoint.storage import step_of
+from vidscale.scaling.cli import cancel
 from vidscale.scaling.config import load_config
 
 from conftest import ROOT  # noqa: E402
@@ -80,3 +88,42 @@ def test_slurm_values_with_a_trailing_newline_are_refused(tmp_path, key, value):
 def test_checkpoint_tag_with_a_trailing_newline_is_not_a_step():
     assert step_of("step_00000004") == 4
     assert step_of("step_00000004\n") is None
+
+
+# job.json job ids that scancel would read as options or as someone else's jobs.
+HOSTILE_SLURM_JOB_IDS = ["--me", "-u", "123 456", "123\n", "12;rm", "", "123_", 123]
+
+
+@pytest.mark.parametrize("job_id", HOSTILE_SLURM_JOB_IDS)
+def test_cancel_refuses_job_ids_that_are_not_slurm_ids(tmp_path, monkeypatch, job_id):
+    bin_dir, marker = tmp_path / "bin", tmp_path / "scancelled"
+    bin_dir.mkdir()
+    (bin_dir / "scancel").write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\n")
+    (bin_dir / "scancel").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    run = tmp_path / "run"
+    new_job("slurm", run, ["vidscale", "train"], job_ids=[job_id], state="RUNNING").save()
+    with pytest.raises(ValueError) as e:
+        cancel.run(argparse.Namespace(run_dir=str(run)))
+    assert "\n" not in str(e.value) and "job.json" in str(e.value) and repr(job_id) in str(e.value)
+    assert not marker.exists()
+
+
+def test_cancel_does_not_signal_a_recycled_pid(tmp_path):
+    # a vidscale-looking process that is not the one job.json recorded (other start time)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "vidscale"])
+    try:
+        run = tmp_path / "run"
+        job = new_job("local", run, ["vidscale", "train"], state="RUNNING", pid=other.pid)
+        job.pid_start -= 100
+        job.save()
+        with pytest.raises(ValueError, match="not running"):
+            cancel.run(argparse.Namespace(run_dir=str(run)))
+        time.sleep(0.2)
+        assert other.poll() is None, "a process that job.json did not record was signalled"
+        # the recorded one (same start time) is
+        new_job("local", run, ["vidscale", "train"], state="RUNNING", pid=other.pid).save()
+        assert cancel.run(argparse.Namespace(run_dir=str(run))) == 0
+        assert other.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        other.kill()
