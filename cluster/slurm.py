@@ -211,6 +211,12 @@ def _ray_body(p: SlurmPlan, python: str) -> str:
 nodes=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
 port=$((30000 + SLURM_JOB_ID % 20000))
 export RAY_TMPDIR=/tmp/vidscale-ray-$SLURM_JOB_ID
+# the head listens on the node's address at a predictable port: every Ray process of this job
+# (head, workers, driver; srun passes the environment on) requires a token only this job knows
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$RUN_DIR/.ray-token-$SLURM_JOB_ID"
+unset RAY_AUTH_TOKEN
+(umask 077 && rm -f "$RAY_AUTH_TOKEN_PATH" && {q(python)} -c 'import secrets; print(secrets.token_hex(32))' > "$RAY_AUTH_TOKEN_PATH") \
+  || {{ echo "vidscale: cannot write the Ray token $RAY_AUTH_TOKEN_PATH"; exit 1; }}
 srun --nodes=1 --ntasks=1 --cpus-per-task={cpus} -w "${{nodes[0]}}" \\
   {ray} start --head --block --port=$port {res} --include-dashboard=false --disable-usage-stats \\
   --temp-dir="$RAY_TMPDIR" > "$RUN_DIR/ray-head-$SLURM_JOB_ID.log" 2>&1 &

@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from vidscale.cluster.job import new_job
+from vidscale.cluster.ray_cluster import DEFAULT_DIR, new_token, private_dir, read_head
 from vidscale.cluster.slurm import plan
 from vidscale.data.shards import ShardSource, ShardWriter
 from vidscale.scaling.checkpoint.storage import step_of
@@ -127,3 +129,42 @@ def test_cancel_does_not_signal_a_recycled_pid(tmp_path):
         assert other.wait(timeout=10) == -signal.SIGTERM
     finally:
         other.kill()
+
+
+def _symlink_to_elsewhere(path, tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    path.symlink_to(tmp_path / "elsewhere")
+
+
+def _owned_by_someone_else(path, tmp_path):
+    path.mkdir(mode=0o777)
+    os.chown(path, os.getuid() + 1, -1)
+
+
+def _a_file(path, tmp_path):
+    path.write_text("")
+
+
+# What another user of the machine could leave where the Ray head's directory goes.
+HOSTILE_RAY_DIRS = [_symlink_to_elsewhere, _owned_by_someone_else, _a_file]
+
+
+@pytest.mark.parametrize("plant", HOSTILE_RAY_DIRS)
+def test_ray_directory_planted_by_someone_else_is_refused(tmp_path, plant):
+    if plant is _owned_by_someone_else and os.getuid() != 0:
+        pytest.xfail("only root can give a directory to another user")
+    d = tmp_path / "vidscale-ray-x"
+    plant(d, tmp_path)
+    with pytest.raises(ValueError, match=r"Ray directory .*vidscale-ray-x") as e:
+        private_dir(d)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="Ray directory"):
+        read_head(d)
+
+
+def test_ray_default_directory_is_private_to_its_user(tmp_path):
+    assert DEFAULT_DIR == f"/tmp/vidscale-ray-{os.getuid()}" and len(DEFAULT_DIR) < 40
+    d = private_dir(tmp_path / "fresh")
+    assert d.is_dir() and stat.S_IMODE(d.stat().st_mode) == 0o700
+    token = new_token(d / "auth_token")
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64
