@@ -15,7 +15,8 @@ from vidscale.cluster.job import new_job
 from vidscale.cluster.ray_cluster import DEFAULT_DIR, new_token, private_dir, read_head
 from vidscale.cluster.slurm import plan
 from vidscale.data.shards import ShardSource, ShardWriter
-from vidscale.scaling.checkpoint.storage import step_of
+from vidscale.scaling.checkpoint import zero
+from vidscale.scaling.checkpoint.storage import CheckpointError, step_of
 from vidscale.scaling.cli import cancel
 from vidscale.scaling.config import load_config
 
@@ -168,3 +169,47 @@ def test_ray_default_directory_is_private_to_its_user(tmp_path):
     assert d.is_dir() and stat.S_IMODE(d.stat().st_mode) == 0o700
     token = new_token(d / "auth_token")
     assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64
+
+
+class _Payload:
+    """What a crafted shard could hold: unpickling it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _zip_pickle(path, marker):
+    torch.save({"optimizer_state_dict": _Payload(marker), "w": torch.zeros(2)}, path)
+
+
+def _legacy_pickle(path, marker):
+    torch.save({"optimizer_state_dict": _Payload(marker)}, path, _use_new_zipfile_serialization=False)
+
+
+def _through_deepspeeds_engine(path):
+    zero._engine_class()().load(str(path), map_location="cpu")
+
+
+def _through_deepspeeds_own_torch_load(path):
+    with zero.weights_only_loads():  # how DeepSpeed's loaders, ds_to_universal and zero_to_fp32 call it
+        torch.load(path, map_location="cpu", weights_only=False)
+
+
+# A ZeRO shard whose pickle calls something when loaded, written two ways, read every way we read them.
+HOSTILE_SHARDS = [(w, r) for w in (_zip_pickle, _legacy_pickle)
+                  for r in (zero.load_torch, _through_deepspeeds_engine, _through_deepspeeds_own_torch_load)]
+
+
+@pytest.mark.parametrize("write,read", HOSTILE_SHARDS)
+def test_crafted_zero_shard_is_refused_not_executed(tmp_path, write, read):
+    path, marker = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt", tmp_path / "ran"
+    write(path, marker)
+    with pytest.raises(CheckpointError) as e:
+        read(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "refused to unpickle" in msg and "system" in msg, msg
+    assert not marker.exists()
+    assert torch.load is zero._torch_load  # the patch is gone again
