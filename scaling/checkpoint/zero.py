@@ -9,7 +9,9 @@
 Same world size: DeepSpeed loads its shards as they were (exact). Another world size:
 rank 0 converts the shards once with DeepSpeed's universal checkpoint
 (`deepspeed.checkpoint.ds_to_universal`) into `checkpoints/.universal/TAG` (next to, never
-inside, the verified checkpoint), and every rank loads it with `load_universal`; EMA
+inside, the verified checkpoint; with its own manifest, verified before every use and rebuilt
+when damaged or made from an earlier save of TAG, which storage drops when TAG is saved
+again), and every rank loads it with `load_universal`; EMA
 partitions are reassembled from the shards and re-cut for the new world here.
 DeepSpeed writes and reads through `ManifestEngine`, our implementation of its checkpoint-
 engine interface: every shard is hashed as torch.save streams it out and fsynced (no
@@ -208,14 +210,23 @@ def load_ema(ema: dict, model, stage: int, path: Path, old_world: int, d) -> Non
 
 
 def universal_dir(path: Path) -> Path:
-    return path.parent / ".universal" / path.name
+    return io.universal_dir(path.parent, path.name)
 
 
-def convert_universal(path: Path) -> Path:
-    """Rank 0: DeepSpeed's universal checkpoint of `path` (once; cached beside it)."""
+def convert_universal(path: Path, report=print) -> Path:
+    """Rank 0: DeepSpeed's universal checkpoint of `path` (once; cached beside it with its
+    own manifest). A cached one is used only if it verifies and was made from this very save
+    of `path`; otherwise it is rebuilt."""
     out = universal_dir(path)
-    if (out / ".complete").exists():
-        return out
+    source = io.source_id(path)
+    if out.exists():
+        try:
+            if io.verify(out)["meta"].get("source") == source:
+                return out
+            why = "it was made from an earlier save of this step"
+        except io.CorruptCheckpoint as e:
+            why = str(e)
+        report(f"vidscale: rebuilding the universal conversion {out}: {why}")
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
     tmp = out.parent / f".tmp-{path.name}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -225,7 +236,7 @@ def convert_universal(path: Path) -> Path:
         ds_to_universal(Namespace(input_folder=str(path / "zero" / TAG), output_folder=str(tmp / TAG),
                                   num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                   strict=True, inject_missing_state=False))
-    (tmp / ".complete").touch()
+    io.seal(tmp, {"source": source})
     tmp.rename(out)
     return out
 
