@@ -1,7 +1,7 @@
 """`RUN_DIR/job.json`: how a run was launched, so `status`, `cancel` and `resume` can find it.
 
     {"launcher": "slurm", "job_ids": ["41"], "command": ["vidscale", "train", ...],
-     "state": "RUNNING", "run_dir": "/abs/runs/x", "address": "", "pid": 1234,
+     "state": "RUNNING", "run_dir": "/abs/runs/x", "address": "", "pid": 1234, "pid_start": 1.8e9,
      "submitted": "2026-11-25T14:00:00Z", "updated": "...", "history": [...]}
 
 `state` is the launcher's own word for it where it has one (Slurm: PENDING, RUNNING,
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,9 @@ FILE = "job.json"
 DONE = {"COMPLETED", "SUCCEEDED", "FAILED", "CANCELLED", "STOPPED", "TIMEOUT", "NODE_FAIL",
         "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "EXITED"}
 """States after which a job does no more work (a Slurm PREEMPTED job may still requeue)."""
+SLURM_JOB_ID = re.compile(r"\d+(_\d+)?")
+"""A Slurm job id (`123`) or array task (`123_4`): anything else handed to scancel/squeue
+could be an option (`--me` cancels all of the user's jobs)."""
 
 
 def now() -> str:
@@ -40,6 +44,8 @@ class JobRecord:
     """Ray: the cluster (or job server) address the job went to."""
     pid: int = 0
     """The launching process, for runs in the foreground (local, attached Ray)."""
+    pid_start: float = 0.0
+    """That process's start time (psutil's create_time): a recycled pid has another."""
     submitted: str = field(default_factory=now)
     updated: str = field(default_factory=now)
     history: list[dict] = field(default_factory=list)
@@ -67,7 +73,26 @@ def read_job(run_dir: str | Path) -> JobRecord:
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no job record (was the run started with `vidscale train`?)")
     d = json.loads(p.read_text())
-    return JobRecord(**{k: v for k, v in d.items() if k in JobRecord.__dataclass_fields__})
+    job = JobRecord(**{k: v for k, v in d.items() if k in JobRecord.__dataclass_fields__})
+    if job.launcher == "slurm":
+        for job_id in job.job_ids:
+            if not isinstance(job_id, str) or not SLURM_JOB_ID.fullmatch(job_id):
+                raise ValueError(f"{p}: job id {job_id!r} is not a Slurm job id (expected digits like 123 or 123_4)")
+    return job
+
+
+def process_start(pid: int) -> float:
+    """When process `pid` started (0.0 if there is none)."""
+    import psutil
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, ValueError):
+        return 0.0
+
+
+def same_process(job: JobRecord) -> bool:
+    """Whether the launching process recorded in `job` still runs (not a recycled pid)."""
+    return bool(job.pid and job.pid_start) and abs(process_start(job.pid) - job.pid_start) < 0.01
 
 
 def new_job(launcher: str, run_dir: str | Path, command: list[str], **kw) -> JobRecord:
@@ -79,4 +104,6 @@ def new_job(launcher: str, run_dir: str | Path, command: list[str], **kw) -> Job
         history = old.history + [{k: v for k, v in asdict(old).items() if k != "history"}]
     except (FileNotFoundError, ValueError, TypeError):
         pass
+    if kw.get("pid") and not kw.get("pid_start"):
+        kw["pid_start"] = process_start(kw["pid"])
     return JobRecord(launcher=launcher, run_dir=run_dir, command=list(command), history=history, **kw)

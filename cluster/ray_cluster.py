@@ -4,25 +4,39 @@ detached Ray jobs on this machine, and the cluster the tests share.
     python -m vidscale.cluster.ray_cluster up [--num-cpus N] [--dir DIR]   # prints RAY_ADDRESS=http://...
     python -m vidscale.cluster.ray_cluster down [--dir DIR]                # stops only that cluster
 
-The head runs as `ray start --head --block` in its own process group, bound to 127.0.0.1
-(node address and dashboard / job server); `down` sends that process SIGTERM, which drains
-and stops every process of this cluster, and nothing else (`ray stop` would stop every Ray
-cluster on the machine). Jobs run the Python that `ray start` saw: this venv's.
+The head runs as `ray start --head --block` in its own process group, every Ray process
+listening on 127.0.0.1 only (node address, GCS, raylet, agents, dashboard / job server) and
+requiring a token (`RAY_AUTH_MODE=token`) that `up` generates into DIR/auth_token (mode
+0600) and prints as `RAY_AUTH_TOKEN_PATH=...`; `down` sends that process SIGTERM, which
+drains and stops every process of this cluster, and nothing else (`ray stop` would stop
+every Ray cluster on the machine). Jobs run the Python that `ray start` saw: this venv's.
+DIR (default /tmp/vidscale-ray-UID) is private: created 0700, refused when it is a symlink
+or belongs to another user.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import re
+import secrets
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DEFAULT_DIR = "/tmp/vidscale-ray"  # short: Ray's socket paths live under it (108-byte limit)
+DEFAULT_DIR = f"/tmp/vidscale-ray-{os.getuid()}"  # short: Ray's socket paths live under it (108-byte limit)
+TOKEN_FILE = "auth_token"
+LOCAL_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+"""Ray resolves a node address of 127.0.0.1 to the machine's network address and its gRPC
+servers then listen on every interface; in its single-machine mode (the default on macOS,
+this switch elsewhere) the node address stays 127.0.0.1 and every server listens there only."""
 
 
 @dataclass
@@ -33,6 +47,8 @@ class RayHead:
     dashboard: str
     """http://host:port of the dashboard and job server (JobSubmissionClient)."""
     dir: str
+    token: str = ""
+    """The token file every client of this head needs (RAY_AUTH_TOKEN_PATH)."""
 
     def alive(self) -> bool:
         try:
@@ -57,11 +73,61 @@ def _side_ports() -> list[str]:
              "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
 
 
+def private_dir(dir: str | Path, create: bool = True) -> Path:
+    """`dir` as a directory only this user can enter: created 0700; a symlink or a directory
+    of another user is refused (someone could have planted it in the shared /tmp)."""
+    p = Path(dir)
+    if create:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            p.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return p
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"Ray directory {p}: is a symlink or not a directory; expected a private directory "
+                         f"of this user (remove it or pass another --dir)")
+    if st.st_uid != os.getuid():
+        raise ValueError(f"Ray directory {p}: belongs to uid {st.st_uid}, not to this user ({os.getuid()}); "
+                         f"remove it or pass another --dir")
+    if st.st_mode & 0o077:
+        os.chmod(p, 0o700)
+    return p
+
+
+def new_token(path: str | Path) -> Path:
+    """A fresh random token (256 bits, like `ray get-auth-token --generate`) in `path`, mode
+    0600, replacing any earlier one atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.replace(tmp, path)
+    return path
+
+
+def token_env(path: str | Path) -> dict[str, str]:
+    """The environment that makes a Ray process (server or client) require / send the token."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
+
+
+def _ray_command(bin_dir: str) -> str:
+    """This Python's `ray` (a venv that only links another's packages has none: then PATH's)."""
+    own = Path(bin_dir) / "ray"
+    return str(own) if own.is_file() else (shutil.which("ray") or str(own))
+
+
 def _state_file(dir: str | Path) -> Path:
     return Path(dir) / "head.json"
 
 
 def read_head(dir: str | Path = DEFAULT_DIR) -> RayHead | None:
+    private_dir(dir, create=False)
     p = _state_file(dir)
     if not p.is_file():
         return None
@@ -81,11 +147,22 @@ def _dashboard_up(url: str) -> bool:
         return False
 
 
-def use_token_auth() -> None:
-    """Ray 2.5x+ turns token authentication on for new local clusters and writes
-    ~/.ray/auth_token; its job client only sends the token when RAY_AUTH_MODE=token. Set it
-    when a token exists and the user has not chosen a mode."""
+def use_token_auth(address: str = "") -> None:
+    """Make this process's Ray client send a token, unless the user chose a mode: the token of
+    the head recorded in DEFAULT_DIR when `address` is that head's; else Ray's default
+    ~/.ray/auth_token (Ray 2.5x+ writes it for new local clusters, but its job client only
+    sends it when RAY_AUTH_MODE=token). A client of a cluster on 127.0.0.1 also takes
+    LOCAL_ONLY, or it would wait for a node at the machine's network address."""
+    if re.sub(r"^\w+://", "", address).split(":")[0] in ("127.0.0.1", "localhost"):
+        os.environ.update(LOCAL_ONLY)  # a driver of a cluster on 127.0.0.1 must itself be a node there
     if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        head = read_head(DEFAULT_DIR)
+    except (ValueError, OSError, TypeError):
+        head = None
+    if head is not None and head.token and address in (head.gcs_address, head.dashboard):
+        os.environ.update(token_env(head.token))
         return
     path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
     if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
@@ -94,25 +171,30 @@ def use_token_auth() -> None:
 
 def start_head(num_cpus: int = 4, num_gpus: int = 0, dir: str | Path = DEFAULT_DIR,
                timeout_s: float = 90) -> RayHead:
-    """A running head recorded in DIR is reused; otherwise start one and wait for its job server."""
+    """A running head recorded in DIR is reused; otherwise start one and wait for its job server.
+    Its clients need `token_env(head.token)`."""
+    dir = private_dir(dir)
     head = read_head(dir)
-    if head is not None and _dashboard_up(head.dashboard):
+    if head is not None and head.token and _dashboard_up(head.dashboard):
         return head
-    dir = Path(dir)
-    dir.mkdir(parents=True, exist_ok=True)
+    if head is not None:  # one started without a token (or not answering): replace it
+        stop_head(head)
+    token = new_token(dir / TOKEN_FILE)
     port, dash = _free_port(), _free_port()
     bin_dir = str(Path(sys.executable).parent)
-    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), RAY_USAGE_STATS_ENABLED="0",
+               **token_env(token), **LOCAL_ONLY)
+    env.pop("RAY_AUTH_TOKEN", None)  # would win over the file
     env.pop("RAY_ADDRESS", None)
     log = open(dir / "head.log", "w")
     proc = subprocess.Popen(
-        [str(Path(bin_dir) / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+        [_ray_command(bin_dir), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", f"--temp-dir={dir / 'tmp'}",
          "--disable-usage-stats", *_side_ports()],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     head = RayHead(pid=proc.pid, gcs_address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dash}",
-                   dir=str(dir))
+                   dir=str(dir), token=str(token))
     _state_file(dir).write_text(json.dumps(asdict(head)))
     deadline = time.monotonic() + timeout_s
     while not _dashboard_up(head.dashboard):
@@ -159,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.action == "up":
         head = start_head(a.num_cpus, a.num_gpus, a.dir)
         print(f"RAY_ADDRESS={head.dashboard}")
+        for k, v in token_env(head.token).items():
+            print(f"{k}={v}")
         print(f"# ray.init(address='{head.gcs_address}'); stop with: python -m vidscale.cluster.ray_cluster down --dir {a.dir}",
               file=sys.stderr)
         return 0
@@ -166,21 +250,44 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class EmbeddedRay:
-    """A local Ray head started here (127.0.0.1) and stopped here; runs connect by address."""
+_process_token: list[Path] = []
 
-    def __init__(self, cpus: int):
-        self.cpus = cpus
+
+class EmbeddedRay:
+    """A local Ray head started here and stopped here, every process of it listening on
+    127.0.0.1 only and requiring a token generated for this process (DEFAULT_DIR/token-PID,
+    0600); runs connect by address and inherit the token through the environment, which is
+    restored on exit. One token per process: Ray's C++ side caches the first it reads."""
+
+    def __init__(self, cpus: int, gpus: int = 0, runtime_env: dict | None = None):
+        self.cpus, self.gpus, self.runtime_env = cpus, gpus, runtime_env
+        self._saved: dict[str, str | None] = {}
 
     def __enter__(self) -> str:
+        if not _process_token:
+            _process_token.append(new_token(private_dir(DEFAULT_DIR) / f"token-{os.getpid()}"))
+            atexit.register(_process_token[0].unlink, missing_ok=True)
+        env = {**token_env(_process_token[0]), **LOCAL_ONLY}
+        self._saved = {k: os.environ.get(k) for k in (*env, "RAY_AUTH_TOKEN")}
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+        os.environ.update(env)
         import ray
-        ray.init(num_cpus=self.cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 logging_level="WARNING")
+        from ray._private import ray_constants
+        from ray._raylet import Config
+        ray_constants.ENABLE_RAY_CLUSTER = False  # LOCAL_ONLY, read once when ray was imported
+        Config.initialize("")  # RAY_AUTH_MODE too (what ray's own _enable_token_auth does)
+        ray.init(num_cpus=self.cpus, num_gpus=self.gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 runtime_env=self.runtime_env, logging_level="WARNING")
         return ray.get_runtime_context().gcs_address
 
     def __exit__(self, *exc) -> None:
         import ray
         ray.shutdown()
+        for k, v in self._saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 from vidscale.cluster.job import new_job  # noqa: E402
-from vidscale.cluster.ray_cluster import use_token_auth  # noqa: E402
+from vidscale.cluster.ray_cluster import EmbeddedRay, use_token_auth  # noqa: E402
 from vidscale.cluster.slurm import REQUEUE_MARKER  # noqa: E402
 from vidscale.cluster.slurm_task import watch_stop_file  # noqa: E402
 from vidscale.scaling.checkpoint.rundir import LOCK_ENV  # noqa: E402
@@ -130,7 +130,7 @@ def write_config(cfg) -> Path:
 
 def run_trainer(cfg, address: str = "", nodes: int = 1) -> int:
     """Run the training here as the Ray driver; returns 0 on success, 1 on failure."""
-    use_token_auth()  # before ray is imported: it reads the mode once
+    use_token_auth(address)  # before ray is imported: it reads the mode once
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -148,14 +148,14 @@ def run_trainer(cfg, address: str = "", nodes: int = 1) -> int:
         # ("multiple active Ray instances") wherever several clusters share a machine
         runtime_env["env_vars"]["RAY_ADDRESS"] = address
     os.environ.update(WORKER_ENV)  # the controller actor reads them too (local clusters)
+    embedded = None
     if address:
         ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=True)
     else:
-        # an embedded single-node cluster, bound to 127.0.0.1, gone when this process ends
-        ray.init(num_cpus=max(2, int(c.nproc * c.cpus_per_worker + 0.999)),
-                 num_gpus=int(c.nproc * c.gpus_per_worker + 0.999),
-                 include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=runtime_env,
-                 logging_level="WARNING")
+        # an embedded single-node cluster, on 127.0.0.1 with a token, gone when this process ends
+        embedded = EmbeddedRay(max(2, int(c.nproc * c.cpus_per_worker + 0.999)),
+                               gpus=int(c.nproc * c.gpus_per_worker + 0.999), runtime_env=runtime_env)
+        embedded.__enter__()
     try:
         check_resources(cfg)
         use_gpu = c.gpus_per_worker > 0
@@ -182,7 +182,10 @@ def run_trainer(cfg, address: str = "", nodes: int = 1) -> int:
             return 1
         return 0
     finally:
-        ray.shutdown()
+        if embedded is not None:
+            embedded.__exit__(None, None, None)
+        else:
+            ray.shutdown()
 
 
 def _raise_interrupt(signum, frame):  # noqa: ARG001
@@ -214,7 +217,7 @@ def launch_ray(cfg, wait: bool = False, detach: bool = False, command: list[str]
 
 # -- Ray jobs ---------------------------------------------------------------------------------------
 def _client(address: str):
-    use_token_auth()  # before ray is imported: it reads the mode once
+    use_token_auth(address)  # before ray is imported: it reads the mode once
     from ray.job_submission import JobSubmissionClient
     if not address:
         raise ValueError("a Ray job needs a running cluster: pass --address (or set RAY_ADDRESS) to its "
@@ -305,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _wait_for_nodes(address: str, n: int, timeout_s: float = 300) -> None:
-    use_token_auth()
+    use_token_auth(address)
     import ray
     ray.init(address=address, logging_level="WARNING")
     try:

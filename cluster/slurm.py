@@ -21,13 +21,13 @@ from pathlib import Path
 from vidscale.cluster.job import new_job
 from vidscale.scaling.config import check_layout, save_config
 
-SAFE = re.compile(r"^[A-Za-z0-9_.,:@%/+=\-\[\]]+$")
+SAFE = re.compile(r"[A-Za-z0-9_.,:@%/+=\-\[\]]+")
 """Characters allowed in a value Slurm takes verbatim on an `#SBATCH` line: no spaces,
 quotes, `$`, `;`, backquotes or newlines, so nothing can leave the option it belongs to."""
-SAFE_CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:@%/+=\-\[\]&|*!()]+$")
+SAFE_CONSTRAINT = re.compile(r"[A-Za-z0-9_.,:@%/+=\-\[\]&|*!()]+")
 """Feature expressions (`a100&ib`, `[rack1|rack2]`) also take & | * ! ( ): still one option."""
-EXTRA = re.compile(r"^--[A-Za-z][A-Za-z0-9-]*(=[A-Za-z0-9_.,:@%/+=\-\[\]]+)?$")
-TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+EXTRA = re.compile(r"--[A-Za-z][A-Za-z0-9-]*(=[A-Za-z0-9_.,:@%/+=\-\[\]]+)?")
+TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 REQUEUE_MARKER = ".requeue"
 """Left in the run dir by rank 0 when it stopped for pre-emption after saving a checkpoint."""
 STOP_FILE = ".stop"
@@ -57,7 +57,7 @@ def first_error(text: str) -> str:
 
 def time_seconds(value: str) -> int:
     """Slurm's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
-    m = TIME.match(value)
+    m = TIME.fullmatch(value)
     if not m:
         raise ValueError(f"cluster.slurm.time = {value!r}: expected a Slurm time limit "
                          "(minutes, HH:MM:SS or D-HH:MM:SS)")
@@ -100,7 +100,7 @@ def plan(cfg) -> SlurmPlan:
     run_dir = Path(cfg.train.run_dir).absolute()
 
     def safe(key: str, value: str, pattern=SAFE) -> str:
-        if value and not pattern.match(value):
+        if value and not pattern.fullmatch(value):
             raise ValueError(f"{key} = {value!r}: Slurm takes it verbatim; expected letters, digits and "
                              "_ . , : @ % / + = - [ ] only")
         return value
@@ -119,7 +119,7 @@ def plan(cfg) -> SlurmPlan:
         raise ValueError(f"cluster.slurm.signal_seconds = {s.signal_seconds}: expected 1 .. {limit - 1} "
                          f"(seconds before the time limit {s.time!r})")
     for line in s.extra:
-        if not EXTRA.match(line):
+        if not EXTRA.fullmatch(line):
             raise ValueError(f"cluster.slurm.extra: {line!r}: expected one sbatch option like '--exclusive' or "
                              "'--mem=64G' (no spaces, quotes or shell characters)")
     safe("train.run_dir", str(run_dir))
@@ -211,6 +211,12 @@ def _ray_body(p: SlurmPlan, python: str) -> str:
 nodes=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
 port=$((30000 + SLURM_JOB_ID % 20000))
 export RAY_TMPDIR=/tmp/vidscale-ray-$SLURM_JOB_ID
+# the head listens on the node's address at a predictable port: every Ray process of this job
+# (head, workers, driver; srun passes the environment on) requires a token only this job knows
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$RUN_DIR/.ray-token-$SLURM_JOB_ID"
+unset RAY_AUTH_TOKEN
+(umask 077 && rm -f "$RAY_AUTH_TOKEN_PATH" && {q(python)} -c 'import secrets; print(secrets.token_hex(32))' > "$RAY_AUTH_TOKEN_PATH") \
+  || {{ echo "vidscale: cannot write the Ray token $RAY_AUTH_TOKEN_PATH"; exit 1; }}
 srun --nodes=1 --ntasks=1 --cpus-per-task={cpus} -w "${{nodes[0]}}" \\
   {ray} start --head --block --port=$port {res} --include-dashboard=false --disable-usage-stats \\
   --temp-dir="$RAY_TMPDIR" > "$RUN_DIR/ray-head-$SLURM_JOB_ID.log" 2>&1 &

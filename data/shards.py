@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +27,9 @@ from vidscale.data import packing
 
 INDEX = "index.json"
 EXTS = ("safetensors", "json")  # members a complete sample must have
+# What `ShardWriter` names its shards. Anything else is refused: webdataset opens a name
+# like `pipe:cmd` through the shell and `http:`/`gs:` ones through curl/gsutil.
+SHARD_NAME = re.compile(r"shard-(\d{5}-)?\d{6}\.tar")
 
 
 def encode_sample(latent_CTHW: torch.Tensor, text_LD: torch.Tensor, meta: dict) -> dict[str, bytes]:
@@ -152,6 +156,11 @@ def read_index(root: str | Path) -> dict:
         raise ValueError(f"{p}: not valid JSON ({e})") from None
     if "shards" not in index or "samples" not in index:
         raise ValueError(f"{p}: expected keys 'samples' and 'shards'")
+    for s in index["shards"]:
+        name = s.get("name") if isinstance(s, dict) else None
+        if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+            raise ValueError(f"{p}: shard name {name!r} is not a file name like 'shard-000000.tar' "
+                             f"in this folder")
     return index
 
 

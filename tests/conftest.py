@@ -1,6 +1,7 @@
 """Shared test helpers: the repository root, the CLI as a subprocess, recipe overrides, the
 loader and model of a recipe, real clusters, small shard sets, and the check that every test
 carries the marker of its tier (tests/unit, tests/dist, tests/e2e, tests/cluster)."""
+import hashlib
 import json
 import os
 import random
@@ -137,7 +138,9 @@ def wait_for(pred, timeout_s: float, what: str, poll_s: float = 0.2):
 # Started when missing, once per session, and stopped at the end only if this session started
 # them. A test that needs a cluster FAILS (never skips) when it could not be started.
 SLURM_DIR = os.environ.get("VIDSCALE_SLURM_DIR", "/tmp/vidscale-slurm")
-RAY_TEST_DIR = "/tmp/vidscale-ray-test"
+RAY_TEST_DIR = f"/tmp/vidscale-rt-{os.getuid()}-{hashlib.sha1(str(ROOT).encode()).hexdigest()[:6]}"
+"""Per user and checkout: the head a test session shares is private to its user (0700), and
+two checkouts on one machine each test their own code."""
 
 
 @pytest.fixture(scope="session")
@@ -163,12 +166,13 @@ def slurm_cluster():
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster (head on 127.0.0.1, dashboard and job server); yields its RayHead."""
-    from vidscale.cluster.ray_cluster import read_head, start_head, stop_head
+    from vidscale.cluster.ray_cluster import read_head, start_head, stop_head, token_env
     existing = read_head(RAY_TEST_DIR)
     try:
         head = start_head(num_cpus=4, dir=RAY_TEST_DIR)
     except Exception as e:  # noqa: BLE001
         pytest.fail(f"could not start a Ray cluster: {e}")
+    os.environ.update(token_env(head.token))  # its clients: the tests' vidscale commands
     yield head
     if existing is None:
         stop_head(head)

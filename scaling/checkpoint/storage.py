@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy as copy_
 import errno
+import hashlib
 import json
 import os
 import re
@@ -43,8 +44,9 @@ import torch
 from vidscale.scaling.config import CHECKSUMS, CheckpointArgs
 
 MANIFEST = "manifest.json"
+UNIVERSAL = ".universal"
 LATEST = "latest"
-_TAG_RE = re.compile(r"^step_(\d{8,})$")
+_TAG_RE = re.compile(r"step_(\d{8,})")
 FAULT_ENV = "VIDSCALE_CKPT_FAULT"
 """Fault injection for the fault tests: 'enospc@STEP' makes the first file write of the save
 at STEP fail with ENOSPC; 'hang@STEP' sleeps forever after that save's first file (so a test
@@ -79,7 +81,7 @@ def tag_for(step: int) -> str:
 
 
 def step_of(name: str) -> int | None:
-    m = _TAG_RE.match(name)
+    m = _TAG_RE.fullmatch(name)
     return int(m.group(1)) if m else None
 
 
@@ -250,10 +252,38 @@ def tmp_dir(root: Path, tag: str) -> Path:
     return root / f".tmp-{tag}"
 
 
+def universal_dir(root: Path, tag: str) -> Path:
+    """Where DeepSpeed's universal conversion of checkpoint `tag` is cached (zero.py)."""
+    return root / UNIVERSAL / tag
+
+
+def drop_universal(root: Path, tag: str) -> None:
+    """Forget the cached conversion of `tag`: it was made from a save being replaced."""
+    shutil.rmtree(universal_dir(root, tag), ignore_errors=True)
+
+
+def seal(d: Path, meta: dict) -> dict:
+    """A manifest for a directory written in one go by someone else (DeepSpeed's universal
+    conversion): every file's size and checksum, so `verify` checks it like a checkpoint."""
+    entries = {rel: entry_for(d / rel) for rel in _files(d)}
+    for rel in entries:
+        fsync_path(d / rel)
+    man = {"tag": d.name, "meta": meta, "files": entries}
+    write_json(d / MANIFEST, man)
+    return man
+
+
+def source_id(ckpt: Path) -> str:
+    """Identifies one save of a checkpoint (its manifest's bytes): a conversion records it."""
+    return hashlib.sha256((ckpt / MANIFEST).read_bytes()).hexdigest()
+
+
 def prepare(root: Path, tag: str) -> Path:
-    """Rank 0: a fresh temporary directory for `tag`; stale temporaries are removed."""
+    """Rank 0: a fresh temporary directory for `tag`; stale temporaries are removed, and so
+    is a cached universal conversion of an earlier save of `tag`."""
     try:
         root.mkdir(parents=True, exist_ok=True)
+        drop_universal(root, tag)
         for p in root.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
         for p in root.glob(".del-*"):
@@ -303,6 +333,7 @@ def commit(root: Path, tmp: Path, tag: str, world: int, meta: dict, timeout_s: f
     for p in parts + sorted(tmp.glob(".done-*")):
         p.unlink()
     final = root / tag
+    drop_universal(root, tag)  # converted from the save this one replaces
     try:
         if final.exists():  # re-saving a step (e.g. the end of a run that just saved): replace
             final.rename(root / f".del-{tag}")
@@ -344,7 +375,7 @@ def retain(root: Path, keep_last: int, keep_every: int, protect: str) -> list[st
             # rename first: a half-deleted directory must never look like a checkpoint
             trash = root / f".del-{t}"
             (root / t).rename(trash)
-            _delete_later(trash, root / ".universal" / t)  # and its cached conversion
+            _delete_later(trash, universal_dir(root, t))  # and its cached conversion
             removed.append(t)
     return removed
 

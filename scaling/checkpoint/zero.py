@@ -9,23 +9,32 @@
 Same world size: DeepSpeed loads its shards as they were (exact). Another world size:
 rank 0 converts the shards once with DeepSpeed's universal checkpoint
 (`deepspeed.checkpoint.ds_to_universal`) into `checkpoints/.universal/TAG` (next to, never
-inside, the verified checkpoint), and every rank loads it with `load_universal`; EMA
+inside, the verified checkpoint; with its own manifest, verified before every use and rebuilt
+when damaged or made from an earlier save of TAG, which storage drops when TAG is saved
+again), and every rank loads it with `load_universal`; EMA
 partitions are reassembled from the shards and re-cut for the new world here.
 DeepSpeed writes and reads through `ManifestEngine`, our implementation of its checkpoint-
 engine interface: every shard is hashed as torch.save streams it out and fsynced (no
 second read for the manifest), and loads are memory-mapped (the verification pass just
 read the files into the page cache, so DeepSpeed copies from there instead of reading and
-unpickling into fresh buffers again). DeepSpeed reads its files with torch.load (pickle):
-we only hand it files whose checksum matched the manifest this run wrote, and everything
-of ours is safetensors or JSON.
+unpickling into fresh buffers again). DeepSpeed reads its files with
+`torch.load(weights_only=False)` (its engine, the universal conversion and loading,
+`zero_to_fp32`): every DeepSpeed call here that reads runs under `weights_only_loads()`,
+which turns each of those into `torch.load(weights_only=True)` allowing exactly the two
+non-tensor types DeepSpeed stores (`ZERO_GLOBALS`); a file whose pickle names anything else
+is refused with a `CheckpointError`, never executed. And we only hand DeepSpeed files whose
+checksum matched the manifest. Everything of ours is safetensors or JSON.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
+import pickle
 import shutil
+import threading
 from argparse import Namespace
 from pathlib import Path
 
@@ -36,6 +45,54 @@ from vidscale.scaling.checkpoint.storage import host_copy
 from vidscale.scaling.parallel import collectives
 
 TAG = "state"
+
+
+@functools.cache
+def zero_globals() -> tuple:
+    """Exactly the non-tensor types DeepSpeed pickles into its checkpoints: found by saving a
+    ZeRO-3 checkpoint of recipes/debug.yaml (and its universal conversion) and listing
+    `torch.serialization.get_unsafe_globals_in_checkpoint` of every file."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    return (LossScaler, ZeroStageEnum)
+
+
+_torch_load = torch.load
+_patch_lock = threading.Lock()
+_patch_depth = [0]
+
+
+def load_torch(path, map_location=None, mmap: bool = False, **_ignored):
+    """torch.load(weights_only=True) allowing only `zero_globals()`; a pickle that names any
+    other global (a crafted shard's `__reduce__`, say) raises CheckpointError, unexecuted.
+    Extra keyword arguments (weights_only=False above all) are ignored on purpose."""
+    try:
+        with torch.serialization.safe_globals(list(zero_globals())):
+            return _torch_load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line),
+                   str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise io.CheckpointError(f"checkpoint file {path}: refused to unpickle it ({why}); only tensors and "
+                                 f"{', '.join(c.__module__ + '.' + c.__name__ for c in zero_globals())} "
+                                 f"are loaded") from None
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Inside, every `torch.load` (DeepSpeed's, which ask for weights_only=False) is `load_torch`."""
+    def load(f, map_location=None, *args, **kw):
+        return load_torch(f, map_location=map_location, mmap=kw.get("mmap") or False)
+    with _patch_lock:
+        if _patch_depth[0] == 0:
+            torch.load = load
+        _patch_depth[0] += 1
+    try:
+        yield
+    finally:
+        with _patch_lock:
+            _patch_depth[0] -= 1
+            if _patch_depth[0] == 0:
+                torch.load = _torch_load
 
 
 @functools.cache
@@ -56,9 +113,9 @@ def _engine_class():
 
         def load(self, path: str, map_location=None):
             try:
-                return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+                return load_torch(path, map_location=map_location, mmap=True)
             except RuntimeError:  # not a zipfile checkpoint (an older/foreign one): read it whole
-                return torch.load(path, map_location=map_location, weights_only=False)
+                return load_torch(path, map_location=map_location)
 
     return ManifestEngine
 
@@ -153,23 +210,33 @@ def load_ema(ema: dict, model, stage: int, path: Path, old_world: int, d) -> Non
 
 
 def universal_dir(path: Path) -> Path:
-    return path.parent / ".universal" / path.name
+    return io.universal_dir(path.parent, path.name)
 
 
-def convert_universal(path: Path) -> Path:
-    """Rank 0: DeepSpeed's universal checkpoint of `path` (once; cached beside it)."""
+def convert_universal(path: Path, report=print) -> Path:
+    """Rank 0: DeepSpeed's universal checkpoint of `path` (once; cached beside it with its
+    own manifest). A cached one is used only if it verifies and was made from this very save
+    of `path`; otherwise it is rebuilt."""
     out = universal_dir(path)
-    if (out / ".complete").exists():
-        return out
+    source = io.source_id(path)
+    if out.exists():
+        try:
+            if io.verify(out)["meta"].get("source") == source:
+                return out
+            why = "it was made from an earlier save of this step"
+        except io.CorruptCheckpoint as e:
+            why = str(e)
+        report(f"vidscale: rebuilding the universal conversion {out}: {why}")
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
     tmp = out.parent / f".tmp-{path.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    ds_to_universal(Namespace(input_folder=str(path / "zero" / TAG), output_folder=str(tmp / TAG),
-                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                              strict=True, inject_missing_state=False))
-    (tmp / ".complete").touch()
+    with weights_only_loads():
+        ds_to_universal(Namespace(input_folder=str(path / "zero" / TAG), output_folder=str(tmp / TAG),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                  strict=True, inject_missing_state=False))
+    io.seal(tmp, {"source": source})
     tmp.rename(out)
     return out
 
@@ -178,8 +245,9 @@ def load_zero(ds, path: Path, old_world: int, dims) -> None:
     """Every rank: load DeepSpeed's states, converting them once if the world changed."""
     _manifest_engine(ds)
     if old_world == dims.world:
-        load_path, _ = ds.load_checkpoint(str(path / "zero"), tag=TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+        with weights_only_loads():
+            load_path, _ = ds.load_checkpoint(str(path / "zero"), tag=TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
     else:
         err = ""
         if dims.rank == 0:
@@ -190,8 +258,9 @@ def load_zero(ds, path: Path, old_world: int, dims) -> None:
         _agree_ok(err, dims)
         ds._config.load_universal_checkpoint = True
         try:
-            load_path, _ = ds.load_checkpoint(str(universal_dir(path)), tag=TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+            with weights_only_loads():
+                load_path, _ = ds.load_checkpoint(str(universal_dir(path)), tag=TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
         finally:
             ds._config.load_universal_checkpoint = False  # later saves are ordinary ones
     if load_path is None:
@@ -214,5 +283,6 @@ def export_weights(path: Path, ema: bool) -> dict[str, torch.Tensor]:
         return full_ema(path, state["layout"]["world"])
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(path / "zero"), tag=TAG)
+    with weights_only_loads():
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(path / "zero"), tag=TAG)
     return {k: v.contiguous() for k, v in sd.items()}

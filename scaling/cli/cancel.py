@@ -11,7 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-from vidscale.cluster.job import DONE, read_job
+from vidscale.cluster.job import DONE, read_job, same_process
 from vidscale.cluster.ray_launcher import cancel_job
 from vidscale.cluster.slurm import cancel
 
@@ -26,11 +26,14 @@ ENTRY_MODULES = ("vidscale.scaling.cli", "vidscale.cluster.")
 """`python -m` modules that launch runs (the CLI, the Ray launcher and Slurm tasks)."""
 
 
-def _is_vidscale(pid: int) -> bool:
-    """Guard against a recycled pid: only signal a process that runs vidscale (the `vidscale`
-    command or `python -m` one of ENTRY_MODULES)."""
+def _is_launcher(job) -> bool:
+    """Guard against a recycled pid: only signal the very process job.json recorded (same
+    start time) and only if it runs vidscale (the `vidscale` command or `python -m` one of
+    ENTRY_MODULES)."""
+    if not same_process(job):
+        return False
     try:
-        argv = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace").split("\0")
+        argv = open(f"/proc/{job.pid}/cmdline", "rb").read().decode(errors="replace").split("\0")
     except OSError:
         return False
     return any(Path(a).name == "vidscale" or a.startswith(ENTRY_MODULES) for a in argv)
@@ -46,11 +49,11 @@ def run(args) -> int:
     elif job.launcher == "ray" and job.job_ids:
         cancel_job(job)
     else:
-        if not job.pid or not _is_vidscale(job.pid):
+        if not _is_launcher(job):
             raise ValueError(f"{args.run_dir}: its launching process ({job.pid}) is not running")
         os.kill(job.pid, signal.SIGTERM)
         for _ in range(100):
-            if not _is_vidscale(job.pid):
+            if not _is_launcher(job):
                 break
             time.sleep(0.1)
         job.set_state("CANCELLED")

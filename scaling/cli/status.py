@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from vidscale.cluster.job import read_job
+from vidscale.cluster.job import read_job, same_process
 from vidscale.cluster.ray_launcher import job_status
 from vidscale.cluster.slurm import job_state
 
@@ -23,9 +23,11 @@ def add_parser(sub):
     return p
 
 
-def _alive(pid: int) -> bool:
+def _alive(job) -> bool:
+    if job.pid_start:  # a recycled pid is another process
+        return same_process(job)
     try:
-        os.kill(pid, 0)
+        os.kill(job.pid, 0)
     except OSError:
         return False
     return True
@@ -44,7 +46,7 @@ def refresh(job) -> dict:
             state, extra = job.state, {"reason": f"Ray job server unreachable: {type(e).__name__}"}
     else:  # a process here (local, or an attached Ray driver)
         state = job.state
-        if state == "RUNNING" and job.pid and not _alive(job.pid):
+        if state == "RUNNING" and job.pid and not _alive(job):
             state = "EXITED"  # ended without recording how (killed)
     if state != job.state and state != "UNKNOWN":
         job.set_state(state)

@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+from vidscale.scaling.checkpoint import storage as ckpt_io
+from vidscale.scaling.checkpoint import zero
 from vidscale.scaling.train.loop import train
 
 from conftest import short_run  # noqa: E402
@@ -51,3 +53,46 @@ def _assert_same_state(a, b, where):
         assert a == b, where
     else:  # objects (DeepSpeed's loss scaler): the same type and attributes
         assert type(a) is type(b) and repr(vars(a)) == repr(vars(b)), where
+
+
+def test_every_file_of_a_zero3_checkpoint_loads_with_weights_only(tmp_path, monkeypatch):
+    """What DeepSpeed writes (its shards and their universal conversion) loads through our
+    loader with weights_only=True and the allow-list, and resume / conversion / export work
+    with every torch.load turned into that."""
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    train(short_run(tmp_path / "run", "train.steps=2", "checkpoint.every=2", "parallel.zero_stage=3"))
+    root = tmp_path / "run/checkpoints"
+    ckpt = root / "step_00000002"
+    zero.convert_universal(ckpt)
+    files = sorted(root.rglob("*.pt"))
+    assert len([f for f in files if ".universal" in f.parts]) > 10 and len(files) > 12, files
+    for f in files:
+        zero.load_torch(f, map_location="cpu")
+    assert len(zero.export_weights(ckpt, ema=False)) > 10
+    train(short_run(tmp_path / "run", "train.steps=3", "checkpoint.every=3", "parallel.zero_stage=3",
+                    "checkpoint.resume=auto"))  # DeepSpeed's own load_checkpoint, under the same loads
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3], steps
+
+
+def test_universal_conversion_is_verified_rebuilt_when_damaged_and_dropped_when_its_step_is_saved_again(
+        tmp_path, monkeypatch):
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    train(short_run(tmp_path / "run", "train.steps=2", "checkpoint.every=2", "parallel.zero_stage=3"))
+    root = tmp_path / "run/checkpoints"
+    ckpt = root / "step_00000002"
+    out = zero.convert_universal(ckpt)
+    man = ckpt_io.verify(out)  # it has a manifest of its own
+    assert man["meta"]["source"] == ckpt_io.source_id(ckpt) and len(man["files"]) > 10
+    victim = out / next(rel for rel in sorted(man["files"]) if rel.endswith("fp32.pt"))
+    good = victim.read_bytes()
+    victim.write_bytes(good[: len(good) // 2])  # damaged: truncated
+    said = []
+    assert zero.convert_universal(ckpt, report=said.append) == out
+    assert len(said) == 1 and str(victim) in said[0] and "truncated" in said[0], said
+    assert victim.read_bytes() == good and ckpt_io.verify(out)
+    # the step saved again (same tag): its old conversion goes at once
+    ckpt_io.prepare(root, "step_00000002")
+    assert not out.exists()

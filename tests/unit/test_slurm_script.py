@@ -108,3 +108,19 @@ def test_job_record_keeps_history(tmp_path):
     back = read_job(tmp_path)
     assert back.job_ids == ["13"] and back.history[0]["job_ids"] == ["12"]
     assert back.history[0]["state"] == "COMPLETED" and back.launcher == "slurm"
+
+
+def test_ray_on_slurm_starts_every_ray_process_with_a_job_token(tmp_path):
+    script = render(plan(cfg_with(tmp_path, "cluster.slurm.ray=true")))
+    setup = script.index("export RAY_AUTH_MODE=token")
+    assert setup < script.index("start --head") < script.index("start --address") < script.index("ray_launcher")
+    assert 'RAY_AUTH_TOKEN_PATH="$RUN_DIR/.ray-token-$SLURM_JOB_ID"' in script and "umask 077" in script
+    # the token lines as the batch script runs them: a fresh 0600 file
+    lines = script[setup:script.index("srun --nodes=1")]
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    r = subprocess.run(["bash", "-c", f"set -u; RUN_DIR={run}; SLURM_JOB_ID=7\n{lines}\necho $RAY_AUTH_MODE"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.strip() == "token", r.stderr
+    token = run / ".ray-token-7"
+    assert (token.stat().st_mode & 0o777) == 0o600 and len(token.read_text().strip()) == 64
