@@ -72,7 +72,15 @@ def read_job(run_dir: str | Path) -> JobRecord:
     p = Path(run_dir) / FILE
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no job record (was the run started with `vidscale train`?)")
-    d = json.loads(p.read_text())
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: not a valid job record ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{p}: not a valid job record (expected a JSON object, got {type(d).__name__})")
+    missing = [k for k in ("launcher", "run_dir", "command") if k not in d]
+    if missing:
+        raise ValueError(f"{p}: not a valid job record (missing {', '.join(missing)})")
     job = JobRecord(**{k: v for k, v in d.items() if k in JobRecord.__dataclass_fields__})
     if job.launcher == "slurm":
         for job_id in job.job_ids:

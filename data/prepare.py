@@ -6,7 +6,8 @@ Decodes every video under SRC with PyAV at native resolution (optionally scaled 
 video), encodes them with `data.encoder` and their captions with `data.text_encoder`, and
 writes rolling tar shards plus OUT/index.json. Captions come from `data.captions` (jsonl
 or csv with 'file' and 'caption') or a .txt beside each video. Unreadable videos are
-logged, counted and skipped.
+logged, counted and skipped; a decode worker that dies (killed) costs its video, not the
+run; a run where no video gave a sample is an error.
 
     index = prepare("videos/", "shards/", cfg.data, channels=cfg.model.in_channels, patch=cfg.model.patch)
 """
@@ -19,7 +20,10 @@ import math
 import multiprocessing as mp
 import sys
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -96,11 +100,50 @@ def _worker_init() -> None:
 
 
 def _decode(v: Path, **kw):
-    """(clips, '') or (None, error message) for one video: runs in a decode worker."""
+    """(clips, '') or (None, error message) for one video: runs in a decode worker, which
+    hands back one video's clips (at most `data.max_clips`)."""
     try:
         return list(decode_clips(v, **kw)), ""
     except Exception as e:  # noqa: BLE001 - any decoder failure: log, count, skip the file
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None, _why(e)
+
+
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+WORKER_DIED = "the decode worker died (killed, e.g. out of memory)"
+
+
+def _pooled(videos: list[Path], decode: dict, workers: int) -> Iterator[tuple[Iterator, str]]:
+    """(clips, error) per video, in order, decoded by `workers` processes with at most
+    2 x workers videos in flight. A worker killed mid-video (the OOM killer) breaks the
+    pool: a fresh pool decodes the first video that did not come back on its own; if that
+    breaks the pool again the video is reported, and either way the rest go on. Never hangs."""
+    fn = functools.partial(_decode, **decode)
+    i, alone = 0, False
+    while i < len(videos):
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_worker_init)
+        futures: dict[int, Future] = {}
+        try:
+            while i < len(videos):
+                ahead = 1 if alone else 2 * workers
+                try:
+                    for j in range(i, min(i + ahead, len(videos))):
+                        if j not in futures:
+                            futures[j] = pool.submit(fn, videos[j])
+                    clips, msg = futures.pop(i).result()
+                except BrokenProcessPool:
+                    if alone:  # it broke the pool by itself: this video is the cause
+                        yield iter(()), WORKER_DIED
+                        i, alone = i + 1, False
+                    else:  # one of the videos in flight killed its worker: retry this one alone
+                        alone = True
+                    break
+                yield iter(clips or ()), msg
+                i, alone = i + 1, False
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 # -- the pipeline -----------------------------------------------------------------------------
@@ -112,6 +155,12 @@ def prepare(src: str | Path, out: str | Path, data: PrepareArgs, *, channels: in
     clip_frames, fps, max_area, max_clips, shard_max_bytes, captions); `channels` and
     `patch` are the model's latent channels and (pt, ph, pw) patch, which the clips' sizes
     and the latent encoder must fit. `part=(i, n)` prepares every n-th video from i.
+
+    Clips are encoded to latents as they arrive, so at most one clip's pixels per video is
+    held here (in-process decoding) and only latents wait for their caption batch. Shards are
+    written under temporary names and renamed, with the index last, only when every video is
+    done: an interrupted prepare leaves an earlier set in OUT as it was. Raises ValueError
+    when no video gave a sample (for a `part`, when the merged parts hold none).
     """
     src, out, d = Path(src), Path(out), data
     videos = find_videos(src)
@@ -136,53 +185,63 @@ def prepare(src: str | Path, out: str | Path, data: PrepareArgs, *, channels: in
     failed: list[dict] = []
     uncaptioned = 0
     t0 = time.perf_counter()
-    pending: list = []  # (video, clips, caption): captions are encoded in batches
+    pending: list = []  # (video, [(latent, meta)], caption): captions are encoded in batches
+
+    def encode(c) -> tuple[torch.Tensor, dict]:
+        x = torch.from_numpy(np.ascontiguousarray(c.frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        T, H, W = c.frames.shape[:3]
+        return enc.encode(x)[0].cpu(), {"fps": c.fps, "orig_size": list(c.orig_size), "size": [H, W],
+                                        "frame_range": [c.start, c.start + T]}  # latent C T' H' W'
 
     def flush() -> None:
         texts = text.encode([cap for _, _, cap in pending])
-        for (v, clips, caption), text_LD in zip(pending, texts):
+        for (v, latents, caption), text_LD in zip(pending, texts):
             rel = str(v.relative_to(src)) if src.is_dir() else v.name
-            for c in clips:
-                x = torch.from_numpy(np.ascontiguousarray(c.frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-                latent = enc.encode(x)[0].cpu()  # C T' H' W'
-                T, H, W = c.frames.shape[:3]
-                writer.write(latent, text_LD, {"caption": caption, "source": rel, "fps": c.fps,
-                                               "orig_size": list(c.orig_size), "size": [H, W],
-                                               "frame_range": [c.start, c.start + T]})
+            for latent, meta in latents:
+                writer.write(latent, text_LD, {"caption": caption, "source": rel, **meta})
         pending.clear()
 
-    decode = functools.partial(_decode, clip_frames=d.clip_frames, multiple=multiple, fps=d.fps,
-                               max_area=d.max_area, max_clips=d.max_clips, temporal=enc.temporal, pt=pt)
-    pool = None
-    if workers > 1:  # decoding is the CPU-heavy part; imap keeps the order, so shards do not depend on it
-        pool = mp.get_context("fork").Pool(workers, initializer=_worker_init)
-        results = pool.imap(decode, videos, chunksize=1)
+    decode = dict(clip_frames=d.clip_frames, multiple=multiple, fps=d.fps, max_area=d.max_area,
+                  max_clips=d.max_clips, temporal=enc.temporal, pt=pt)
+    if workers > 1:  # decoding is the CPU-heavy part; results come in order, so shards do not depend on it
+        results = _pooled(videos, decode, workers)
     else:
-        results = map(decode, videos)
+        results = ((decode_clips(v, **decode), "") for v in videos)  # streamed: errors surface as clips are read
     bar = tqdm(zip(videos, results), total=len(videos), desc="prepare", unit="video", disable=not progress,
                file=sys.stderr)
     try:
         for v, (clips, msg) in bar:
+            latents: list = []
+            try:  # one clip's pixels at a time (map keeps no reference to the clip before)
+                latents.extend(map(encode, clips))
+            except Exception as e:  # noqa: BLE001 - a decoder failure (in this process): log, count, skip
+                msg, latents = _why(e), []
             if msg:
                 failed.append({"file": str(v), "error": msg})
                 print(f"vidscale prepare: skipped unreadable video {v}: {msg}", file=sys.stderr)
                 continue
-            if not clips:
+            if not latents:
                 failed.append({"file": str(v), "error": "shorter than one frame group"})
                 continue
             caption = caption_for(v, src, sidecar)
             if caption is None:
                 uncaptioned += 1
                 caption = ""
-            pending.append((v, clips, caption))
+            pending.append((v, latents, caption))
             if len(pending) >= text.batch_size:
                 flush()
             bar.set_postfix(samples=writer.count, failed=len(failed))
         flush()
+    except BaseException:
+        writer.abort()  # the temporary shards go; an earlier set in OUT stays as it was
+        raise
     finally:
         bar.close()
-        if pool is not None:  # every result is consumed on the normal path
-            pool.terminate()
+    if writer.count == 0 and part is None:  # a part may be empty; `merge_parts` checks the whole
+        writer.abort()
+        why = "; ".join(f"{Path(f['file']).name}: {f['error']}" for f in failed[:3])
+        raise ValueError(f"{src}: nothing prepared, none of {len(videos)} video(s) gave a sample ({why}"
+                         f"{'; ...' if len(failed) > 3 else ''})")
     index = writer.close(videos=len(videos), failed=len(failed), failed_files=failed, uncaptioned=uncaptioned)
     index["seconds"] = time.perf_counter() - t0
     return index

@@ -50,11 +50,22 @@ def decode_sample(raw: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
     return t["latent"], t["text"], json.loads(raw["json"])
 
 
+TMP = ".tmp"
+"""Suffix of a shard still being written (`shard-000000.tar.tmp`)."""
+
+
 class ShardWriter:
     """Writes samples into rolling `shard-NNNNNN.tar` files and `index.json` on close.
 
     `part=(i, n)` (one of n preparations running in parallel, e.g. a Slurm array) writes
-    `shard-IIIII-NNNNNN.tar` and `index-IIIII-of-NNNNN.json`; `merge_parts` joins them."""
+    `shard-IIIII-NNNNNN.tar` and `index-IIIII-of-NNNNN.json`; `merge_parts` joins them.
+
+    Shards are written as `NAME.tar.tmp` and only `close()` gives them their names, the index
+    last, so an interrupted prepare into an OUT that holds an earlier set leaves that set
+    as it was (`abort()` removes the temporary files; a killed run's are removed by the next
+    writer). `close()` removes the old index before renaming the shards over the old ones: a
+    kill inside that step leaves no index (the loader refuses OUT) rather than an index
+    naming shards it did not write."""
 
     def __init__(self, out: str | Path, max_bytes: int, patch, info: dict | None = None,
                  part: tuple[int, int] | None = None):
@@ -66,18 +77,22 @@ class ShardWriter:
         self.shards: list[dict] = []
         self._f = self._tar = None
         self.count = 0
+        for left in self.out.glob(f"{self.prefix}*.tar{TMP}"):  # a killed run's
+            left.unlink()
 
     def _roll(self) -> None:
         import webdataset as wds
 
         self._close_tar()
         name = f"{self.prefix}{len(self.shards):06d}.tar"
-        self._f = open(self.out / name, "wb")
+        self._f = open(self.out / (name + TMP), "wb")
         self._tar = wds.TarWriter(self._f, encoder=False, mtime=0.0)  # byte-reproducible shards
         self.shards.append({"name": name, "samples": 0, "keys": [], "shapes": [], "tokens": []})
 
     def _close_tar(self) -> None:
         if self._tar is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())  # on disk before the rename that publishes it
             self._tar.close()  # also closes the file
             self._tar = self._f = None
 
@@ -96,10 +111,22 @@ class ShardWriter:
         self.count += 1
         return key
 
+    def abort(self) -> None:
+        """Drop what this writer wrote; OUT keeps whatever it held before."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = self._f = None
+        for s in self.shards:
+            (self.out / (s["name"] + TMP)).unlink(missing_ok=True)
+        self.shards = []
+
     def close(self, **extra) -> dict:
         self._close_tar()
         index = {"version": 1, "samples": self.count, "shards": self.shards, "patch": list(self.patch),
                  **self.info, **extra}
+        (self.out / self.index_name).unlink(missing_ok=True)  # the old index names the old shards
+        for s in self.shards:
+            os.replace(self.out / (s["name"] + TMP), self.out / s["name"])
         _write_atomic(self.out / self.index_name, index)
         written = {s["name"] for s in self.shards}
         for stale in self.out.glob(f"{self.prefix}*.tar"):  # left by an earlier, larger prepare into OUT
@@ -134,6 +161,9 @@ def merge_parts(out: str | Path, n: int) -> dict | None:
     for k in ("samples", "videos", "failed", "uncaptioned"):
         index[k] = sum(p.get(k, 0) for p in parts)
     index["failed_files"] = [f for p in parts for f in p.get("failed_files", [])]
+    if index["samples"] == 0:
+        raise ValueError(f"{out}: nothing prepared, none of the {index.get('videos', 0)} video(s) of the "
+                         f"{n} parts gave a sample")
     _write_atomic(out / INDEX, index)
     return index
 

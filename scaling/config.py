@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import xxhash
+import yaml
 from omegaconf import MISSING, OmegaConf  # noqa: F401
 from omegaconf.errors import OmegaConfBaseException
 
@@ -324,6 +325,9 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
             layer = OmegaConf.from_dotlist([o])
         except OmegaConfBaseException as e:
             raise RecipeError(f"--set {o!r}: {str(e).splitlines()[0]}") from None
+        except yaml.YAMLError as e:  # the value is parsed as YAML: `[1` is an unclosed list
+            raise RecipeError(f"--set {o!r}: value is not valid YAML ({str(e).splitlines()[0]}); "
+                              f"quote it or close its brackets") from None
         cfg = _merge(cfg, layer, f"--set {o}")
     obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     if values:

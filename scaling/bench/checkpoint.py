@@ -32,6 +32,12 @@ from vidscale.scaling.config import load_config
 from vidscale.scaling.train.loop import Trainer
 
 
+QUICK = {"size": "debug", "repeats": 1}
+"""`--quick`: flag values (scaling/cli/bench.py)."""
+QUICK_SET: list[str] = []
+"""`--quick`: recipe overrides."""
+
+
 def add_args(p) -> None:
     p.add_argument("--recipe", default="recipes/debug.yaml", help="base recipe (default recipes/debug.yaml)")
     p.add_argument("--size", default="30M", help="model.size (default 30M: ~0.5 GB of checkpoint)")

@@ -26,6 +26,12 @@ from vidscale.scaling.parallel import collectives
 from vidscale.scaling.train.loop import Trainer
 
 
+QUICK = {"steps": 1, "rounds": 1}
+"""`--quick`: flag values (scaling/cli/bench.py)."""
+QUICK_SET = ["model.size=debug", "train.tokens_per_batch=256"]
+"""`--quick`: recipe overrides."""
+
+
 def add_args(p) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per run after one warm-up (default 3)")
     p.add_argument("--rounds", type=int, default=2, help="alternating dp1/dp2 rounds (default 2)")

@@ -21,6 +21,12 @@ from vidscale.scaling.config import load_config
 from vidscale.scaling.train.loop import Trainer
 
 
+QUICK = {"videos": 4, "batches": 5, "steps": 1}
+"""`--quick`: flag values (scaling/cli/bench.py)."""
+QUICK_SET = ["train.tokens_per_batch=256"]
+"""`--quick`: recipe overrides."""
+
+
 def add_args(p) -> None:
     p.add_argument("--recipe", default="recipes/debug.yaml", help="recipe of the training step")
     p.add_argument("--videos", type=int, default=32, help="videos to prepare (default 32)")

@@ -56,6 +56,12 @@ def bucket_efficiency(videos, budget: int) -> float:
     return sum(t for _, t in videos) / (batches * budget)
 
 
+QUICK = {"videos": 200}
+"""`--quick`: flag values (scaling/cli/bench.py)."""
+QUICK_SET: list[str] = []
+"""`--quick`: recipe overrides."""
+
+
 def add_args(p) -> None:
     p.add_argument("--videos", type=int, default=4000, help="videos in the distribution (default 4000)")
     p.add_argument("--budget", type=int, default=32768, help="token budget per micro-batch (default 32768)")

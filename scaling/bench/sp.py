@@ -30,6 +30,12 @@ from vidscale.scaling.parallel.sequence import build_sp_attention, sent_bytes
 SCHEMES = {"ulysses": (2, 1), "ring": (1, 2)}
 
 
+QUICK = {"frames": 2, "size": 8, "reps": 1}
+"""`--quick`: flag values (scaling/cli/bench.py)."""
+QUICK_SET = ["model.size=debug"]
+"""`--quick`: recipe overrides."""
+
+
 def add_args(p) -> None:
     p.add_argument("--frames", type=int, default=8, help="latent frames of the long video (default 8)")
     p.add_argument("--size", type=int, default=32, help="latent height = width of the long video (default 32)")

@@ -32,6 +32,12 @@ DEFAULTS = ["model.size=30M", "train.tokens_per_batch=4096", "train.dtype=fp32",
             "checkpoint.every=0"]
 
 
+QUICK = {"reps": 1, "warmup": 1}
+"""`--quick`: flag values (scaling/cli/bench.py)."""
+QUICK_SET = ["model.size=debug", "train.tokens_per_batch=256"]
+"""`--quick`: recipe overrides."""
+
+
 def add_args(p) -> None:
     p.add_argument("--recipe", default=None, help="recipe to start from (default: built-in defaults)")
     p.add_argument("--reps", type=int, default=8, help="timed steps, each after a GEMM peak rep (default 8)")

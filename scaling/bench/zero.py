@@ -23,6 +23,12 @@ from vidscale.scaling.parallel.dims import ParallelDims
 from vidscale.scaling.train.zero import build_zero_engine
 
 
+QUICK = {"size": "debug"}
+"""`--quick`: flag values (scaling/cli/bench.py)."""
+QUICK_SET: list[str] = []
+"""`--quick`: recipe overrides."""
+
+
 def add_args(p) -> None:
     p.add_argument("--size", default="small", help="model.size to measure (default small)")
     p.add_argument("--stage", type=int, default=3, choices=[1, 2, 3], help="ZeRO stage (default 3)")

@@ -1,4 +1,9 @@
-"""`vidscale bench NAME [--json]`: measure speed and memory as ratios taken in one run."""
+"""`vidscale bench NAME [--json] [--quick]`: measure speed and memory as ratios taken in one run.
+
+`--quick` runs each benchmark at the smallest sizes and repetitions that still exercise its
+code (each module's `QUICK` flag values and `QUICK_SET` recipe overrides): seconds, not a
+measurement; flags and `--set` given on the command line still win. tests/e2e/test_bench.py
+runs every benchmark this way and checks its JSON keys."""
 from __future__ import annotations
 
 import argparse
@@ -24,14 +29,28 @@ def add_parser(sub):
     for name, mod, help_ in BENCHES:
         bp = bsub.add_parser(name, help=help_, description=help_)
         bp.add_argument("--json", action="store_true", help="print one JSON object")
+        bp.add_argument("--quick", action="store_true",
+                        help="smallest sizes and repetitions that exercise the code (seconds; not a measurement)")
         bp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key of the benchmark's recipe")
         mod.add_args(bp)
-        bp.set_defaults(_bench=mod)
+        bp.set_defaults(_bench=mod, _defaults={k: bp.get_default(k) for k in mod.QUICK})
     return p
 
 
+def apply_quick(args) -> None:
+    """The module's quick sizes, for the flags left at their defaults; its quick recipe
+    overrides go first so that the user's `--set` wins."""
+    mod = args._bench
+    for k, v in mod.QUICK.items():
+        if getattr(args, k) == args._defaults[k]:
+            setattr(args, k, v)
+    args.overrides = list(mod.QUICK_SET) + list(args.overrides)
+
+
 def run(args) -> int:
+    if args.quick:
+        apply_quick(args)
     result = args._bench.run(args)
     if args.json:
         print(json.dumps(result))

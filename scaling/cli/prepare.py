@@ -6,7 +6,7 @@ Decodes every video under SRC with PyAV at native resolution (optionally scaled 
 video), encodes them with `data.encoder` and their captions with `data.text_encoder`, and
 writes rolling tar shards plus OUT/index.json. Captions come from `data.captions` (jsonl
 or csv with 'file' and 'caption') or a .txt beside each video. Unreadable videos are
-logged, counted and skipped.
+logged, counted and skipped; when no video gives a sample the command fails (exit 2).
 
     vidscale prepare videos/ shards/ --set data.encoder=pixel --set data.clip_frames=17
 """

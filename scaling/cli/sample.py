@@ -43,6 +43,7 @@ def run(args) -> int:
     a = SampleArgs(prompt=args.prompt, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
                    cfg_scale=args.cfg_scale, seed=args.seed, first_frame=args.first_frame,
                    init_video=args.init_video, strength=args.strength, fps=args.fps)
+    a.check()
     gen.latent_shape(a.frames, a.height, a.width)  # bad sizes fail before any work
     frames = gen(a)
     paths = write_frames(args.out, to_uint8(frames), fps=args.fps)

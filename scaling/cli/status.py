@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from vidscale.cluster.job import read_job, same_process
@@ -87,6 +88,12 @@ def run(args) -> int:
         except FileNotFoundError as e:
             if args.run_dirs:
                 raise ValueError(str(e)) from None
+            continue
+        except ValueError as e:  # a damaged job.json: name it, go on with the other runs
+            if args.run_dirs:
+                raise
+            print(f"vidscale status: error: {e}", file=sys.stderr)
+            code = 1
             continue
         rec = {"run_dir": str(d), "launcher": job.launcher, "job_ids": job.job_ids, **refresh(job),
                **progress(d)}

@@ -190,6 +190,15 @@ class SampleArgs:
     strength: float = 0.8
     fps: int = 8
 
+    def check(self) -> None:
+        """One-line ValueError for values no sampler can use (sizes are checked by `latent_shape`)."""
+        if self.steps < 1:
+            raise ValueError(f"--steps {self.steps}: expected at least 1 sampler step")
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"--strength {self.strength}: expected a noise level in [0, 1]")
+        if self.fps < 1:
+            raise ValueError(f"--fps {self.fps}: expected a positive frame rate")
+
 
 class Generator:
     """Model + objective + text encoder + the run's latent encoder."""
@@ -223,8 +232,8 @@ class Generator:
     def latent_shape(self, frames: int, H: int, W: int) -> tuple[int, int, int, int]:
         e, (pt, ph, pw) = self.encoder, self.patch
         s = e.spatial * ph, e.spatial * pw
-        if H % s[0] or W % s[1]:
-            raise ValueError(f"--height {H} --width {W}: must be multiples of {s[0]} x {s[1]} "
+        if H < 1 or W < 1 or H % s[0] or W % s[1]:
+            raise ValueError(f"--height {H} --width {W}: must be positive multiples of {s[0]} x {s[1]} "
                              f"(latent encoder x{e.spatial} times patch {ph}x{pw})")
         if frames < 1 or (frames - 1) % e.temporal:
             raise ValueError(f"--frames {frames}: expected 1 + {e.temporal} * k frames "
@@ -243,6 +252,7 @@ class Generator:
 
     def __call__(self, a: SampleArgs) -> torch.Tensor:
         """Frames C x T x H x W in [-1, 1] for the request."""
+        a.check()
         shape = self.latent_shape(a.frames, a.height, a.width)
         text = self.encode_text(a.prompt)
         cond = init = None

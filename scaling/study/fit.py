@@ -94,8 +94,8 @@ def prepare(rows: list[dict], where: str = "results") -> Runs:
             dropped.append({"name": name, "reason": f"status {status}"})
         elif not (math.isfinite(loss) and loss > 0):
             dropped.append({"name": name, "reason": f"loss {r.get('loss')!r} is not a positive number"})
-        elif not (n > 0 and d > 0):
-            raise ValueError(f"{where}: row {i + 1} ({name}): params and tokens must be positive numbers, "
+        elif not (0 < n < math.inf and 0 < d < math.inf):
+            raise ValueError(f"{where}: row {i + 1} ({name}): params and tokens must be finite positive numbers, "
                              f"got {r.get('params')!r}, {r.get('tokens')!r}")
         else:
             keep.append((name, n, d, loss, _num(r, "flops"), _num(r, "budget")))

@@ -1,12 +1,13 @@
 """VideoDiT: packing is exact, adaLN-Zero starts as identity, sizes and FLOPs are computed."""
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from vidscale.models.dit import DiTBlock, VideoDiT
 from vidscale.models.packed import pack, patchify, unpack, unpatchify
 from vidscale.models.sizes import SIZES, param_count
-from vidscale.scaling.train.flops import batch_forward_flops
+from vidscale.scaling.train.flops import batch_forward_flops, train_flops
 
 from conftest import dit_config  # noqa: E402
 
@@ -134,20 +135,46 @@ def test_any_resolution_and_duration():
         assert unpack(out, meta, 3, cfg.patch)[0].shape == shape
 
 
-def test_flops_model_matches_flop_counter():
+def count_flops(m, x, meta, t, backward=False):
+    """torch's FLOP counter over a forward (and backward) with SDPA on its math path, so the
+    attention matmuls are aten.bmm calls the counter sees (the fused CPU/GPU kernels are not
+    counted on every backend). Returns (total, {op: flops})."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        out = m(x, t, meta)
+        if backward:
+            out.square().sum().backward()
+    return fc.get_total_flops(), {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+
+
+@pytest.mark.parametrize("pad_to", [64, None])  # with a padding segment, and without
+def test_flops_model_matches_flop_counter(pad_to):
+    # attention counted by the counter itself, never by the formula under test
+    cfg = tiny_cfg()
+    m = trained_like(cfg).float()
+    lats, texts = videos()
+    x, meta = pack(lats, texts, cfg.patch, pad_to=pad_to)
+    t = torch.tensor([1.0, 2.0, 3.0])
+    counted, ops = count_flops(m, x, meta, t)
+    parts = batch_forward_flops(cfg, meta, split=True)
+    total = sum(parts.values())
+    assert abs(counted - total) / total < 1e-3, (counted, total, parts)
+    # the attention products alone: self-attention per segment (padding too), cross-attention per video
+    segs = [e - s for s, e in meta.segments()]
+    vids = [(meta.bounds[i + 1] - meta.bounds[i], meta.text_bounds[i + 1] - meta.text_bounds[i])
+            for i in range(meta.num_videos)]
+    assert ops.get("aten.bmm", 0) > 0, ops
+    assert ops["aten.bmm"] == parts["attention_core"] + 4 * cfg.hidden * cfg.depth * sum(lv * lt for lv, lt in vids)
+    assert parts["attention_core"] == 4 * cfg.hidden * cfg.depth * sum(l * l for l in segs)
+
+
+def test_train_flops_match_flop_counter():
     cfg = tiny_cfg()
     m = trained_like(cfg).float()
     lats, texts = videos()
     x, meta = pack(lats, texts, cfg.patch, pad_to=64)
-    with FlopCounterMode(display=False) as fc:
-        m(x, torch.tensor([1.0, 2.0, 3.0]), meta)
-    counted = fc.get_total_flops()
-    parts = batch_forward_flops(cfg, meta, split=True)
-    counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
-    attn_ops = [k for k in counts if "attention" in k or "bmm" in k]
-    if not attn_ops:  # the counter reports no SDPA FLOPs on this backend: add them by formula
-        counted += parts["attention_core"] + 4 * cfg.hidden * cfg.depth * sum(
-            (meta.bounds[i + 1] - meta.bounds[i]) * (meta.text_bounds[i + 1] - meta.text_bounds[i])
-            for i in range(meta.num_videos))
-    total = sum(parts.values())
-    assert abs(counted - total) / total < 1e-3, (counted, total, parts)
+    counted, _ = count_flops(m, x, meta, torch.tensor([1.0, 2.0, 3.0]), backward=True)
+    # train = 3 x forward counts the input gradients of the three input layers (patch, text and
+    # timestep embeddings) that autograd never computes: the counter must be short by exactly those
+    L, Lt, V, D = meta.seq_len, meta.text.shape[0], meta.num_videos, cfg.hidden
+    skipped = 2 * L * cfg.patch_dim * D + 2 * Lt * cfg.text_dim * D + 2 * V * 256 * D
+    assert counted == train_flops(cfg, meta) - skipped, (counted, train_flops(cfg, meta), skipped)
