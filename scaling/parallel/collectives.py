@@ -42,32 +42,26 @@ def _on(t: torch.Tensor, group) -> torch.Tensor:
 
 
 # -- numbers and flags (read on the host: a sync; call at logging / save steps) ---------------
-def sum_(x: float | int | torch.Tensor, group=None) -> float:
-    """Sum of a per-rank number over the group, in float64."""
+def _reduce(x: float | int | torch.Tensor, op, group) -> float:
     t = torch.as_tensor(x, dtype=torch.float64).detach().reshape(1)
     if not initialized():
         return float(t)
     t = _on(t.clone(), group)
-    dist.all_reduce(t, group=group)
+    dist.all_reduce(t, op=op, group=group)
     return float(t.cpu())
 
 
-def max_(x: float | int, group=None) -> float:
-    t = torch.tensor([float(x)], dtype=torch.float64)
-    if not initialized():
-        return float(t)
-    t = _on(t, group)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return float(t.cpu())
+def sum_(x: float | int | torch.Tensor, group=None) -> float:
+    """Sum of a per-rank number over the group, in float64."""
+    return _reduce(x, dist.ReduceOp.SUM, group)
 
 
-def min_(x: float | int, group=None) -> float:
-    t = torch.tensor([float(x)], dtype=torch.float64)
-    if not initialized():
-        return float(t)
-    t = _on(t, group)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return float(t.cpu())
+def max_(x: float | int | torch.Tensor, group=None) -> float:
+    return _reduce(x, dist.ReduceOp.MAX, group)
+
+
+def min_(x: float | int | torch.Tensor, group=None) -> float:
+    return _reduce(x, dist.ReduceOp.MIN, group)
 
 
 def agree(flag: bool, group=None) -> bool:

@@ -18,7 +18,7 @@ models: [{{hidden: 32, depth: 1}}, {{hidden: 48, depth: 1}}]
 budgets: [1e9]
 min_steps: 3
 set: {{train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkpoint.every: 0,
-      train.tokens_per_batch: 512}}
+      train.tokens_per_batch: 512{extra}}}
 """
 
 
@@ -27,7 +27,7 @@ def local_losses(tmp_path_factory):
     """The validation losses of the same two runs run locally: what every launcher must give."""
     tmp = tmp_path_factory.mktemp("local-sweep")
     p = tmp / "local.yaml"
-    p.write_text(SWEEP.format(name="local2", base=ROOT / "recipes/debug.yaml", out=tmp / "out"))
+    p.write_text(SWEEP.format(name="local2", base=ROOT / "recipes/debug.yaml", out=tmp / "out", extra=""))
     r = vidscale("sweep", p, "--progress-every", "5", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     with open(tmp / "out" / "results.csv", newline="") as f:
@@ -36,16 +36,7 @@ def local_losses(tmp_path_factory):
 
 def test_two_run_sweep_on_embedded_ray(tmp_path, local_losses):
     p = tmp_path / "ray.yaml"
-    p.write_text(f"""
-name: ray2
-base: {ROOT / 'recipes/debug.yaml'}
-sweep_dir: {tmp_path / 'out'}
-models: [{{hidden: 32, depth: 1}}, {{hidden: 48, depth: 1}}]
-budgets: [1e9]
-min_steps: 3
-set: {{train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkpoint.every: 0,
-      train.tokens_per_batch: 512}}
-""")
+    p.write_text(SWEEP.format(name="ray2", base=ROOT / "recipes/debug.yaml", out=tmp_path / "out", extra=""))
     r = vidscale("sweep", p, "--launcher", "ray", "--cpus", "2", "--progress-every", "5", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = tmp_path / "out"
@@ -64,16 +55,8 @@ set: {{train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkp
 def test_two_run_sweep_on_slurm(tmp_path, slurm_cluster, local_losses):
     """--launcher slurm: one job array, a task per run, each task running the run's own script."""
     p = tmp_path / "slurm.yaml"
-    p.write_text(f"""
-name: slurm2
-base: {ROOT / 'recipes/debug.yaml'}
-sweep_dir: {tmp_path / 'out'}
-models: [{{hidden: 32, depth: 1}}, {{hidden: 48, depth: 1}}]
-budgets: [1e9]
-min_steps: 3
-set: {{train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkpoint.every: 0,
-      train.tokens_per_batch: 512, cluster.slurm.time: "00:20:00"}}
-""")
+    p.write_text(SWEEP.format(name="slurm2", base=ROOT / "recipes/debug.yaml", out=tmp_path / "out",
+                              extra=', cluster.slurm.time: "00:20:00"'))
     r = vidscale("sweep", p, "--launcher", "slurm", "--progress-every", "5", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     with open(tmp_path / "out" / "results.csv", newline="") as f:
