@@ -133,8 +133,8 @@ class ZeroEngine:
 
     # -- weights -------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        if self.stage != 3:
-            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        if self.stage != 3:  # every rank holds the full weights: rank 0 hands them out
+            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.dims.rank == 0 else {}
         import deepspeed
         with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
             return ({k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
