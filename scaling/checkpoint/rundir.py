@@ -9,7 +9,6 @@ lands on an earlier run.
   kernel drops the lock when its holder dies: a crashed run never leaves a stale lock.
 - `check_fresh`: a run that does not resume refuses a directory that already holds
   checkpoints or a finished run's files.
-- `write_text_atomic`: files the run rewrites (config.yaml) are replaced in one rename.
 """
 from __future__ import annotations
 
@@ -50,6 +49,7 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
         self.fd: int | None = None
+        self.token = ""
 
     def holder(self) -> dict:
         try:
@@ -78,13 +78,13 @@ class RunLock:
                 "since": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": list(command or [])}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
-        self.fd = fd
+        self.fd, self.token = fd, token
         os.environ[LOCK_ENV] = token  # ranks started from here run under this lock
         return self
 
     def release(self) -> None:
         if self.fd is not None:
-            if os.environ.get(LOCK_ENV) == self.holder().get("token"):
+            if os.environ.get(LOCK_ENV) == self.token:
                 os.environ.pop(LOCK_ENV, None)
             os.ftruncate(self.fd, 0)  # no holder: a job that inherited our environment takes it anew
             fcntl.flock(self.fd, fcntl.LOCK_UN)
@@ -118,12 +118,3 @@ def check_fresh(run_dir: str | Path, resume: str) -> None:
         if (run_dir / name).exists():
             raise RunDirTaken(f"{run_dir}: holds a finished run ({name}); choose another --run-dir")
 
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)

@@ -11,6 +11,7 @@ the optimizer; the checkpoint manager saves the engine, loader and RNG as explic
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -108,7 +109,7 @@ class Trainer:
                 self.consumed.truncate(self.state.step, self.dims.dp)
         if self.is_main:  # only now: a failed restore leaves the run's recipe as it was
             save_config(cfg, self.run_dir / "config.yaml")
-        self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)  # steps, counted on device
+        # the first step with a non-finite loss or gradient norm (-1: none), kept on the device
         self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
 
     @property
@@ -121,7 +122,7 @@ class Trainer:
 
     # -- one optimizer step -----------------------------------------------------------
     def _range(self, category: str):
-        return self.split_profiler.range(category) if self.split_profiler is not None else _NULL
+        return self.split_profiler.range(category) if self.split_profiler is not None else contextlib.nullcontext()
 
     def train_step(self) -> dict:
         """One optimizer step over `train.grad_accum` micro-batches. Returns device tensors."""
@@ -141,9 +142,8 @@ class Trainer:
             grad_norm = self.engine.step()
         # divergence, noted on the device (no host sync here): read at logging and save steps
         bad = ~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm.to(self.device))
-        self._first_nonfinite = torch.where(bad & (self._nonfinite == 0), self.state.step + 1,
+        self._first_nonfinite = torch.where(bad & (self._first_nonfinite < 0), self.state.step + 1,
                                             self._first_nonfinite)
-        self._nonfinite += bad.long()
         self.state.step += 1
         self.state.tokens_seen += int(global_real)
         if self.consumed is not None:
@@ -175,17 +175,6 @@ class Trainer:
 
 class NonFiniteError(FloatingPointError):
     """The run diverged: a non-finite loss or gradient norm (one line, naming the step)."""
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
-_NULL = _Null()
 
 
 PEAK_EVERY_S = 120.0
