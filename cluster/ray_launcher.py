@@ -37,7 +37,7 @@ from vidscale.cluster.ray_cluster import EmbeddedRay, use_token_auth  # noqa: E4
 from vidscale.cluster.slurm import REQUEUE_MARKER  # noqa: E402
 from vidscale.cluster.slurm_task import watch_stop_file  # noqa: E402
 from vidscale.scaling.checkpoint.rundir import LOCK_ENV  # noqa: E402
-from vidscale.scaling.config import check_layout, load_config, save_config  # noqa: E402
+from vidscale.scaling.config import check_layout, load_config, network_env, save_config  # noqa: E402
 from vidscale.scaling.parallel import collectives  # noqa: E402
 from vidscale.scaling.train.loop import train  # noqa: E402
 
@@ -141,8 +141,10 @@ def run_trainer(cfg, address: str = "", nodes: int = 1) -> int:
     run_dir = Path(cfg.train.run_dir)
     # a Ray job's entrypoint already has them (submit_job): the job's runtime env then may not
     # be given again, Ray refuses a second definition of the same variables
-    in_job = all(os.environ.get(k) == v for k, v in WORKER_ENV.items())
-    runtime_env = None if in_job else {"env_vars": dict(WORKER_ENV)}
+    # (the network variables too: Ray Train binds the process group's sockets before train_worker runs)
+    want = {**WORKER_ENV, **network_env(c)}
+    in_job = all(os.environ.get(k) == v for k, v in want.items())
+    runtime_env = None if in_job else {"env_vars": want}
     if runtime_env and address and address != "auto":
         # Ray Train's helper actors look the cluster up by RAY_ADDRESS; without it they fail
         # ("multiple active Ray instances") wherever several clusters share a machine
@@ -241,7 +243,7 @@ def submit_job(cfg, address: str, wait: bool = False, command: list[str] | None 
     while True:
         try:
             job_id = client.submit_job(entrypoint=entry, submission_id=sub_id,
-                                       runtime_env={"env_vars": dict(WORKER_ENV)},
+                                       runtime_env={"env_vars": {**WORKER_ENV, **network_env(cfg.cluster)}},
                                        metadata={"run_dir": str(cfg.train.run_dir)})
             break
         except RuntimeError as e:  # a fresh head's job agent comes up after its dashboard

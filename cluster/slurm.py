@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vidscale.cluster.job import new_job
-from vidscale.scaling.config import check_layout, save_config
+from vidscale.scaling.config import check_layout, network_env, save_config
 
 SAFE = re.compile(r"[A-Za-z0-9_.,:@%/+=\-\[\]]+")
 """Characters allowed in a value Slurm takes verbatim on an `#SBATCH` line: no spaces,
@@ -88,6 +88,8 @@ class SlurmPlan:
     constraint: str = ""
     extra: list[str] = field(default_factory=list)
     ray: bool = False
+    network_env: dict[str, str] = field(default_factory=dict)
+    """GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME from `cluster.network_interface`."""
 
     @property
     def ntasks(self) -> int:
@@ -131,7 +133,8 @@ def plan(cfg) -> SlurmPlan:
                      cpus_per_task=s.cpus_per_task, gpus_per_node=gpn, time=s.time,
                      signal_seconds=s.signal_seconds, partition=safe("cluster.slurm.partition", s.partition),
                      account=safe("cluster.slurm.account", s.account), qos=safe("cluster.slurm.qos", s.qos),
-                     constraint=safe("cluster.slurm.constraint", s.constraint, SAFE_CONSTRAINT), extra=list(s.extra), ray=s.ray)
+                     constraint=safe("cluster.slurm.constraint", s.constraint, SAFE_CONSTRAINT), extra=list(s.extra), ray=s.ray,
+                     network_env=network_env(c))
 
 
 # -- the script ----------------------------------------------------------------------------
@@ -159,6 +162,9 @@ def render(p: SlurmPlan, python: str = sys.executable) -> str:
     else:
         body = f"""srun --kill-on-bad-exit=1 {q(python)} -m vidscale.cluster.slurm_task &
 step=$!"""
+    net = "".join(f"export {k}={q(v)}\n" for k, v in p.network_env.items())
+    if net:
+        net = "# ranks on different nodes talk over cluster.network_interface\n" + net
     return f"""#!/bin/bash
 # vidscale run '{p.job_name}': {p.ntasks} ranks = {p.nodes} node(s) x {p.ntasks_per_node} task(s).
 # Written by `vidscale train --launcher slurm`; resubmit by hand with: sbatch {q(str(p.run_dir / SCRIPT))}
@@ -172,7 +178,7 @@ echo "vidscale: job $SLURM_JOB_ID starts $(date -u +%FT%TZ), restart ${{SLURM_RE
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
 export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-1}}
-export VIDSCALE_CONFIG="$RUN_DIR/{CONFIG}"
+{net}export VIDSCALE_CONFIG="$RUN_DIR/{CONFIG}"
 export VIDSCALE_STOP_FILE="$RUN_DIR/{STOP_FILE}"
 rm -f "$VIDSCALE_STOP_FILE" "$RUN_DIR/{REQUEUE_MARKER}"
 

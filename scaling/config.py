@@ -19,6 +19,7 @@ import difflib
 import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -253,6 +254,11 @@ class ClusterArgs:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_failures: int = 2
+    network_interface: str = ""
+    """The interface ranks on different hosts talk over (`eth0`, `ib0`, or a comma list):
+    every rank gets it as GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME. '' lets gloo and nccl
+    choose, which is right on one host; across hosts gloo otherwise binds the address the
+    machine's hostname resolves to, which may be unreachable from the other nodes."""
     slurm: SlurmArgs = field(default_factory=SlurmArgs)
 
 
@@ -387,6 +393,16 @@ def _one_of(values) -> str:
     return ", ".join(vs[:-1]) + " or " + vs[-1] if len(vs) > 1 else vs[0]
 
 
+INTERFACE = re.compile(r"[A-Za-z0-9_.:@-]{1,15}(,[A-Za-z0-9_.:@-]{1,15})*")
+"""Linux interface names (at most 15 characters), comma-separated."""
+
+
+def network_env(cluster: ClusterArgs) -> dict[str, str]:
+    """The environment every rank needs to reach the others over `cluster.network_interface`."""
+    iface = cluster.network_interface
+    return {"GLOO_SOCKET_IFNAME": iface, "NCCL_SOCKET_IFNAME": iface} if iface else {}
+
+
 def validate(cfg: Config, where: str) -> None:
     """Value checks that types alone cannot express. Raises RecipeError (one line)."""
 
@@ -408,6 +424,9 @@ def validate(cfg: Config, where: str) -> None:
                                 ("cluster.launcher", c.cluster.launcher, LAUNCHERS)]:
         if value not in allowed:
             bad(key, value, f"one of {_one_of(allowed)}")
+    if cfg.cluster.network_interface and not INTERFACE.fullmatch(cfg.cluster.network_interface):
+        bad("cluster.network_interface", cfg.cluster.network_interface,
+            "an interface name like 'eth0' or 'ib0' (or a comma list of them)")
     if len(cfg.model.patch) != 3 or min(cfg.model.patch) < 1:
         bad("model.patch", cfg.model.patch, "three positive integers [pt, ph, pw]")
     if len(cfg.vae.temporal_down) != len(cfg.vae.mults) - 1:

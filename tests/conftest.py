@@ -178,6 +178,32 @@ def ray_cluster():
         stop_head(head)
 
 
+def host_bed(n: int):
+    """N network-namespace hosts (cluster/scripts/hosts.sh), taken down after the test even when
+    it fails. Needs root: a test that needs hosts FAILS when they cannot be made."""
+    from vidscale.cluster.hosts import TestBed
+    bed = TestBed(n)
+    try:
+        bed.up()
+    except (PermissionError, RuntimeError) as e:
+        pytest.fail(f"could not build the {n}-host test bed: {e}")
+    return bed
+
+
+@pytest.fixture
+def hosts2():
+    bed = host_bed(2)
+    yield bed
+    bed.down()
+
+
+@pytest.fixture
+def hosts3():
+    bed = host_bed(3)
+    yield bed
+    bed.down()
+
+
 # The recipe every launcher test trains: recipes/debug.yaml as shipped, on 2 ranks with ZeRO-3.
 DEBUG_ZERO3 = ["parallel.zero_stage=3", *QUIET]
 

@@ -26,7 +26,7 @@ from vidscale.models.sizes import param_count
 from vidscale.scaling.checkpoint.manager import Checkpointer, LoaderPart, RngPart, TrainState
 from vidscale.scaling.checkpoint.rundir import RunDirBusy, RunDirTaken, RunLock, check_fresh, held_by_launcher
 from vidscale.scaling.checkpoint.weights import save_run_weights
-from vidscale.scaling.config import Config, load_config, model_config, save_config, to_yaml
+from vidscale.scaling.config import Config, load_config, model_config, network_env, save_config, to_yaml
 from vidscale.scaling.parallel import collectives
 from vidscale.scaling.parallel.dims import ParallelDims, pick_backend, pick_device
 from vidscale.scaling.parallel.parallelize import apply_compile, build_model, parallelize
@@ -69,6 +69,8 @@ class Trainer:
         self.cfg = cfg
         if cfg.train.tune_malloc:
             host_memory.tune()
+        for k, v in network_env(cfg.cluster).items():  # before the process group binds its sockets
+            os.environ.setdefault(k, v)
         self.dims = ParallelDims.from_env(cfg.parallel.ulysses, cfg.parallel.ring)  # layout: config.check_layout
         self.device = pick_device(cfg.train.device, self.dims.local_rank)
         self.dims.init(pick_backend(cfg.parallel.backend, self.device), cfg.parallel.timeout_s)
