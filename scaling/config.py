@@ -120,8 +120,16 @@ class OptimArgs:
     weight_decay: float = 0.0
     eps: float = 1e-8
     warmup: int = 10
-    """Linear warmup steps, then cosine decay to min_lr_ratio * lr."""
+    """Linear warmup steps, then the schedule's decay to min_lr_ratio * lr."""
     min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+    """After warmup: 'cosine' (decay over the whole run) or 'wsd' (warmup-stable-decay: constant
+    lr, then decay over the last `decay_fraction` of the steps). A WSD run's lr up to its decay
+    does not depend on its length, so runs of several lengths can share one trunk."""
+    decay_fraction: float = 0.2
+    """wsd: the share of `train.steps` spent decaying (the cooldown)."""
+    decay_shape: str = "linear"
+    """wsd: the cooldown's shape, 'linear' or '1-sqrt' (lr falls as 1 - sqrt(progress))."""
     grad_clip: float = 1.0
     """Clip the global gradient norm (0 = off)."""
     ema_decay: float = 0.999
@@ -393,6 +401,9 @@ def _one_of(values) -> str:
     return ", ".join(vs[:-1]) + " or " + vs[-1] if len(vs) > 1 else vs[0]
 
 
+LR_SCHEDULES = ("cosine", "wsd")
+DECAY_SHAPES = ("linear", "1-sqrt")
+
 INTERFACE = re.compile(r"[A-Za-z0-9_.:@-]{1,15}(,[A-Za-z0-9_.:@-]{1,15})*")
 """Linux interface names (at most 15 characters), comma-separated."""
 
@@ -415,6 +426,8 @@ def validate(cfg: Config, where: str) -> None:
                                 ("task", c.task, TASKS),
                                 ("objective.name", c.objective.name, OBJECTIVES),
                                 ("objective.schedule", c.objective.schedule, SCHEDULES),
+                                ("optim.schedule", c.optim.schedule, LR_SCHEDULES),
+                                ("optim.decay_shape", c.optim.decay_shape, DECAY_SHAPES),
                                 ("checkpoint.checksum", c.checkpoint.checksum, CHECKSUMS),
                                 ("train.dtype", c.train.dtype, DTYPES),
                                 ("train.device", c.train.device, DEVICES),
@@ -452,6 +465,7 @@ def validate(cfg: Config, where: str) -> None:
             ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, "a number >= 0"),
             ("optim.warmup", o.warmup, o.warmup >= 0, "a number of steps >= 0"),
             ("optim.min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "a ratio in [0, 1]"),
+            ("optim.decay_fraction", o.decay_fraction, 0 < o.decay_fraction <= 1, "a fraction in (0, 1]"),
             ("optim.grad_clip", o.grad_clip, o.grad_clip >= 0, "a norm >= 0 (0 = no clipping)"),
             ("optim.ema_decay", o.ema_decay, 0 <= o.ema_decay < 1, "a decay in [0, 1) (0 = no EMA)"),
             ("objective.logit_std", c.objective.logit_std, c.objective.logit_std > 0, "a positive number"),

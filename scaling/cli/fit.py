@@ -30,6 +30,10 @@ def add_parser(sub):
     p.add_argument("--plot", metavar="OUT.png", help="write the four plots into one PNG")
     p.add_argument("--budget", type=_flops, nargs="+", action="extend", default=[], metavar="C",
                    help="compute budget(s) in FLOPs to predict N_opt, D_opt and loss at")
+    p.add_argument("--holdout", action="append", default=[], metavar="EXPR",
+                   help="leave out the runs matching COLUMN OP VALUE (OP: >= <= > < =; e.g. 'budget>=4e10', "
+                        "'name=h64d1-C4e10'; repeatable, a run matching any is held out) and report how well "
+                        "the fit predicts them (--json keys holdout, holdout_mape)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -37,7 +41,8 @@ def add_parser(sub):
 
 def run(args) -> int:
     rows = read_results(args.results)
-    result = fit(rows, args.budget, bootstrap=args.bootstrap, seed=args.seed, where=args.results)
+    result = fit(rows, args.budget, bootstrap=args.bootstrap, seed=args.seed, where=args.results,
+                 holdout=args.holdout)
     if args.plot:
         write_summary_plot(result, args.plot)
     if args.json:
@@ -47,6 +52,10 @@ def run(args) -> int:
     if args.plot:
         print(f"plots: {args.plot}")
     return 0
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2%}"
 
 
 def summary(result: dict) -> str:
@@ -64,6 +73,12 @@ def summary(result: dict) -> str:
     for p in result["predictions"]:
         lines.append(f"  C = {p['budget']:.3g}: N_opt = {p['N_opt']:.3g}, D_opt = {p['D_opt']:.3g}, "
                      f"loss = {p['loss']:.4f}")
+    if result.get("holdout_exprs"):
+        lines.append(f"  held out ({' or '.join(result['holdout_exprs'])}): {len(result['holdout'])} runs, "
+                     f"mean |relative error| {_pct(result['holdout_mape'])}")
+        for h in result["holdout"]:
+            lines.append(f"    {h['name']}: predicted {h['predicted']:.4f}, actual {h['actual']:.4f} "
+                         f"({h['rel_err']:+.2%})")
     for w in result.get("warnings", []):
         lines.append(f"  warning: {w}")
     if result["outliers"] or result["dropped"]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +113,69 @@ def prepare(rows: list[dict], where: str = "results") -> Runs:
     key = budget if np.all(np.isfinite(budget) & (budget > 0)) else np.round(np.log10(C) * 10) / 10
     _, group = np.unique(key, return_inverse=True)
     return Runs(N, D, C, L, group, names, k, dropped)
+
+
+# --- held-out runs ----------------------------------------------------------------------------
+HOLDOUT = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|>|<|=)\s*(\S.*?)\s*")
+"""`COLUMN OP VALUE`: matched, never evaluated."""
+_OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
+        "<": lambda a, b: a < b, "=": lambda a, b: a == b}
+
+
+def _as_float(x: str) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def holdout_mask(rows: list[dict], exprs: list[str], where: str = "results") -> list[bool]:
+    """True for each row that any of `exprs` (`budget>=4e10`, `name=h64d1-C4e10`) selects.
+    Numbers compare as numbers, anything else only with `=`, as text."""
+    cols = set(rows[0]) if rows else set()
+    tests = []
+    for e in exprs:
+        m = HOLDOUT.fullmatch(e)
+        if not m:
+            raise ValueError(f"--holdout {e!r}: expected COLUMN OP VALUE with OP one of >=, <=, >, <, = "
+                             "(e.g. budget>=4e10)")
+        col, op, value = m.groups()
+        if col not in cols:
+            raise ValueError(f"--holdout {e!r}: {where} has no column {col!r} (columns: {', '.join(sorted(cols))})")
+        num = _as_float(value)
+        if num is None and op != "=":
+            raise ValueError(f"--holdout {e!r}: {op} compares numbers and {value!r} is not one")
+        tests.append((col, op, value, num))
+    out = []
+    for r in rows:
+        hit = False
+        for col, op, value, num in tests:
+            x = _as_float(r.get(col, ""))
+            if num is not None and x is not None:
+                hit |= _OPS[op](x, num)
+            elif op == "=":
+                hit |= (r.get(col, "") or "").strip() == value
+        out.append(hit)
+    if exprs and not any(out):
+        raise ValueError(f"--holdout {' '.join(exprs)}: selects no row of {where}")
+    return out
+
+
+def holdout_check(law_p: dict, rows: list[dict]) -> dict:
+    """Each held-out finished run's loss predicted by the law at its own N and D."""
+    out = []
+    for i, r in enumerate(rows):
+        n, d, loss = _num(r, "params"), _num(r, "tokens"), _num(r, "loss")
+        if (r.get("status") or "done").strip() != "done" or not (math.isfinite(loss) and loss > 0 and n > 0 and d > 0):
+            continue
+        pred = law_p["E"] + law_p["A"] * n ** -law_p["alpha"] + law_p["B"] * d ** -law_p["beta"]
+        c = _num(r, "flops")
+        out.append({"name": r.get("name") or f"row{i + 1}", "params": n, "tokens": d,
+                    "flops": c if math.isfinite(c) and c > 0 else law_p["k"] * n * d,
+                    "predicted": pred, "actual": loss, "rel_err": (pred - loss) / loss})
+    mape = float(np.mean([abs(h["rel_err"]) for h in out])) if out else None
+    return {"holdout": out, "holdout_mape": mape}
 
 
 # --- approach 3: parametric fit ------------------------------------------------------------
@@ -255,14 +319,26 @@ def _ci(values: list[float]) -> list[float] | None:
 
 
 def fit(rows: list[dict], budgets: list[float] = (), bootstrap: int = 200, seed: int = 0,
-        where: str = "results") -> dict:
-    """Approach 2 and 3 with bootstrap 95% intervals and predictions at `budgets` (FLOPs)."""
+        where: str = "results", holdout: list[str] = ()) -> dict:
+    """Approach 2 and 3 with bootstrap 95% intervals and predictions at `budgets` (FLOPs).
+    `holdout` expressions (`holdout_mask`) take rows out of the fit; the result then also says
+    how well the law predicts them (`holdout`, `holdout_mape`)."""
+    held = []
+    if holdout:
+        mask = holdout_mask(rows, list(holdout), where)
+        held = [r for r, m in zip(rows, mask) if m]
+        rows = [r for r, m in zip(rows, mask) if not m]
     try:  # L-BFGS-B's tiny BLAS calls are ~70x slower with threaded OpenBLAS on a busy machine
         from threadpoolctl import threadpool_limits
     except ImportError:
-        return _fit(rows, budgets, bootstrap, seed, where)
-    with threadpool_limits(1):
-        return _fit(rows, budgets, bootstrap, seed, where)
+        result = _fit(rows, budgets, bootstrap, seed, where)
+    else:
+        with threadpool_limits(1):
+            result = _fit(rows, budgets, bootstrap, seed, where)
+    if holdout:
+        result.update(holdout_check(result["_law"], held))
+        result["holdout_exprs"] = list(holdout)
+    return result
 
 
 def _fit(rows, budgets, bootstrap, seed, where) -> dict:
@@ -321,6 +397,7 @@ def _fit(rows, budgets, bootstrap, seed, where) -> dict:
                          f"after a first approach-3 fit"),
         "predictions": [],
         "_boot_laws": boot_laws,  # for the report's confidence band; stripped from JSON output
+        "_law": p,
     })
     for c in budgets:
         n, d, loss = optimum(p, c)

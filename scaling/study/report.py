@@ -41,7 +41,8 @@ def _budget_colors(result: dict):
 
 
 def _compute_span(result: dict) -> np.ndarray:
-    C = [r["flops"] for r in result["residuals"]] + [p["budget"] for p in result["predictions"]]
+    C = ([r["flops"] for r in result["residuals"]] + [p["budget"] for p in result["predictions"]]
+         + [h["flops"] for h in result.get("holdout") or []])
     return np.logspace(math.log10(min(C)) - 0.3, math.log10(max(C)) + 0.3, 60)
 
 
@@ -125,6 +126,14 @@ def plot_loss_vs_compute(ax, result: dict) -> None:
     if band is not None:
         ax.fill_between(Cs, band[0], band[1], color="k", alpha=0.15, label="95% bootstrap band")
     ax.axhline(law["E"], color="gray", ls=":", label=f"irreducible E = {law['E']:.3g}")
+    held = result.get("holdout") or []
+    if held:  # runs the fit never saw: actual (open) against predicted (x), joined
+        for h in held:
+            ax.plot([h["flops"]] * 2, [h["actual"], h["predicted"]], color="C3", lw=0.8, zorder=2)
+        ax.scatter([h["flops"] for h in held], [h["actual"] for h in held], facecolors="none", edgecolors="C3",
+                   s=40, zorder=4, label=f"held out: actual (MAPE {result['holdout_mape']:.1%})")
+        ax.scatter([h["flops"] for h in held], [h["predicted"] for h in held], marker="x", color="C3", s=30,
+                   zorder=4, label="held out: predicted")
     ax.set_xscale("log")
     ax.set_xlabel("training compute C (FLOPs)")
     ax.set_ylabel("validation loss")

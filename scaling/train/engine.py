@@ -57,11 +57,28 @@ class Engine(Protocol):
         """Consolidated full EMA weights on every rank ({} without EMA); every rank must call it."""
 
 
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    """Linear warmup to 1, then cosine decay to `min_ratio`."""
+def decay_start(warmup: int, total: int, decay_fraction: float) -> int:
+    """The first step of a wsd run's cooldown: where a branch of a shared trunk starts."""
+    return max(warmup, total - round(decay_fraction * total))
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float, schedule: str = "cosine", decay_fraction: float = 0.2,
+              decay_shape: str = "linear"):
+    """The lr multiplier at each step: linear warmup to 1, then
+    cosine: a half cosine down to `min_ratio` over the rest of the run;
+    wsd:    1 until the last `decay_fraction` of the run (at least the warmup), then down to
+            `min_ratio` along `decay_shape` (linear, or 1 - sqrt(progress))."""
+    start = decay_start(warmup, total, decay_fraction)
+
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if schedule == "wsd":
+            if step < start:
+                return 1.0
+            progress = min(1.0, (step - start) / max(1, total - start))
+            drop = math.sqrt(progress) if decay_shape == "1-sqrt" else progress
+            return 1.0 - (1 - min_ratio) * drop
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
@@ -76,7 +93,8 @@ def make_optimizer(params, o) -> torch.optim.Optimizer:
 
 
 def make_scheduler(optimizer, o, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup, total_steps, o.min_lr_ratio))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup, total_steps, o.min_lr_ratio, o.schedule,
+                                                                  o.decay_fraction, o.decay_shape))
 
 
 class TorchEngine:

@@ -158,3 +158,54 @@ def test_degenerate_sweep_is_flagged():
     r = fit(rows, bootstrap=0)
     text = " ".join(r["warnings"])
     assert "A fell to ~0" in text and "outside the sampled sizes" in text
+
+
+# -- held-out runs ------------------------------------------------------------------------------
+def test_holdout_predicts_unseen_budget_and_never_fits_it():
+    rows = sweep_rows(**LAWS["chinchilla"], seed=3)
+    out = fit(rows, bootstrap=0, holdout=["flops>=1e21"])
+    assert out["n_runs"] == 28 and len(out["holdout"]) == 7  # the largest budget's 7 runs are not fitted
+    assert {h["name"] for h in out["holdout"]} == {r["name"] for r in rows if r["flops"] >= 1e21}
+    t = LAWS["chinchilla"]
+    for h in out["holdout"]:  # the prediction is the law at the run's own N and D
+        truth = t["E"] + t["A"] / h["params"] ** t["alpha"] + t["B"] / h["tokens"] ** t["beta"]
+        assert abs(h["predicted"] / truth - 1) < 0.01
+        assert h["rel_err"] == pytest.approx((h["predicted"] - h["actual"]) / h["actual"])
+    assert out["holdout_mape"] < 0.012  # 0.5% noise on the actual losses, ~0.5% extrapolation error
+    # a held-out run's loss has no say in the fit: corrupt one by +20% and nothing else moves
+    bad = [dict(r) for r in rows]
+    victim = next(r for r in bad if r["flops"] >= 1e21)
+    victim["loss"] *= 1.2
+    out2 = fit(bad, bootstrap=0, holdout=["flops>=1e21"])
+    assert out2["alpha"] == out["alpha"] and out2["E"] == out["E"]
+    h = next(h for h in out2["holdout"] if h["name"] == victim["name"])
+    assert h["rel_err"] == pytest.approx(1 / 1.2 - 1, abs=0.02)
+
+
+def test_holdout_by_name_and_several_expressions(tmp_path, capsys):
+    rows = sweep_rows(**LAWS["chinchilla"], seed=4)
+    _write_csv(tmp_path / "results.csv", rows)
+    one = rows[3]["name"]
+    rc = main(["fit", str(tmp_path / "results.csv"), "--json", "--bootstrap", "0",
+               "--holdout", f"name={one}", "--holdout", "flops<1e17"])  # '<1e17' matches nothing: fine
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [h["name"] for h in out["holdout"]] == [one] and out["n_runs"] == len(rows) - 1
+    assert set(out["holdout"][0]) >= {"name", "predicted", "actual", "rel_err"}
+    assert out["holdout_mape"] == pytest.approx(abs(out["holdout"][0]["rel_err"]))
+    rc = main(["fit", str(tmp_path / "results.csv"), "--bootstrap", "0", "--holdout", "flops>=1e21",
+               "--plot", str(tmp_path / "fit.png")])
+    text = capsys.readouterr().out
+    assert rc == 0 and "held out (flops>=1e21): 7 runs" in text
+    assert (tmp_path / "fit.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("expr, says", [("budget>=1e20", "no column 'budget'"), ("flops>=big", "not one"),
+                                        ("flops ~ 3", "COLUMN OP VALUE"), ("flops>1e30", "selects no row"),
+                                        ("__import__('os')>1", "COLUMN OP VALUE")])
+def test_bad_holdout_is_one_line(tmp_path, capsys, expr, says):
+    rows = sweep_rows(**LAWS["chinchilla"], seed=4)
+    _write_csv(tmp_path / "results.csv", rows)
+    rc = main(["fit", str(tmp_path / "results.csv"), "--bootstrap", "0", "--holdout", expr])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and says in err, err
