@@ -12,6 +12,7 @@ the end the fit (`scaling/study/fit.py`) and SWEEP_DIR/report.md with its plots.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 from pathlib import Path
@@ -55,6 +56,12 @@ def run(args) -> int:
     rows = run_sweep(sweep, runs, args.launcher, args.address, args.cpus, args.progress_every)
     failed = [r["name"] for r in rows if r["status"] != "done"]
     report = write_sweep_report(sweep, rows, args.budget, args.bootstrap)
+    fitted = sweep.dir / "fit.json"
+    if sweep.args.holdout and fitted.is_file():
+        held = json.loads(fitted.read_text())
+        if held.get("holdout_mape") is not None:
+            print(f"held out ({' or '.join(sweep.args.holdout)}): {len(held['holdout'])} runs predicted by the fit "
+                  f"of the others with mean |relative error| {held['holdout_mape']:.2%}")
     print(f"results: {sweep.dir / 'results.csv'}")
     print(f"report: {report}")
     print(f"TensorBoard: tensorboard --logdir {sweep.dir / 'runs'}")

@@ -116,7 +116,7 @@ def prepare(rows: list[dict], where: str = "results") -> Runs:
 
 
 # --- held-out runs ----------------------------------------------------------------------------
-HOLDOUT = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|>|<|=)\s*(\S.*?)\s*")
+HOLDOUT = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|>|<|=)\s*([^<>=\s].*?)\s*")
 """`COLUMN OP VALUE`: matched, never evaluated."""
 _OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
         "<": lambda a, b: a < b, "=": lambda a, b: a == b}

@@ -35,6 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 from vidscale.data.loader import build_loader
 from vidscale.models.sizes import param_count
 from vidscale.scaling.config import Config, RecipeError, check_layout, load_config, model_config, validate
+from vidscale.scaling.study.fit import HOLDOUT
 from vidscale.scaling.train.flops import forward_flops
 
 PROBE_BATCHES = 8
@@ -89,6 +90,9 @@ class SweepArgs:
     """Processes per run (0 = the base recipe's cluster.nproc)."""
     sweep_dir: str = ""
     """Where runs, results.csv and report.md go (default runs/sweeps/<name>)."""
+    holdout: list[str] = field(default_factory=list)
+    """Runs the report's fit leaves out and then predicts (`vidscale fit --holdout`), e.g.
+    ['budget>=4e10']: the sweep checks its own extrapolation."""
 
 
 @dataclass
@@ -184,6 +188,9 @@ def load_sweep(path: str | Path) -> Sweep:
     labels = [_label(m) for m in _model_specs(args)]
     if len(set(labels)) != len(labels):
         bad("models", labels, "distinct model names")
+    for i, h in enumerate(args.holdout):
+        if not HOLDOUT.fullmatch(h):
+            bad(f"holdout[{i}]", h, "COLUMN OP VALUE with OP one of >=, <=, >, <, = (e.g. budget>=4e10)")
     for i, c in enumerate(args.cells):
         if c.model and c.model not in labels:
             bad(f"cells[{i}].model", c.model, f"one of {labels}")

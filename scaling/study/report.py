@@ -242,6 +242,14 @@ def write_report(sweep_dir: str | Path, result: dict | None, rows: list[dict], t
             lines.append(f"| {p['budget']:.3g} | {p['N_opt']:.3g} "
                          f"{'[' + _fmt(n_ci[0]) + ', ' + _fmt(n_ci[1]) + ']' if n_ci else ''} | {p['D_opt']:.3g} | "
                          f"{p['loss']:.4f} | {_fmt(p.get('approach2', {}).get('N_opt'))} |")
+    if result.get("holdout_exprs"):
+        mape = result["holdout_mape"]
+        lines += ["", "## Held-out runs", "",
+                  f"Left out of the fit ({' or '.join(f'`{e}`' for e in result['holdout_exprs'])}) and predicted "
+                  f"from it: mean |relative error| {'-' if mape is None else f'{mape:.2%}'}.", "",
+                  "| run | predicted loss | actual loss | relative error |", "|---|---|---|---|"]
+        lines += [f"| {h['name']} | {h['predicted']:.4f} | {h['actual']:.4f} | {h['rel_err']:+.2%} |"
+                  for h in result["holdout"]]
     lines += ["", "## Outliers", "", f"Rule: {result['outlier_rule']}.", ""]
     dropped = [f"{d['name']} ({d['reason']})" for d in result["dropped"]] + \
               [f"{n} (residual)" for n in result["outliers"]]
@@ -267,7 +275,8 @@ def write_sweep_report(sweep, rows: list[dict], budgets: list[float], bootstrap:
     largest = max(float(r["budget"]) for r in done)
     budgets = budgets or [10 * largest, 100 * largest]
     try:
-        result = fit(rows, budgets, bootstrap=bootstrap, where=str(sweep.dir / "results.csv"))
+        result = fit(rows, budgets, bootstrap=bootstrap, where=str(sweep.dir / "results.csv"),
+                     holdout=sweep.args.holdout)
     except ValueError as e:
         return write_report(sweep.dir, None, rows, title=f"Sweep {sweep.args.name}",
                             notes=notes + [f"No fit: {e}"])

@@ -209,3 +209,20 @@ def test_bad_holdout_is_one_line(tmp_path, capsys, expr, says):
     rc = main(["fit", str(tmp_path / "results.csv"), "--bootstrap", "0", "--holdout", expr])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and says in err, err
+
+
+def test_sweep_report_checks_its_holdout(tmp_path):
+    """A sweep file's `holdout` key: the report's fit leaves those runs out and tables their predictions."""
+    from conftest import write_sweep
+    from vidscale.scaling.study.plan import load_sweep
+    from vidscale.scaling.study.report import write_sweep_report
+    sweep = load_sweep(write_sweep(tmp_path, "models: [debug]\nbudgets: [1e10]\nholdout: ['budget>=1e21']\n"))
+    rows = [dict(r, budget=r["flops"]) for r in sweep_rows(**LAWS["chinchilla"], seed=5)]
+    sweep.dir.mkdir(parents=True)
+    report = write_sweep_report(sweep, rows, [], bootstrap=0).read_text()
+    fitted = json.loads((sweep.dir / "fit.json").read_text())
+    assert fitted["n_runs"] == 28 and len(fitted["holdout"]) == 7 and fitted["holdout_mape"] < 0.02
+    assert "## Held-out runs" in report and f"{fitted['holdout_mape']:.2%}" in report
+    assert all(h["name"] in report for h in fitted["holdout"])
+    with pytest.raises(ValueError, match=r"holdout\[0\]"):
+        load_sweep(write_sweep(tmp_path, "models: [debug]\nbudgets: [1e10]\nholdout: ['budget => 1']\n", "bad.yaml"))
