@@ -195,6 +195,12 @@ class CheckpointArgs:
     """Manifest checksum of every file: xxh3_128 (fast, detects damage) or sha256."""
     resume: str = ""
     """'' (fresh), 'auto' (latest complete checkpoint in the run dir) or a checkpoint path."""
+    keep_steps: list[int] = field(default_factory=list)
+    """Also save at these steps and never delete those checkpoints (a wsd trunk's branch points)."""
+    branch_from: str = ""
+    """A checkpoint of another run (its step_* directory) to start from when this run has none of
+    its own: every part of the state (weights, optimizer, data position, RNG, step), then this
+    recipe's own length and schedule. What a wsd-branches sweep's cooldown branches run."""
 
 
 @dataclass
@@ -466,6 +472,8 @@ def validate(cfg: Config, where: str) -> None:
             ("optim.warmup", o.warmup, o.warmup >= 0, "a number of steps >= 0"),
             ("optim.min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "a ratio in [0, 1]"),
             ("optim.decay_fraction", o.decay_fraction, 0 < o.decay_fraction <= 1, "a fraction in (0, 1]"),
+            ("checkpoint.keep_steps", cfg.checkpoint.keep_steps, all(x > 0 for x in cfg.checkpoint.keep_steps),
+             "positive step numbers"),
             ("optim.grad_clip", o.grad_clip, o.grad_clip >= 0, "a norm >= 0 (0 = no clipping)"),
             ("optim.ema_decay", o.ema_decay, 0 <= o.ema_decay < 1, "a decay in [0, 1) (0 = no EMA)"),
             ("objective.logit_std", c.objective.logit_std, c.objective.logit_std > 0, "a positive number"),

@@ -157,7 +157,7 @@ class Checkpointer:
         return dict(self._layout)
 
     def should_save(self, step: int) -> bool:
-        return self.args.every > 0 and step % self.args.every == 0
+        return (self.args.every > 0 and step % self.args.every == 0) or step in self.args.keep_steps
 
     # -- save ------------------------------------------------------------------------------
     def save(self) -> Path:
@@ -223,7 +223,7 @@ class Checkpointer:
             io.write_part(tmp, d.rank)
             if d.rank == 0:
                 io.commit(self.root, tmp, tag, d.world, meta, self.timeout_s)
-                io.retain(self.root, self.args.keep_last, self.args.keep_every, tag)
+                io.retain(self.root, self.args.keep_last, self.args.keep_every, tag, self.args.keep_steps)
         except BaseException as e:
             self._mark_failed(tmp, e)
             raise

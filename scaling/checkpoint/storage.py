@@ -362,11 +362,12 @@ def read_latest(root: Path) -> str | None:
     return p.read_text().strip() if p.exists() else None
 
 
-def retain(root: Path, keep_last: int, keep_every: int, protect: str) -> list[str]:
-    """Delete committed checkpoints that are neither among the last `keep_last` nor at a
-    multiple of `keep_every`; `protect` (the one just committed) always stays."""
+def retain(root: Path, keep_last: int, keep_every: int, protect: str, keep_steps=()) -> list[str]:
+    """Delete committed checkpoints that are neither among the last `keep_last`, nor at a
+    multiple of `keep_every`, nor at one of `keep_steps`; `protect` (the one just committed)
+    always stays."""
     ckpts = committed(root)
-    keep = {t for _, t in ckpts[-max(keep_last, 1):]} | {protect}
+    keep = {t for _, t in ckpts[-max(keep_last, 1):]} | {protect} | {t for s, t in ckpts if s in set(keep_steps)}
     if keep_every > 0:
         keep |= {t for s, t in ckpts if s % keep_every == 0}
     removed = []

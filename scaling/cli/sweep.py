@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from vidscale.scaling.config import LAUNCHERS, ClusterArgs
-from vidscale.scaling.study.plan import load_sweep, plan
+from vidscale.scaling.study.plan import cost, load_sweep, plan
 from vidscale.scaling.study.report import write_sweep_report
 from vidscale.scaling.study.runner import run_sweep
 
@@ -47,9 +47,7 @@ def run(args) -> int:
         sweep.dir = Path(args.sweep_dir).absolute()
     runs = plan(sweep)
     if args.dry_run:
-        print(f"{'run':<28} {'params':>10} {'steps':>7} {'tokens':>10} {'FLOPs':>10}")
-        for r in runs:
-            print(f"{r.name:<28} {r.params:>10} {r.steps:>7} {r.tokens:>10.3g} {r.flops:>10.3g}")
+        print(dry_run(sweep, runs))
         return 0
     # `kill` (SIGTERM) stops the sweep like Ctrl-C: its runs are stopped too, never orphaned
     signal.signal(signal.SIGTERM, _interrupt)
@@ -70,6 +68,28 @@ def run(args) -> int:
               f"resume them)", file=sys.stderr)
         return 1
     return 0
+
+
+def dry_run(sweep, runs) -> str:
+    """The plan as a table: each run's size, length and the FLOPs it trains itself (a branch
+    only its cooldown), GPU-hours when the sweep names its GPUs, and the totals."""
+    a = sweep.args
+    gpu = a.gpu_peak_tflops * 1e12 * a.assumed_mfu
+    head = f"{'run':<30} {'params':>10} {'steps':>7} {'tokens':>10} {'FLOPs':>10} {'trains':>10}"
+    lines = [head + (f" {'GPU-h':>8}" if gpu else "") + "  from"]
+    for r in runs:
+        line = (f"{r.name:<30} {r.params:>10} {r.steps:>7} {r.tokens:>10.3g} {r.flops:>10.3g} "
+                f"{r.spent_flops:>10.3g}")
+        if gpu:
+            line += f" {r.spent_flops / gpu / 3600:>8.3g}"
+        lines.append(line + (f"  {r.trunk} @ step {r.branch_step}" if r.trunk else "  scratch"))
+    c = cost(runs)
+    lines.append(f"total: {len(runs)} runs ({c['branches']} branches), {c['sweep_flops']:.3g} FLOPs trained; "
+                 f"as independent runs {c['grid_flops']:.3g} (ratio {c['sweep_flops_ratio']:.3f})")
+    if gpu:
+        lines.append(f"GPU-hours at {a.gpu_peak_tflops:g} TFLOP/s peak and {a.assumed_mfu:.0%} MFU: "
+                     f"{c['sweep_flops'] / gpu / 3600:.4g}")
+    return "\n".join(lines)
 
 
 def _interrupt(signum, frame):  # noqa: ARG001

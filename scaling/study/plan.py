@@ -34,10 +34,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from vidscale.data.loader import build_loader
 from vidscale.models.sizes import param_count
+from vidscale.scaling.checkpoint.storage import tag_for
 from vidscale.scaling.config import Config, RecipeError, check_layout, load_config, model_config, validate
 from vidscale.scaling.study.fit import HOLDOUT
+from vidscale.scaling.train.engine import decay_start
 from vidscale.scaling.train.flops import forward_flops
 
+SWEEP_SCHEDULES = ("independent", "wsd-branches")
 PROBE_BATCHES = 8
 """Packed batches drawn to estimate the expected batch (per data setting, shared by models)."""
 
@@ -90,6 +93,16 @@ class SweepArgs:
     """Processes per run (0 = the base recipe's cluster.nproc)."""
     sweep_dir: str = ""
     """Where runs, results.csv and report.md go (default runs/sweeps/<name>)."""
+    schedule: str = "independent"
+    """'independent': every run trains from scratch with the base recipe's schedule.
+    'wsd-branches': runs that differ only in budget share one trunk (the largest budget's run,
+    optim.schedule=wsd); each smaller budget's run branches from the trunk's checkpoint at the
+    start of its own cooldown and only trains the cooldown (`cost.json` says what it saved)."""
+    gpu_peak_tflops: float = 0.0
+    """The peak dense bf16 TFLOP/s of the GPUs the sweep is planned for (e.g. 989 for an H100
+    SXM): `--dry-run` then estimates GPU-hours per run (0 = no estimate)."""
+    assumed_mfu: float = 0.35
+    """Model FLOPs utilisation assumed for those estimates."""
     holdout: list[str] = field(default_factory=list)
     """Runs the report's fit leaves out and then predicts (`vidscale fit --holdout`), e.g.
     ['budget>=4e10']: the sweep checks its own extrapolation."""
@@ -110,6 +123,15 @@ class Run:
     lr: float
     tokens_per_batch: int
     seed: int
+    trunk: str = ""
+    """wsd-branches: the run this one branches from ('' for trunks and independent runs)."""
+    branch_step: int = 0
+    """wsd-branches: the step it starts from (the first step of its cooldown)."""
+
+    @property
+    def spent_flops(self) -> float:
+        """FLOPs this run itself trains (a branch skips the steps its trunk did for it)."""
+        return self.flops * (self.steps - self.branch_step) / self.steps
 
 
 @dataclass
@@ -180,6 +202,10 @@ def load_sweep(path: str | Path) -> Sweep:
         bad("tokens_per_batch", args.tokens_per_batch, "positive token budgets")
     if not args.seeds:
         bad("seeds", args.seeds, "at least one seed")
+    if args.gpu_peak_tflops < 0 or not 0 < args.assumed_mfu <= 1:
+        bad("gpu_peak_tflops/assumed_mfu", (args.gpu_peak_tflops, args.assumed_mfu), "TFLOP/s >= 0 and an MFU in (0, 1]")
+    if args.schedule not in SWEEP_SCHEDULES:
+        bad("schedule", args.schedule, f"one of {', '.join(SWEEP_SCHEDULES)}")
     if args.min_steps < 1 or args.nproc < 0 or args.head_dim < 1:
         bad("min_steps/nproc/head_dim", (args.min_steps, args.nproc, args.head_dim), "positive integers")
     for i, m in enumerate(args.models):
@@ -317,7 +343,44 @@ def plan(sweep: Sweep) -> list[Run]:
                         runs.append(_plan_run(sweep, m, label, budget, c_lr, c_tpb, seed, cache))
     names = [r.name for r in runs]
     assert len(set(names)) == len(names), names
+    if a.schedule == "wsd-branches":
+        runs = _branch(runs)
     return runs
+
+
+def _branch(runs: list[Run]) -> list[Run]:
+    """Runs that differ only in budget form a line: the longest is the trunk, every other
+    one restarts from the trunk's checkpoint at its own cooldown's first step. All of a line
+    share one warmup, so the trunk's lr up to that step is the branch's own (optim.schedule=wsd)."""
+    lines: dict[tuple, list[Run]] = {}
+    for r in runs:
+        lines.setdefault((r.model, r.lr, r.tokens_per_batch, r.seed), []).append(r)
+    out = {}
+    for line in lines.values():
+        line.sort(key=lambda r: r.steps)
+        warmup = min(r.cfg.optim.warmup for r in line)
+        trunk = line[-1]
+        starts = {r.name: decay_start(warmup, r.steps, r.cfg.optim.decay_fraction) for r in line}
+        tdir = Path(trunk.cfg.train.run_dir) / "checkpoints"
+        for r in line:
+            branch = r is not trunk and r.steps < trunk.steps and starts[r.name] > 0
+            cfg = _with(r.cfg, optim={"schedule": "wsd", "warmup": warmup})
+            if branch:
+                cfg = _with(cfg, checkpoint={"branch_from": str(tdir / tag_for(starts[r.name]))})
+            else:  # the trunk keeps a checkpoint at every branch point
+                keep = sorted({starts[b.name] for b in line if b.steps < r.steps and starts[b.name] > 0})
+                cfg = _with(cfg, checkpoint={"keep_steps": keep})
+            out[r.name] = replace(r, cfg=cfg, trunk=trunk.name if branch else "",
+                                  branch_step=starts[r.name] if branch else 0)
+    return [out[r.name] for r in runs]
+
+
+def cost(runs: list[Run]) -> dict:
+    """What the sweep trains against the same points as independent runs (planned FLOPs)."""
+    spent = sum(r.spent_flops for r in runs)
+    grid = sum(r.flops for r in runs)
+    return {"sweep_flops": spent, "grid_flops": grid, "sweep_flops_ratio": spent / grid if grid else None,
+            "runs": len(runs), "branches": sum(1 for r in runs if r.trunk)}
 
 
 def _plan_run(sweep, m, label, budget, lr, tpb, seed, cache) -> Run:

@@ -25,8 +25,10 @@ from vidscale.cluster.jobarray import (cancel_array, common_header, follow_array
                                        task_id)
 from vidscale.cluster.ray_cluster import EmbeddedRay
 from vidscale.cluster.slurm import write_job
+from vidscale.scaling.checkpoint.storage import committed, step_of
 from vidscale.scaling.config import save_config
 from vidscale.scaling.study.ledger import Ledger, read_final
+from vidscale.scaling.study.plan import cost
 
 
 def run_command(recipe: Path, launcher: str, address: str) -> list[str]:
@@ -64,7 +66,18 @@ def write_plan(sweep, runs) -> None:
     (sweep.dir / "plan.json").write_text(json.dumps(
         [{"name": r.name, "model": r.model, "budget": r.budget, "params": r.params, "steps": r.steps,
           "tokens": r.tokens, "flops": r.flops, "lr": r.lr, "tokens_per_batch": r.tokens_per_batch,
-          "seed": r.seed} for r in runs], indent=1))
+          "seed": r.seed, "trunk": r.trunk, "branch_step": r.branch_step, "spent_flops": r.spent_flops}
+         for r in runs], indent=1))
+    (sweep.dir / "cost.json").write_text(json.dumps(cost(runs), indent=1))
+
+
+def branch_ready(run) -> bool:
+    """A branch may start once its trunk's checkpoint at the branch point is committed (or it
+    has checkpoints of its own: a branch that is resumed)."""
+    if not run.trunk or committed(Path(run.cfg.train.run_dir) / "checkpoints"):
+        return True
+    src = Path(run.cfg.checkpoint.branch_from)
+    return step_of(src.name) in {s for s, _ in committed(src.parent)}
 
 
 def check_finished_runs(runs) -> None:
@@ -133,6 +146,14 @@ class Runner:
                 self.ledger.set(name, status="failed", wall_time=wall, exit_code=rc)
                 self.say(f"FAILED {name} (exit {rc}): {_tail(self.dir / 'logs' / f'{name}.log')[-400:]}")
 
+    def blocked(self, todo: list) -> list:
+        """Branches whose trunk ended without reaching their branch point: failed, with why."""
+        for r in todo:
+            self.ledger.set(r.name, status="failed")
+            self.say(f"FAILED {r.name}: its trunk {r.trunk} ended ({self.ledger.state[r.trunk]['status']}) "
+                     f"without a checkpoint at step {r.branch_step}")
+        return []
+
     def progress(self) -> None:
         parts = []
         for name, (_, t0, run) in self.running.items():
@@ -169,7 +190,14 @@ class Runner:
         try:
             while todo or self.running:
                 while todo and len(self.running) < self.concurrency:
-                    self.start(todo.pop(0))
+                    ready = next((r for r in todo if branch_ready(r)), None)
+                    if ready is None:
+                        break
+                    todo.remove(ready)
+                    self.start(ready)
+                if todo and not self.running:  # nothing runs that could still make a branch point
+                    todo = self.blocked(todo)
+                    continue
                 time.sleep(0.5)
                 self.poll()
                 if self.running and time.time() - last >= self.progress_every:
@@ -190,8 +218,17 @@ class SlurmArrayRunner(Runner):
         self.ledger.save()
         if len(todo) < len(self.runs):
             self.say(f"{len(self.runs) - len(todo)} finished run(s) skipped; {len(todo)} to run")
-        if not todo:
-            return
+        # one array per wave: trunks (and branches whose branch point exists) first, then the
+        # branches their checkpoints made ready
+        while todo:
+            wave = [r for r in todo if branch_ready(r)]
+            if not wave:
+                self.blocked(todo)
+                return
+            todo = [r for r in todo if r not in wave]
+            self.run_array(wave)
+
+    def run_array(self, todo: list) -> None:
         scripts = []
         for r in todo:
             self.recipe(r)

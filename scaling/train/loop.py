@@ -106,9 +106,13 @@ class Trainer:
         parts = {"engine": self.engine, "rng": RngPart(self.dims), "loader": LoaderPart(self.loader, self.dims)}
         self.ckpt = Checkpointer(self.run_dir, cfg.checkpoint, self.dims, self.state, parts, layout,
                                  to_yaml(cfg), cfg.parallel.timeout_s)
-        if cfg.checkpoint.resume:  # '' fresh, 'auto' latest complete, or a path
-            if self.ckpt.restore(cfg.checkpoint.resume) is not None and self.consumed is not None:
-                self.consumed.truncate(self.state.step, self.dims.dp)
+        # '' fresh, 'auto' latest complete, or a path; then a branch's trunk checkpoint when this
+        # run has none of its own yet
+        restored = self.ckpt.restore(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
+        if restored is None and cfg.checkpoint.branch_from:
+            restored = self.ckpt.restore(cfg.checkpoint.branch_from)
+        if restored is not None and self.consumed is not None:
+            self.consumed.truncate(self.state.step, self.dims.dp)
         if self.is_main:  # only now: a failed restore leaves the run's recipe as it was
             save_config(cfg, self.run_dir / "config.yaml")
         # the first step with a non-finite loss or gradient norm (-1: none), kept on the device

@@ -92,3 +92,41 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_runs(tmp_path):
     steps = [json.loads(l)["step"] for l in (second / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == json.loads((second / "final.json").read_text())["steps"]
     assert json.loads((out / "state.json").read_text())["h48d1-C3e9"]["attempts"] == 2
+
+
+WSD = TINY.replace("models: [{hidden: 32, depth: 1}, {hidden: 48, depth: 1}]", "models: [{hidden: 32, depth: 1}]") \
+          .replace("budgets: [1e9]", "budgets: [1e9, 3e9]\nschedule: wsd-branches")
+
+
+def test_wsd_branch_trains_only_its_cooldown_and_equals_an_independent_run(tmp_path):
+    """A wsd-branches sweep: the small budget's run starts from the trunk's checkpoint at its
+    cooldown and its losses are those of the same run trained from scratch, bit for bit."""
+    from conftest import read_losses, vidscale
+    p = write_sweep(tmp_path, WSD)
+    dry = subprocess.run(_sweep_cmd(p, "--dry-run"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0 and "h32d1-C3e9 @ step" in dry.stdout and "(1 branches)" in dry.stdout, dry.stdout
+    r = subprocess.run(_sweep_cmd(p), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = tmp_path / "out"
+    assert [x["status"] for x in _rows(out)] == ["done", "done"]
+    plan = {x["name"]: x for x in json.loads((out / "plan.json").read_text())}
+    branch, trunk = plan["h32d1-C1e9"], plan["h32d1-C3e9"]
+    assert branch["trunk"] == "h32d1-C3e9" and 0 < branch["branch_step"] < branch["steps"]
+    start = branch["branch_step"]
+    # the trunk kept its checkpoint at the branch point; the branch trained only its cooldown
+    assert (out / "runs" / "h32d1-C3e9" / "checkpoints" / f"step_{start:08d}").is_dir()
+    losses = read_losses(out / "runs" / "h32d1-C1e9")
+    assert sorted(losses) == list(range(start + 1, branch["steps"] + 1))
+    cost = json.loads((out / "cost.json").read_text())
+    spent = trunk["flops"] + branch["flops"] * (branch["steps"] - start) / branch["steps"]
+    assert cost["sweep_flops"] == pytest.approx(spent) and cost["grid_flops"] == pytest.approx(trunk["flops"] + branch["flops"])
+    assert cost["sweep_flops_ratio"] < 0.85
+    # the same recipe trained from scratch (no branch): the same numbers
+    alone = tmp_path / "alone"
+    r = vidscale("train", out / "recipes" / "h32d1-C1e9.yaml", "--run-dir", alone, "--set", 'checkpoint.branch_from=""',
+                 "--set", 'checkpoint.resume=""', timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref = read_losses(alone)
+    assert {s: ref[s] for s in losses} == losses
+    assert json.loads((alone / "final.json").read_text())["val_loss"] == \
+        json.loads((out / "runs" / "h32d1-C1e9" / "final.json").read_text())["val_loss"]

@@ -74,3 +74,42 @@ cells: [{model: narrow, budget: 3e11, lr: 3e-3}]
                                          [m.text_bounds[i + 1] - m.text_bounds[i] for i in range(m.num_videos)],
                                          m.num_videos, split=True)[k] for k in ("attention_core",))) for m in metas)
     assert attn > 0.01 * r.flops / r.steps * PROBE_BATCHES
+
+
+def test_wsd_branches_share_one_trunk_per_line(tmp_path):
+    """schedule: wsd-branches: per model (and lr), the largest budget's run is the trunk; every
+    other run branches from the trunk's checkpoint at its own cooldown's first step."""
+    from vidscale.scaling.study.plan import cost
+    from vidscale.scaling.train.engine import decay_start
+    s = load_sweep(write_sweep(tmp_path, """
+models: [{hidden: 32, depth: 1}, {hidden: 48, depth: 1}]
+budgets: [1e10, 2e10, 4e10]
+lr: [1e-3, 2e-3]
+schedule: wsd-branches
+set: {optim.warmup: 6, optim.decay_fraction: 0.25}
+"""))
+    runs = plan(s)
+    assert len(runs) == 12
+    by = {r.name: r for r in runs}
+    for r in runs:
+        assert r.cfg.optim.schedule == "wsd"
+        line = [x for x in runs if (x.model, x.lr) == (r.model, r.lr)]
+        trunk = max(line, key=lambda x: x.steps)
+        assert r.cfg.optim.warmup == min(x.cfg.optim.warmup for x in line)  # one warmup per line
+        if r is trunk:
+            assert r.trunk == "" and r.branch_step == 0 and r.cfg.checkpoint.branch_from == ""
+            assert r.cfg.checkpoint.keep_steps == sorted(x.branch_step for x in line if x is not r)
+            assert r.spent_flops == r.flops
+        else:
+            assert by[r.trunk] is trunk
+            assert r.branch_step == decay_start(r.cfg.optim.warmup, r.steps, 0.25)
+            assert r.cfg.checkpoint.branch_from == f"{trunk.cfg.train.run_dir}/checkpoints/step_{r.branch_step:08d}"
+            assert r.spent_flops == pytest.approx(r.flops * (r.steps - r.branch_step) / r.steps)
+    c = cost(runs)
+    assert c["branches"] == 8 and c["grid_flops"] == pytest.approx(sum(r.flops for r in runs))
+    assert c["sweep_flops_ratio"] == pytest.approx(sum(r.spent_flops for r in runs) / c["grid_flops"])
+    assert 0.55 < c["sweep_flops_ratio"] < 0.7  # budgets 1:2:4: (4 + 0.25 x 3) / 7 = 0.68 at most
+
+
+def test_unknown_sweep_schedule_is_one_line(tmp_path):
+    assert "schedule" in _err(tmp_path, "models: [debug]\nbudgets: [1e10]\nschedule: branches\n")
