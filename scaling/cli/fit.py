@@ -59,8 +59,10 @@ def _pct(x: float | None) -> str:
 
 
 def summary(result: dict) -> str:
-    def ci(k):
-        c = result["ci"].get(k)
+    def ci(src, k=None):
+        if k is None:
+            src, k = result, src
+        c = src["ci"].get(k)
         return f" [{c[0]:.4g}, {c[1]:.4g}]" if c else ""
     lines = [f"{result['n_runs']} runs; L(N, D) = E + A/N^alpha + B/D^beta (95% bootstrap CI)"]
     for k in ("E", "A", "B", "alpha", "beta"):
@@ -73,6 +75,12 @@ def summary(result: dict) -> str:
     for p in result["predictions"]:
         lines.append(f"  C = {p['budget']:.3g}: N_opt = {p['N_opt']:.3g}, D_opt = {p['D_opt']:.3g}, "
                      f"loss = {p['loss']:.4f}")
+    for key, law in (result.get("hparams") or {}).items():
+        if law and law.get("c") is not None:
+            terms = " ".join(f"{v}^{law[k]:.3f}{ci(law, k)}" for k, v in (("p_N", "N"), ("q_C", "C"))
+                             if law.get(k) is not None)
+            lines.append(f"  {key}_opt = {law['c']:.3g} {terms}   ({len(law['points'])} cells, "
+                         f"{len(law['skipped'])} left out)")
     if result.get("holdout_exprs"):
         lines.append(f"  held out ({' or '.join(result['holdout_exprs'])}): {len(result['holdout'])} runs, "
                      f"mean |relative error| {_pct(result['holdout_mape'])}")

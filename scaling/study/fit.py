@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize, nnls
 
+from vidscale.scaling.study.hparams import fit_hparams
+
 HUBER_DELTA = 1e-3
 OUTLIER_SIGMAS = 4.0
 OUTLIER_MIN = 0.02
@@ -323,6 +325,8 @@ def fit(rows: list[dict], budgets: list[float] = (), bootstrap: int = 200, seed:
     """Approach 2 and 3 with bootstrap 95% intervals and predictions at `budgets` (FLOPs).
     `holdout` expressions (`holdout_mask`) take rows out of the fit; the result then also says
     how well the law predicts them (`holdout`, `holdout_mape`)."""
+    hp = fit_hparams(rows, bootstrap=bootstrap, seed=seed)
+    rows = best_per_point(rows)
     held = []
     if holdout:
         mask = holdout_mask(rows, list(holdout), where)
@@ -338,7 +342,26 @@ def fit(rows: list[dict], budgets: list[float] = (), bootstrap: int = 200, seed:
     if holdout:
         result.update(holdout_check(result["_law"], held))
         result["holdout_exprs"] = list(holdout)
+    if any(hp.values()):
+        result["hparams"] = hp
     return result
+
+
+def best_per_point(rows: list[dict]) -> list[dict]:
+    """With an lr or batch axis, several runs share one (N, budget) point: the law is fitted to
+    the best of them (lowest loss among the finished ones)."""
+    if all(len({r.get(k) for r in rows}) <= 1 for k in ("lr", "tokens_per_batch")):
+        return rows
+    best: dict[tuple, dict] = {}
+    out = []
+    for r in rows:
+        key = (r.get("params"), r.get("budget") or r.get("tokens"), r.get("seed"))
+        loss = _num(r, "loss")
+        if (r.get("status") or "done").strip() != "done" or not math.isfinite(loss):
+            out.append(r)  # dropped later, and listed
+        elif key not in best or loss < _num(best[key], "loss"):
+            best[key] = r
+    return out + list(best.values())
 
 
 def _fit(rows, budgets, bootstrap, seed, where) -> dict:

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vidscale.scaling.study.fit import fit, optimum, public  # noqa: E402
+from vidscale.scaling.study.hparams import predict  # noqa: E402
 
 PLOTS = {"isoflop": "IsoFLOP curves", "frontier": "Compute-optimal frontier",
          "loss_vs_compute": "Loss vs compute", "residuals": "Residuals of the parametric fit"}
@@ -155,11 +156,46 @@ def plot_residuals(axes, result: dict) -> None:
     axes[0].set_title(f"Residuals (RMS {math.sqrt(float(np.mean(r ** 2))):.2e} in log loss)", fontsize=9)
 
 
+HPARAM_PLOTS = {"lr": ("optimal learning rate", "hparams_lr"), "batch": ("optimal batch (tokens)", "hparams_batch")}
+
+
+def plot_hparam(ax, law: dict, label: str) -> None:
+    """Each cell's optimum against compute, one colour per model size, and the fitted law."""
+    pts = law["points"]
+    sizes = sorted({p["params"] for p in pts})
+    cmap = plt.get_cmap("plasma")
+    Cs = np.logspace(math.log10(min(p["budget"] for p in pts)) - 0.2, math.log10(max(p["budget"] for p in pts)) + 0.2, 40)
+    for i, n in enumerate(sizes):
+        col = cmap(i / max(1, len(sizes) - 1))
+        mine = [p for p in pts if p["params"] == n]
+        ax.scatter([p["budget"] for p in mine], [p["opt"] for p in mine], color=col, s=25, zorder=3,
+                   label=f"N = {n:.3g}")
+        if law.get("c") is not None:
+            ax.plot(Cs, [predict(law, n, c) for c in Cs], color=col, lw=1)
+    exps = " ".join(f"{v}^{law[k]:.3f}" for k, v in (("p_N", "N"), ("q_C", "C")) if law.get(k) is not None)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_ylabel(label)
+    ax.set_title(f"{label} ~ {exps}" if exps else label, fontsize=9)
+    ax.legend(fontsize=6)
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def write_plots(result: dict, out_dir: str | Path) -> dict[str, Path]:
     """One PNG per plot in out_dir; returns {name: path}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
+    for key, (label, name) in HPARAM_PLOTS.items():
+        law = (result.get("hparams") or {}).get(key)
+        if law and law.get("points"):
+            fig, ax = plt.subplots(1, 1, figsize=(6.5, 4.5))
+            plot_hparam(ax, law, label)
+            fig.tight_layout()
+            paths[name] = out_dir / f"{name}.png"
+            fig.savefig(paths[name], dpi=110)
+            plt.close(fig)
     for name in PLOTS:
         two = name in ("frontier", "residuals")
         fig, ax = plt.subplots(1, 2 if two else 1, figsize=(11 if two else 6.5, 4.5))
@@ -190,6 +226,27 @@ def write_summary_plot(result: dict, path: str | Path) -> Path:
 def _ci(result: dict, key: str) -> str:
     ci = result["ci"].get(key)
     return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-"
+
+
+def _hparam_lines(result: dict) -> list[str]:
+    hp = result.get("hparams") or {}
+    if not any(hp.values()):
+        return []
+    lines = ["", "## Hyperparameter laws", "",
+             "Per cell, the optimum of a parabola in log lr (log batch); then opt = c N^p C^q by least squares "
+             "in log space (95% bootstrap intervals).", "", "| law | c | p (N) | q (C) | cells | left out |",
+             "|---|---|---|---|---|---|"]
+    for key, law in hp.items():
+        if not law:
+            continue
+        ci = law.get("ci", {})
+
+        def cell(k):
+            v, c = law.get(k), ci.get(k)
+            return "-" if v is None else f"{_fmt(v, 3)}" + (f" [{_fmt(c[0])}, {_fmt(c[1])}]" if c else "")
+        lines.append(f"| {key}_opt | {cell('c')} | {cell('p_N')} | {cell('q_C')} | {len(law['points'])} | "
+                     f"{len(law['skipped'])} |")
+    return lines
 
 
 def _runs_table(rows: list[dict]) -> list[str]:
@@ -254,9 +311,11 @@ def write_report(sweep_dir: str | Path, result: dict | None, rows: list[dict], t
     dropped = [f"{d['name']} ({d['reason']})" for d in result["dropped"]] + \
               [f"{n} (residual)" for n in result["outliers"]]
     lines.append("Dropped: " + (", ".join(dropped) if dropped else "none") + ".")
+    lines += _hparam_lines(result)
     lines += ["", "## Plots", ""]
+    titles = {**PLOTS, **{name: f"Law of the {label}" for label, name in HPARAM_PLOTS.values()}}
     for name, p in paths.items():
-        lines += [f"### {PLOTS[name]}", "", f"![{PLOTS[name]}]({p.relative_to(sweep_dir)})", ""]
+        lines += [f"### {titles[name]}", "", f"![{titles[name]}]({p.relative_to(sweep_dir)})", ""]
     lines += _runs_table(rows)
     out = sweep_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
