@@ -9,6 +9,7 @@ import argparse
 import json
 
 from vidscale.scaling.study.fit import fit, public, read_results
+from vidscale.scaling.study.next_run import compute_optimal_recipe, write_recipe
 from vidscale.scaling.study.report import write_summary_plot
 
 
@@ -34,23 +35,39 @@ def add_parser(sub):
                    help="leave out the runs matching COLUMN OP VALUE (OP: >= <= > < =; e.g. 'budget>=4e10', "
                         "'name=h64d1-C4e10'; repeatable, a run matching any is held out) and report how well "
                         "the fit predicts them (--json keys holdout, holdout_mape)")
+    p.add_argument("--write-recipe", metavar="OUT.yaml",
+                   help="with one --budget: write the compute-optimal recipe for it (the sweep's aspect ratio, "
+                        "steps for D_opt, lr and batch from the hyperparameter laws when fitted); "
+                        "`vidscale train OUT.yaml` runs it")
+    p.add_argument("--base", metavar="RECIPE", default="",
+                   help="--write-recipe's template when the CSV does not come from a sweep directory")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
     p.add_argument("--seed", type=int, default=0)
     return p
 
 
 def run(args) -> int:
+    if args.write_recipe and len(args.budget) != 1:
+        raise ValueError(f"--write-recipe {args.write_recipe}: give exactly one --budget (the compute to plan for)")
     rows = read_results(args.results)
     result = fit(rows, args.budget, bootstrap=args.bootstrap, seed=args.seed, where=args.results,
                  holdout=args.holdout)
     if args.plot:
         write_summary_plot(result, args.plot)
+    if args.write_recipe:
+        cfg, info = compute_optimal_recipe(result, rows, args.budget[0], base=args.base)
+        out = write_recipe(cfg, info, args.write_recipe, args.results)
+        result["recipe"] = {"path": str(out), **{k: info[k] for k in ("params", "steps", "lr", "tokens_per_batch")}}
     if args.json:
         print(json.dumps(public(result)))
         return 0
     print(summary(result))
     if args.plot:
         print(f"plots: {args.plot}")
+    if args.write_recipe:
+        r = result["recipe"]
+        print(f"recipe: {r['path']} ({r['params']} parameters, {r['steps']} steps, lr {r['lr']:.3g}, "
+              f"tokens_per_batch {r['tokens_per_batch']})")
     return 0
 
 
