@@ -130,3 +130,21 @@ def test_wsd_branch_trains_only_its_cooldown_and_equals_an_independent_run(tmp_p
     assert {s: ref[s] for s in losses} == losses
     assert json.loads((alone / "final.json").read_text())["val_loss"] == \
         json.loads((out / "runs" / "h32d1-C1e9" / "final.json").read_text())["val_loss"]
+
+
+def test_gpu_sweep_template_dry_run_plans_branches_and_gpu_hours():
+    """recipes/sweeps/video-gpu.yaml: 5 shapes x 5 budgets, one trunk per shape; GPU-hours per
+    run from the FLOPs model at the sweep's peak and MFU add up to the total."""
+    r = subprocess.run(_sweep_cmd("recipes/sweeps/video-gpu.yaml", "--dry-run"), cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    runs = [l.split() for l in lines[1:] if l.startswith("h")]
+    assert len(runs) == 25 and sum(1 for x in runs if x[-1] == "scratch") == 5
+    params = sorted({int(x[1]) for x in runs})
+    assert 1e7 < params[0] < 5e7 and 5e8 < params[-1] < 1.5e9
+    hours = sum(float(x[6]) for x in runs)
+    total = float(lines[-1].split(":")[-1])
+    assert total == pytest.approx(hours, rel=0.01)
+    trained = sum(float(x[5]) for x in runs)
+    assert total == pytest.approx(trained / (989e12 * 0.35) / 3600, rel=0.01)
