@@ -73,3 +73,42 @@ def test_two_run_sweep_on_slurm(tmp_path, slurm_cluster, local_losses):
     # the same command again: nothing left to run
     r = vidscale("sweep", p, "--launcher", "slurm", timeout=300)
     assert r.returncode == 0 and "2 finished run(s) skipped; 0 to run" in r.stdout, r.stdout + r.stderr
+
+
+WSD = SWEEP.replace("models: [{{hidden: 32, depth: 1}}, {{hidden: 48, depth: 1}}]", "models: [{{hidden: 32, depth: 1}}]") \
+           .replace("budgets: [1e9]", "budgets: [1e9, 3e9]\nschedule: wsd-branches")
+
+
+def _losses(out):
+    with open(out / "results.csv", newline="") as f:
+        return {x["name"]: (x["status"], float(x["loss"])) for x in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def local_wsd(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("local-wsd")
+    p = tmp / "wsd.yaml"
+    p.write_text(WSD.format(name="wsd-local", base=ROOT / "recipes/debug.yaml", out=tmp / "out", extra=""))
+    r = vidscale("sweep", p, "--progress-every", "5", timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return _losses(tmp / "out")
+
+
+@pytest.mark.parametrize("launcher", ["ray", "slurm"])
+def test_wsd_branches_sweep_on_cluster_launchers(tmp_path, local_wsd, launcher, request):
+    """The branch starts only once its trunk's checkpoint exists (Ray: while the trunk may still
+    run; Slurm: a second job array after the trunks' array) and ends as it does locally."""
+    extra = ""
+    if launcher == "slurm":
+        request.getfixturevalue("slurm_cluster")
+        extra = ', cluster.slurm.time: "00:20:00"'
+    p = tmp_path / "wsd.yaml"
+    p.write_text(WSD.format(name=f"wsd-{launcher}", base=ROOT / "recipes/debug.yaml", out=tmp_path / "out", extra=extra))
+    args = ["--cpus", "2"] if launcher == "ray" else []
+    r = vidscale("sweep", p, "--launcher", launcher, "--progress-every", "5", *args, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _losses(tmp_path / "out") == local_wsd  # same losses, bit for bit as printed
+    plan = {x["name"]: x for x in json.loads((tmp_path / "out" / "plan.json").read_text())}
+    assert plan["h32d1-C1e9"]["trunk"] == "h32d1-C3e9"
+    if launcher == "slurm":
+        assert r.stdout.count("submitted job array") == 2  # trunks, then the branches they made ready
