@@ -58,7 +58,9 @@ class DDPM:
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)
 
-    def sample_t(self, num_videos: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_t(self, num_videos: int, generator: torch.Generator | None = None,
+                 num_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Uniform integer timesteps (`num_tokens`: the videos' lengths, which DDPM ignores)."""
         return torch.randint(0, self.num_steps, (num_videos,), generator=generator).double()
 
     def model_time(self, t_V: torch.Tensor) -> torch.Tensor:
@@ -85,7 +87,8 @@ class DDPM:
 
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise_LP, num_videos: int, steps: int | None = None,
-               generator: torch.Generator | None = None, x_init=None, t_start: int | None = None):
+               generator: torch.Generator | None = None, x_init=None, t_start: int | None = None,
+               num_tokens: int | None = None):
         """Ancestral sampling (Algorithm 2) on a respaced schedule of `steps` timesteps.
 
         `x_init`/`t_start` start from a partly noised input (SDEdit) instead of pure noise.
@@ -112,16 +115,40 @@ class DDPM:
         return x
 
 
+def shift_time(t, s):
+    """The resolution shift of a time in [0, 1] (s = 1: none; s > 1: noisier)."""
+    return s * t / (1 + (s - 1) * t)
+
+
 class RectifiedFlow:
     name = "flow"
 
-    def __init__(self, logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0):
+    def __init__(self, logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0,
+                 shift_ref_tokens: int = 0):
         self.logit_mean, self.logit_std, self.shift = logit_mean, logit_std, shift
+        self.shift_ref_tokens = shift_ref_tokens
+        """> 0: the shift grows with each video's own length, shift x sqrt(tokens / shift_ref_tokens)
+        (a longer or larger video needs more noise to hide the same content: SD3, Open-Sora)."""
 
-    def sample_t(self, num_videos: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def shift_for(self, num_tokens):
+        """The shift of a video of `num_tokens` patch tokens (a number or a tensor of them)."""
+        if self.shift_ref_tokens <= 0:
+            return self.shift if not torch.is_tensor(num_tokens) else torch.full(num_tokens.shape, float(self.shift),
+                                                                              dtype=torch.float64)
+        n = num_tokens.to(torch.float64) if torch.is_tensor(num_tokens) else float(num_tokens)
+        return self.shift * (n / self.shift_ref_tokens) ** 0.5
+
+    def sample_t(self, num_videos: int, generator: torch.Generator | None = None,
+                 num_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logit-normal times, each shifted by its video's own rule (`num_tokens`: [V] lengths;
+        needed when the shift depends on length)."""
         u = torch.randn(num_videos, generator=generator, dtype=torch.float64)
         t = torch.sigmoid(self.logit_mean + self.logit_std * u)
-        return self.shift * t / (1 + (self.shift - 1) * t)  # resolution shift (1 = none)
+        if self.shift_ref_tokens > 0:
+            if num_tokens is None:
+                raise ValueError("objective.shift=auto: the timesteps need each video's token count")
+            return shift_time(t, self.shift_for(torch.as_tensor(num_tokens)))
+        return shift_time(t, self.shift)
 
     def model_time(self, t_V: torch.Tensor) -> torch.Tensor:
         return (t_V * 1000).float()
@@ -135,12 +162,19 @@ class RectifiedFlow:
         v = model_fn(x_t, self.model_time(t_V))
         return _masked_mse(v, noise_LP - x0_LP, clean_LP)
 
+    def schedule(self, steps: int, num_tokens: int, t_start: float | None = None) -> torch.Tensor:
+        """The sampler's steps + 1 times from t_start (default 1) to 0, spaced evenly before the
+        shift training used for this size, so sampling spends its steps where training did."""
+        s = float(self.shift_for(num_tokens))
+        u0 = 1.0 if t_start is None else float(t_start) / (s - (s - 1) * float(t_start))  # shift_time^-1
+        return shift_time(torch.linspace(u0, 0.0, steps + 1, dtype=torch.float64), s)
+
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise_LP, num_videos: int, steps: int | None = None,
-               generator: torch.Generator | None = None, x_init=None, t_start: float | None = None):
+               generator: torch.Generator | None = None, x_init=None, t_start: float | None = None,
+               num_tokens: int | None = None):
         steps = steps or 50
-        t0 = 1.0 if t_start is None else float(t_start)
-        ts = torch.linspace(t0, 0.0, steps + 1, dtype=torch.float64)
+        ts = self.schedule(steps, num_tokens if num_tokens is not None else noise_LP.shape[0], t_start)
         x = noise_LP if x_init is None else x_init
         for i in range(steps):
             t_V = torch.full((num_videos,), float(ts[i]), dtype=torch.float64)

@@ -106,7 +106,12 @@ class ObjectiveArgs:
     num_steps: int = 1000
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    shift: float = 1.0
+    shift: str = "1.0"
+    """Rectified flow's timestep shift: a number (1 = none; > 1 spends more steps at high noise),
+    or 'auto': each video's own shift sqrt(tokens / shift_ref_tokens), in training (per video of
+    a packed batch) and in sampling (for the requested size)."""
+    shift_ref_tokens: int = 4096
+    """With shift 'auto': the patch-token count whose shift is 1."""
     caption_dropout: float = 0.0
     """Probability of training a video with an empty caption (for classifier-free guidance)."""
     cond_frames: int = 0
@@ -420,6 +425,14 @@ def network_env(cluster: ClusterArgs) -> dict[str, str]:
     return {"GLOO_SOCKET_IFNAME": iface, "NCCL_SOCKET_IFNAME": iface} if iface else {}
 
 
+def _as_float(x) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
 def validate(cfg: Config, where: str) -> None:
     """Value checks that types alone cannot express. Raises RecipeError (one line)."""
 
@@ -477,7 +490,10 @@ def validate(cfg: Config, where: str) -> None:
             ("optim.grad_clip", o.grad_clip, o.grad_clip >= 0, "a norm >= 0 (0 = no clipping)"),
             ("optim.ema_decay", o.ema_decay, 0 <= o.ema_decay < 1, "a decay in [0, 1) (0 = no EMA)"),
             ("objective.logit_std", c.objective.logit_std, c.objective.logit_std > 0, "a positive number"),
-            ("objective.shift", c.objective.shift, c.objective.shift > 0, "a positive number"),
+            ("objective.shift", c.objective.shift, c.objective.shift == "auto" or (_as_float(c.objective.shift) or 0) > 0,
+             "a positive number or 'auto'"),
+            ("objective.shift_ref_tokens", c.objective.shift_ref_tokens, c.objective.shift_ref_tokens > 0,
+             "a positive number of tokens"),
             ("objective.num_steps", c.objective.num_steps, c.objective.num_steps >= 2, "at least 2 steps"),
             ("objective.cond_frames", c.objective.cond_frames, c.objective.cond_frames >= 0, "a number >= 0"),
             ("data.drop_tokens", c.data.drop_tokens, 0 <= c.data.drop_tokens < 1, "a fraction in [0, 1)"),

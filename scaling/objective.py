@@ -26,7 +26,10 @@ def build_objective(o):
     """The objective of a recipe's `objective` section (ObjectiveArgs)."""
     if o.name == "ddpm":
         return make_objective("ddpm", num_steps=o.num_steps, schedule=o.schedule)
-    return make_objective("flow", logit_mean=o.logit_mean, logit_std=o.logit_std, shift=o.shift)
+    if o.shift == "auto":
+        return make_objective("flow", logit_mean=o.logit_mean, logit_std=o.logit_std, shift=1.0,
+                              shift_ref_tokens=o.shift_ref_tokens)
+    return make_objective("flow", logit_mean=o.logit_mean, logit_std=o.logit_std, shift=float(o.shift))
 
 
 def drop_captions(meta: PackedMeta, p: float, gen: torch.Generator) -> PackedMeta:
@@ -62,8 +65,13 @@ def clean_frames_mask(meta: PackedMeta, max_frames: int, channels: int, patch, g
     return mask
 
 
+def video_tokens(meta: PackedMeta) -> torch.Tensor:
+    """[V] real patch tokens of each video of a full (unsharded) packed batch."""
+    return torch.tensor([meta.bounds[i + 1] - meta.bounds[i] for i in range(meta.num_videos)])
+
+
 def diffusion_inputs(objective, tokens_LP: torch.Tensor, meta: PackedMeta, gen: torch.Generator):
     """Timesteps [V] and noise [L, P] for a full (unsharded) packed batch."""
-    t_V = objective.sample_t(meta.num_videos, gen)
+    t_V = objective.sample_t(meta.num_videos, gen, num_tokens=video_tokens(meta))  # each by its own length
     noise = torch.randn(tokens_LP.shape, generator=gen, dtype=tokens_LP.dtype)
     return t_V, noise

@@ -100,7 +100,7 @@ def sample_latent(model, objective, text_LD: torch.Tensor, shape_CTHW, patch, st
         t_tok = torch.full((N,), float(t_start), dtype=torch.float64, device=device)
         x_init = objective.q_sample(x0, t_tok, noise)
         steps = max(1, int(round(steps * strength)))
-    x = objective.sample(fn, noise, 1, steps=steps, generator=gen, x_init=x_init, t_start=t_start)
+    x = objective.sample(fn, noise, 1, steps=steps, generator=gen, x_init=x_init, t_start=t_start, num_tokens=N)
     if mask is not None:
         x = torch.where(mask, clean, x)
     return unpatchify(x.float().cpu(), _grid(shape_CTHW, patch), shape_CTHW[0], patch)

@@ -74,8 +74,8 @@ def validation_batches(cfg, objective, multiple: int):
         t_V, noise = [], []
         for j in g:
             gen = torch.Generator().manual_seed(VAL_SEED * 1_000_003 + j)
-            t_V.append(objective.sample_t(1, gen))
-            n = meta.bounds[len(t_V)] - meta.bounds[len(t_V) - 1]
+            n = meta.bounds[len(t_V) + 1] - meta.bounds[len(t_V)]
+            t_V.append(objective.sample_t(1, gen, num_tokens=torch.tensor([n])))
             noise.append(torch.randn((n, tokens.shape[1]), generator=gen, dtype=tokens.dtype))
         pad = tokens.new_zeros((meta.seq_len - meta.num_real, tokens.shape[1]))
         batches.append((tokens, meta, torch.cat(t_V), torch.cat(noise + [pad])))

@@ -79,3 +79,64 @@ def test_samplers_return_the_data_when_the_model_is_exact():
     out = flow.sample(v_fn, noise, 1, steps=20)
     assert (out - x_star).abs().max() < 1e-6
     del seg
+
+
+# -- resolution-aware timestep shift ------------------------------------------------------------------
+def test_auto_shift_is_each_videos_own_rule_in_a_packed_batch():
+    """objective.shift=auto: in one packed batch of three sizes, every video's timestep is the
+    unshifted draw moved by its own shift sqrt(tokens / ref), whatever else is packed with it."""
+    from vidscale.models.diffusion import shift_time
+    from vidscale.scaling.config import load_config
+    from vidscale.scaling.objective import build_objective, diffusion_inputs, step_generator, video_tokens
+    cfg = load_config("recipes/debug.yaml", ["objective.shift=auto", "objective.shift_ref_tokens=16"])
+    obj = build_objective(cfg.objective)
+    lat = [torch.randn(4, 2, 8, 8), torch.randn(4, 4, 16, 16), torch.randn(4, 1, 4, 4)]
+    tokens, meta = pack(lat, [torch.randn(3, 8)] * 3, (1, 2, 2), multiple=4)
+    n = video_tokens(meta)
+    assert n.tolist() == [32, 256, 4]
+    t, _ = diffusion_inputs(obj, tokens, meta, step_generator(0, 5, 0, 0))
+    o = cfg.objective
+    plain = RectifiedFlow(o.logit_mean, o.logit_std).sample_t(3, step_generator(0, 5, 0, 0))  # the same draw, unshifted
+    for v, s in enumerate([2 ** 0.5, 4.0, 0.5]):  # sqrt(32/16), sqrt(256/16), sqrt(4/16)
+        assert t[v].item() == pytest.approx(shift_time(plain[v].item(), s), abs=1e-12)
+    # alone in a batch, a video gets the same timestep shift as when packed with others
+    tokens1, meta1 = pack(lat[1:2], [torch.randn(3, 8)], (1, 2, 2))
+    assert obj.shift_for(video_tokens(meta1))[0].item() == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="token count"):
+        obj.sample_t(3, step_generator(0, 5, 0, 0))
+
+
+def test_sampling_with_auto_shift_follows_the_training_rule():
+    """The sampler's times for a requested size are an even grid moved by that size's shift,
+    the same rule training used; a fixed shift is applied the same way; SDEdit starts exactly
+    at its noise level."""
+    from vidscale.models.diffusion import shift_time
+    seen = []
+
+    def v_fn(x, t_model):
+        seen.append(t_model[0].item() / 1000)
+        return torch.zeros_like(x)
+
+    flow = RectifiedFlow(shift_ref_tokens=16)
+    noise = torch.randn(64, 4)  # 64 tokens: shift sqrt(64/16) = 2
+    flow.sample(v_fn, noise, 1, steps=4, num_tokens=64)
+    grid = [1.0, 0.75, 0.5, 0.25]
+    assert seen == pytest.approx([shift_time(u, 2.0) for u in grid], abs=1e-6)
+    assert flow.shift_for(64) == pytest.approx(2.0)
+    seen.clear()
+    RectifiedFlow(shift=3.0).sample(v_fn, noise, 1, steps=4)
+    assert seen == pytest.approx([shift_time(u, 3.0) for u in grid], abs=1e-6)
+    seen.clear()
+    flow.sample(v_fn, noise, 1, steps=4, num_tokens=64, t_start=0.6, x_init=noise)
+    assert seen[0] == pytest.approx(0.6, abs=1e-6) and seen == sorted(seen, reverse=True)
+
+
+@pytest.mark.parametrize("value, ok", [("auto", True), ("3", True), ("0", False), ("fast", False)])
+def test_shift_key_takes_a_number_or_auto(value, ok):
+    from vidscale.scaling.config import load_config
+    if ok:
+        load_config("recipes/debug.yaml", [f"objective.shift={value}"])
+    else:
+        with pytest.raises(ValueError) as e:
+            load_config("recipes/debug.yaml", [f"objective.shift={value}"])
+        assert "objective.shift" in str(e.value) and "'auto'" in str(e.value) and "\n" not in str(e.value)
