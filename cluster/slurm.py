@@ -174,8 +174,11 @@ set -u
 RUN_DIR={q(str(p.run_dir))}
 echo "vidscale: job $SLURM_JOB_ID starts $(date -u +%FT%TZ), restart ${{SLURM_RESTART_COUNT:-0}}, nodes $SLURM_JOB_NODELIST"
 
-# rendezvous: rank 0 runs on the first node of the allocation
-export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+# rendezvous: rank 0 runs on the first node of the allocation, reached at its NodeAddr (the
+# address Slurm itself uses; a NodeName need not resolve), else at its name
+first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+addr=$(scontrol show -o node "$first" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | head -n1 | cut -d= -f2)
+export MASTER_ADDR=${{addr:-$first}}
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
 export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-1}}
 {net}export VIDSCALE_CONFIG="$RUN_DIR/{CONFIG}"
