@@ -21,7 +21,7 @@ for what in slurmd slurmctld; do
   awk -v w="$what" '$1 == w {print $2}' "$DIR/started" | while read -r pid; do stop "$pid" "$what"; done
 done
 awk '$1 == "munged" {print $2}' "$DIR/started" | while read -r pid; do
-  others=$(pgrep -x 'slurmd|slurmctld|slurmstepd' | grep -vxF -f <(echo "$ours") || true)
+  others=$(for d in slurmd slurmctld slurmstepd; do pgrep -x $d; done | grep -vxF -f <(echo "$ours") || true)
   if [ -n "$others" ]; then
     echo "slurm-hosts-down: leaving munged ($pid) running: other Slurm daemons use it ($(echo $others))" >&2
   else

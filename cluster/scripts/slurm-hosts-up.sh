@@ -98,6 +98,8 @@ MinJobAge=600
 # SlurmdTimeout/3 s and sets a node DOWN after SlurmdTimeout s of silence
 SlurmdTimeout=$TIMEOUT
 MessageTimeout=5
+SlurmdDebug=${VIDSCALE_SLURM_DEBUG:-info}
+SlurmctldDebug=${VIDSCALE_SLURM_DEBUG:-info}
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$DIR/jobcomp.log
