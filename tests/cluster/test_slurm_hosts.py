@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,8 @@ DOWN = ROOT / "cluster" / "scripts" / "slurm-hosts-down.sh"
 # 12 steps, every loss logged, a checkpoint every 4: a failure after step 5 has something to lose
 RUN = [*DEBUG_ZERO3, "train.steps=12", "logging.every=1", "checkpoint.every=4"]
 NPROC = 4  # 2 nodes x 2 ranks
+REQUEUE_KILL_RETRY_S = 70
+"""How long a node must stay dead after Slurm requeued its job (see the requeue test)."""
 
 
 class Cluster:
@@ -134,11 +137,15 @@ def test_sweep_job_array_spreads_over_both_nodes(slurm2, tmp_path):
     assert nodes == {"h1", "h2"}  # one array task on each node
 
 
-def test_node_dies_mid_job_and_the_job_resumes_without_loss(slurm2, tmp_path, reference4):
-    run = tmp_path / "run"
+def start_and_kill_h2(slurm2, run: Path, *, requeue: bool) -> str:
+    """Submit the 4-rank job; once step 5 is logged (the step-4 checkpoint is complete), kill every
+    process of h2 (slurmd, slurmstepd and both ranks, as a power loss). Returns the job id."""
     r = slurm2.vidscale(*train_args(run))
     assert r.returncode == 0, r.stderr[-3000:]
     job_id = json.loads((run / "job.json").read_text())["job_ids"][0]
+    if not requeue:  # the job's own choice, as `sbatch --no-requeue`: a node failure ends it
+        r = slurm2.run(["scontrol", "update", f"jobid={job_id}", "Requeue=0"], 30)
+        assert r.returncode == 0, r.stderr
 
     def step() -> int:
         m = run / "metrics.jsonl"
@@ -146,30 +153,79 @@ def test_node_dies_mid_job_and_the_job_resumes_without_loss(slurm2, tmp_path, re
         return json.loads(lines[-1])["step"] if lines else 0
 
     wait_for(lambda: step() >= 5, 300, "step 5 (after the step-4 checkpoint)", 0.05)
-    killed = slurm2.bed.kill("h2")  # slurmd, slurmstepd and both ranks of h2, as a power loss
+    killed = slurm2.bed.kill("h2")
     assert len(killed) >= 4 and step() < 12
-    # the ranks of h1 fail at once; Slurm sets h2 DOWN after SlurmdTimeout and requeues the job
-    def requeued():
-        st = json.loads(slurm2.vidscale("status", run, "--json", timeout=60).stdout)
-        return st if st["restarts"] >= 1 else None
-    st = wait_for(requeued, 120, "the job to be requeued", 1.0)
-    assert st["state"] in ("PENDING", "REQUEUED", "CONFIGURING", "RUNNING"), st
-    sinfo = slurm2.run(["sinfo", "-h", "-N", "-n", "h2", "-o", "%T"], 30).stdout
-    assert sinfo.startswith("down"), sinfo
+    return job_id
+
+
+def status(slurm2, run: Path) -> dict:
+    r = slurm2.vidscale("status", run, "--json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def check_finished_like_the_uninterrupted_run(run: Path, log: str, reference: dict) -> None:
+    assert "resumed from" in log, log[-3000:]
+    resumed = int(log.split("resumed from ")[-1].split("checkpoints/step_")[1][:8])
+    assert resumed in (4, 8)  # the last complete checkpoint before the kill, never a torn one
+    assert rank_nodes(log) == {0: "h1", 1: "h1", 2: "h2", 3: "h2"}
+    assert read_losses(run) == reference  # steps before the kill, and every step redone after it
+    ckpt_io.verify(run / "checkpoints" / "step_00000012")
+    # nothing left in the run dir holds it (the dead ranks' locks went with them)
+    RunLock(run).acquire(["test"]).release()
+
+
+def test_node_dies_mid_job_then_resume_continues_without_loss(slurm2, tmp_path, reference4):
+    """The job is not requeued: it ends NODE_FAIL; `vidscale resume` (a new job) continues the run."""
+    run = tmp_path / "run"
+    job_id = start_and_kill_h2(slurm2, run, requeue=False)
+    # the ranks of h1 fail at once; Slurm sets h2 DOWN after SlurmdTimeout and ends the job
+    wait_for(lambda: slurm2.state(job_id) not in ("RUNNING", "COMPLETING"), 120, "the job to end", 1.0)
+    st = status(slurm2, run)
+    assert st["state"] == "NODE_FAIL" and st["down_nodes"] == ["h2"] and st["step"] < 12, st
+    line = slurm2.vidscale("status", run, timeout=60).stdout
+    assert "NODE_FAIL" in line and "nodes down: h2" in line, line
+    assert json.loads((run / "job.json").read_text())["state"] == "NODE_FAIL"
+    log = (run / f"slurm-{job_id}.out").read_text()
+    assert "Node failure on h2" in log, log[-3000:]
+    # the node comes back (its slurmd registers again: ReturnToService=2); resume as a new job
+    slurm2.up()
+    r = slurm2.vidscale("resume", run, "--wait")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    job = json.loads((run / "job.json").read_text())
+    assert job["state"] == "COMPLETED" and job["job_ids"] != [job_id]
+    assert job["history"][-1]["job_ids"] == [job_id] and job["history"][-1]["state"] == "NODE_FAIL"
+    check_finished_like_the_uninterrupted_run(run, (run / f"slurm-{job['job_ids'][0]}.out").read_text(),
+                                              reference4)
+    assert status(slurm2, run)["step"] == 12
+
+
+def test_node_dies_mid_job_and_the_requeued_job_resumes_without_loss(slurm2, tmp_path, reference4):
+    """The job's own --requeue: Slurm requeues it when h2 goes DOWN, and once h2 is back the same
+    job id runs again and resumes from the last complete checkpoint."""
+    run = tmp_path / "run"
+    job_id = start_and_kill_h2(slurm2, run, requeue=True)
+    st = wait_for(lambda: (lambda s: s if s["restarts"] >= 1 else None)(status(slurm2, run)), 120,
+                  "the job to be requeued", 1.0)
+    requeued_at = time.monotonic()
+    assert st["state"] in ("PENDING", "REQUEUED", "CONFIGURING"), st
+    assert st["down_nodes"] == ["h2"], st
+    line = slurm2.vidscale("status", run, timeout=60).stdout
+    assert "requeued 1x" in line and "nodes down: h2" in line, line
+    # a second job on the same run dir is refused while the requeued one waits to continue it
+    r = slurm2.vidscale("resume", run, timeout=120)
+    assert r.returncode == 2 and f"Slurm job {job_id} of this run is still" in r.stderr, r.stderr
     log = (run / f"slurm-{job_id}.out").read_text()
     assert "Node failure on h2" in log and "ends with status 1" in log, log[-3000:]
-    # the node comes back: its slurmd registers again (ReturnToService=2) and the job runs on
+    # Slurm 22.05 retries its kill of the job's first run on h2 once, ~60 s after the requeue: a
+    # node back by then gets it and it kills the requeued run's ranks there (same job id; the run
+    # then fails and `vidscale resume` continues it, as above). A node back later is spared.
+    time.sleep(max(0.0, requeued_at + REQUEUE_KILL_RETRY_S - time.monotonic()))
     slurm2.up()
     wait_for(lambda: slurm2.state(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), 400, "the job to end", 1.0)
     log = (run / f"slurm-{job_id}.out").read_text()
     assert slurm2.state(job_id) == "COMPLETED", log[-4000:]
-    assert "restart 1" in log and "resumed from" in log, log[-3000:]
-    resumed = int(log.split("resumed from ")[1].split("checkpoints/step_")[1][:8])
-    assert resumed in (4, 8)  # the last complete checkpoint before the kill, never a torn one
-    assert rank_nodes(log) == {0: "h1", 1: "h1", 2: "h2", 3: "h2"}
-    assert read_losses(run) == reference4
-    ckpt_io.verify(run / "checkpoints" / "step_00000012")
-    st = json.loads(slurm2.vidscale("status", run, "--json", timeout=60).stdout)
+    assert "restart 1" in log
+    check_finished_like_the_uninterrupted_run(run, log, reference4)
+    st = status(slurm2, run)
     assert st["state"] == "COMPLETED" and st["restarts"] == 1 and st["step"] == 12
-    # nothing left in the run dir holds it (the dead ranks' locks went with them)
-    RunLock(run).acquire(["test"]).release()
