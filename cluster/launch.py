@@ -19,10 +19,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from vidscale.cluster.job import new_job, read_job
+from vidscale.cluster.job import DONE, new_job, read_job
 from vidscale.cluster.local import launch_local
 from vidscale.cluster.ray_launcher import address_of, follow_job, is_job_server, launch_ray
-from vidscale.cluster.slurm import follow, submit
+from vidscale.cluster.slurm import TERMINAL, follow, job_state, submit
 from vidscale.scaling.checkpoint.rundir import RunLock, check_fresh
 from vidscale.scaling.config import LAUNCHERS
 from vidscale.scaling.train.loop import default_run_dir, train
@@ -48,6 +48,7 @@ def launch(cfg, *, wait: bool = False, detach: bool = False, command: list[str] 
     submitted = how == "slurm" or (how == "ray" and (detach or is_job_server(address_of(cfg))))
     with RunLock(cfg.train.run_dir).acquire(command):
         check_fresh(cfg.train.run_dir, cfg.checkpoint.resume)
+        check_no_queued_job(cfg.train.run_dir)
         if not submitted:
             return launch_ray(cfg, command=command) if how == "ray" else launch_here(cfg, command)
         code = submit(cfg, command=command) if how == "slurm" else launch_ray(cfg, detach=True, command=command)
@@ -55,6 +56,27 @@ def launch(cfg, *, wait: bool = False, detach: bool = False, command: list[str] 
         job = read_job(cfg.train.run_dir)
         return follow(job) if how == "slurm" else follow_job(job)
     return code
+
+
+def check_no_queued_job(run_dir) -> None:
+    """A Slurm job of this run dir that is still queued or running (e.g. requeued after a node
+    failure, its ranks not started yet, so the run lock is free) will continue the run itself:
+    a second job on the same directory would only race it for the lock."""
+    try:
+        job = read_job(run_dir)
+    except (FileNotFoundError, ValueError):
+        return
+    if job.launcher != "slurm" or not job.job_ids or job.state in DONE:
+        return
+    try:
+        st = job_state(job.job_ids[-1])
+    except ValueError:  # no Slurm here: the record cannot be checked
+        return
+    if st["state"] not in TERMINAL:
+        again = f", requeued {st['restarts']}x" if st["restarts"] else ""
+        raise ValueError(f"{run_dir}: Slurm job {job.job_ids[-1]} of this run is still {st['state']}{again} and "
+                         f"will continue it; follow it with `vidscale status {run_dir}`, or `vidscale cancel "
+                         f"{run_dir}` first")
 
 
 def launch_here(cfg, command: list[str]) -> int:

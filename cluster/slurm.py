@@ -174,8 +174,11 @@ set -u
 RUN_DIR={q(str(p.run_dir))}
 echo "vidscale: job $SLURM_JOB_ID starts $(date -u +%FT%TZ), restart ${{SLURM_RESTART_COUNT:-0}}, nodes $SLURM_JOB_NODELIST"
 
-# rendezvous: rank 0 runs on the first node of the allocation
-export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+# rendezvous: rank 0 runs on the first node of the allocation, reached at its NodeAddr (the
+# address Slurm itself uses; a NodeName need not resolve), else at its name
+first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+addr=$(scontrol show -o node "$first" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | head -n1 | cut -d= -f2)
+export MASTER_ADDR=${{addr:-$first}}
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
 export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-1}}
 {net}export VIDSCALE_CONFIG="$RUN_DIR/{CONFIG}"
@@ -317,26 +320,37 @@ def _scontrol_job(job_id: str) -> dict:
     return dict(tok.split("=", 1) for tok in r.stdout.split() if "=" in tok)
 
 
+def down_nodes() -> list[str]:
+    """The cluster's nodes that take no jobs because they failed (down, not responding, drained)."""
+    r = call(["sinfo", "-h", "-N", "-t", "down,drained,fail,no_respond", "-o", "%N"])
+    return sorted({l.strip() for l in r.stdout.splitlines() if l.strip()}) if r.returncode == 0 else []
+
+
 def job_state(job_id: str) -> dict:
-    """{'state', 'reason', 'restarts', 'exit_code', 'source'}: squeue while Slurm remembers the
-    job, then sacct, then the jobcomp log (clusters without accounting)."""
+    """{'state', 'reason', 'restarts', 'exit_code', 'source', 'nodes', 'down_nodes'}: squeue while
+    Slurm remembers the job, then sacct, then the jobcomp log (clusters without accounting).
+    `restarts` counts requeues (pre-emption, or a node that failed under the job); while Slurm
+    remembers the job, `down_nodes` names the cluster's failed nodes (what it failed on or waits for)."""
     r = call(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T|%r"])
     if r.returncode == 0 and r.stdout.strip():
         state, reason = r.stdout.strip().splitlines()[0].split("|", 1)
         info = _scontrol_job(job_id)
+        nodes = info.get("NodeList", "")
         return {"state": state, "reason": reason, "restarts": int(info.get("Restarts", 0) or 0),
-                "exit_code": info.get("ExitCode", ""), "source": "squeue"}
+                "exit_code": info.get("ExitCode", ""), "source": "squeue",
+                "nodes": "" if nodes == "(null)" else nodes,
+                "down_nodes": down_nodes()}
+    none = {"restarts": 0, "nodes": "", "down_nodes": []}
     r = call(["sacct", "-j", job_id, "-X", "-n", "--parsable2", "-o", "JobID,State,ExitCode,Reason"])
     if r.returncode == 0 and r.stdout.strip():
         _, state, code, reason = r.stdout.strip().splitlines()[-1].split("|")
-        return {"state": state.split()[0], "reason": reason, "restarts": 0, "exit_code": code, "source": "sacct"}
+        return {**none, "state": state.split()[0], "reason": reason, "exit_code": code, "source": "sacct"}
     line = _jobcomp_line(job_id)
     if line:
         kv = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
-        return {"state": kv.get("JobState", "UNKNOWN"), "reason": "", "restarts": 0,
-                "exit_code": kv.get("ExitCode", ""), "source": "jobcomp"}
-    return {"state": "UNKNOWN", "reason": "Slurm has no record of the job", "restarts": 0,
-            "exit_code": "", "source": ""}
+        return {**none, "state": kv.get("JobState", "UNKNOWN"), "reason": "", "exit_code": kv.get("ExitCode", ""),
+                "source": "jobcomp", "nodes": kv.get("NodeList", "")}
+    return {**none, "state": "UNKNOWN", "reason": "Slurm has no record of the job", "exit_code": "", "source": ""}
 
 
 def _jobcomp_line(job_id: str) -> str:

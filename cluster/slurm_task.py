@@ -56,6 +56,10 @@ def watch_stop_file(path: str, poll_s: float = 0.5) -> None:
 def main() -> int:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # as above, for callers of main()
     os.environ.update(torch_env(os.environ))
+    # one line per rank in the job's log: where each rank ran (which node to look at when one dies)
+    print(f"vidscale: rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']} on node "
+          f"{os.environ.get('SLURMD_NODENAME', '?')} (local rank {os.environ['LOCAL_RANK']}), "
+          f"rendezvous {os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}", flush=True)
     watch_stop_file(os.environ.get("VIDSCALE_STOP_FILE", ""))
     cfg = load_config(os.environ["VIDSCALE_CONFIG"])
     if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 and not cfg.checkpoint.resume:

@@ -3,7 +3,8 @@
 Reads RUN_DIR/job.json, asks the launcher (Slurm: squeue, then sacct, then the jobcomp
 log when accounting is off; Ray jobs: the job server; local and attached Ray runs: whether
 the launching process is alive), updates job.json, and adds the progress from
-metrics.jsonl. Without RUN_DIR: every run under ./runs that has a job.json.
+metrics.jsonl. A Slurm job also shows how often it was requeued and, while Slurm remembers it,
+which of the cluster's nodes are down. Without RUN_DIR: every run under ./runs that has a job.json.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def refresh(job) -> dict:
     extra: dict = {}
     if job.launcher == "slurm" and job.job_ids:
         st = job_state(job.job_ids[-1])
-        state, extra = st["state"], {"reason": st["reason"], "restarts": st["restarts"], "source": st["source"]}
+        state, extra = st["state"], {k: st[k] for k in ("reason", "restarts", "source", "nodes", "down_nodes")}
     elif job.launcher == "ray" and job.job_ids:
         try:
             state = job_status(job)
@@ -105,5 +106,9 @@ def run(args) -> int:
         if rec.get("loss") is not None:
             prog += f" loss {rec['loss']:.4f}"
         why = f" ({rec['reason']})" if rec.get("reason") and rec["reason"] not in ("None", "") else ""
+        if rec.get("restarts"):
+            why += f" requeued {rec['restarts']}x"
+        if rec.get("down_nodes"):
+            why += f"; nodes down: {','.join(rec['down_nodes'])}"
         print(f"{d}  {job.launcher} {ids}  {rec['state']}{why}  {prog}")
     return code

@@ -124,3 +124,28 @@ def test_ray_on_slurm_starts_every_ray_process_with_a_job_token(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "token", r.stderr
     token = run / ".ray-token-7"
     assert (token.stat().st_mode & 0o777) == 0o600 and len(token.read_text().strip()) == 64
+
+
+@pytest.mark.parametrize("node_line,want", [
+    # Slurm 22.05 `scontrol show -o node NAME`: the address Slurm itself uses, whatever NAME resolves to
+    ("NodeName=gpu-a01 Arch=x86_64 CoresPerSocket=1 NodeAddr=10.1.2.3 NodeHostName=gpu-a01 Version=22.05.8",
+     "10.1.2.3"),
+    ("", "gpu-a01"),  # scontrol cannot say: the node's name, as before
+])
+def test_rendezvous_is_the_first_nodes_address(tmp_path, node_line, want):
+    """The script's rendezvous lines run by bash against a stand-in `scontrol` that answers as
+    Slurm does (hostnames of the job's node list, then the first node's record)."""
+    script = render(plan(cfg_with(tmp_path, "cluster.slurm.nodes=2")))
+    lines = script.split("# rendezvous", 1)[1].split("export MASTER_PORT", 1)[0]
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "scontrol").write_text(f"""#!/bin/bash
+case "$1 $2" in
+  "show hostnames") printf 'gpu-a01\\ngpu-a02\\n' ;;
+  "show -o") [ "$3 $4" = "node gpu-a01" ] && [ -n '{node_line}' ] && echo '{node_line}' || exit 1 ;;
+esac
+""")
+    (bin_ / "scontrol").chmod(0o755)
+    r = subprocess.run(["bash", "-c", f"#{lines}\necho $MASTER_ADDR"], capture_output=True, text=True,
+                       env={"PATH": f"{bin_}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "gpu-a[01-02]"})
+    assert r.returncode == 0 and r.stdout.strip() == want, r.stdout + r.stderr
