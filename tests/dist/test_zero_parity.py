@@ -161,13 +161,17 @@ def test_zero2_ring_sp2_matches_single_process(tmp_path):
     assert got["mlp_calls"] == 1
 
 
+HPZ = ["parallel.zero_hpz=2", "parallel.max_reuse_distance=0", "parallel.prefetch_bucket_size=0"]
+"""hpZ over two "nodes" of two ranks; a gathered parameter is released after each use (the debug
+model is smaller than DeepSpeed's reuse and prefetch windows, which would keep it gathered)."""
+
+
 def test_zero3_hpz_dp4_matches_single_process(tmp_path):
     """ZeRO++ hpZ (`parallel.zero_hpz=2`: two "nodes" of two ranks) on 4 ranks equals the same
     reference as plain ZeRO-3: gradients, 5 AdamW losses, EMA, exported weights. Every
-    parameter is released after use (max_reuse_distance=0), so each backward and recompute
-    gather of every step reads the secondary partition."""
-    got = _run(tmp_path, 4, ["parallel.zero_hpz=2", "parallel.max_reuse_distance=0",
-                             "model.activation_checkpointing=true"], dp=4, sp=1, check_weights=True)
+    parameter is released after use and none is prefetched (`HPZ`), so each backward and
+    recompute gather of every step reads the secondary partition."""
+    got = _run(tmp_path, 4, HPZ + ["model.activation_checkpointing=true"], dp=4, sp=1, check_weights=True)
     full = sum(g.numel() for g in got["grads"].values())
     # each rank holds its 1/4 primary and 1/2 secondary partition (plus padding)
     assert 0.5 * full <= got["secondary_numel"] <= 0.55 * full, (got["secondary_numel"], full)
@@ -211,9 +215,6 @@ def _chain(world, out_dir, runs):
 def _weights(run_dir):
     from safetensors.torch import load_file
     return load_file(str(run_dir / "model.safetensors"))
-
-
-HPZ = ["parallel.zero_hpz=2", "parallel.max_reuse_distance=0"]
 
 
 def test_zero3_hpz_resumes_exactly_and_into_plain_zero3(tmp_path):
