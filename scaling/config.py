@@ -174,9 +174,11 @@ class ParallelArgs:
     max_reuse_distance: int = 1_000_000_000
     """ZeRO-3 keeps a gathered parameter instead of releasing it when the step uses it again
     within this many elements of other parameters (DeepSpeed's `stage3_max_reuse_distance`,
-    default 1e9). A model smaller than this is gathered once per step and its backward
-    re-gathers nothing; 0 releases every parameter after use, as a model far larger than
-    the window does (what `vidscale bench hosts` measures)."""
+    default 1e9), as it does one whose next use the prefetcher already looked past
+    (`prefetch_bucket_size`). A model smaller than these windows is gathered once per step:
+    its backward re-gathers nothing, and hpZ has nothing to save. 0, with
+    prefetch_bucket_size=0, releases every parameter after use, as a model far larger than
+    the windows does (what `vidscale bench hosts` measures on a small one)."""
     zero_hpz: int = 0
     """ZeRO++ hierarchical partitioning (hpZ; ZeRO-3 only): after the forward all-gather, each
     group of this many consecutive ranks keeps a secondary copy of the parameters partitioned

@@ -67,10 +67,11 @@ def analytic_bytes(param_bytes: float, gathers: int, hosts: int, world: int) -> 
     gloo's all-gather is a ring in rank order: each rank forwards (world-1)/world of the
     gathered tensor to its successor, and `hosts` of those links cross between hosts (the
     last rank of each host sends to the first of the next), so one gather of the parameters
-    moves hosts * (world-1)/world * P across. gloo's reduce-scatter runs a ring all-reduce of
-    the whole buffer and keeps one chunk (on this bed a 4-rank reduce-scatter of P bytes
-    sent 3.0 P across, the same as an all-reduce), which moves twice that: the gradient
-    reduce-scatter costs 2 * hosts * (world-1)/world * P.
+    moves hosts * (world-1)/world * P across. gloo's reduce-scatter moves what a ring
+    all-reduce of the whole buffer moves, twice that (measured on this bed: a 4-rank
+    reduce-scatter of P bytes sent 3.0 P across, exactly as much as an all-reduce of P, where
+    a ring reduce-scatter would send 1.5 P): the gradient reduce-scatter costs
+    2 * hosts * (world-1)/world * P.
 
     Plain ZeRO-3 gathers the parameters from every rank in the forward, again for the
     activation-checkpointing recompute, and again for the backward (each released after

@@ -212,9 +212,16 @@ def _chain(world, out_dir, runs):
     return spawn_ranks(_train_runs, world, (str(out_dir), runs, [free_port() for _ in runs[1:]]))
 
 
-def _weights(run_dir):
+def _weights(run_dir, name="model.safetensors"):
+    """A run's consolidated weights (or `ema.safetensors`: its EMA), as `train` wrote them at the end."""
     from safetensors.torch import load_file
-    return load_file(str(run_dir / "model.safetensors"))
+    return load_file(str(run_dir / name))
+
+
+def test_zero3_hpz_sp2_ulysses_matches_single_process(tmp_path):
+    """hpZ groups (consecutive ranks, a node's) that coincide with the Ulysses groups: dp 2 x sp 2."""
+    got = _run(tmp_path, 4, HPZ + ["parallel.ulysses=2"], dp=2, sp=2)
+    assert got["secondary_numel"] > 0
 
 
 def test_zero3_hpz_resumes_exactly_and_into_plain_zero3(tmp_path):
@@ -230,8 +237,9 @@ def test_zero3_hpz_resumes_exactly_and_into_plain_zero3(tmp_path):
     assert sorted(whole) == [1, 2, 3, 4]
     for name in ("hpz_resumed", "plain_resumed"):
         assert read_losses(tmp_path / name) == {3: whole[3], 4: whole[4]}, name
-        want, got = _weights(tmp_path / "hpz"), _weights(tmp_path / name)
-        assert all(torch.equal(want[k], got[k]) for k in want), name
+        for f in ("model.safetensors", "ema.safetensors"):
+            want, got = _weights(tmp_path / "hpz", f), _weights(tmp_path / name, f)
+            assert all(torch.equal(want[k], got[k]) for k in want), (name, f)
 
 
 def test_plain_zero3_checkpoint_resumes_into_hpz_on_another_world(tmp_path):
@@ -246,5 +254,6 @@ def test_plain_zero3_checkpoint_resumes_into_hpz_on_another_world(tmp_path):
     assert (tmp_path / "dp2/checkpoints/.universal/step_00000002").is_dir()  # the world changed: converted
     a, b = read_losses(tmp_path / "hpz"), read_losses(tmp_path / "plain")
     assert list(a) == [3] and abs(a[3] - b[3]) <= 9e-7, (a, b)
-    want, got = _weights(tmp_path / "plain"), _weights(tmp_path / "hpz")
-    assert max((want[k] - got[k]).abs().max().item() for k in want) <= 1e-6
+    for f in ("model.safetensors", "ema.safetensors"):
+        want, got = _weights(tmp_path / "plain", f), _weights(tmp_path / "hpz", f)
+        assert max((want[k] - got[k]).abs().max().item() for k in want) <= 1e-6, f
