@@ -5,21 +5,26 @@ two ranks on each, as a launcher would (torchrun's environment, `python -m
 vidscale.scaling.train.loop`, gloo over `eth0`). The same recipe trains twice, with plain
 ZeRO-3 and with `parallel.zero_hpz=2` (the ranks per host), and the bridge's counters give
 the bytes that left each host over a window of steady-state steps: the counters are read
-when rank 0 logs the window's first and last step (metrics.jsonl), so startup, the final
-save and the export stay outside it.
+when rank 0 logs step 1 and step 1 + --steps (metrics.jsonl), so start-up, DeepSpeed's
+first (tracing) step, the final save and the export stay outside it.
 
   cross_host_bytes_per_step   {"zero3": ..., "hpz": ...}, both hosts' sends added
   cross_host_ratio            hpz / zero3 (goal <= 0.7)
-  analytic_ratio              what the ZeRO algebra predicts on gloo (`analytic_bytes`)
+  analytic_ratio              what the ZeRO algebra predicts on gloo (`analytic_bytes`;
+                              null where DeepSpeed's windows keep part of the model gathered)
+  losses, max_loss_diff       every logged step of both modes: they train the same
+  step_s, run_s               wall seconds per step in the window; where each run's time went
 
 The recipe releases every gathered parameter after use and gathers none ahead
 (`parallel.max_reuse_distance=0`, `parallel.prefetch_bucket_size=0`): DeepSpeed keeps a
 parameter gathered while it is used again within its reuse window (1e9 elements) or was
 already taken by the prefetcher's lookahead (the prefetch bucket), so a model smaller than
 those windows stays gathered from its forward to its backward, the backward re-gathers
-nothing, and hpZ has nothing to save (measured: hpz/zero3 0.98 on the debug model with the
-default windows). A model of billions of parameters is far larger than either window and
-re-gathers nearly everything; the debug model stands in for it with the windows at 0.
+nothing, and hpZ has nothing to save (measured: hpz/zero3 1.00 on the debug model with
+DeepSpeed's default windows, `--set parallel.max_reuse_distance=1000000000 --set
+parallel.prefetch_bucket_size=5000000`). A model of billions of parameters is far larger
+than either window and re-gathers nearly everything; the debug model stands in for it with
+the windows at 0.
 """
 from __future__ import annotations
 
@@ -82,6 +87,19 @@ def analytic_bytes(param_bytes: float, gathers: int, hosts: int, world: int) -> 
     """
     ring = hosts * (world - 1) / world * param_bytes
     return gathers * ring + 2 * ring
+
+
+def world_gathers(p, activation_checkpointing: bool, numel: int) -> int | None:
+    """World all-gathers of the parameters in one plain ZeRO-3 step (`p`: the parallel section).
+
+    With both of DeepSpeed's windows at 0 every use gathers: forward, recompute, backward. A
+    window that covers the whole model keeps it gathered from the forward to the end of the
+    backward: one. In between it depends on DeepSpeed's trace: None (no prediction)."""
+    if p.max_reuse_distance == 0 and p.prefetch_bucket_size == 0:
+        return 3 if activation_checkpointing else 2
+    if max(p.max_reuse_distance, p.prefetch_bucket_size) >= numel:
+        return 1
+    return None
 
 
 def _start_ranks(bed: TestBed, cfg_path: Path, port: int, logs: Path) -> list[subprocess.Popen]:
@@ -175,16 +193,18 @@ def run(args) -> dict:
             results[mode] = measure(bed, cfg, run_dir, 29500 + i, args.steps, args.timeout)
     params = param_count(model_config(cfg.model))
     # ZeRO-3 pads each parameter to a multiple of the world; fp32 on CPU
-    param_bytes = 4 * sum(math.ceil(n / world) * world for n in _param_numels(cfg))
-    gathers = 3 if cfg.model.activation_checkpointing else 2
-    zero3 = analytic_bytes(param_bytes, gathers, HOSTS, world)
+    numels = _param_numels(cfg)
+    param_bytes = 4 * sum(math.ceil(n / world) * world for n in numels)
+    gathers = world_gathers(cfg.parallel, cfg.model.activation_checkpointing, sum(numels))
+    # hpZ: one world gather (the forward) whatever the windows; plain: `gathers`
+    zero3 = analytic_bytes(param_bytes, gathers, HOSTS, world) if gathers else None
     hpz = analytic_bytes(param_bytes, 1, HOSTS, world)
     z, h = results["zero3"], results["hpz"]
     common = sorted(set(z["losses"]) & set(h["losses"]))
     return {
         "cross_host_bytes_per_step": {m: r["bytes_per_step"] for m, r in results.items()},
         "cross_host_ratio": h["bytes_per_step"] / z["bytes_per_step"],
-        "analytic_ratio": hpz / zero3,
+        "analytic_ratio": hpz / zero3 if zero3 else None,
         "analytic_bytes_per_step": {"zero3": zero3, "hpz": hpz},
         "goal_cross_host_ratio": 0.7,
         "goal_met": h["bytes_per_step"] / z["bytes_per_step"] <= 0.7,

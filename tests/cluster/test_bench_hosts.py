@@ -21,7 +21,9 @@ def test_hpz_moves_fewer_bytes_across_hosts_than_plain_zero3():
     sent = out["cross_host_bytes_per_step"]
     assert sent["zero3"] > 0 and sent["hpz"] > 0
     assert out["cross_host_ratio"] == pytest.approx(sent["hpz"] / sent["zero3"])
-    assert out["cross_host_ratio"] < 1  # hpZ's recompute and backward gathers stay inside the hosts
+    # hpZ's recompute and backward gathers stay inside the hosts (where hpZ saves nothing, as under
+    # DeepSpeed's default windows on this small model, the ratio measures 1.00 give or take noise)
+    assert out["cross_host_ratio"] < 0.9
     for mode in ("zero3", "hpz"):  # and the gloo algebra accounts for what crossed (measured: within 3%)
         assert sent[mode] == pytest.approx(out["analytic_bytes_per_step"][mode], rel=0.25), mode
 
