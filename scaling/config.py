@@ -184,6 +184,21 @@ class ParallelArgs:
     persistence_threshold: int = 0
     """ZeRO-3 keeps parameters with fewer elements whole on every rank (DeepSpeed's default
     is 1e5, which leaves small models unsharded); 0 shards every parameter."""
+    max_reuse_distance: int = 1_000_000_000
+    """ZeRO-3 keeps a gathered parameter instead of releasing it when the step uses it again
+    within this many elements of other parameters (DeepSpeed's `stage3_max_reuse_distance`,
+    default 1e9), as it does one whose next use the prefetcher already looked past
+    (`prefetch_bucket_size`). A model smaller than these windows is gathered once per step:
+    its backward re-gathers nothing, and hpZ has nothing to save. 0, with
+    prefetch_bucket_size=0, releases every parameter after use, as a model far larger than
+    the windows does (what `vidscale bench hosts` measures on a small one)."""
+    zero_hpz: int = 0
+    """ZeRO++ hierarchical partitioning (hpZ; ZeRO-3 only): after the forward all-gather, each
+    group of this many consecutive ranks keeps a secondary copy of the parameters partitioned
+    among themselves, and the backward (and activation-recompute) gathers read it from there
+    instead of from every rank. Set it to the ranks per node, so those gathers never leave
+    the node; it costs a 1/zero_hpz share of the parameters per rank. Must divide the world
+    size (parameters are partitioned over all dp x sp ranks). 0 or 1 = off."""
     timeout_s: int = 300
     """Collective timeout: a failing rank never leaves the others waiting longer."""
 
@@ -509,6 +524,13 @@ def validate(cfg: Config, where: str) -> None:
             ("vae.beta", c.vae.beta, c.vae.beta >= 0, "a number >= 0")]:
         if not ok:
             bad(key, v, expected)
+    if cfg.parallel.zero_hpz < 0:
+        bad("parallel.zero_hpz", cfg.parallel.zero_hpz, "0 (off) or the ranks per node of the secondary partition")
+    if cfg.parallel.zero_hpz > 1 and cfg.parallel.zero_stage != 3:
+        bad("parallel.zero_hpz", cfg.parallel.zero_hpz, f"zero_stage 3 (hpZ partitions parameters a second time; "
+            f"got zero_stage={cfg.parallel.zero_stage})")
+    if cfg.parallel.max_reuse_distance < 0:
+        bad("parallel.max_reuse_distance", cfg.parallel.max_reuse_distance, "a number of elements >= 0")
     if cfg.parallel.offload_params and cfg.parallel.zero_stage != 3:
         bad("parallel.offload_params", True, f"zero_stage 3 (parameters are only partitioned at stage 3, "
             f"got zero_stage={cfg.parallel.zero_stage})")
@@ -519,10 +541,11 @@ def validate(cfg: Config, where: str) -> None:
             bad("data.sizes", hw, f"[H, W] divisible by the patch {cfg.model.patch[1:]}")
     if cfg.data.frames[0] % cfg.model.patch[0] or cfg.data.frames[1] % cfg.model.patch[0]:
         bad("data.frames", cfg.data.frames, f"frame counts divisible by pt={cfg.model.patch[0]}")
-    # A one-process recipe may name an sp layout that a launcher's --nproc completes: check it
+    # A one-process recipe may name an sp (or hpZ) layout that a launcher's --nproc completes: check it
     # for the smallest world it fits; the launcher checks again for the world it starts.
     sp = cfg.parallel.ulysses * cfg.parallel.ring
-    check_layout(cfg, cfg.cluster.nproc if cfg.cluster.nproc > 1 else sp, where)
+    check_layout(cfg, cfg.cluster.nproc if cfg.cluster.nproc > 1 else math.lcm(sp, max(1, cfg.parallel.zero_hpz)),
+                 where)
 
 
 def _numbers(dc, prefix: str = ""):
@@ -553,6 +576,9 @@ def check_layout(cfg: Config, world: int, where: str) -> None:
         if heads % p.ulysses:
             raise RecipeError(f"{where}: parallel.ulysses={p.ulysses} does not divide the model's {heads} "
                               f"attention heads (Ulysses shards heads)")
+    if p.zero_hpz > 1 and world % p.zero_hpz:
+        raise RecipeError(f"{where}: parallel.zero_hpz={p.zero_hpz} does not divide the world size {world} "
+                          f"(ZeRO-3 partitions parameters over all dp x sp ranks; set it to the ranks per node)")
     if world > 1 and p.zero_stage == 0:
         raise RecipeError(f"{where}: parallel.zero_stage=0 runs a single process; set parallel.zero_stage to "
                           f"1, 2 or 3 for a world of {world}")

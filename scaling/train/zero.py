@@ -16,6 +16,13 @@ parallel group is the whole world) and `backward` divides by the accumulation st
 the step, whatever the uneven real-token counts per rank. With `reduce_scatter` off,
 DeepSpeed instead applies a sequence-parallel "divide by dp" fix-up per bucket that this
 scale does not match: keep it on.
+
+ZeRO++ hpZ (`parallel.zero_hpz`) changes where parameters are gathered from, not what is
+trained or saved: the primary partition, the optimizer states and the checkpoint shards are
+those of plain ZeRO-3 (checkpoints move freely between the two), and the secondary partition
+is rebuilt by each forward after the optimizer step invalidates it. Its groups are
+DeepSpeed's own, consecutive ranks like a node's; sequence-parallel groups are consecutive
+too, so an sp group inside a node keeps its all-to-alls there either way.
 """
 from __future__ import annotations
 
@@ -49,7 +56,10 @@ def deepspeed_config(cfg: Config, dims, device: torch.device) -> dict:
     }
     if stage == 3:
         zero.update(stage3_prefetch_bucket_size=p.prefetch_bucket_size,
-                    stage3_param_persistence_threshold=p.persistence_threshold)
+                    stage3_param_persistence_threshold=p.persistence_threshold,
+                    stage3_max_reuse_distance=p.max_reuse_distance,
+                    # ZeRO++ hpZ: groups of consecutive ranks (a node) keep a secondary partition
+                    zero_hpz_partition_size=max(1, p.zero_hpz))
     else:
         zero.update(allgather_bucket_size=p.reduce_bucket_size)
     if p.offload_optimizer:

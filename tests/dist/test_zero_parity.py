@@ -13,9 +13,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from vidscale.cluster.local import spawn_ranks
+from vidscale.cluster.local import free_port, spawn_ranks
 
-from conftest import debug_config, loader_for  # noqa: E402
+from conftest import debug_config, loader_for, read_losses  # noqa: E402
 
 pytestmark = pytest.mark.dist
 STEPS = 5
@@ -45,6 +45,9 @@ def _worker(rank, world, port, out_dir, overrides):
         tr.engine.backward(s * (tr.engine.loss_scale / global_real))
         loss_sum += s.detach()
     grads = {n: safe_get_full_grad(p).clone() for n, p in tr.engine.model.named_parameters()}
+    # ZeRO++ hpZ: after their forward gather, released parameters keep a secondary partition
+    secondary = sum(p.ds_secondary_tensor.numel() for p in tr.engine.model.parameters()
+                    if getattr(p, "ds_secondary_tensor", None) is not None)
     mlp_calls = len(calls)
     out = {"loss_sum": loss_sum, "global_real": global_real, "grad_norm": tr.engine.step()}
     tr.state.step += 1
@@ -55,13 +58,15 @@ def _worker(rank, world, port, out_dir, overrides):
         losses.append(tr.reduce_loss(out))
         norms.append(float(out["grad_norm"]))
     ema = tr.engine.full_ema()
+    weights = tr.engine.full_state_dict()  # consolidated on rank 0 (what export writes)
     shard_numel = sum(getattr(p, "ds_tensor", p).numel() for p in tr.engine.model.parameters())
     zero_opt = tr.engine.ds.optimizer  # which DeepSpeed path ran: offload flags of stage 3
     offload = {"optimizer": getattr(zero_opt, "offload_optimizer", False),
                "params": getattr(zero_opt, "offload_param", False)}
     if rank == 0:
         torch.save({"grads": grads, "losses": losses, "norms": norms, "ema": ema, "lr": tr.engine.lr,
-                    "shard_numel": shard_numel, "mlp_calls": mlp_calls, "offload": offload},
+                    "shard_numel": shard_numel, "mlp_calls": mlp_calls, "offload": offload,
+                    "secondary_numel": secondary, "weights": weights},
                    os.path.join(out_dir, "result.pt"))
     tr.dims.destroy()
 
@@ -101,7 +106,7 @@ def reference(overrides, run_dir, dp, sp):
     return grads0, losses, norms, engine
 
 
-def _run(tmp_path, world, overrides, dp, sp):
+def _run(tmp_path, world, overrides, dp, sp, check_weights=False):
     codes = spawn_ranks(_worker, world, (str(tmp_path), overrides))
     assert (tmp_path / "result.pt").exists(), f"ranks exited with {codes} before writing results"
     got = torch.load(tmp_path / "result.pt")
@@ -118,6 +123,9 @@ def _run(tmp_path, world, overrides, dp, sp):
     assert got["lr"] == pytest.approx(ref_engine.lr, rel=1e-9)
     for n, e in ref_engine.ema.items():  # EMA shards gather back to the reference EMA
         assert (got["ema"][n] - e).abs().max().item() <= 1e-4, n
+    if check_weights:  # the consolidated weights after the last step
+        for n, w in ref_engine.model.state_dict().items():
+            assert (got["weights"][n] - w).abs().max().item() <= 1e-5, n
     return got
 
 
@@ -153,6 +161,24 @@ def test_zero2_ring_sp2_matches_single_process(tmp_path):
     assert got["mlp_calls"] == 1
 
 
+HPZ = ["parallel.zero_hpz=2", "parallel.max_reuse_distance=0", "parallel.prefetch_bucket_size=0"]
+"""hpZ over two "nodes" of two ranks; a gathered parameter is released after each use (the debug
+model is smaller than DeepSpeed's reuse and prefetch windows, which would keep it gathered)."""
+
+
+def test_zero3_hpz_dp4_matches_single_process(tmp_path):
+    """ZeRO++ hpZ (`parallel.zero_hpz=2`: two "nodes" of two ranks) on 4 ranks equals the same
+    reference as plain ZeRO-3: gradients, 5 AdamW losses, EMA, exported weights. Every
+    parameter is released after use and none is prefetched (`HPZ`), so each backward and
+    recompute gather of every step reads the secondary partition."""
+    got = _run(tmp_path, 4, HPZ + ["model.activation_checkpointing=true"], dp=4, sp=1, check_weights=True)
+    full = sum(g.numel() for g in got["grads"].values())
+    # each rank holds its 1/4 primary and 1/2 secondary partition (plus padding)
+    assert 0.5 * full <= got["secondary_numel"] <= 0.55 * full, (got["secondary_numel"], full)
+    assert got["shard_numel"] <= 0.3 * full
+    assert got["mlp_calls"] == 2
+
+
 def _twice(rank, world, port, out_dir):
     from vidscale.scaling.train.loop import train
     losses = []
@@ -168,3 +194,66 @@ def test_zero3_trains_twice_in_one_process(tmp_path):
     assert (tmp_path / "twice.json").exists(), codes
     a, b = json.loads((tmp_path / "twice.json").read_text())
     assert a == b and a == a  # identical (and not NaN)
+
+
+def _train_runs(rank, world, port, out_dir, runs, ports):
+    """`train(cfg)` of each (run name, overrides) in turn, in these processes. Each run after
+    the first meets on a port of its own: on the first one's port, a rank that finished early
+    would find rank 0's store of the first run still up."""
+    torch.set_num_threads(1)
+    from vidscale.scaling.train.loop import train
+    for i, (name, overrides) in enumerate(runs):
+        if i:
+            os.environ["MASTER_PORT"] = str(ports[i - 1])
+        train(_cfg(["logging.every=1", "train.val_videos=2", *overrides], os.path.join(out_dir, name)))
+
+
+def _chain(world, out_dir, runs):
+    return spawn_ranks(_train_runs, world, (str(out_dir), runs, [free_port() for _ in runs[1:]]))
+
+
+def _weights(run_dir, name="model.safetensors"):
+    """A run's consolidated weights (or `ema.safetensors`: its EMA), as `train` wrote them at the end."""
+    from safetensors.torch import load_file
+    return load_file(str(run_dir / name))
+
+
+def test_zero3_hpz_sp2_ulysses_matches_single_process(tmp_path):
+    """hpZ groups (consecutive ranks, a node's) that coincide with the Ulysses groups: dp 2 x sp 2."""
+    got = _run(tmp_path, 4, HPZ + ["parallel.ulysses=2"], dp=2, sp=2)
+    assert got["secondary_numel"] > 0
+
+
+def test_zero3_hpz_resumes_exactly_and_into_plain_zero3(tmp_path):
+    """A checkpoint of an hpZ run resumes bit for bit, with hpZ and with plain ZeRO-3 (same
+    shards: hpZ's secondary partition is rebuilt by the next forward, never saved)."""
+    ckpt = tmp_path / "hpz/checkpoints/step_00000002"
+    four = ["train.steps=4", "checkpoint.every=2"]
+    runs = [("hpz", HPZ + four), ("hpz_resumed", HPZ + four + [f"checkpoint.resume={ckpt}"]),
+            ("plain_resumed", four + [f"checkpoint.resume={ckpt}"])]
+    codes = _chain(4, tmp_path, runs)
+    assert (tmp_path / "plain_resumed/model.safetensors").exists(), codes
+    whole = read_losses(tmp_path / "hpz")
+    assert sorted(whole) == [1, 2, 3, 4]
+    for name in ("hpz_resumed", "plain_resumed"):
+        assert read_losses(tmp_path / name) == {3: whole[3], 4: whole[4]}, name
+        for f in ("model.safetensors", "ema.safetensors"):
+            want, got = _weights(tmp_path / "hpz", f), _weights(tmp_path / name, f)
+            assert all(torch.equal(want[k], got[k]) for k in want), (name, f)
+
+
+def test_plain_zero3_checkpoint_resumes_into_hpz_on_another_world(tmp_path):
+    """Saved by 2 plain ZeRO-3 ranks, resumed by 4 through the universal checkpoint: hpZ=2
+    trains on from it like plain ZeRO-3 does (same loss, same weights)."""
+    codes = _chain(2, tmp_path, [("dp2", ["train.steps=2", "checkpoint.every=2"])])
+    ckpt = tmp_path / "dp2/checkpoints/step_00000002"
+    assert ckpt.exists(), codes
+    three = ["train.steps=3", f"checkpoint.resume={ckpt}"]
+    codes = _chain(4, tmp_path, [("hpz", HPZ + three), ("plain", three)])
+    assert (tmp_path / "plain/model.safetensors").exists(), codes
+    assert (tmp_path / "dp2/checkpoints/.universal/step_00000002").is_dir()  # the world changed: converted
+    a, b = read_losses(tmp_path / "hpz"), read_losses(tmp_path / "plain")
+    assert list(a) == [3] and abs(a[3] - b[3]) <= 9e-7, (a, b)
+    for f in ("model.safetensors", "ema.safetensors"):
+        want, got = _weights(tmp_path / "plain", f), _weights(tmp_path / "hpz", f)
+        assert max((want[k] - got[k]).abs().max().item() for k in want) <= 1e-6, f

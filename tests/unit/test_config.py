@@ -1,9 +1,12 @@
 """Recipes: every shipped recipe loads; mistakes are one-line errors naming file and key."""
 import pytest
+import torch
 
 from vidscale.data.args import LoaderArgs, PrepareArgs, SyntheticArgs
 from vidscale.models.attention import KERNELS
 from vidscale.scaling.config import CHECKSUMS, LAUNCHERS, RecipeError, check_layout, load_config, save_config
+from vidscale.scaling.parallel.dims import ParallelDims
+from vidscale.scaling.train.zero import deepspeed_config
 
 from conftest import ROOT  # noqa: E402
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml"))
@@ -109,3 +112,20 @@ def test_layout_is_checked_when_the_recipe_loads(tmp_path):
     check_layout(cfg, 4, "--nproc 4")
     with pytest.raises(RecipeError, match=r"^--nproc 3: .*does not divide the world size 3"):
         check_layout(cfg, 3, "--nproc 3")  # ... not by 3
+
+
+def test_zero_hpz_is_checked_and_reaches_the_deepspeed_config(tmp_path):
+    msg = _err(tmp_path, "name: x\n", ["cluster.nproc=6", "parallel.zero_hpz=4"])
+    assert "parallel.zero_hpz=4" in msg and "does not divide the world size 6" in msg
+    assert "zero_stage 3" in _err(tmp_path, "name: x\n", ["parallel.zero_stage=2", "parallel.zero_hpz=2"])
+    assert "parallel.zero_hpz" in _err(tmp_path, "name: x\n", ["parallel.zero_hpz=-1"])
+    assert "parallel.max_reuse_distance" in _err(tmp_path, "name: x\n", ["parallel.max_reuse_distance=-1"])
+    cfg = load_config(ROOT / "recipes/debug.yaml", ["parallel.zero_hpz=2", "parallel.max_reuse_distance=0"])
+    check_layout(cfg, 4, "--nproc 4")  # a one-process recipe that --nproc 2, 4, ... completes
+    with pytest.raises(RecipeError, match=r"^--nproc 3: parallel.zero_hpz=2 does not divide the world size 3"):
+        check_layout(cfg, 3, "--nproc 3")
+    zero = deepspeed_config(cfg, ParallelDims(world=4, rank=0), torch.device("cpu"))["zero_optimization"]
+    assert zero["zero_hpz_partition_size"] == 2 and zero["stage3_max_reuse_distance"] == 0
+    plain = load_config(ROOT / "recipes/debug.yaml")
+    assert deepspeed_config(plain, ParallelDims(world=4, rank=0),
+                            torch.device("cpu"))["zero_optimization"]["zero_hpz_partition_size"] == 1
