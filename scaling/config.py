@@ -50,6 +50,8 @@ DTYPES = ("fp32", "bf16")
 """`train.dtype`."""
 BACKENDS = ("auto", "gloo", "nccl")
 """`parallel.backend`: auto is nccl on GPU, gloo on CPU."""
+GRAD_DTYPES = ("fp32", "bf16")
+"""`parallel.grad_dtype`."""
 ZERO_STAGES = (0, 1, 2, 3)
 """`parallel.zero_stage` (0 = plain torch, one process)."""
 
@@ -82,7 +84,7 @@ class ModelArgs:
     """Packed attention kernel (`models.attention.KERNELS`): sdpa (per-video SDPA; CPU),
     varlen (flash; GPU), dense (reference)."""
     activation_checkpointing: bool = False
-    """Recompute each block in backward (fairscale checkpoint_wrapper)."""
+    """Recompute each block in backward (non-reentrant torch.utils.checkpoint, under the forward's autocast)."""
     ac_offload: bool = False
     """With activation checkpointing, keep the saved block inputs in CPU memory."""
     compile: bool = False
@@ -168,6 +170,9 @@ class ParallelArgs:
     prefetch_bucket_size: int = 5_000_000
     """ZeRO-3 parameter prefetch (all-gather ahead of use), elements; measured with the above."""
     overlap_comm: bool = True
+    grad_dtype: str = "fp32"
+    """bf16 on GPU: the dtype gradients are reduce-scattered and accumulated in (fp32 or bf16;
+    DeepSpeed's own default is the model's bf16, which loses low bits of every gradient)."""
     persistence_threshold: int = 0
     """ZeRO-3 keeps parameters with fewer elements whole on every rank (DeepSpeed's default
     is 1e5, which leaves small models unsharded); 0 shards every parameter."""
@@ -420,6 +425,7 @@ def validate(cfg: Config, where: str) -> None:
                                 ("train.device", c.train.device, DEVICES),
                                 ("parallel.zero_stage", c.parallel.zero_stage, ZERO_STAGES),
                                 ("parallel.backend", c.parallel.backend, BACKENDS),
+                                ("parallel.grad_dtype", c.parallel.grad_dtype, GRAD_DTYPES),
                                 ("data.on_error", c.data.on_error, ON_ERROR),
                                 ("cluster.launcher", c.cluster.launcher, LAUNCHERS)]:
         if value not in allowed:

@@ -21,6 +21,7 @@ from vidscale.data.shards import read_index
 from vidscale.models.latent import build_latent_encoder
 from vidscale.models.text import TextEncoder
 from vidscale.scaling.inference.sample import sample_latent, to_uint8, write_frames
+from vidscale.scaling.train.precision import autocast_for
 
 SAMPLE_STEPS = 20
 
@@ -68,8 +69,9 @@ class TrainingSamples:
         model = engine.module
         was = model.training
         model.eval()
-        lats = [sample_latent(model, objective, text, shape, c.model.patch, steps=SAMPLE_STEPS, seed=k,
-                              device=self.device) for k, text in enumerate(self._texts)]
+        with autocast_for(c.train.dtype, self.device):  # the weights may be bf16 (DeepSpeed on GPU)
+            lats = [sample_latent(model, objective, text, shape, c.model.patch, steps=SAMPLE_STEPS, seed=k,
+                                  device=self.device) for k, text in enumerate(self._texts)]
         model.train(was)
         if d.rank != 0:
             return

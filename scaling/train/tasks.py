@@ -14,7 +14,6 @@ and never reaches into the loop.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -33,6 +32,7 @@ from vidscale.scaling.objective import (build_objective, clean_frames_mask, diff
 from vidscale.scaling.parallel import collectives
 from vidscale.scaling.parallel.dims import ParallelDims
 from vidscale.scaling.train.evaluate import evaluate
+from vidscale.scaling.train import precision
 from vidscale.scaling.train.flops import train_flops
 from vidscale.scaling.train.samples import TrainingSamples
 
@@ -57,9 +57,7 @@ class Task(Protocol):
 
 def autocast_for(cfg: Config, device: torch.device):
     """The forward's autocast context (bf16 recipes), or a no-op context."""
-    if cfg.train.dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return precision.autocast_for(cfg.train.dtype, device)
 
 
 class DiTTask:
@@ -196,8 +194,9 @@ class VAETask:
             b = r * d.dp + d.dp_rank
             w = 1.0 if b < len(clips) else 0.0
             x = clips[b if w else 0].to(self.device)
-            mean, _ = model.encode_dist(x)
-            y = model.decoder(mean)[:, :, :x.shape[2]].clamp(-1, 1)
+            with autocast_for(self.cfg, self.device):  # bf16 weights under DeepSpeed on GPU
+                mean, _ = model.encode_dist(x)
+                y = model.decoder(mean)[:, :, :x.shape[2]].float().clamp(-1, 1)
             sse += w * torch.tensor([(y.double() - x.double()).pow(2).sum().item(), x.numel()], dtype=torch.float64)
         model.train(was)
         sse = collectives.sum_tensor(sse)
