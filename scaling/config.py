@@ -268,6 +268,26 @@ class ClusterArgs:
 
 
 @dataclass
+class PlanArgs:
+    """The hardware a recipe was planned for, and the planner's assumptions (`vidscale plan`,
+    scaling/train/planner.py). A test plans every shipped recipe on its own `gpus` x `gpu_memory_gb`."""
+    gpus: int = 0
+    """GPUs the recipe was planned for (0 = not planned)."""
+    gpu_memory_gb: float = 0.0
+    """Memory of each of those GPUs, GiB."""
+    gpu_tflops: float = 989.0
+    """Dense bf16 peak of one GPU, TFLOP/s (989: H100 SXM; `--gpu-tflops` overrides)."""
+    mfu: float = 0.4
+    """Model FLOPs utilisation the step time assumes (calibrate with `vidscale bench plan`)."""
+    bandwidth_gb_s: float = 100.0
+    """Bytes per second one rank moves in collectives, GB/s (NVLink ~150-400, InfiniBand ~25-50)."""
+    host_bandwidth_gb_s: float = 25.0
+    """Host <-> GPU copy rate under offload, GB/s (PCIe 4 x16 ~25)."""
+    runtime_gb: float = 2.0
+    """CUDA context, allocator fragmentation and kernels' scratch, GiB per rank."""
+
+
+@dataclass
 class Config:
     name: str = "run"
     task: str = "dit"
@@ -282,6 +302,7 @@ class Config:
     logging: LoggingArgs = field(default_factory=LoggingArgs)
     cluster: ClusterArgs = field(default_factory=ClusterArgs)
     vae: VAEArgs = field(default_factory=VAEArgs)
+    plan: PlanArgs = field(default_factory=PlanArgs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -474,7 +495,14 @@ def validate(cfg: Config, where: str) -> None:
             ("checkpoint.keep_last", c.checkpoint.keep_last, c.checkpoint.keep_last >= 1, "at least 1"),
             ("cluster.cpus_per_worker", c.cluster.cpus_per_worker, c.cluster.cpus_per_worker > 0, "a positive number"),
             ("cluster.gpus_per_worker", c.cluster.gpus_per_worker, c.cluster.gpus_per_worker >= 0, "a number >= 0"),
-            ("vae.beta", c.vae.beta, c.vae.beta >= 0, "a number >= 0")]:
+            ("vae.beta", c.vae.beta, c.vae.beta >= 0, "a number >= 0"),
+            ("plan.gpus", c.plan.gpus, c.plan.gpus >= 0, "a number of GPUs >= 0 (0 = not planned)"),
+            ("plan.gpu_memory_gb", c.plan.gpu_memory_gb, c.plan.gpu_memory_gb >= 0, "GiB >= 0"),
+            ("plan.gpu_tflops", c.plan.gpu_tflops, c.plan.gpu_tflops > 0, "a positive TFLOP/s"),
+            ("plan.mfu", c.plan.mfu, 0 < c.plan.mfu <= 1, "a fraction in (0, 1]"),
+            ("plan.bandwidth_gb_s", c.plan.bandwidth_gb_s, c.plan.bandwidth_gb_s > 0, "a positive GB/s"),
+            ("plan.host_bandwidth_gb_s", c.plan.host_bandwidth_gb_s, c.plan.host_bandwidth_gb_s > 0, "a positive GB/s"),
+            ("plan.runtime_gb", c.plan.runtime_gb, c.plan.runtime_gb >= 0, "GiB >= 0")]:
         if not ok:
             bad(key, v, expected)
     if cfg.parallel.offload_params and cfg.parallel.zero_stage != 3:
