@@ -1,0 +1,27 @@
+#!/bin/sh
+# `make gpu-check`: on a GPU machine, install what it lacks from .gpu-wheels (no index), run the
+# GPU tier, `vidscale bench step` in bf16 on the 30M model and a 1B-class model at 32k tokens,
+# and write one JSON summary: runs/gpu-check/summary.json. Nothing here needs a network.
+set -u
+PY=${PY:-python3}
+OUT=${OUT_DIR:-runs/gpu-check}
+mkdir -p "$OUT"
+if [ -d .gpu-wheels ] && ls .gpu-wheels/* >/dev/null 2>&1; then
+  # deepspeed without its JIT ops at install time (they build on first use, if ever)
+  DS_BUILD_OPS=0 $PY -m pip install -q --no-index --no-build-isolation --no-deps .gpu-wheels/* \
+    > "$OUT/install.log" 2>&1 || echo "gpu-check: installing .gpu-wheels failed (see $OUT/install.log)"
+fi
+$PY -m pip install -q --no-index --no-build-isolation --no-deps -e . >> "$OUT/install.log" 2>&1 \
+  || echo "gpu-check: installing vidscale failed (see $OUT/install.log)"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+timeout 300 $PY -m pytest -q -ra tests/gpu --junitxml="$OUT/tier.xml" -p no:cacheprovider > "$OUT/tier.log" 2>&1
+echo "gpu-check: tier exit $?"
+timeout 90 $PY -m vidscale.scaling.cli bench step --json --reps 4 --no-split --set train.device=cuda \
+  --set train.dtype=bf16 --set model.attn_backend=varlen > "$OUT/bench_30M.json" 2> "$OUT/bench_30M.log"
+echo "gpu-check: bench 30M exit $?"
+timeout 120 $PY -m vidscale.scaling.cli bench step --json --reps 4 --no-split --set train.device=cuda \
+  --set train.dtype=bf16 --set model.attn_backend=varlen --set model.size=1B \
+  --set train.tokens_per_batch=32768 > "$OUT/bench_1B.json" 2> "$OUT/bench_1B.log"
+echo "gpu-check: bench 1B exit $?"
+$PY tests/gpu/summary.py "$OUT" > "$OUT/summary.json"
+cat "$OUT/summary.json"
