@@ -5,7 +5,8 @@
 
 Memory (bytes on one rank, what the device holds at the backward's peak):
   parameters, master weights, optimizer moments, gradients, EMA   by ZeRO stage, dtype, offload
-  zero3_gathered        the prefetch bucket plus the two largest modules gathered at once
+  zero3_gathered        what ZeRO-3 keeps gathered: up to `parallel.max_live_parameters` (reused
+                        within that distance), the prefetch bucket and the two largest modules
   zero3_persistent      parameters below `parallel.persistence_threshold`, whole on every rank
   reduce_bucket         the gradient bucket ZeRO reduces from (stages 2, 3)
   activations           the bytes autograd saves for backward, TRACED: the recipe's model is
@@ -62,65 +63,78 @@ def _dense_like(q, k, v, meta):
     return _FlashLike.apply(q, k, v) + 0 * s.sum()
 
 
-def _trace_meta(cfg: Config, tokens: int, dtype: torch.dtype) -> PackedMeta:
-    """One video of `tokens` tokens with the recipe's caption length, on the meta device."""
+def _trace_meta(cfg: Config, tokens: int, dtype: torch.dtype, device: str) -> PackedMeta:
+    """One video of `tokens` tokens with the recipe's longest caption."""
     text = cfg.data.text_tokens[1]
-    return PackedMeta(bounds=(0, tokens), seq_len=tokens, coords=torch.zeros(tokens, 3, dtype=torch.long, device="meta"),
-                      seg_ids=torch.zeros(tokens, dtype=torch.long, device="meta"),
-                      text=torch.zeros(text, cfg.model.text_dim, dtype=dtype, device="meta"), text_bounds=(0, text),
+    return PackedMeta(bounds=(0, tokens), seq_len=tokens, coords=torch.zeros(tokens, 3, dtype=torch.long, device=device),
+                      seg_ids=torch.zeros(tokens, dtype=torch.long, device=device),
+                      text=torch.zeros(text, cfg.model.text_dim, dtype=dtype, device=device), text_bounds=(0, text),
                       grid=((1, 1, tokens),))
 
 
 def saved_bytes(cfg: Config, tokens: int, dtype: torch.dtype, checkpointed: bool = False,
-                depth: int | None = None) -> int:
-    """Bytes autograd keeps for backward after one forward of `tokens` tokens (meta device)."""
+                depth: int | None = None, device: str = "cuda") -> int:
+    """Bytes autograd keeps for backward after one forward of `tokens` tokens.
+
+    device "cuda": traced on the meta device (no memory, no compute; any model size) with the
+    GPU's code paths (gathered modulation, a flash-like kernel). device "cpu": one real forward on
+    the CPU with the CPU's own paths (for `vidscale bench plan`'s small models)."""
     mcfg = model_config(cfg.model)
     if depth is not None:
         mcfg = replace(mcfg, depth=depth)
-    with torch.device("meta"):
+    on = "meta" if device == "cuda" else "cpu"
+    with torch.device(on):
         model = VideoDiT(mcfg).to(dtype)
-    kernel = _dense_like if cfg.model.attn_backend == "dense" else (lambda q, k, v, meta: _FlashLike.apply(q, k, v))
-    for m in model.modules():
-        if isinstance(m, SelfAttention):
-            m.kernel = kernel
-    model.gather_modulation = True  # the GPU path
+    if on == "meta":
+        kernel = _dense_like if cfg.model.attn_backend == "dense" else (lambda q, k, v, meta: _FlashLike.apply(q, k, v))
+        for m in model.modules():
+            if isinstance(m, SelfAttention):
+                m.kernel = kernel
+        model.gather_modulation = True  # the GPU path
+    else:
+        model.init_weights()
     if checkpointed:
         apply_ac(model, offload=False)
-    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    key = (lambda st: st._cdata) if on == "meta" else (lambda st: st.data_ptr())
+    params = {key(p.untyped_storage()) for p in model.parameters()}
     seen: dict[int, int] = {}
     keep = []
 
     def pack(t):
         st = t.untyped_storage()
-        if st._cdata not in params:
-            seen[st._cdata] = st.nbytes()
+        if key(st) not in params:
+            seen[key(st)] = st.nbytes()
             keep.append(t)  # alive until counted: storages are not reused meanwhile
         return t
 
-    x = torch.zeros(tokens, mcfg.patch_dim, dtype=dtype, device="meta")
-    t = torch.zeros(1, dtype=dtype, device="meta")
+    x = torch.zeros(tokens, mcfg.patch_dim, dtype=dtype, device=on)
+    t = torch.full((1,), 500.0, dtype=dtype, device=on)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x, t, _trace_meta(cfg, tokens, dtype))
+        model(x, t, _trace_meta(cfg, tokens, dtype, on))
     return sum(seen.values())
 
 
-def _bf16(cfg: Config) -> bool:
-    return cfg.train.dtype == "bf16"
+def _bf16(cfg: Config, device: str = "cuda") -> bool:
+    """DeepSpeed holds bf16 weights: bf16 recipes on GPU (on the CPU bf16 is autocast only)."""
+    return cfg.train.dtype == "bf16" and device == "cuda"
 
 
-def memory(cfg: Config, gpus: int) -> dict[str, int]:
-    """Bytes per rank on the device, by part (module docstring)."""
+def memory(cfg: Config, gpus: int, device: str = "cuda") -> dict[str, int]:
+    """Bytes per rank on the device, by part (module docstring). `device` "cpu": the CPU run's
+    figures (fp32 weights, the CPU's code paths, no CUDA runtime), what `bench plan` measures."""
     p, mcfg = cfg.parallel, model_config(cfg.model)
     N = param_count(mcfg)
     W, stage = gpus, p.zero_stage
     sp = p.ulysses * p.ring
-    pb = 2 if _bf16(cfg) and stage > 0 else 4  # bf16 weights under DeepSpeed; torch engine: fp32 + autocast
-    gb = 4 if p.grad_dtype == "fp32" or not _bf16(cfg) else 2
+    bf16 = _bf16(cfg, device)
+    pb = 2 if bf16 and stage > 0 else 4  # bf16 weights under DeepSpeed; torch engine: fp32 + autocast
+    gb = 4 if p.grad_dtype == "fp32" or not bf16 else 2
     shard = N / W if stage >= 1 else N
     host_opt = p.offload_optimizer
     m: dict[str, float] = {}
     m["parameters"] = (0 if p.offload_params else N * pb / W) if stage == 3 else N * pb
-    m["master_weights"] = 0 if host_opt or pb == 4 else 4 * shard
+    # DeepSpeed's optimizer keeps its own fp32 copy of its partition (a clone, also in fp32)
+    m["master_weights"] = 0 if host_opt or stage == 0 else 4 * shard
     m["optimizer_states"] = 0 if host_opt else 8 * shard
     if stage == 0:
         m["gradients"] = 4 * N
@@ -130,14 +144,16 @@ def memory(cfg: Config, gpus: int) -> dict[str, int]:
         m["gradients"] = 0 if host_opt and stage == 3 else gb * shard
     ema_shard = N / W if stage == 3 else N
     m["ema"] = 0 if cfg.optim.ema_decay <= 0 or (stage == 3 and host_opt) else 4 * ema_shard
+    # after the first step DeepSpeed keeps parameters gathered that are used again within
+    # max_live_parameters elements: a model below that stays whole from forward to backward
     largest = _largest_modules(mcfg)
-    m["zero3_gathered"] = (p.prefetch_bucket_size + 2 * largest) * pb if stage == 3 else 0
+    m["zero3_gathered"] = min(N, p.max_live_parameters + p.prefetch_bucket_size + 2 * largest) * pb if stage == 3 else 0
     m["zero3_persistent"] = _small_params(mcfg, p.persistence_threshold) * pb if stage == 3 else 0
     m["reduce_bucket"] = p.reduce_bucket_size * gb if stage >= 2 else 0
-    act_dtype = torch.bfloat16 if _bf16(cfg) else torch.float32
+    act_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" and device == "cuda" else torch.float32
     L = cfg.train.tokens_per_batch // sp  # this rank's tokens
-    m["activations"] = activations(cfg, L, act_dtype)
-    ab = 2 if _bf16(cfg) else 4
+    m["activations"] = activations(cfg, L, act_dtype, device)
+    ab = 2 if act_dtype == torch.bfloat16 else 4
     D, H = mcfg.hidden, mcfg.heads
     work = 0
     if cfg.model.attn_backend == "dense":
@@ -147,19 +163,25 @@ def memory(cfg: Config, gpus: int) -> dict[str, int]:
     if p.ulysses > 1:  # send and receive buffers of q, k, v
         work += 2 * 3 * L * D * ab
     m["attention_workspace"] = work
+    # fp32 weights under bf16 autocast (the plain torch engine): autocast caches a bf16 copy of
+    # every weight for the forward, and backward keeps them
+    m["autocast_weight_copies"] = 2 * N if stage == 0 and cfg.train.dtype == "bf16" and device == "cuda" else 0
     m["loader"] = 4 * cfg.train.tokens_per_batch * mcfg.patch_dim * 4
-    m["runtime"] = cfg.plan.runtime_gb * GB
+    m["runtime"] = cfg.plan.runtime_gb * GB if device == "cuda" else 0
     return {k: int(v) for k, v in m.items()}
 
 
-def activations(cfg: Config, L: int, dtype: torch.dtype) -> int:
+def activations(cfg: Config, L: int, dtype: torch.dtype, device: str = "cuda") -> int:
     """Saved activations of one micro-batch of L local tokens (module docstring)."""
-    block = saved_bytes(cfg, L, dtype, depth=1) - saved_bytes(cfg, L, dtype, depth=0)
+    def traced(**kw):
+        return saved_bytes(cfg, L, dtype, device=device, **kw)
+
     if not cfg.model.activation_checkpointing:
-        return saved_bytes(cfg, L, dtype)
+        return traced()
+    block = traced(depth=1) - traced(depth=0)
     if cfg.model.ac_offload:  # block inputs in host memory: the recomputed block, and what lies outside blocks
-        return saved_bytes(cfg, L, dtype, depth=0) + block
-    return saved_bytes(cfg, L, dtype, checkpointed=True) + block
+        return traced(depth=0) + block
+    return traced(checkpointed=True) + block
 
 
 def _largest_modules(mcfg) -> int:
@@ -175,7 +197,7 @@ def _small_params(mcfg, threshold: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.numel() < threshold)
 
 
-def step_time(cfg: Config, gpus: int, tflops: float) -> dict[str, float]:
+def step_time(cfg: Config, gpus: int, tflops: float, device: str = "cuda") -> dict[str, float]:
     """Seconds per optimizer step on each rank: compute at `plan.mfu`, plus communication."""
     p, mcfg = cfg.parallel, model_config(cfg.model)
     N = param_count(mcfg)
@@ -186,8 +208,8 @@ def step_time(cfg: Config, gpus: int, tflops: float) -> dict[str, float]:
     flops = (4 if cfg.model.activation_checkpointing else 3) * fwd * cfg.train.grad_accum / sp
     compute = flops / (tflops * 1e12 * cfg.plan.mfu)
     W = gpus
-    pb = 2 if _bf16(cfg) and p.zero_stage > 0 else 4
-    gb = 4 if p.grad_dtype == "fp32" or not _bf16(cfg) else 2
+    pb = 2 if _bf16(cfg, device) and p.zero_stage > 0 else 4
+    gb = 4 if p.grad_dtype == "fp32" or not _bf16(cfg, device) else 2
     frac = (W - 1) / W
     passes = 3 if cfg.model.activation_checkpointing else 2  # forward, backward (, recompute) gathers
     if p.zero_stage == 3:
@@ -196,7 +218,7 @@ def step_time(cfg: Config, gpus: int, tflops: float) -> dict[str, float]:
         zero = (gb * cfg.train.grad_accum + pb) * N * frac
     else:
         zero = 0.0
-    ab = 2 if _bf16(cfg) else 4
+    ab = 2 if cfg.train.dtype == "bf16" and device == "cuda" else 4
     D = mcfg.hidden
     Ll = L / sp
     fwd_passes = 2 if cfg.model.activation_checkpointing else 1

@@ -8,7 +8,7 @@ of the sequence: sampling there is skipped with a warning (sample from the expor
 with `vidscale sample` instead).
 
 Written: TensorBoard images `samples/<k>` (the frames side by side, one image per prompt)
-and RUN_DIR/samples/step_<N>_<k>.mp4.
+and RUN_DIR/samples/step_<N>_<k>.mp4 (`logging.sample_format: png`: step_<N>_<k>_<frame>.png).
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ class TrainingSamples:
             with torch.no_grad():
                 frames = enc.decode(lat[None].float())[0].clamp(-1, 1)  # 3 x T x H x W
             u8 = to_uint8(frames)
-            write_frames(out / f"step_{step:07d}_{k}.mp4", u8)
+            write_frames(out / f"step_{step:07d}_{k}.{c.logging.sample_format}", u8)
             if tb is not None:  # one image: the frames left to right
                 strip = torch.from_numpy(u8).permute(3, 1, 0, 2).reshape(3, u8.shape[1], -1)
                 tb.add_image(f"samples/{k}", strip, step)

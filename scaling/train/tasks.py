@@ -60,6 +60,13 @@ def autocast_for(cfg: Config, device: torch.device):
     return precision.autocast_for(cfg.train.dtype, device)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> GPU through pinned memory without blocking the host (a plain move elsewhere)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class DiTTask:
     """The video diffusion transformer on packed latents.
 
@@ -97,8 +104,8 @@ class DiTTask:
             tokens_LP, noise, meta = tokens_LP[sl], noise[sl], meta.shard(d.sp_rank, d.sp)
             clean = clean[sl] if clean is not None else None
         meta = meta.to(self.device)
-        x0, noise, t_V = tokens_LP.to(self.device), noise.to(self.device), t_V.to(self.device)
-        clean = clean.to(self.device) if clean is not None else None
+        x0, noise, t_V = (to_device(t, self.device) for t in (tokens_LP, noise, t_V))
+        clean = to_device(clean, self.device) if clean is not None else None
 
         def model_fn(x_t, t_model):
             return model(x_t, t_model, meta)

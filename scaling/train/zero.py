@@ -49,7 +49,9 @@ def deepspeed_config(cfg: Config, dims, device: torch.device) -> dict:
     }
     if stage == 3:
         zero.update(stage3_prefetch_bucket_size=p.prefetch_bucket_size,
-                    stage3_param_persistence_threshold=p.persistence_threshold)
+                    stage3_param_persistence_threshold=p.persistence_threshold,
+                    stage3_max_live_parameters=p.max_live_parameters,
+                    stage3_max_reuse_distance=p.max_live_parameters)
     else:
         zero.update(allgather_bucket_size=p.reduce_bucket_size)
     if p.offload_optimizer:
@@ -129,6 +131,8 @@ class ZeroEngine:
             with torch.no_grad():
                 for n, p in self.model.named_parameters():
                     self.ema[n].lerp_(self._master(p).to(self.ema[n].device, torch.float32), 1 - self.ema_decay)
+        if torch.is_tensor(norm):  # stays on the device: read at logging steps only (no sync per step)
+            return norm.detach()
         return torch.as_tensor(float(norm) if norm is not None else float("nan"))
 
     # -- checkpoints (checkpoint/zero.py knows DeepSpeed's files) ----------------------------

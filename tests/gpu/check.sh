@@ -1,7 +1,8 @@
 #!/bin/sh
 # `make gpu-check`: on a GPU machine, install what it lacks from .gpu-wheels (no index), run the
 # GPU tier, `vidscale bench step` in bf16 on the 30M model and a 1B-class model at 32k tokens,
-# and write one JSON summary: runs/gpu-check/summary.json. Nothing here needs a network.
+# `vidscale bench wan` (the 1B shape against diffusers' Wan) and write one JSON summary:
+# runs/gpu-check/summary.json. Nothing here needs a network. Time limits keep it under 8 minutes.
 set -u
 PY=${PY:-python3}
 OUT=${OUT_DIR:-runs/gpu-check}
@@ -23,5 +24,9 @@ timeout 120 $PY -m vidscale.scaling.cli bench step --json --reps 4 --no-split --
   --set train.dtype=bf16 --set model.attn_backend=varlen --set model.size=1B \
   --set train.tokens_per_batch=32768 > "$OUT/bench_1B.json" 2> "$OUT/bench_1B.log"
 echo "gpu-check: bench 1B exit $?"
+timeout 150 $PY -m vidscale.scaling.cli bench wan --json --reps 3 --set train.device=cuda --set train.dtype=bf16 \
+  --set model.attn_backend=varlen --set model.size=1B --set train.tokens_per_batch=32768 \
+  > "$OUT/bench_wan.json" 2> "$OUT/bench_wan.log"
+echo "gpu-check: bench wan exit $?"
 $PY tests/gpu/summary.py "$OUT" > "$OUT/summary.json"
 cat "$OUT/summary.json"
