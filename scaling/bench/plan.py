@@ -36,7 +36,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from vidscale.scaling.config import load_config, save_config, set_values
+from vidscale.scaling.parallel import collectives
 from vidscale.scaling.train.flops import measure_peak_flops
+from vidscale.scaling.train.loop import Trainer
 from vidscale.scaling.train.planner import memory, step_time
 
 COMMON = ["train.tokens_per_batch=1024", "train.steps=1000", "optim.warmup=1", "logging.progress=false",
@@ -92,9 +94,6 @@ class LiveBytes(TorchDispatchMode):
 
 def _worker(config_path: str, out_path: str, reps: int) -> None:
     """One rank: peak bytes over engine construction and two steps, then the median step time."""
-    from vidscale.scaling.parallel import collectives
-    from vidscale.scaling.train.loop import Trainer
-
     torch.set_num_threads(1)
     cfg = load_config(config_path)
     with LiveBytes() as live:

@@ -79,7 +79,8 @@ def saved_bytes(cfg: Config, tokens: int, dtype: torch.dtype, checkpointed: bool
     device "cuda": traced on the meta device (no memory, no compute; any model size) with the
     GPU's code paths (gathered modulation, a flash-like kernel). device "cpu": one real forward on
     the CPU with the CPU's own paths (for `vidscale bench plan`'s small models)."""
-    mcfg = model_config(cfg.model)
+    # the kernel is replaced for the trace (meta), or the CPU's own runs: no GPU needed to plan varlen
+    mcfg = replace(model_config(cfg.model), attn_backend="sdpa")
     if depth is not None:
         mcfg = replace(mcfg, depth=depth)
     on = "meta" if device == "cuda" else "cpu"
@@ -193,7 +194,7 @@ def _small_params(mcfg, threshold: int) -> int:
     if threshold <= 0:
         return 0
     with torch.device("meta"):
-        model = VideoDiT(mcfg)
+        model = VideoDiT(replace(mcfg, attn_backend="sdpa"))  # parameters only: any kernel
     return sum(p.numel() for p in model.parameters() if p.numel() < threshold)
 
 

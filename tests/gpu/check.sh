@@ -14,6 +14,14 @@ if [ -d .gpu-wheels ] && ls .gpu-wheels/* >/dev/null 2>&1; then
 fi
 $PY -m pip install -q --no-index --no-build-isolation --no-deps -e . >> "$OUT/install.log" 2>&1 \
   || echo "gpu-check: installing vidscale failed (see $OUT/install.log)"
+if ! $PY -c "import vidscale.scaling.config" >/dev/null 2>&1; then
+  # no editable install (old setuptools): the same namespace through links on PYTHONPATH
+  NS=$(mktemp -d)
+  mkdir -p "$NS/vidscale"
+  for d in models data scaling cluster; do ln -s "$PWD/$d" "$NS/vidscale/$d"; done
+  export PYTHONPATH="$NS${PYTHONPATH:+:$PYTHONPATH}"
+  echo "gpu-check: vidscale from $NS (links)"
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 timeout 300 $PY -m pytest -q -ra tests/gpu --junitxml="$OUT/tier.xml" -p no:cacheprovider > "$OUT/tier.log" 2>&1
 echo "gpu-check: tier exit $?"

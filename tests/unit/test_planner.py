@@ -83,3 +83,5 @@ def test_a_recipe_that_does_not_fit_gets_the_change_that_fits(tmp_path, capsys):
     assert again["fits"] and again["total_gb"] == pytest.approx(p["fix"]["total_gb"])
     assert main(["plan", str(out)]) == 0  # planned on the hardware it now names
     assert main(["plan", str(DEBUG)]) == 2  # no hardware named: a one-line error
+    # a GPU kernel is planned on a machine without one
+    assert main(["plan", str(ROOT / "recipes/dit-1B.yaml"), "--set", "model.attn_backend=varlen"]) == 0
