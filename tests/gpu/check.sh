@@ -7,13 +7,16 @@ set -u
 PY=${PY:-python3}
 OUT=${OUT_DIR:-runs/gpu-check}
 mkdir -p "$OUT"
-if [ -d .gpu-wheels ] && ls .gpu-wheels/* >/dev/null 2>&1; then
+INSTALL=${GPU_CHECK_INSTALL:-1}  # 0: use the environment as it is
+if [ "$INSTALL" = 1 ] && [ -d .gpu-wheels ] && ls .gpu-wheels/* >/dev/null 2>&1; then
   # deepspeed without its JIT ops at install time (they build on first use, if ever)
   DS_BUILD_OPS=0 $PY -m pip install -q --no-index --no-build-isolation --no-deps .gpu-wheels/* \
     > "$OUT/install.log" 2>&1 || echo "gpu-check: installing .gpu-wheels failed (see $OUT/install.log)"
 fi
-$PY -m pip install -q --no-index --no-build-isolation --no-deps -e . >> "$OUT/install.log" 2>&1 \
-  || echo "gpu-check: installing vidscale failed (see $OUT/install.log)"
+if [ "$INSTALL" = 1 ]; then
+  $PY -m pip install -q --no-index --no-build-isolation --no-deps -e . >> "$OUT/install.log" 2>&1 \
+    || echo "gpu-check: installing vidscale failed (see $OUT/install.log)"
+fi
 if ! $PY -c "import vidscale.scaling.config" >/dev/null 2>&1; then
   # no editable install (old setuptools): the same namespace through links on PYTHONPATH
   NS=$(mktemp -d)
