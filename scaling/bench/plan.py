@@ -15,8 +15,10 @@ gradients, optimizer and EMA states, DeepSpeed's partitions and buckets, saved a
 the backward's transients. The batch the loader made before the step is counted when it is
 moved (on the CPU a no-op move keeps the loader's storage: not counted).
 Step time, measured: the median of `--reps` steps after the memory steps, outside that mode.
-Predicted time: the FLOPs model at an MFU calibrated on the first case (its measured time and
-the machine's measured fp32 GEMM peak) plus the communication volume at `plan.bandwidth_gb_s`.
+Predicted time: the FLOPs model at an MFU calibrated on one case (`--calibrate`; its measured time
+and the machine's fp32 GEMM peak on one thread) plus the communication volume at
+`plan.bandwidth_gb_s`. On a machine shared with other jobs the times move with the load; the
+memory figures do not (they count bytes).
 """
 from __future__ import annotations
 
@@ -63,6 +65,9 @@ QUICK_SET = ["train.tokens_per_batch=256"]
 
 def add_args(p) -> None:
     p.add_argument("--reps", type=int, default=3, help="timed steps per case (default 3)")
+    p.add_argument("--calibrate", default="30M zero0",
+                   help="the case whose measured time calibrates the assumed MFU (default '30M zero0', a "
+                        "FLOP-bound step; the first case run when it is not among them)")
     p.add_argument("--cases", default="all", help="comma-separated case numbers (0-based) or 'all' (default): "
                    + "; ".join(f"{i} {name}" for i, (name, _, _) in enumerate(CASES)))
 
@@ -143,8 +148,10 @@ def run(args) -> dict:
     torch.set_num_threads(1)  # as each rank runs
     peak = measure_peak_flops("cpu", torch.float32, seconds=0.5)
     torch.set_num_threads(threads)
+    picked = list(CASES) if args.cases == "all" else [CASES[int(i)] for i in str(args.cases).split(",")]
+    # the calibration case first: its time sets the MFU every other prediction assumes
+    picked.sort(key=lambda c: c[0] != args.calibrate)
     mfu = None
-    picked = CASES if args.cases == "all" else [CASES[int(i)] for i in str(args.cases).split(",")]
     for name, over, world in picked:
         cfg = load_config(None, [*COMMON, *over, *args.overrides])
         cfg = set_values(cfg, {"plan.bandwidth_gb_s": cfg.plan.bandwidth_gb_s})
@@ -155,7 +162,7 @@ def run(args) -> dict:
         predicted = sum(mem.values())
         measured = max(r["peak_bytes"] for r in ranks)
         step_s = max(r["step_s"] for r in ranks)
-        if mfu is None:  # calibrate the assumed MFU on the first case
+        if mfu is None:  # calibrate the assumed MFU on the calibration case
             flops = step_time(cfg, world, 1.0, device="cpu")["flops_per_step"] / world
             mfu = flops / (step_s * peak)
         cal = set_values(cfg, {"plan.mfu": mfu})
