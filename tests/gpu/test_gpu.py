@@ -136,3 +136,18 @@ def test_zero3_bf16_on_nccl_trains_samples_and_resumes(tmp_path):
     from safetensors.torch import load_file
     weights = load_file(str(full / "model.safetensors"))
     assert {v.dtype for v in weights.values()} == {torch.float32}
+
+
+def test_async_save_snapshots_reuse_pinned_buffers():
+    from vidscale.scaling.checkpoint.storage import PINNED, host_copy
+    state = {"w": torch.randn(64, 64, device=CUDA), "b": torch.randn(64, device=CUDA)}
+    PINNED.begin()
+    first = host_copy(state)
+    assert all(v.is_pinned() and torch.equal(v, state[k].cpu()) for k, v in first.items())
+    ptrs = {k: v.data_ptr() for k, v in first.items()}
+    for v in state.values():
+        v.add_(1)
+    PINNED.begin()  # the next save: the first snapshot was written
+    second = host_copy(state)
+    assert {k: v.data_ptr() for k, v in second.items()} == ptrs  # the same buffers, new values
+    assert all(torch.equal(v, state[k].cpu()) for k, v in second.items())
