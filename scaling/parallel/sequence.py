@@ -120,9 +120,25 @@ def _cu(n: int, device) -> torch.Tensor:
     return torch.tensor([0, n], dtype=torch.int32, device=device)
 
 
+_LSE_SHAPES: dict[tuple[int, int], tuple[int, ...]] = {}
+"""(heads, queries) -> the shape the CUDA kernel gave its log-sum-exp: its backward takes the same."""
+
+
 def _lse_HQ(lse: torch.Tensor, H: int, Q: int) -> torch.Tensor:
     """The kernel's log-sum-exp ([H, Q], or [1, H, Q'] with Q' >= Q by version) as [H, Q]."""
+    _LSE_SHAPES[(H, Q)] = tuple(lse.shape)
     return lse.reshape(H, -1)[:, :Q]
+
+
+def _kernel_lse(lse_HQ: torch.Tensor) -> torch.Tensor:
+    """The merged [H, Q] log-sum-exp in the layout the kernel's forward used."""
+    H, Q = lse_HQ.shape
+    shape = _LSE_SHAPES.get((H, Q), (H, Q))
+    if shape == (H, Q):
+        return lse_HQ.float().contiguous()
+    full = lse_HQ.new_zeros(shape, dtype=torch.float32)
+    full.view(H, -1)[:, :Q] = lse_HQ
+    return full
 
 
 def _block_attn(q_QHD, k_KHD, v_KHD, scale: float, cpu_flash: bool = True, chunk: int = 1024):
@@ -174,7 +190,7 @@ def _block_attn_grad(do_QHD, q_QHD, k_KHD, v_KHD, out_QHD, lse_HQ, scale: float,
         rng = torch.zeros(2, dtype=torch.int64, device=dev)  # no dropout: the kernel never reads it
         grads = torch.ops.aten._flash_attention_backward(
             do_QHD.to(q_QHD.dtype).contiguous(), q_QHD, k_KHD, v_KHD, out_QHD.to(q_QHD.dtype).contiguous(),
-            lse_HQ.float().contiguous(), _cu(Q, dev), _cu(K, dev), Q, K, 0.0, False, rng, rng, scale=scale)
+            _kernel_lse(lse_HQ), _cu(Q, dev), _cu(K, dev), Q, K, 0.0, False, rng, rng, scale=scale)
         return tuple(g.float() for g in grads)
     with torch.autocast(q_QHD.device.type, enabled=False):
         kf, vf = k_KHD.float(), v_KHD.float()
