@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-train demo-video test test-fast bench clean
+.PHONY: setup demo demo-train demo-video test test-fast bench clean gpu-check gpu-wheels
 
 setup: $(STAMP)
 
@@ -47,6 +47,28 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m "not dist and not e2e and not cluster" tests
+
+# The GPU machine (Python 3.12, torch with CUDA, no network) lacks these: download them here into
+# .gpu-wheels (git-ignored; carried to the GPU machine), then `make gpu-check` there installs them
+# with no index (diffusers: `bench wan`). Wheels for cp312 manylinux; deepspeed and antlr4's runtime only as source
+# archives (pure Python; deepspeed's ops JIT-build on use). av (~36 MB) and ray are left out:
+# nothing the GPU tier runs imports them.
+GPU_WHEELS := .gpu-wheels
+GPU_PY     := --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --only-binary=:all:
+gpu-wheels: setup
+	mkdir -p $(GPU_WHEELS)
+	$(PIP) download --no-deps -d $(GPU_WHEELS) $(GPU_PY) omegaconf==2.3.0 webdataset==1.0.2 braceexpand==0.1.7 \
+	  hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	  diffusers==0.42.1 importlib-metadata zipp
+	$(PIP) download --no-deps --no-build-isolation -d $(GPU_WHEELS) --no-binary=:all: deepspeed==0.19.8 \
+	  antlr4-python3-runtime==4.9.3
+	du -sh $(GPU_WHEELS)
+
+# On a GPU machine: the GPU tier, bf16 `bench step` (30M, and 1B at 32k tokens) with vidscale plan's
+# memory prediction for it, `bench wan` (1B shape at 32k tokens vs diffusers' Wan), one JSON summary
+# (runs/gpu-check/summary.json). Uses the python on PATH (PY=...), not .venv.
+gpu-check:
+	PY=$(PY) sh tests/gpu/check.sh
 
 clean:
 	rm -rf runs .pytest_cache

@@ -70,6 +70,7 @@ def check_request(cfg) -> None:
         raise ValueError(f"cluster.cpus_per_worker = {c.cpus_per_worker}: expected a positive number")
     if c.gpus_per_worker < 0:
         raise ValueError(f"cluster.gpus_per_worker = {c.gpus_per_worker}: expected 0 or more")
+    worker_config(cfg)  # train.device=cuda without GPUs per worker: refused before Ray starts
     if c.max_failures < -1:
         raise ValueError(f"cluster.max_failures = {c.max_failures}: expected -1 (no limit), 0 or more")
     check_layout(cfg, c.nproc, f"--nproc {c.nproc}")
@@ -103,11 +104,25 @@ def _is_restart(run_dir: Path, launch_id: str) -> bool:
     return bool(collectives.broadcast_json(restart, src=0))
 
 
+def worker_config(cfg):
+    """The recipe a worker trains: on the CPU when the worker was given no GPU.
+
+    Ray (2.60) no longer hides a GPU host's GPUs from a worker that requested none: with
+    `train.device: auto` such a worker would pick cuda and build nccl groups over the gloo
+    group Ray created. A recipe that asks for cuda without GPUs per worker is an error."""
+    if cfg.cluster.gpus_per_worker > 0:
+        return cfg
+    if cfg.train.device == "cuda":
+        raise ValueError("train.device=cuda with cluster.gpus_per_worker=0: Ray gives the workers no GPU; "
+                         "set cluster.gpus_per_worker (e.g. 1) or train.device=cpu")
+    return replace(cfg, train=replace(cfg.train, device="cpu"))
+
+
 def train_worker(config: dict) -> None:
     """Ray Train's per-worker function: one rank of `train(cfg)`."""
     if config.get("run_lock"):  # the driver owns the run dir: rank 0 runs under its lock
         os.environ[LOCK_ENV] = config["run_lock"]
-    cfg = load_config(config["config_path"])
+    cfg = worker_config(load_config(config["config_path"]))
     run_dir = Path(cfg.train.run_dir)
     if _is_restart(run_dir, config["launch_id"]) and not cfg.checkpoint.resume:
         cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, resume="auto"))

@@ -8,6 +8,7 @@ never knows how the sequence is distributed.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Protocol
 
 import torch
@@ -70,17 +71,45 @@ def sdpa_dense(q_LHD, k_LHD, v_LHD, meta: PackedMeta):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1)
 
 
-def varlen(q_LHD, k_LHD, v_LHD, meta: PackedMeta):
-    """Variable-length (flash) attention on GPU: one kernel over the whole pack."""
-    cu = meta.cu_seqlens(q_LHD.device)
-    max_len = max(e - s for s, e in meta.segments())
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def flash_inputs(q_LHD, k_LHD, v_LHD):
+    """q, k, v in one dtype the flash kernels take (fp16/bf16).
+
+    Under CUDA autocast the QK-RMSNorm runs in fp32 (rms_norm is on autocast's fp32 list), so q
+    and k reach the kernel fp32 while v is bf16; an fp32 recipe has all three fp32. Both are cast
+    to v's dtype when that is a flash dtype, else to bf16 (the caller casts the output back)."""
+    dtype = v_LHD.dtype if v_LHD.dtype in FLASH_DTYPES else torch.bfloat16
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in (q_LHD, k_LHD, v_LHD))
+
+
+def varlen_available() -> bool:
+    """A varlen flash kernel is importable: flash-attn, or torch's own (torch >= 2.10)."""
     try:
-        from flash_attn import flash_attn_varlen_func  # optional, GPU only
-        return flash_attn_varlen_func(q_LHD, k_LHD, v_LHD, cu, cu, max_len, max_len)
+        import flash_attn  # noqa: F401  (optional, GPU only)
+        return True
     except ImportError:
         pass
-    from torch.nn.attention.varlen import varlen_attn
-    return varlen_attn(q_LHD, k_LHD, v_LHD, cu, cu, max_len, max_len)
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def varlen(q_LHD, k_LHD, v_LHD, meta: PackedMeta):
+    """Variable-length (flash) attention on GPU: one kernel over the whole pack."""
+    cu = meta.cu_seqlens(q_LHD.device)  # built once per batch by `PackedMeta.to` (no host copy per layer)
+    max_len = meta.max_segment
+    q, k, v = flash_inputs(q_LHD, k_LHD, v_LHD)
+    try:
+        from flash_attn import flash_attn_varlen_func  # optional, GPU only
+        out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len)
+    except ImportError:
+        from torch.nn.attention.varlen import varlen_attn
+        out = varlen_attn(q, k, v, cu, cu, max_len, max_len)
+    return out.to(v_LHD.dtype)
 
 
 KERNELS = {"sdpa": sdpa_loop, "dense": sdpa_dense, "varlen": varlen}
@@ -93,6 +122,11 @@ def get_kernel(name: str) -> PackedAttentionKernel:
     if name == "varlen" and not torch.cuda.is_available():
         raise ValueError("model.attn_backend=varlen needs a CUDA GPU (flash/varlen kernels); "
                          "use 'sdpa' on CPU")
+    if name == "varlen" and not varlen_available():
+        # torch < 2.10 without flash-attn has no varlen kernel: SDPA per video computes the same
+        warnings.warn("model.attn_backend=varlen: no varlen kernel here (torch < 2.10, no flash-attn); "
+                      "using SDPA per video")
+        return sdpa_loop
     return KERNELS[name]
 
 

@@ -68,7 +68,9 @@ class DDPM:
 
     def q_sample(self, x0, t_tok, noise):
         """Sample q(x_t | x_0) in closed form; t_tok holds each token's integer timestep."""
-        abar = self.alphas_cumprod[t_tok.long()].to(x0.dtype)[:, None]
+        # the table lives on the host; the index on the training device (a CUDA index into a
+        # CPU table is an error): index a copy on the index's device
+        abar = self.alphas_cumprod.to(t_tok.device)[t_tok.long()].to(x0.dtype)[:, None]
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def q_step(self, x_prev, t: int, noise):
@@ -103,7 +105,7 @@ class DDPM:
             a_t = abar[t].item()
             a_prev = abar[t_prev].item() if t_prev >= 0 else 1.0
             beta = 1 - a_t / a_prev  # respaced beta between t_prev and t
-            t_V = torch.full((num_videos,), float(t))
+            t_V = torch.full((num_videos,), float(t), device=x.device)
             eps = model_fn(x, t_V).to(x.dtype)
             mean = (x - beta / math.sqrt(1 - a_t) * eps) / math.sqrt(1 - beta)
             if t_prev >= 0:
@@ -177,7 +179,7 @@ class RectifiedFlow:
         ts = self.schedule(steps, num_tokens if num_tokens is not None else noise_LP.shape[0], t_start)
         x = noise_LP if x_init is None else x_init
         for i in range(steps):
-            t_V = torch.full((num_videos,), float(ts[i]), dtype=torch.float64)
+            t_V = torch.full((num_videos,), float(ts[i]), dtype=torch.float64, device=x.device)
             v = model_fn(x, self.model_time(t_V)).to(x.dtype)
             x = x + float(ts[i + 1] - ts[i]) * v
         return x

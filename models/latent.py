@@ -117,8 +117,12 @@ class DiffusersVAE(nn.Module):
             self.channels = int(cfg.z_dim)
             self.temporal = 2 ** sum(bool(t) for t in cfg.temperal_downsample)
             self.spatial = 2 ** (len(cfg.dim_mult) - 1)
-            self.register_buffer("mean", torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1), persistent=False)
-            self.register_buffer("std", torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1), persistent=False)
+            # on the VAE's device: encode's output lives there (`prepare --device cuda`)
+            dev = self.vae.device
+            self.register_buffer("mean", torch.tensor(cfg.latents_mean, device=dev).view(1, -1, 1, 1, 1),
+                                 persistent=False)
+            self.register_buffer("std", torch.tensor(cfg.latents_std, device=dev).view(1, -1, 1, 1, 1),
+                                 persistent=False)
         else:
             self.channels = int(cfg.latent_channels)
             self.temporal = int(cfg.temporal_compression_ratio)
@@ -136,9 +140,9 @@ class DiffusersVAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, latent_BCTHW: torch.Tensor) -> torch.Tensor:
-        z = latent_BCTHW.float()
+        z = latent_BCTHW.to(self.vae.device).float()
         z = z * self.std + self.mean if self.kind == "wan" else z / self.factor
-        return self.vae.decode(z.to(self.vae.device, self.dtype_)).sample.float().clamp(-1, 1)
+        return self.vae.decode(z.to(self.dtype_)).sample.float().clamp(-1, 1)
 
 
 class RawFrames(nn.Module):

@@ -54,19 +54,33 @@ class PackedMeta:
             segs.append((self.bounds[-1], self.seq_len))
         return [s for s in segs if s[1] > s[0]]
 
+    cu: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    """`cu_seqlens()` on the training device, made once per batch by `to()`."""
+
     def cu_seqlens(self, device=None) -> torch.Tensor:
         """int32 cumulative lengths over all segments (padding included), for varlen kernels."""
+        if self.cu is not None and (device is None or self.cu.device == torch.device(device)):
+            return self.cu
         segs = self.segments()
         cu = [0] + [e for _, e in segs]
         return torch.tensor(cu, dtype=torch.int32, device=device)
+
+    @property
+    def max_segment(self) -> int:
+        return max(e - s for s, e in self.segments())
 
     def real_mask(self) -> torch.Tensor:
         """[L_local] bool: True for real (non-padding) tokens."""
         return self.seg_ids < self.num_videos
 
     def to(self, device) -> "PackedMeta":
-        return replace(self, coords=self.coords.to(device), seg_ids=self.seg_ids.to(device),
-                       text=self.text.to(device))
+        """The tensors on `device` (non-blocking from pinned host memory), with cu_seqlens built
+        there once for every attention layer of the batch."""
+        device = torch.device(device)
+        move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else \
+            (lambda t: t.to(device))
+        cu = self.cu_seqlens().to(device) if device.type != "cpu" else None
+        return replace(self, coords=move(self.coords), seg_ids=move(self.seg_ids), text=move(self.text), cu=cu)
 
     def shard(self, rank: int, world: int) -> "PackedMeta":
         """The contiguous 1/world slice of the per-token fields (seq_len must divide)."""

@@ -50,6 +50,8 @@ DTYPES = ("fp32", "bf16")
 """`train.dtype`."""
 BACKENDS = ("auto", "gloo", "nccl")
 """`parallel.backend`: auto is nccl on GPU, gloo on CPU."""
+GRAD_DTYPES = ("fp32", "bf16")
+"""`parallel.grad_dtype`."""
 ZERO_STAGES = (0, 1, 2, 3)
 """`parallel.zero_stage` (0 = plain torch, one process)."""
 
@@ -82,7 +84,7 @@ class ModelArgs:
     """Packed attention kernel (`models.attention.KERNELS`): sdpa (per-video SDPA; CPU),
     varlen (flash; GPU), dense (reference)."""
     activation_checkpointing: bool = False
-    """Recompute each block in backward (fairscale checkpoint_wrapper)."""
+    """Recompute each block in backward (non-reentrant torch.utils.checkpoint, under the forward's autocast)."""
     ac_offload: bool = False
     """With activation checkpointing, keep the saved block inputs in CPU memory."""
     compile: bool = False
@@ -180,7 +182,14 @@ class ParallelArgs:
     whole model = no overlap with backward) and 0.92 at 0.5M. Large GPU models: raise it."""
     prefetch_bucket_size: int = 5_000_000
     """ZeRO-3 parameter prefetch (all-gather ahead of use), elements; measured with the above."""
+    max_live_parameters: int = 1_000_000_000
+    """ZeRO-3 keeps gathered parameters that are used again within this many elements (its reuse
+    distance), up to this many at once (DeepSpeed's default, 1e9, for both): a model under 1e9
+    parameters stays gathered from forward to backward after the first step (measured, `bench plan`)."""
     overlap_comm: bool = True
+    grad_dtype: str = "fp32"
+    """bf16 on GPU: the dtype gradients are reduce-scattered and accumulated in (fp32 or bf16;
+    DeepSpeed's own default is the model's bf16, which loses low bits of every gradient)."""
     persistence_threshold: int = 0
     """ZeRO-3 keeps parameters with fewer elements whole on every rank (DeepSpeed's default
     is 1e5, which leaves small models unsharded); 0 shards every parameter."""
@@ -232,6 +241,8 @@ class LoggingArgs:
     sample_every: int = 0
     """Write sample videos to TensorBoard every N steps (0 = off)."""
     sample_prompts: list[str] = field(default_factory=lambda: ["a red square moving right"])
+    sample_format: str = "mp4"
+    """Files of the samples: mp4 (PyAV) or png (one image per frame, no PyAV needed)."""
     split_every: int = 50
     """Every N logging intervals, profile one step and log where its time went (`split.attention`,
     `split.mlp`, ... fractions; scaling/step_split.py). 0 = off. The profiled step costs ~10-30% more."""
@@ -297,6 +308,26 @@ class ClusterArgs:
 
 
 @dataclass
+class PlanArgs:
+    """The hardware a recipe was planned for, and the planner's assumptions (`vidscale plan`,
+    scaling/train/planner.py). A test plans every shipped recipe on its own `gpus` x `gpu_memory_gb`."""
+    gpus: int = 0
+    """GPUs the recipe was planned for (0 = not planned)."""
+    gpu_memory_gb: float = 0.0
+    """Memory of each of those GPUs, GiB."""
+    gpu_tflops: float = 989.0
+    """Dense bf16 peak of one GPU, TFLOP/s (989: H100 SXM; `--gpu-tflops` overrides)."""
+    mfu: float = 0.4
+    """Model FLOPs utilisation the step time assumes (calibrate with `vidscale bench plan`)."""
+    bandwidth_gb_s: float = 100.0
+    """Bytes per second one rank moves in collectives, GB/s (NVLink ~150-400, InfiniBand ~25-50)."""
+    host_bandwidth_gb_s: float = 25.0
+    """Host <-> GPU copy rate under offload, GB/s (PCIe 4 x16 ~25)."""
+    runtime_gb: float = 2.0
+    """CUDA context, allocator fragmentation and kernels' scratch, GiB per rank."""
+
+
+@dataclass
 class Config:
     name: str = "run"
     task: str = "dit"
@@ -311,6 +342,7 @@ class Config:
     logging: LoggingArgs = field(default_factory=LoggingArgs)
     cluster: ClusterArgs = field(default_factory=ClusterArgs)
     vae: VAEArgs = field(default_factory=VAEArgs)
+    plan: PlanArgs = field(default_factory=PlanArgs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -467,6 +499,7 @@ def validate(cfg: Config, where: str) -> None:
                                 ("train.device", c.train.device, DEVICES),
                                 ("parallel.zero_stage", c.parallel.zero_stage, ZERO_STAGES),
                                 ("parallel.backend", c.parallel.backend, BACKENDS),
+                                ("parallel.grad_dtype", c.parallel.grad_dtype, GRAD_DTYPES),
                                 ("data.on_error", c.data.on_error, ON_ERROR),
                                 ("cluster.launcher", c.cluster.launcher, LAUNCHERS)]:
         if value not in allowed:
@@ -518,10 +551,21 @@ def validate(cfg: Config, where: str) -> None:
             ("data.fps", c.data.fps, c.data.fps >= 0, "a frame rate >= 0 (0 keeps the source's)"),
             ("train.val_videos", c.train.val_videos, c.train.val_videos >= 0, "a number >= 0"),
             ("parallel.timeout_s", c.parallel.timeout_s, c.parallel.timeout_s > 0, "a positive number of seconds"),
+            ("parallel.max_live_parameters", c.parallel.max_live_parameters, c.parallel.max_live_parameters >= 0,
+             "a number of parameters >= 0"),
             ("checkpoint.keep_last", c.checkpoint.keep_last, c.checkpoint.keep_last >= 1, "at least 1"),
             ("cluster.cpus_per_worker", c.cluster.cpus_per_worker, c.cluster.cpus_per_worker > 0, "a positive number"),
             ("cluster.gpus_per_worker", c.cluster.gpus_per_worker, c.cluster.gpus_per_worker >= 0, "a number >= 0"),
-            ("vae.beta", c.vae.beta, c.vae.beta >= 0, "a number >= 0")]:
+            ("vae.beta", c.vae.beta, c.vae.beta >= 0, "a number >= 0"),
+            ("logging.sample_format", c.logging.sample_format, c.logging.sample_format in ("mp4", "png"),
+             "mp4 or png"),
+            ("plan.gpus", c.plan.gpus, c.plan.gpus >= 0, "a number of GPUs >= 0 (0 = not planned)"),
+            ("plan.gpu_memory_gb", c.plan.gpu_memory_gb, c.plan.gpu_memory_gb >= 0, "GiB >= 0"),
+            ("plan.gpu_tflops", c.plan.gpu_tflops, c.plan.gpu_tflops > 0, "a positive TFLOP/s"),
+            ("plan.mfu", c.plan.mfu, 0 < c.plan.mfu <= 2, "a fraction in (0, 1] (up to 2: calibrated against a noisy peak)"),
+            ("plan.bandwidth_gb_s", c.plan.bandwidth_gb_s, c.plan.bandwidth_gb_s > 0, "a positive GB/s"),
+            ("plan.host_bandwidth_gb_s", c.plan.host_bandwidth_gb_s, c.plan.host_bandwidth_gb_s > 0, "a positive GB/s"),
+            ("plan.runtime_gb", c.plan.runtime_gb, c.plan.runtime_gb >= 0, "GiB >= 0")]:
         if not ok:
             bad(key, v, expected)
     if cfg.parallel.zero_hpz < 0:

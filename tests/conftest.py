@@ -25,10 +25,11 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 # -- tiers: the folder a test lives in names what it does ------------------------------------------
-TIERS = {"dist": "dist", "e2e": "e2e", "cluster": "cluster"}
+TIERS = {"dist": "dist", "e2e": "e2e", "cluster": "cluster", "gpu": "gpu"}
 """tests/<folder> -> the marker each of its tests must carry: `dist` starts several processes or runs
 DeepSpeed / torch.distributed in this process, `e2e` runs the CLI in a subprocess, `cluster`
-needs a real Slurm or Ray. tests/unit holds everything else and carries none of them."""
+needs a real Slurm or Ray, `gpu` a CUDA GPU (skipped without one). tests/unit holds everything
+else and carries none of them."""
 
 
 def tier_errors(items) -> list[str]:

@@ -13,6 +13,7 @@ repetitions, and the two interleave so that both see the same load):
                       only): insensitive to time-slicing by other processes on a shared machine
   tokens_per_s        packed tokens (padding included) per second; real_tokens_per_s too
   split               name -> fraction of one profiled step (scaling/train/step_split.py)
+  peak_memory_bytes   CUDA only: torch.cuda.max_memory_allocated over the run (what `vidscale plan` predicts)
 Defaults: the 30M model, 4096 tokens per step, fp32, plain torch engine, one process.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from vidscale.models.sizes import param_count
 from vidscale.scaling.config import load_config
+from vidscale.scaling.train.flops import measure_peak_flops
 from vidscale.scaling.train.loop import Trainer
 from vidscale.scaling.train.step_split import profile_step
 
@@ -60,7 +62,10 @@ def time_step(tr) -> tuple[float, float, dict]:
 
 
 def gemm_rates(device, dtype, seconds: float, n: int = 2048) -> tuple[float, float]:
-    """Best FLOP/s of an n x n GEMM over `seconds`: per wall second, and per process-CPU second."""
+    """Best FLOP/s of an n x n GEMM over `seconds`: per wall second, and per process-CPU second.
+    CUDA: the large-GEMM, event-timed peak of `measure_peak_flops` (no per-CPU-second figure)."""
+    if device.type == "cuda":
+        return measure_peak_flops(device, dtype, seconds=seconds), 0.0
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -99,6 +104,7 @@ def run(args) -> dict:
                 best_cpu = max(best_cpu or 0.0, out["flops"] / dc)
             rate, dt, out = best
             split = profile_step(tr)[1] if not args.no_split else {}
+            peak_mem = torch.cuda.max_memory_allocated(tr.device) if tr.device.type == "cuda" else None
         finally:
             tr.dims.destroy()
     cpu = tr.device.type == "cpu"
@@ -109,4 +115,5 @@ def run(args) -> dict:
             "step_s": dt, "step_flops": out["flops"], "split": split, "goal_mfu": 0.75,
             "model": cfg.model.size, "params": param_count(tr.task.mcfg), "tokens_per_step": out["local_tokens"],
             "dtype": cfg.train.dtype, "device": str(tr.device), "zero_stage": cfg.parallel.zero_stage,
-            "compile": cfg.model.compile, "threads": torch.get_num_threads(), "reps": args.reps}
+            "compile": cfg.model.compile, "threads": torch.get_num_threads(), "reps": args.reps,
+            "peak_memory_bytes": peak_mem, "device_name": torch.cuda.get_device_name(tr.device) if not cpu else None}

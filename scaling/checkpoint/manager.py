@@ -165,6 +165,7 @@ class Checkpointer:
         included) is written in the background and this returns after the in-memory snapshot."""
         t0 = time.perf_counter()
         self.wait()  # one save in flight; raises the error of a failed background save
+        io.PINNED.begin()  # the last snapshot is written: its pinned buffers serve this one
         d, step = self.dims, self.state.step
         tag = io.tag_for(step)
         io.arm_faults(step)

@@ -466,14 +466,55 @@ def find_latest(root: Path, report=print) -> Path | None:
 
 
 # -- snapshots for background writes ---------------------------------------------------------
+class PinnedPool:
+    """Reusable pinned host buffers for snapshots of GPU tensors (async save).
+
+    A copy into pinned memory runs without blocking the host and at full PCIe speed; allocating
+    pinned memory is slow, so the buffers of one snapshot serve the next. `begin()` (at the
+    start of a save, after the previous background write finished) makes the last snapshot's
+    buffers free again."""
+
+    def __init__(self):
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.used: dict[tuple, list[torch.Tensor]] = {}
+
+    def begin(self) -> None:
+        for key, bufs in self.used.items():
+            self.free.setdefault(key, []).extend(bufs)
+        self.used = {}
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        key = (tuple(like.shape), like.dtype)
+        bufs = self.free.get(key)
+        buf = bufs.pop() if bufs else torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+        self.used.setdefault(key, []).append(buf)
+        return buf
+
+
+PINNED = PinnedPool()
+"""The process's pool (the checkpoint manager calls `PINNED.begin()` once per save)."""
+
+
 def host_copy(tree, _memo: dict | None = None):
     """A snapshot of a state tree: every tensor copied to host memory (one copy per tensor,
     however often it is referenced), containers rebuilt with their own types (OrderedDict
-    stays OrderedDict), anything else shared as it is."""
-    memo = {} if _memo is None else _memo
+    stays OrderedDict), anything else shared as it is. GPU tensors go to reusable pinned
+    buffers (`PINNED`), copied without blocking and synchronised once at the end."""
+    top = _memo is None
+    memo = {} if top else _memo
+    if top:
+        out = host_copy(tree, memo)
+        if memo.get("cuda"):
+            torch.cuda.synchronize()
+        return out
     if isinstance(tree, torch.Tensor):
         if id(tree) not in memo:
-            c = tree.detach().to("cpu", copy=True)
+            if tree.device.type == "cuda":
+                c = PINNED.take(tree)
+                c.copy_(tree.detach(), non_blocking=True)
+                memo["cuda"] = True
+            else:
+                c = tree.detach().to("cpu", copy=True)
             memo[id(tree)] = torch.nn.Parameter(c, tree.requires_grad) if isinstance(tree, torch.nn.Parameter) else c
         return memo[id(tree)]
     if isinstance(tree, dict):

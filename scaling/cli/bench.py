@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vidscale.scaling.bench import checkpoint, dp, hosts, loader, packing, sp, step, zero
+from vidscale.scaling.bench import checkpoint, dp, hosts, loader, packing, plan, sp, step, wan, zero
 
 # (name, module in scaling/bench/, one-line help)
 BENCHES = [
@@ -21,6 +21,8 @@ BENCHES = [
     ("zero", zero, "ZeRO-3 model+optimizer state bytes per rank, dp=2 vs dp=1"),
     ("checkpoint", checkpoint, "ZeRO-3 checkpoint save/load MB/s vs raw disk; stall per save"),
     ("hosts", hosts, "bytes crossing between 2 namespace hosts per ZeRO-3 step: plain vs hpZ (root)"),
+    ("wan", wan, "VideoDiT vs diffusers' WanTransformer3DModel at equal shape: fwd+bwd tokens/s"),
+    ("plan", plan, "vidscale plan's memory and step time against measured runs (ZeRO 0/3, sp 1/2, AC, two sizes)"),
 ]
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vidscale.scaling.cli import (bench, cancel, export, fit, info, make_videos, prepare, resume, sample, status,
-                                  sweep, train)
+from vidscale.scaling.cli import (bench, cancel, export, fit, info, make_videos, plan, prepare, resume, sample,
+                                  status, sweep, train)
 from vidscale.scaling.config import RecipeError
 
 # keep in the order `vidscale --help` shows them
-SUBCOMMANDS = [train, resume, export, sample, info, bench, prepare, make_videos, sweep, fit, status, cancel]
+SUBCOMMANDS = [train, resume, export, sample, info, plan, bench, prepare, make_videos, sweep, fit, status, cancel]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -103,12 +103,25 @@ class ParallelDims:
             dist.destroy_process_group()
 
 
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of this rank among the `visible` ones.
+
+    Every GPU of the node visible to every rank (torchrun, plain Slurm): the local rank's own.
+    Fewer visible than local ranks (Ray gives each worker its own GPU in CUDA_VISIBLE_DEVICES;
+    Slurm sites that bind one GPU per task): rank `local_rank` of a node holding `visible`
+    GPUs per process uses `local_rank % visible`, which is 0 for a one-GPU binding."""
+    if visible < 1:
+        raise ValueError("train.device=cuda but no CUDA device is visible to this process")
+    return local_rank % visible
+
+
 def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ValueError("train.device=cuda but no CUDA device is available")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = cuda_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 

@@ -11,6 +11,9 @@ a `blocks` list cannot be checkpointed per block: both are one-line errors.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 from torch import nn
 
@@ -42,19 +45,37 @@ def apply_sp(model: nn.Module, dims: ParallelDims, attn_backend: str) -> None:
     model.set_attention(build_sp_attention(dims, get_kernel(attn_backend)))
 
 
+def checkpointed(forward, offload: bool):
+    """`forward` recomputed in backward (non-reentrant `torch.utils.checkpoint`).
+
+    The recompute runs under the autocast state the forward ran under (bf16 stays bf16;
+    fairscale's wrapper recomputed under `torch.cuda.amp.autocast`, i.e. fp16 on GPU and no
+    autocast on CPU: gradients of another computation than the forward's). `offload` keeps the
+    saved block inputs in host memory (`torch.autograd.graph.save_on_cpu`)."""
+    from torch.utils.checkpoint import checkpoint
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():  # evaluation and sampling: nothing to save
+            return forward(*args, **kwargs)
+        save = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload
+                else contextlib.nullcontext())
+        with save:
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
+
+
 def apply_ac(model: nn.Module, offload: bool) -> None:
     """Recompute each block in backward; optionally keep its saved inputs in CPU memory.
 
-    fairscale wraps `forward` in place, so parameter names (and checkpoints) do not change.
+    `forward` is replaced on the block itself, so parameter names (and checkpoints) do not change.
     """
-    from fairscale.nn.checkpoint import checkpoint_wrapper
-
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
         raise ValueError(f"model.activation_checkpointing=true: {type(model).__name__} has no list of blocks to "
                          "checkpoint; set model.activation_checkpointing=false")
-    for i, blk in enumerate(blocks):
-        blocks[i] = checkpoint_wrapper(blk, offload_to_cpu=offload)
+    for blk in blocks:
+        blk.forward = checkpointed(blk.forward, offload)
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, margs) -> nn.Module:

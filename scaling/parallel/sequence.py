@@ -24,7 +24,7 @@ import math
 from dataclasses import replace
 
 import torch
-from vidscale.models.attention import PackedAttentionKernel
+from vidscale.models.attention import FLASH_DTYPES, PackedAttentionKernel, flash_inputs
 from vidscale.models.packed import PackedMeta
 from vidscale.scaling.parallel import collectives
 
@@ -110,24 +110,64 @@ def _pairs(segments, q0: int, k0: int, n: int) -> list[tuple[int, int, int, int]
     return out
 
 
+def _cuda_flash(q_QHD) -> bool:
+    """The CUDA flash kernel takes this block: fp16/bf16, head dim a multiple of 8 up to 256."""
+    Dh = q_QHD.shape[-1]
+    return q_QHD.device.type == "cuda" and q_QHD.dtype in FLASH_DTYPES and Dh % 8 == 0 and Dh <= 256
+
+
+def _cu(n: int, device) -> torch.Tensor:
+    return torch.tensor([0, n], dtype=torch.int32, device=device)
+
+
+_LSE_SHAPES: dict[tuple[int, int], tuple[int, ...]] = {}
+"""(heads, queries) -> the shape the CUDA kernel gave its log-sum-exp: its backward takes the same."""
+
+
+def _lse_HQ(lse: torch.Tensor, H: int, Q: int) -> torch.Tensor:
+    """The kernel's log-sum-exp ([H, Q], or [1, H, Q'] with Q' >= Q by version) as [H, Q]."""
+    _LSE_SHAPES[(H, Q)] = tuple(lse.shape)
+    return lse.reshape(H, -1)[:, :Q]
+
+
+def _kernel_lse(lse_HQ: torch.Tensor) -> torch.Tensor:
+    """The merged [H, Q] log-sum-exp in the layout the kernel's forward used."""
+    H, Q = lse_HQ.shape
+    shape = _LSE_SHAPES.get((H, Q), (H, Q))
+    if shape == (H, Q):
+        return lse_HQ.float().contiguous()
+    full = lse_HQ.new_zeros(shape, dtype=torch.float32)
+    full.view(H, -1)[:, :Q] = lse_HQ
+    return full
+
+
 def _block_attn(q_QHD, k_KHD, v_KHD, scale: float, cpu_flash: bool = True, chunk: int = 1024):
     """Attention of q over one K/V block: (out [Q, H, Dh] fp32, lse [H, Q] fp32).
 
     CPU: torch's flash kernel, which returns the log-sum-exp and never materialises the
-    scores. Elsewhere: exact matmuls over `chunk` queries at a time (scores [H, chunk, K]).
+    scores. CUDA with fp16/bf16 inputs: the CUDA flash kernel (fp32 log-sum-exp). Elsewhere:
+    exact fp32 matmuls over `chunk` queries at a time (scores [H, chunk, K]), with autocast
+    off so that the forward and `_block_attn_grad` compute the same fp32 scores.
     """
+    Q, H, _ = q_QHD.shape
     if cpu_flash and q_QHD.device.type == "cpu":
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             *(t.transpose(0, 1)[None] for t in (q_QHD, k_KHD, v_KHD)), 0.0, False, scale=scale)
         return o[0].transpose(0, 1).float(), lse[0].float()
-    kf, vf = k_KHD.float(), v_KHD.float()
-    outs, lses = [], []
-    for i in range(0, q_QHD.shape[0], chunk):
-        s_HQK = torch.einsum("qhd,khd->hqk", q_QHD[i:i + chunk].float(), kf) * scale
-        lse = torch.logsumexp(s_HQK, -1)
-        outs.append(torch.einsum("hqk,khd->qhd", torch.exp(s_HQK - lse[..., None]), vf))
-        lses.append(lse)
-    return torch.cat(outs), torch.cat(lses, 1)
+    if _cuda_flash(q_QHD):
+        K = k_KHD.shape[0]
+        o, lse, *_ = torch.ops.aten._flash_attention_forward(
+            q_QHD, k_KHD, v_KHD, _cu(Q, q_QHD.device), _cu(K, q_QHD.device), Q, K, 0.0, False, False, scale=scale)
+        return o.float(), _lse_HQ(lse, H, Q).float()
+    with torch.autocast(q_QHD.device.type, enabled=False):
+        kf, vf = k_KHD.float(), v_KHD.float()
+        outs, lses = [], []
+        for i in range(0, Q, chunk):
+            s_HQK = torch.einsum("qhd,khd->hqk", q_QHD[i:i + chunk].float(), kf) * scale
+            lse = torch.logsumexp(s_HQK, -1)
+            outs.append(torch.einsum("hqk,khd->qhd", torch.exp(s_HQK - lse[..., None]), vf))
+            lses.append(lse)
+        return torch.cat(outs), torch.cat(lses, 1)
 
 
 def _block_attn_grad(do_QHD, q_QHD, k_KHD, v_KHD, out_QHD, lse_HQ, scale: float, cpu_flash: bool = True,
@@ -143,17 +183,27 @@ def _block_attn_grad(do_QHD, q_QHD, k_KHD, v_KHD, out_QHD, lse_HQ, scale: float,
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             t(do_QHD), t(q_QHD), t(k_KHD), t(v_KHD), t(out_QHD), lse_HQ[None].to(lse_dtype), 0.0, False, scale=scale)
         return tuple(g[0].transpose(0, 1).float() for g in grads)
-    kf, vf = k_KHD.float(), v_KHD.float()
-    dk, dv, dqs = torch.zeros_like(kf), torch.zeros_like(vf), []
-    for i in range(0, q_QHD.shape[0], chunk):
-        qf, do, o = (x[i:i + chunk].float() for x in (q_QHD, do_QHD, out_QHD))
-        p_HQK = torch.exp(torch.einsum("qhd,khd->hqk", qf, kf) * scale - lse_HQ[:, i:i + chunk, None])
-        dv += torch.einsum("hqk,qhd->khd", p_HQK, do)
-        delta = (do * o).sum(-1).T  # [H, q]
-        ds = p_HQK * (torch.einsum("qhd,khd->hqk", do, vf) - delta[..., None]) * scale
-        dqs.append(torch.einsum("hqk,khd->qhd", ds, kf))
-        dk += torch.einsum("hqk,qhd->khd", ds, qf)
-    return torch.cat(dqs), dk, dv
+    if _cuda_flash(q_QHD):
+        Q, H, _ = q_QHD.shape
+        K = k_KHD.shape[0]
+        dev = q_QHD.device
+        rng = torch.zeros(2, dtype=torch.int64, device=dev)  # no dropout: the kernel never reads it
+        grads = torch.ops.aten._flash_attention_backward(
+            do_QHD.to(q_QHD.dtype).contiguous(), q_QHD, k_KHD, v_KHD, out_QHD.to(q_QHD.dtype).contiguous(),
+            _kernel_lse(lse_HQ), _cu(Q, dev), _cu(K, dev), Q, K, 0.0, False, rng, rng, scale=scale)
+        return tuple(g.float() for g in grads)
+    with torch.autocast(q_QHD.device.type, enabled=False):
+        kf, vf = k_KHD.float(), v_KHD.float()
+        dk, dv, dqs = torch.zeros_like(kf), torch.zeros_like(vf), []
+        for i in range(0, q_QHD.shape[0], chunk):
+            qf, do, o = (x[i:i + chunk].float() for x in (q_QHD, do_QHD, out_QHD))
+            p_HQK = torch.exp(torch.einsum("qhd,khd->hqk", qf, kf) * scale - lse_HQ[:, i:i + chunk, None])
+            dv += torch.einsum("hqk,qhd->khd", p_HQK, do)
+            delta = (do * o).sum(-1).T  # [H, q]
+            ds = p_HQK * (torch.einsum("qhd,khd->hqk", do, vf) - delta[..., None]) * scale
+            dqs.append(torch.einsum("hqk,khd->qhd", ds, kf))
+            dk += torch.einsum("hqk,qhd->khd", ds, qf)
+        return torch.cat(dqs), dk, dv
 
 
 class _RingAttn(torch.autograd.Function):
@@ -227,6 +277,8 @@ class RingAttention:
         return recv
 
     def __call__(self, q_LHD, k_LHD, v_LHD, meta: PackedMeta):
+        if q_LHD.device.type == "cuda" and v_LHD.dtype in FLASH_DTYPES:  # fp32 q, k from QK-norm under autocast
+            q_LHD, k_LHD, v_LHD = flash_inputs(q_LHD, k_LHD, v_LHD)
         return _RingAttn.apply(q_LHD, k_LHD, v_LHD, self, meta.segments(), meta.offset)
 
 

@@ -8,7 +8,7 @@ of the sequence: sampling there is skipped with a warning (sample from the expor
 with `vidscale sample` instead).
 
 Written: TensorBoard images `samples/<k>` (the frames side by side, one image per prompt)
-and RUN_DIR/samples/step_<N>_<k>.mp4.
+and RUN_DIR/samples/step_<N>_<k>.mp4 (`logging.sample_format: png`: step_<N>_<k>_<frame>.png).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from vidscale.data.shards import read_index
 from vidscale.models.latent import build_latent_encoder
 from vidscale.models.text import TextEncoder
 from vidscale.scaling.inference.sample import sample_latent, to_uint8, write_frames
+from vidscale.scaling.train.precision import autocast_for
 
 SAMPLE_STEPS = 20
 
@@ -68,8 +69,9 @@ class TrainingSamples:
         model = engine.module
         was = model.training
         model.eval()
-        lats = [sample_latent(model, objective, text, shape, c.model.patch, steps=SAMPLE_STEPS, seed=k,
-                              device=self.device) for k, text in enumerate(self._texts)]
+        with autocast_for(c.train.dtype, self.device):  # the weights may be bf16 (DeepSpeed on GPU)
+            lats = [sample_latent(model, objective, text, shape, c.model.patch, steps=SAMPLE_STEPS, seed=k,
+                                  device=self.device) for k, text in enumerate(self._texts)]
         model.train(was)
         if d.rank != 0:
             return
@@ -85,7 +87,7 @@ class TrainingSamples:
             with torch.no_grad():
                 frames = enc.decode(lat[None].float())[0].clamp(-1, 1)  # 3 x T x H x W
             u8 = to_uint8(frames)
-            write_frames(out / f"step_{step:07d}_{k}.mp4", u8)
+            write_frames(out / f"step_{step:07d}_{k}.{c.logging.sample_format}", u8)
             if tb is not None:  # one image: the frames left to right
                 strip = torch.from_numpy(u8).permute(3, 1, 0, 2).reshape(3, u8.shape[1], -1)
                 tb.add_image(f"samples/{k}", strip, step)

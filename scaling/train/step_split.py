@@ -51,8 +51,10 @@ def _is_comm(name: str) -> bool:
 class StepProfiler:
     """Profile one step of `model` and attribute its time to CATEGORIES."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, cuda: bool = False):
         self.model = model
+        self.cuda = cuda
+        """Attribute the GPU kernels' time (each to the op that launched it), not the host's."""
         self._handles: list = []
         self._prof: profile | None = None
 
@@ -81,7 +83,7 @@ class StepProfiler:
             self._handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
 
     def __enter__(self) -> "StepProfiler":
-        acts = [ProfilerActivity.CPU]
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         self._install()
         self._prof = profile(activities=acts)
         self._prof.__enter__()
@@ -96,7 +98,7 @@ class StepProfiler:
 
     # -- attribution ----------------------------------------------------------------------
     def seconds(self) -> dict[str, float]:
-        """Seconds of host time per category (self time of every op, attributed)."""
+        """Seconds per category: self time of every op (with `cuda`: of the kernels it launched), attributed."""
         assert self._prof is not None, "profile a step first"
         events = list(self._prof.events())
 
@@ -117,7 +119,7 @@ class StepProfiler:
                     fwd_cat.setdefault(e.sequence_nr, c)
         out = dict.fromkeys(CATEGORIES, 0.0)
         for e in events:
-            t = e.self_cpu_time_total / 1e6
+            t = (e.self_device_time_total if self.cuda else e.self_cpu_time_total) / 1e6
             if t <= 0:
                 continue
             if _is_comm(e.name) or (e.cpu_parent is not None and _is_comm(e.cpu_parent.name)):
@@ -151,7 +153,7 @@ def profile_step(tr) -> tuple[dict, dict[str, float], float]:
     import time
 
     sync = torch.cuda.synchronize if tr.device.type == "cuda" else (lambda: None)
-    with StepProfiler(tr.model) as sp:
+    with StepProfiler(tr.model, cuda=tr.device.type == "cuda") as sp:
         tr.split_profiler = sp  # train_step opens its data_wait / optimizer ranges
         try:
             sync()

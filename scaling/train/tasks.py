@@ -14,7 +14,6 @@ and never reaches into the loop.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -33,6 +32,7 @@ from vidscale.scaling.objective import (build_objective, clean_frames_mask, diff
 from vidscale.scaling.parallel import collectives
 from vidscale.scaling.parallel.dims import ParallelDims
 from vidscale.scaling.train.evaluate import evaluate
+from vidscale.scaling.train import precision
 from vidscale.scaling.train.flops import train_flops
 from vidscale.scaling.train.samples import TrainingSamples
 
@@ -57,9 +57,14 @@ class Task(Protocol):
 
 def autocast_for(cfg: Config, device: torch.device):
     """The forward's autocast context (bf16 recipes), or a no-op context."""
-    if cfg.train.dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return precision.autocast_for(cfg.train.dtype, device)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> GPU through pinned memory without blocking the host (a plain move elsewhere)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class DiTTask:
@@ -99,8 +104,8 @@ class DiTTask:
             tokens_LP, noise, meta = tokens_LP[sl], noise[sl], meta.shard(d.sp_rank, d.sp)
             clean = clean[sl] if clean is not None else None
         meta = meta.to(self.device)
-        x0, noise, t_V = tokens_LP.to(self.device), noise.to(self.device), t_V.to(self.device)
-        clean = clean.to(self.device) if clean is not None else None
+        x0, noise, t_V = (to_device(t, self.device) for t in (tokens_LP, noise, t_V))
+        clean = to_device(clean, self.device) if clean is not None else None
 
         def model_fn(x_t, t_model):
             return model(x_t, t_model, meta)
@@ -196,8 +201,9 @@ class VAETask:
             b = r * d.dp + d.dp_rank
             w = 1.0 if b < len(clips) else 0.0
             x = clips[b if w else 0].to(self.device)
-            mean, _ = model.encode_dist(x)
-            y = model.decoder(mean)[:, :, :x.shape[2]].clamp(-1, 1)
+            with autocast_for(self.cfg, self.device):  # bf16 weights under DeepSpeed on GPU
+                mean, _ = model.encode_dist(x)
+                y = model.decoder(mean)[:, :, :x.shape[2]].float().clamp(-1, 1)
             sse += w * torch.tensor([(y.double() - x.double()).pow(2).sum().item(), x.numel()], dtype=torch.float64)
         model.train(was)
         sse = collectives.sum_tensor(sse)

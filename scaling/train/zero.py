@@ -57,6 +57,7 @@ def deepspeed_config(cfg: Config, dims, device: torch.device) -> dict:
     if stage == 3:
         zero.update(stage3_prefetch_bucket_size=p.prefetch_bucket_size,
                     stage3_param_persistence_threshold=p.persistence_threshold,
+                    stage3_max_live_parameters=p.max_live_parameters,
                     stage3_max_reuse_distance=p.max_reuse_distance,
                     # ZeRO++ hpZ: groups of consecutive ranks (a node) keep a secondary partition
                     zero_hpz_partition_size=max(1, p.zero_hpz))
@@ -66,13 +67,20 @@ def deepspeed_config(cfg: Config, dims, device: torch.device) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
     if p.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    bf16 = cfg.train.dtype == "bf16" and device.type == "cuda"
+    extra = {}
+    if bf16:
+        # gradients reduce-scattered and accumulated in parallel.grad_dtype (fp32 by default;
+        # DeepSpeed's default is the model's bf16)
+        extra = {"communication_data_type": p.grad_dtype, "data_types": {"grad_accum_dtype": p.grad_dtype}}
     return {
+        **extra,
         "train_micro_batch_size_per_gpu": 1,  # one packed sequence per micro-step
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "train_batch_size": cfg.train.grad_accum * dims.world,
         "gradient_clipping": cfg.optim.grad_clip,  # DeepSpeed's default is 1.0, not "off"
         # bf16 ZeRO on GPU; on CPU bf16 is autocast in the trainer and states stay fp32
-        "bf16": {"enabled": cfg.train.dtype == "bf16" and device.type == "cuda"},
+        "bf16": {"enabled": bf16},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # a plain torch AdamW (DeepSpeed's compiles)
         "zero_force_ds_cpu_optimizer": False,
@@ -96,13 +104,22 @@ class ZeroEngine:
         self.loss_scale = float(dims.world * self.gas)
         self.stage = cfg.parallel.zero_stage
         self.gathers_params = self.stage == 3
+        self.bf16 = bool(ds.bfloat16_enabled())
         self.ema_decay = cfg.optim.ema_decay
-        self.ema = ({n: self._local(p).detach().float().clone() for n, p in model.named_parameters()}
+        self.ema = ({n: self._master(p).detach().float().clone() for n, p in model.named_parameters()}
                     if self.ema_decay > 0 else None)
         self._micro = 0
 
-    def _local(self, p: torch.Tensor) -> torch.Tensor:
-        return p.ds_tensor if self.stage == 3 else p.data
+    def _master(self, p: torch.Tensor) -> torch.Tensor:
+        """This rank's share of `p` in fp32 from the optimizer's master weights (the EMA's source).
+
+        Under bf16 the module holds bf16 copies of them: an EMA of those would average rounded
+        weights. Stage 3: the local fp32 partition (shaped like `p.ds_tensor`); stages 1-2: the
+        full fp32 tensor (a collective under bf16: every rank calls it, in the same order)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
+        if self.stage == 3:
+            return safe_get_local_fp32_param(p)
+        return safe_get_full_fp32_param(p) if self.bf16 else p.data
 
     @property
     def lr(self) -> float:
@@ -122,7 +139,9 @@ class ZeroEngine:
         if self.ema is not None:
             with torch.no_grad():
                 for n, p in self.model.named_parameters():
-                    self.ema[n].lerp_(self._local(p).float(), 1 - self.ema_decay)
+                    self.ema[n].lerp_(self._master(p).to(self.ema[n].device, torch.float32), 1 - self.ema_decay)
+        if torch.is_tensor(norm):  # stays on the device: read at logging steps only (no sync per step)
+            return norm.detach()
         return torch.as_tensor(float(norm) if norm is not None else float("nan"))
 
     # -- checkpoints (checkpoint/zero.py knows DeepSpeed's files) ----------------------------
@@ -143,12 +162,20 @@ class ZeroEngine:
 
     # -- weights -------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        if self.stage != 3:  # every rank holds the full weights: rank 0 hands them out
-            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.dims.rank == 0 else {}
-        import deepspeed
-        with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
-            return ({k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
-                    if self.dims.rank == 0 else {})
+        """The fp32 weights (the optimizer's masters: under bf16 the module's copies are rounded),
+        gathered one parameter at a time, so no rank ever holds more than one full tensor besides
+        rank 0's host copy (a 30B model does not fit gathered whole)."""
+        main = self.dims.rank == 0
+        if self.stage != 3 and not self.bf16:  # every rank holds the full fp32 weights: rank 0 hands them out
+            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if main else {}
+        from deepspeed.utils import safe_get_full_fp32_param
+        params = dict(self.model.named_parameters())
+        out = {}
+        for k, v in self.model.state_dict().items():  # buffers are whole on every rank
+            full = safe_get_full_fp32_param(params[k]) if k in params else v  # a collective per parameter
+            if main:
+                out[k] = full.detach().cpu().clone()
+        return out
 
     def full_ema(self) -> dict[str, torch.Tensor]:
         """Full EMA tensors on every rank (a collective: every rank must call it)."""

@@ -34,6 +34,10 @@ KEYS = {
               "goal_cross_host_ratio", "goal_met", "bytes_by_host", "step_s", "run_s", "losses", "max_loss_diff", "params",
               "param_bytes", "hosts", "ranks_per_host", "steps", "warmup_steps", "activation_checkpointing",
               "overrides"},
+    "wan": {"vidscale_tokens_per_s", "wan_tokens_per_s", "speedup", "goal_speedup", "tokens", "hidden", "depth",
+            "heads", "params_vidscale", "params_wan", "device"},
+    "plan": {"cases", "max_rel_err_memory", "max_rel_err_time", "calibrated_mfu", "calibrated_on", "peak_flops",
+             "machine"},
 }
 QUICK_HERE = sorted(set(KEYS) - {"hosts"})
 """`bench hosts` needs root and a test bed of hosts: tests/cluster/test_bench_hosts.py runs it."""
@@ -58,5 +62,10 @@ def test_bench_quick_json(name):
     if name == "zero":
         assert set(out["breakdown_dp1"]) == {"params", "master_params", "grads", "optimizer", "ema", "total"}
         assert out["state_bytes_ratio"] < 1
+    if name == "plan":  # a ZeRO-0 and a ZeRO-3 sp=2 case; the planner's memory within the goal
+        assert len(out["cases"]) == 2 and {c["world"] for c in out["cases"]} == {1, 2}
+        for c in out["cases"]:
+            assert {"config", "predicted_bytes", "measured_bytes", "rel_err"} <= set(c)
+        assert out["max_rel_err_memory"] <= 0.15, out["cases"]
     if name == "checkpoint":
         assert out["files"] > 0 and out["ckpt_MB"] > 0
