@@ -24,7 +24,9 @@ import torch
 
 from vidscale.models.sizes import param_count
 from vidscale.scaling.checkpoint.manager import Checkpointer, LoaderPart, RngPart, TrainState
-from vidscale.scaling.checkpoint.rundir import RunDirBusy, RunDirTaken, RunLock, check_fresh, held_by_launcher
+from vidscale.scaling.checkpoint import storage
+from vidscale.scaling.checkpoint.rundir import (LOCK_ENV, RunDirBusy, RunDirTaken, RunLock, check_fresh, check_shared,
+                                                held_by_launcher)
 from vidscale.scaling.checkpoint.weights import save_run_weights
 from vidscale.scaling.config import Config, load_config, model_config, network_env, save_config, to_yaml
 from vidscale.scaling.parallel import collectives
@@ -89,6 +91,10 @@ class Trainer:
             if err is not None:
                 raise err
             raise RunDirBusy(f"{self.run_dir}: rank 0 could not take the run directory (its error names why)")
+        # every rank must see the directory rank 0 owns (a node without the shared filesystem)
+        token = collectives.broadcast_json((self.lock.token if self.lock else os.environ.get(LOCK_ENV, ""))
+                                           if self.is_main else "")
+        hosts = check_shared(self.run_dir, token) if self.dims.distributed else []
         seed_all(cfg.train.seed)
         self.task = build_task(cfg, self.dims, self.device)  # what trains: the DiT, or the VAE
         self.engine = build_engine(cfg, self.dims, self.device, self.task)
@@ -106,11 +112,22 @@ class Trainer:
         parts = {"engine": self.engine, "rng": RngPart(self.dims), "loader": LoaderPart(self.loader, self.dims)}
         self.ckpt = Checkpointer(self.run_dir, cfg.checkpoint, self.dims, self.state, parts, layout,
                                  to_yaml(cfg), cfg.parallel.timeout_s)
+        self.resized: dict | None = None
+        """Set when this start restored a checkpoint of another world size (an elastic restart)."""
         if cfg.checkpoint.resume:  # '' fresh, 'auto' latest complete, or a path
-            if self.ckpt.restore(cfg.checkpoint.resume) is not None and self.consumed is not None:
+            path = self.ckpt.restore(cfg.checkpoint.resume)
+            if path is not None and self.consumed is not None:
                 self.consumed.truncate(self.state.step, self.dims.dp)
+            if path is not None:
+                old = json.loads((path / "state.json").read_text())["layout"]["world"]
+                if old != self.dims.world:
+                    self.resized = {"step": self.state.step, "old_world": old, "new_world": self.dims.world,
+                                    "committed": (path / storage.MANIFEST).stat().st_mtime}
         if self.is_main:  # only now: a failed restore leaves the run's recipe as it was
             save_config(cfg, self.run_dir / "config.yaml")
+            if hosts:  # which host each rank ran on, one line per start of the run
+                with open(self.run_dir / HOSTS_FILE, "a") as f:
+                    f.write(json.dumps({"step": self.state.step, "world": self.dims.world, "hosts": hosts}) + "\n")
         # the first step with a non-finite loss or gradient norm (-1: none), kept on the device
         self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
 
@@ -175,6 +192,11 @@ class Trainer:
         return collectives.sum_(out["loss_sum"]) / out["global_real"]
 
 
+HOSTS_FILE = "hosts.jsonl"
+"""RUN_DIR/hosts.jsonl: one line per start of a multi-process run, {"step": the step it started
+from, "world", "hosts": each rank's "hostname (address)"}."""
+
+
 class NonFiniteError(FloatingPointError):
     """The run diverged: a non-finite loss or gradient norm (one line, naming the step)."""
 
@@ -210,6 +232,12 @@ def train(cfg: Config) -> dict:
                 out, split, _ = profile_step(tr)  # a log step: the split goes into its record
             else:
                 out = tr.train_step()
+            if tr.resized is not None:
+                # seconds lost to the resize: from the restored checkpoint's commit to the end of
+                # the first step after it (the steps redone, the restart and the restore)
+                lost = time.time() - tr.resized.pop("committed")
+                log.log(tr.resized.pop("step"), {**tr.resized, "seconds_lost": lost})
+                tr.resized = None
             flops_acc += out["flops"]
             run_flops += out["flops"]
             tok_last += out["local_tokens"]
