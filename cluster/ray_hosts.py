@@ -38,16 +38,21 @@ from pathlib import Path
 from vidscale.cluster.ray_cluster import TOKEN_FILE, new_token, private_dir, token_env
 
 DEFAULT_PORT = 6379
-FAST_NODE_DEATH = {
+FAST_FAILOVER = {
     # Ray marks a silent node dead after period x threshold (defaults: 3 s x 5, plus a 5 s grace);
     # a test cluster that kills hosts on purpose wants to know within a few seconds
     "RAY_health_check_initial_delay_ms": "1000",
     "RAY_health_check_period_ms": "500",
     "RAY_health_check_timeout_ms": "500",
     "RAY_health_check_failure_threshold": "4",
+    # Ray Train's elastic sizing sees nodes through a coordinator that refreshes every 20 s: right
+    # after a node dies it may still ask for the old size, and waits this long (default 60 s)
+    # for workers that cannot start before it asks again (read by the controller, which runs
+    # on the head and inherits its environment)
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "25",
 }
 """Head environment for a cluster whose nodes are killed on purpose (tests); users keep Ray's
-defaults, which tolerate a busy node."""
+defaults, which tolerate a busy node and slow worker starts."""
 
 
 @dataclass
@@ -131,7 +136,7 @@ def start_head(address: str, port: int = DEFAULT_PORT, dir: str | Path = "", num
                dashboard_port: int = 8265, timeout_s: float = 120) -> RayNode:
     """`ray start --head` at `address:port` (token authentication; a token is generated into
     DIR/auth_token unless one exists), waiting until it answers. `env`: extra environment of
-    the head (e.g. FAST_NODE_DEATH)."""
+    the head (e.g. FAST_FAILOVER)."""
     dir = private_dir(dir or f"/tmp/vidscale-ray-{os.getuid()}-hosts")
     token = dir / TOKEN_FILE
     if not token.is_file():

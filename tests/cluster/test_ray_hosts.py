@@ -32,7 +32,7 @@ class Cluster:
     def __init__(self, bed, dir: Path):
         self.bed, self.dir = bed, dir
         self.head = ray_hosts.start_head(bed.address("h1"), PORT, dir, num_cpus=2, prefix=bed.enter("h1"),
-                                         env=ray_hosts.FAST_NODE_DEATH)
+                                         env=ray_hosts.FAST_FAILOVER)
         self.node = None
         self.join_h2()
 
@@ -112,53 +112,61 @@ def _consumed(run: Path) -> dict[int, list[dict]]:
 
 def test_elastic_run_loses_a_host_goes_on_at_world_2_and_grows_back(ray2, tmp_path):
     run = tmp_path / "elastic"
-    videos = 24
-    over = [*QUIET, "parallel.zero_stage=3", "train.steps=30", "logging.every=1", "checkpoint.every=2",
+    videos, steps = 24, 120
+    # Ray's coordinator sees a returning node at its next 20 s refresh: the run must still be
+    # going by then (world 2 trains ~2 steps/s here), hence the steps
+    over = [*QUIET, "parallel.zero_stage=3", f"train.steps={steps}", "logging.every=1", "checkpoint.every=4",
             "data.record_consumed=true", f"data.synthetic_videos={videos}", "cluster.elastic=true",
             "cluster.min_nproc=2", "cluster.resize_check_s=2", "cluster.max_failures=3"]
     log = open(tmp_path / "driver.log", "w")
     p = subprocess.Popen(ray2.train(run, 4, over), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=ray2.env())
+
+    def records():
+        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] \
+            if (run / "metrics.jsonl").exists() else []
+
+    def starts():
+        return [json.loads(x) for x in (run / "hosts.jsonl").read_text().splitlines()] \
+            if (run / "hosts.jsonl").exists() else []
     try:
-        def records():
-            return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] \
-                if (run / "metrics.jsonl").exists() else []
-        wait_for(lambda: storage.committed(run / "checkpoints") and max(r["step"] for r in records()) >= 5, 300,
-                 "a checkpoint and step 5")
+        wait_for(lambda: storage.committed(run / "checkpoints") and max(r["step"] for r in records()) >= 6, 300,
+                 "a checkpoint and step 6")
         ray2.bed.kill("h2")  # the node loses power: raylet, workers, everything
         ray2.node.proc.wait(10)
-        shrink = wait_for(lambda: [r for r in records() if r.get("new_world") == 2], 300, "the world change 4 -> 2")
-        ray2.join_h2()
-        wait_for(lambda: [r for r in records() if r.get("new_world") == 4], 300, "the world change 2 -> 4")
-        assert p.wait(600) == 0, (tmp_path / "driver.log").read_text()[-4000:]
+        wait_for(lambda: [s for s in starts() if s["world"] == 2], 300, "the worker group restarted at world 2")
+        ray2.join_h2()  # the node comes back
+        assert p.wait(900) == 0, (tmp_path / "driver.log").read_text()[-4000:]
     finally:
         if p.poll() is None:
             p.kill()
         log.close()
     changes = [r for r in records() if "new_world" in r]
     assert [(r["old_world"], r["new_world"]) for r in changes] == [(4, 2), (2, 4)], changes
-    assert all(r["seconds_lost"] > 0 for r in changes) and shrink[0]["step"] % 2 == 0
-    losses = read_losses(run)
-    assert sorted(losses) == list(range(1, 31))
-    starts = [json.loads(line) for line in (run / "hosts.jsonl").read_text().splitlines()]
-    assert [s["world"] for s in starts] == [4, 2, 4]
+    assert all(r["seconds_lost"] > 0 and r["step"] % 4 == 0 for r in changes), changes  # from a checkpoint
+    assert sorted(read_losses(run)) == list(range(1, steps + 1))
+    assert [s["world"] for s in starts()] == [4, 2, 4]
     # what the ranks trained on: the records of redone steps were replaced on resume
+    consumed = _consumed(run)
+    assert sorted(consumed) == [0, 1, 2, 3]
     by_epoch: dict[int, list[str]] = {}
-    steps = set()
-    for recs in _consumed(run).values():
+    trained = set()
+    for recs in consumed.values():
         for x in recs:
             by_epoch.setdefault(x["epoch"], []).extend(x["keys"])
-            steps.add(x["step"])
-    assert steps == set(range(1, 31))
+            trained.add(x["step"])
+    assert trained == set(range(1, steps + 1))
+    # each dp rank reads its share of every epoch: an epoch is over once every rank has moved past it
+    open_from = min(recs[-1]["epoch"] for recs in consumed.values())
     every = sorted(f"synthetic:{i}" for i in range(videos))
-    last = max(by_epoch)
     for e, keys in by_epoch.items():
         assert len(keys) == len(set(keys)), (e, Counter(keys))  # never a sample twice in an epoch
-        if e < last:
+        if e < open_from:
             assert sorted(keys) == every, (e, sorted(set(every) - set(keys)))  # nor one lost
-    assert last >= 2  # the run went through epochs across both world changes
+    at_grow = max(x["epoch"] for recs in consumed.values() for x in recs if x["step"] <= changes[1]["step"])
+    assert at_grow < open_from  # the epochs open at both world changes were finished and checked
     final = run / "checkpoints" / storage.read_latest(run / "checkpoints")
     storage.verify(final)  # every file of the last save against its manifest (raises if damaged)
-    assert json.loads((final / "state.json").read_text())["step"] == 30
+    assert json.loads((final / "state.json").read_text())["step"] == steps
 
 
 def test_a_host_without_the_shared_run_dir_is_named_before_anything_is_written(ray2, tmp_path):
@@ -179,4 +187,7 @@ def test_a_host_without_the_shared_run_dir_is_named_before_anything_is_written(r
     lines = [x for x in r.stderr.splitlines() if "not shared" in x]
     assert len(lines) == 1 and lines[0].startswith("vidscale: "), r.stderr[-3000:]
     assert f"({ray2.bed.address('h2')})" in lines[0] and str(run) in lines[0], lines
-    assert sorted(x.name for x in run.iterdir()) == [".lock", "job.json", "launch.yaml"]  # the driver's own
+    print(lines[0])
+    # only what the driver wrote before the workers started (and Ray's own storage_path): no
+    # config.yaml, metrics.jsonl, hosts.jsonl or checkpoints
+    assert sorted(x.name for x in run.iterdir()) == [".lock", "job.json", "launch.yaml", "ray"]
