@@ -113,7 +113,10 @@ class Trainer:
         self.ckpt = Checkpointer(self.run_dir, cfg.checkpoint, self.dims, self.state, parts, layout,
                                  to_yaml(cfg), cfg.parallel.timeout_s)
         self.resized: dict | None = None
-        """Set when this start restored a checkpoint of another world size (an elastic restart)."""
+        """Set when this start restored a checkpoint of another world size (an elastic restart, or
+        a resume with another --nproc): the first step after it logs {old_world, new_world,
+        seconds_lost} (seconds from the restored checkpoint's commit to the end of that step:
+        the steps redone, the failure detection, the restart and the restore)."""
         if cfg.checkpoint.resume:  # '' fresh, 'auto' latest complete, or a path
             path = self.ckpt.restore(cfg.checkpoint.resume)
             if path is not None and self.consumed is not None:
@@ -121,7 +124,7 @@ class Trainer:
             if path is not None:
                 old = json.loads((path / "state.json").read_text())["layout"]["world"]
                 if old != self.dims.world:
-                    self.resized = {"step": self.state.step, "old_world": old, "new_world": self.dims.world,
+                    self.resized = {"old_world": old, "new_world": self.dims.world,
                                     "committed": (path / storage.MANIFEST).stat().st_mtime}
         if self.is_main:  # only now: a failed restore leaves the run's recipe as it was
             save_config(cfg, self.run_dir / "config.yaml")
@@ -232,17 +235,15 @@ def train(cfg: Config) -> dict:
                 out, split, _ = profile_step(tr)  # a log step: the split goes into its record
             else:
                 out = tr.train_step()
-            if tr.resized is not None:
-                # seconds lost to the resize: from the restored checkpoint's commit to the end of
-                # the first step after it (the steps redone, the restart and the restore)
-                lost = time.time() - tr.resized.pop("committed")
-                log.log(tr.resized.pop("step"), {**tr.resized, "seconds_lost": lost})
-                tr.resized = None
             flops_acc += out["flops"]
             run_flops += out["flops"]
             tok_last += out["local_tokens"]
             log.advance()
             extra = tr.task.after_step(tr.engine, tr.step, tr.run_dir)  # VAE: held-out PSNR; DiT: samples
+            if tr.resized is not None:  # the first step at a new world size: logged, with what it cost
+                extra = {**extra, **tr.resized, "seconds_lost": time.time() - tr.resized["committed"]}
+                del extra["committed"]
+                tr.resized = None
             if tr.step % c.logging.every == 0 or tr.step == c.train.steps:
                 last_loss = tr.reduce_loss(out)
                 dt = time.perf_counter() - t_last
