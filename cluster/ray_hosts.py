@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vidscale.cluster.ray_cluster import TOKEN_FILE, new_token, private_dir, token_env
+from vidscale.cluster.ray_cluster import TOKEN_FILE, new_token, private_dir, ray_cli, token_env
 
 DEFAULT_PORT = 6379
 FAST_FAILOVER = {
@@ -94,9 +94,7 @@ def _start(argv: list[str], address: str, gcs: str, token: Path, dir: Path, pref
     bin_dir = str(Path(sys.executable).parent)
     node_dir = private_dir(dir / f"node-{address}")  # per node: Ray's sockets, logs, session files
     log = node_dir / "ray.log"
-    # this interpreter's Ray CLI (not the first `ray` on PATH): the node starts its workers with
-    # the Python that ran `ray start`, and they must import this installation of vidscale
-    cmd = [*prefix, sys.executable, "-m", "ray.scripts.scripts", "start", "--block", f"--node-ip-address={address}",
+    cmd = [*prefix, *ray_cli(), "start", "--block", f"--node-ip-address={address}",
            f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", f"--temp-dir={node_dir / 't'}",
            "--disable-usage-stats", *argv]
     with open(log, "w") as out:
@@ -112,22 +110,22 @@ def _tail(log: Path, n: int = 12) -> str:
         return ""
 
 
-def _wait_for_nodes(node: RayNode, n: int, timeout_s: float) -> None:
-    """Until the cluster has `n` alive nodes, asked from `node`'s host with `ray status`-like query."""
+def _wait_alive(node: RayNode, timeout_s: float) -> None:
+    """Until the cluster lists `node` (its address) as alive, asked from the node's own host."""
     bin_dir = str(Path(sys.executable).parent)
     probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-             "print(sum(1 for x in ray.nodes() if x['Alive']))")
+             "print(any(x['Alive'] and x['NodeManagerAddress'] == sys.argv[2] for x in ray.nodes()))")
     deadline = time.monotonic() + timeout_s
     while True:
         if not node.alive():
             raise RuntimeError(f"Ray on {node.address} exited (log {node.log}):\n{_tail(node.log)}")
-        r = subprocess.run([*node.prefix, sys.executable, "-c", probe, node.gcs_address], capture_output=True,
-                           text=True, env=_env(bin_dir, Path(node.token), None), timeout=60)
-        if r.returncode == 0 and r.stdout.strip().splitlines()[-1:] and int(r.stdout.split()[-1]) >= n:
+        r = subprocess.run([*node.prefix, sys.executable, "-c", probe, node.gcs_address, node.address],
+                           capture_output=True, text=True, env=_env(bin_dir, Path(node.token), None), timeout=60)
+        if r.returncode == 0 and r.stdout.split()[-1:] == ["True"]:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the Ray cluster at {node.gcs_address} has not reached {n} node(s) within "
-                               f"{timeout_s:.0f} s (log {node.log}):\n{_tail(node.log)}\n{r.stderr[-1500:]}")
+            raise RuntimeError(f"Ray on {node.address} has not joined {node.gcs_address} within {timeout_s:.0f} s "
+                               f"(log {node.log}):\n{_tail(node.log)}\n{r.stderr[-1500:]}")
         time.sleep(1)
 
 
@@ -144,7 +142,7 @@ def start_head(address: str, port: int = DEFAULT_PORT, dir: str | Path = "", num
     head = _start(["--head", f"--port={port}", f"--dashboard-host={address}", f"--dashboard-port={dashboard_port}"],
                   address, f"{address}:{port}", token, dir, list(prefix or []), env, num_cpus, num_gpus)
     try:
-        _wait_for_nodes(head, 1, timeout_s)
+        _wait_alive(head, timeout_s)
     except BaseException:
         stop(head)
         raise
@@ -152,10 +150,10 @@ def start_head(address: str, port: int = DEFAULT_PORT, dir: str | Path = "", num
 
 
 def join(head: RayNode | str, address: str, dir: str | Path = "", num_cpus: int = 2, num_gpus: int = 0,
-         prefix: list[str] | None = None, env: dict | None = None, wait_nodes: int = 0,
+         prefix: list[str] | None = None, env: dict | None = None, wait: bool = True,
          timeout_s: float = 120) -> RayNode:
     """A worker node at `address` joining `head` (a RayNode, or the head's host:port with the
-    token in DIR/auth_token). wait_nodes: return once the cluster has that many alive nodes."""
+    token in DIR/auth_token); `wait`: return once the cluster lists it alive."""
     if isinstance(head, RayNode):
         gcs, dir = head.gcs_address, Path(dir or head.dir)
     else:
@@ -164,9 +162,9 @@ def join(head: RayNode | str, address: str, dir: str | Path = "", num_cpus: int 
     if not token.is_file():
         raise ValueError(f"{token}: no token; copy the head's DIR/auth_token there (every node needs the same)")
     node = _start([f"--address={gcs}"], address, gcs, token, Path(dir), list(prefix or []), env, num_cpus, num_gpus)
-    if wait_nodes:
+    if wait:
         try:
-            _wait_for_nodes(node, wait_nodes, timeout_s)
+            _wait_alive(node, timeout_s)
         except BaseException:
             stop(node)
             raise
@@ -214,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not a.node_address:
             p.error("join needs --node-address (this node's address on the network the others reach)")
-        node = join(a.address, a.node_address, a.dir, a.num_cpus, a.num_gpus, wait_nodes=2)
+        node = join(a.address, a.node_address, a.dir, a.num_cpus, a.num_gpus)
         print(f"joined {a.address} as {node.address}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: stop(node))
     try:

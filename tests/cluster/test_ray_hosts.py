@@ -39,7 +39,7 @@ class Cluster:
     def join_h2(self, prefix_after: list[str] | None = None) -> None:
         """(Re)start h2's node; `prefix_after` runs between nsenter and ray (e.g. unshare)."""
         self.node = ray_hosts.join(self.head, self.bed.address("h2"), num_cpus=2,
-                                   prefix=self.bed.enter("h2") + (prefix_after or []), wait_nodes=2)
+                                   prefix=self.bed.enter("h2") + (prefix_after or []))
 
     def stop_h2(self) -> None:
         ray_hosts.stop(self.node)
