@@ -21,7 +21,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import stat
@@ -116,10 +115,11 @@ def token_env(path: str | Path) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
 
 
-def _ray_command(bin_dir: str) -> str:
-    """This Python's `ray` (a venv that only links another's packages has none: then PATH's)."""
-    own = Path(bin_dir) / "ray"
-    return str(own) if own.is_file() else (shutil.which("ray") or str(own))
+def ray_cli() -> list[str]:
+    """This Python's Ray CLI. Not the first `ray` on PATH: a node starts its workers with the
+    Python that ran `ray start`, and they must import this installation of vidscale (a venv
+    that links another's packages has no `ray` script of its own)."""
+    return [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 def _state_file(dir: str | Path) -> Path:
@@ -188,7 +188,7 @@ def start_head(num_cpus: int = 4, num_gpus: int = 0, dir: str | Path = DEFAULT_D
     env.pop("RAY_ADDRESS", None)
     log = open(dir / "head.log", "w")
     proc = subprocess.Popen(
-        [_ray_command(bin_dir), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+        [*ray_cli(), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", f"--temp-dir={dir / 'tmp'}",
          "--disable-usage-stats", *_side_ports()],

@@ -12,6 +12,17 @@ Fault tolerance: FailureConfig(max_failures=cluster.max_failures) replaces every
 when one dies, and the new workers resume from vidscale's own latest complete checkpoint
 (`checkpoint.resume=auto`), not from whatever Ray last registered. Metrics stay in the
 run's metrics.jsonl: nothing is reported to Ray (each report is a barrier).
+
+Elastic (`cluster.elastic`): ScalingConfig(num_workers=(cluster.min_nproc, cluster.nproc),
+elastic_resize_monitor_interval_s=cluster.resize_check_s). Ray Train starts the group at the
+size the cluster can hold; a lost node is a worker-group failure (it counts against
+max_failures) after which the group restarts at the size that is left; resources coming back
+make it shut the group down and start a bigger one (not a failure). Every restart, of either
+kind, resumes from the latest complete checkpoint at the new world size (universal
+checkpoint, loader state remapped), and each world change is logged to metrics.jsonl.
+Across hosts the run dir must be shared: every rank checks that it sees the driver's lock
+before anything is read or written there (`rundir.check_shared`); a host that does not is
+named in one line and the driver exits 1. See cluster/ray_hosts.py to start the cluster.
 """
 from __future__ import annotations
 
@@ -36,8 +47,9 @@ from vidscale.cluster.job import new_job  # noqa: E402
 from vidscale.cluster.ray_cluster import EmbeddedRay, use_token_auth  # noqa: E402
 from vidscale.cluster.slurm import REQUEUE_MARKER  # noqa: E402
 from vidscale.cluster.slurm_task import watch_stop_file  # noqa: E402
-from vidscale.scaling.checkpoint.rundir import LOCK_ENV  # noqa: E402
-from vidscale.scaling.config import check_layout, load_config, network_env, save_config  # noqa: E402
+from vidscale.scaling.checkpoint.rundir import LOCK_ENV, RunDirNotShared, check_shared  # noqa: E402
+from vidscale.scaling.config import (check_elastic, check_layout, load_config, network_env,  # noqa: E402
+                                     save_config)
 from vidscale.scaling.parallel import collectives  # noqa: E402
 from vidscale.scaling.train.loop import train  # noqa: E402
 
@@ -74,6 +86,8 @@ def check_request(cfg) -> None:
     if c.max_failures < -1:
         raise ValueError(f"cluster.max_failures = {c.max_failures}: expected -1 (no limit), 0 or more")
     check_layout(cfg, c.nproc, f"--nproc {c.nproc}")
+    if c.elastic:
+        check_elastic(cfg, c.nproc, f"--nproc {c.nproc}")
 
 
 def check_resources(cfg) -> None:
@@ -82,11 +96,12 @@ def check_resources(cfg) -> None:
     import ray
     c = cfg.cluster
     total = ray.cluster_resources()
-    need = {"CPU": c.nproc * c.cpus_per_worker, "GPU": c.nproc * c.gpus_per_worker}
-    for res, n in need.items():
-        if n > total.get(res, 0) + 1e-9:
+    n = c.min_nproc if c.elastic else c.nproc  # an elastic run starts with what there is
+    need = {"CPU": n * c.cpus_per_worker, "GPU": n * c.gpus_per_worker}
+    for res, amount in need.items():
+        if amount > total.get(res, 0) + 1e-9:
             key = "cluster.cpus_per_worker" if res == "CPU" else "cluster.gpus_per_worker"
-            raise ValueError(f"{c.nproc} workers x {key} = {getattr(c, key.split('.')[1])} need {n:g} {res}s; "
+            raise ValueError(f"{n} workers x {key} = {getattr(c, key.split('.')[1])} need {amount:g} {res}s; "
                              f"the Ray cluster has {total.get(res, 0):g}")
 
 
@@ -118,10 +133,15 @@ def worker_config(cfg):
     return replace(cfg, train=replace(cfg.train, device="cpu"))
 
 
-def train_worker(config: dict) -> None:
-    """Ray Train's per-worker function: one rank of `train(cfg)`."""
+def train_worker(config: dict) -> dict | None:
+    """Ray Train's per-worker function: one rank of `train(cfg)`. Returns {"error": one line}
+    on every rank when a rank does not see the run directory (Ray would retry an exception)."""
     if config.get("run_lock"):  # the driver owns the run dir: rank 0 runs under its lock
         os.environ[LOCK_ENV] = config["run_lock"]
+        try:  # before anything here reads or writes the run dir (launch.yaml lives there)
+            check_shared(config["run_dir"], config["run_lock"])
+        except RunDirNotShared as e:
+            return {"error": str(e)}
     cfg = worker_config(load_config(config["config_path"]))
     run_dir = Path(cfg.train.run_dir)
     if _is_restart(run_dir, config["launch_id"]) and not cfg.checkpoint.resume:
@@ -132,6 +152,7 @@ def train_worker(config: dict) -> None:
     result = train(cfg)
     if result.get("preempted") and os.environ.get("RANK", "0") == "0":
         (run_dir / REQUEUE_MARKER).touch()
+    return None
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -182,20 +203,28 @@ def run_trainer(cfg, address: str = "", nodes: int = 1) -> int:
             per_worker["GPU"] = c.gpus_per_worker
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"config_path": str(path), "launch_id": uuid.uuid4().hex,
+            train_loop_config={"config_path": str(path), "run_dir": str(run_dir.absolute()),
+                               "launch_id": uuid.uuid4().hex,
                                "stop_file": os.environ.get("VIDSCALE_STOP_FILE", ""),
                                # the run dir's lock, when this driver holds it (cluster/launch.py)
                                "run_lock": os.environ.get(LOCK_ENV, "")},
             torch_config=TorchConfig(backend=backend, timeout_s=cfg.parallel.timeout_s),
-            scaling_config=ScalingConfig(num_workers=c.nproc, use_gpu=use_gpu, resources_per_worker=per_worker),
+            scaling_config=ScalingConfig(
+                num_workers=(c.min_nproc, c.nproc) if c.elastic else c.nproc, use_gpu=use_gpu,
+                resources_per_worker=per_worker, placement_strategy=c.placement,
+                elastic_resize_monitor_interval_s=c.resize_check_s),
             run_config=RunConfig(name=re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.name), storage_path=str(run_dir / "ray"),
                                  failure_config=FailureConfig(max_failures=c.max_failures)),
         )
         try:
-            trainer.fit()
+            result = trainer.fit()
         except Exception as e:  # TrainingFailedError: out of retries, or a bad recipe in the workers
             print(f"vidscale: Ray training failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                   file=sys.stderr)
+            return 1
+        err = (getattr(result, "return_value", None) or {}).get("error")
+        if err:  # rank 0's answer: a refusal every rank agreed on (no retry would change it)
+            print(f"vidscale: {err}", file=sys.stderr)
             return 1
         return 0
     finally:

@@ -41,6 +41,7 @@ CHECKSUMS: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256"
 table sits here, at the head of the engine chain, because the checkpoint package reads
 recipes (it imports this module), so this module cannot import it."""
 LAUNCHERS = ("local", "ray", "slurm")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 """`cluster.launcher` and the CLI's `--launcher` (cluster/launch.py dispatches on them)."""
 DEVICES = ("auto", "cpu", "cuda")
 """`train.device` and `vidscale prepare --device`: auto is cuda when present."""
@@ -299,6 +300,24 @@ class ClusterArgs:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_failures: int = 2
+    """Ray: worker-group failures to recover from (-1: no limit). A node lost from an elastic
+    run is a failure too; a resize because resources came back is not."""
+    elastic: bool = False
+    """Ray: let Ray Train size the worker group between `min_nproc` and `nproc` to what the
+    cluster holds: when a node dies the group restarts smaller from the latest complete
+    checkpoint (its data-loader state remapped to the new world), and grows back once the
+    resources return (checked every `resize_check_s`). Each change is a metrics.jsonl record
+    {step, old_world, new_world, seconds_lost}."""
+    min_nproc: int = 1
+    """Ray, `elastic`: the smallest world the run may continue at (>= 1, <= nproc). The
+    layout (parallel.ulysses x parallel.ring) must divide every size in [min_nproc, nproc]."""
+    resize_check_s: float = 60.0
+    """Ray, `elastic`: seconds between checks for resources to grow the worker group
+    (Ray's elastic_resize_monitor_interval_s). A grow restarts the group from the latest
+    checkpoint, so a short interval trades steps redone for capacity regained sooner."""
+    placement: str = "PACK"
+    """Ray: how workers are placed on nodes (`PLACEMENTS`, Ray's placement strategies): PACK
+    fills nodes in turn, SPREAD spreads over nodes, STRICT_* fail rather than bend."""
     network_interface: str = ""
     """The interface ranks on different hosts talk over (`eth0`, `ib0`, or a comma list):
     every rank gets it as GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME. '' lets gloo and nccl
@@ -501,7 +520,8 @@ def validate(cfg: Config, where: str) -> None:
                                 ("parallel.backend", c.parallel.backend, BACKENDS),
                                 ("parallel.grad_dtype", c.parallel.grad_dtype, GRAD_DTYPES),
                                 ("data.on_error", c.data.on_error, ON_ERROR),
-                                ("cluster.launcher", c.cluster.launcher, LAUNCHERS)]:
+                                ("cluster.launcher", c.cluster.launcher, LAUNCHERS),
+                                ("cluster.placement", c.cluster.placement, PLACEMENTS)]:
         if value not in allowed:
             bad(key, value, f"one of {_one_of(allowed)}")
     if cfg.cluster.network_interface and not INTERFACE.fullmatch(cfg.cluster.network_interface):
@@ -556,6 +576,9 @@ def validate(cfg: Config, where: str) -> None:
             ("checkpoint.keep_last", c.checkpoint.keep_last, c.checkpoint.keep_last >= 1, "at least 1"),
             ("cluster.cpus_per_worker", c.cluster.cpus_per_worker, c.cluster.cpus_per_worker > 0, "a positive number"),
             ("cluster.gpus_per_worker", c.cluster.gpus_per_worker, c.cluster.gpus_per_worker >= 0, "a number >= 0"),
+            ("cluster.resize_check_s", c.cluster.resize_check_s, c.cluster.resize_check_s > 0,
+             "a positive number of seconds"),
+            ("cluster.min_nproc", c.cluster.min_nproc, c.cluster.min_nproc >= 1, "a world size >= 1"),
             ("vae.beta", c.vae.beta, c.vae.beta >= 0, "a number >= 0"),
             ("logging.sample_format", c.logging.sample_format, c.logging.sample_format in ("mp4", "png"),
              "mp4 or png"),
@@ -590,6 +613,8 @@ def validate(cfg: Config, where: str) -> None:
     sp = cfg.parallel.ulysses * cfg.parallel.ring
     check_layout(cfg, cfg.cluster.nproc if cfg.cluster.nproc > 1 else math.lcm(sp, max(1, cfg.parallel.zero_hpz)),
                  where)
+    if cfg.cluster.elastic and cfg.cluster.nproc > 1:
+        check_elastic(cfg, cfg.cluster.nproc, where)
 
 
 def _numbers(dc, prefix: str = ""):
@@ -626,6 +651,27 @@ def check_layout(cfg: Config, world: int, where: str) -> None:
     if world > 1 and p.zero_stage == 0:
         raise RecipeError(f"{where}: parallel.zero_stage=0 runs a single process; set parallel.zero_stage to "
                           f"1, 2 or 3 for a world of {world}")
+
+
+def elastic_worlds(cfg: Config, nproc: int) -> range:
+    """Every world size Ray Train may pick for an elastic run of at most `nproc` ranks."""
+    return range(min(cfg.cluster.min_nproc, nproc), nproc + 1)
+
+
+def check_elastic(cfg: Config, nproc: int, where: str) -> None:
+    """An elastic run restarts at any size in [cluster.min_nproc, nproc]: the layout must fit each."""
+    c, p = cfg.cluster, cfg.parallel
+    sp = p.ulysses * p.ring
+    if c.min_nproc > nproc:
+        raise RecipeError(f"{where}: cluster.min_nproc={c.min_nproc} exceeds the largest world size {nproc} "
+                          f"(cluster.nproc / --nproc); expected a size in [1, {nproc}]")
+    bad = [w for w in elastic_worlds(cfg, nproc) if w % sp or (w > 1 and p.zero_stage == 0)]
+    if bad:
+        why = (f"parallel.ulysses={p.ulysses} x parallel.ring={p.ring} = sp {sp} does not divide"
+               if bad[0] % sp else "parallel.zero_stage=0 runs one process, not")
+        raise RecipeError(f"{where}: cluster.elastic: Ray may restart the run at any world size in "
+                          f"[cluster.min_nproc={c.min_nproc}, {nproc}]; {why} {bad[0]}: raise cluster.min_nproc "
+                          f"or choose a layout that divides every size")
 
 
 def _escape(node):

@@ -9,6 +9,9 @@ lands on an earlier run.
   kernel drops the lock when its holder dies: a crashed run never leaves a stale lock.
 - `check_fresh`: a run that does not resume refuses a directory that already holds
   checkpoints or a finished run's files.
+- `check_shared`: every rank, on whichever host, must see the run directory rank 0 owns
+  (the same RUN_DIR/.lock token): a node without the shared filesystem is named before
+  anything is written, rather than writing checkpoints nobody else can read.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 
 from vidscale.scaling.checkpoint import storage
+from vidscale.scaling.parallel import collectives
 
 LOCK_FILE = ".lock"
 LOCK_ENV = "VIDSCALE_RUN_LOCK"
@@ -33,6 +37,10 @@ class RunDirBusy(OSError):
 
 class RunDirTaken(ValueError):
     """A fresh run was pointed at a directory that holds an earlier run."""
+
+
+class RunDirNotShared(ValueError):
+    """Some rank does not see the run directory rank 0 owns (one line: which host, which path)."""
 
 
 def _describe(holder: dict) -> str:
@@ -118,3 +126,36 @@ def check_fresh(run_dir: str | Path, resume: str) -> None:
         if (run_dir / name).exists():
             raise RunDirTaken(f"{run_dir}: holds a finished run ({name}); choose another --run-dir")
 
+
+
+def rank_host() -> str:
+    """This rank's host as the others know it: the hostname and the address this rank reaches
+    MASTER_ADDR from (hosts can share a hostname: containers, namespaces, cloned images)."""
+    name, peer = socket.gethostname(), os.environ.get("MASTER_ADDR", "")
+    addr = ""
+    if peer:
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in peer else socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((peer, 9))  # UDP: no packet is sent, the kernel only picks the route
+                addr = s.getsockname()[0]
+        except OSError:
+            addr = ""
+    return f"{name} ({addr})" if addr else name
+
+
+def check_shared(run_dir: str | Path, token: str) -> list[str]:
+    """Every rank (a collective): each rank's host (`rank_host`), in rank order, when every rank
+    sees `token` in RUN_DIR/.lock; else RunDirNotShared on every rank, naming the first host
+    that does not and the path."""
+    run_dir = Path(run_dir)
+    sees = bool(token) and RunLock(run_dir).holder().get("token") == token
+    seen = collectives.gather_json([sees, rank_host()])
+    missing = [(r, host) for r, (ok, host) in enumerate(seen) if not ok]
+    if missing:
+        r, host = missing[0]
+        more = (f" and {len(missing) - 1} more rank(s) on {', '.join(sorted({h for _, h in missing[1:]}))}"
+                if len(missing) > 1 else "")
+        raise RunDirNotShared(f"{run_dir}: not shared with host {host} (rank {r}{more}): it does not see this "
+                              f"run's {run_dir / LOCK_FILE}; every node needs the same run directory (a shared "
+                              f"filesystem)")
+    return [host for _, host in seen]

@@ -24,7 +24,9 @@ import torch
 
 from vidscale.models.sizes import param_count
 from vidscale.scaling.checkpoint.manager import Checkpointer, LoaderPart, RngPart, TrainState
-from vidscale.scaling.checkpoint.rundir import RunDirBusy, RunDirTaken, RunLock, check_fresh, held_by_launcher
+from vidscale.scaling.checkpoint import storage
+from vidscale.scaling.checkpoint.rundir import (LOCK_ENV, RunDirBusy, RunDirTaken, RunLock, check_fresh, check_shared,
+                                                held_by_launcher)
 from vidscale.scaling.checkpoint.weights import save_run_weights
 from vidscale.scaling.config import Config, load_config, model_config, network_env, save_config, to_yaml
 from vidscale.scaling.parallel import collectives
@@ -89,6 +91,10 @@ class Trainer:
             if err is not None:
                 raise err
             raise RunDirBusy(f"{self.run_dir}: rank 0 could not take the run directory (its error names why)")
+        # every rank must see the directory rank 0 owns (a node without the shared filesystem)
+        token = collectives.broadcast_json((self.lock.token if self.lock else os.environ.get(LOCK_ENV, ""))
+                                           if self.is_main else "")
+        hosts = check_shared(self.run_dir, token) if self.dims.distributed else []
         seed_all(cfg.train.seed)
         self.task = build_task(cfg, self.dims, self.device)  # what trains: the DiT, or the VAE
         self.engine = build_engine(cfg, self.dims, self.device, self.task)
@@ -106,15 +112,28 @@ class Trainer:
         parts = {"engine": self.engine, "rng": RngPart(self.dims), "loader": LoaderPart(self.loader, self.dims)}
         self.ckpt = Checkpointer(self.run_dir, cfg.checkpoint, self.dims, self.state, parts, layout,
                                  to_yaml(cfg), cfg.parallel.timeout_s)
+        self.resized: dict | None = None
+        """Set when this start restored a checkpoint of another world size (an elastic restart, or
+        a resume with another --nproc): the first step after it logs {old_world, new_world,
+        seconds_lost} (seconds from the restored checkpoint's commit to the end of that step:
+        the steps redone, the failure detection, the restart and the restore)."""
         # '' fresh, 'auto' latest complete, or a path; then a branch's trunk checkpoint when this
         # run has none of its own yet
-        restored = self.ckpt.restore(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
-        if restored is None and cfg.checkpoint.branch_from:
-            restored = self.ckpt.restore(cfg.checkpoint.branch_from)
-        if restored is not None and self.consumed is not None:
+        path = self.ckpt.restore(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
+        if path is None and cfg.checkpoint.branch_from:
+            path = self.ckpt.restore(cfg.checkpoint.branch_from)
+        if path is not None and self.consumed is not None:
             self.consumed.truncate(self.state.step, self.dims.dp)
+        if path is not None:
+            old = json.loads((path / "state.json").read_text())["layout"]["world"]
+            if old != self.dims.world:
+                self.resized = {"old_world": old, "new_world": self.dims.world,
+                                "committed": (path / storage.MANIFEST).stat().st_mtime}
         if self.is_main:  # only now: a failed restore leaves the run's recipe as it was
             save_config(cfg, self.run_dir / "config.yaml")
+            if hosts:  # which host each rank ran on, one line per start of the run
+                with open(self.run_dir / HOSTS_FILE, "a") as f:
+                    f.write(json.dumps({"step": self.state.step, "world": self.dims.world, "hosts": hosts}) + "\n")
         # the first step with a non-finite loss or gradient norm (-1: none), kept on the device
         self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
 
@@ -179,6 +198,11 @@ class Trainer:
         return collectives.sum_(out["loss_sum"]) / out["global_real"]
 
 
+HOSTS_FILE = "hosts.jsonl"
+"""RUN_DIR/hosts.jsonl: one line per start of a multi-process run, {"step": the step it started
+from, "world", "hosts": each rank's "hostname (address)"}."""
+
+
 class NonFiniteError(FloatingPointError):
     """The run diverged: a non-finite loss or gradient norm (one line, naming the step)."""
 
@@ -219,6 +243,10 @@ def train(cfg: Config) -> dict:
             tok_last += out["local_tokens"]
             log.advance()
             extra = tr.task.after_step(tr.engine, tr.step, tr.run_dir)  # VAE: held-out PSNR; DiT: samples
+            if tr.resized is not None:  # the first step at a new world size: logged, with what it cost
+                extra = {**extra, **tr.resized, "seconds_lost": time.time() - tr.resized["committed"]}
+                del extra["committed"]
+                tr.resized = None
             if tr.step % c.logging.every == 0 or tr.step == c.train.steps:
                 last_loss = tr.reduce_loss(out)
                 dt = time.perf_counter() - t_last

@@ -4,7 +4,8 @@ import torch
 
 from vidscale.data.args import LoaderArgs, PrepareArgs, SyntheticArgs
 from vidscale.models.attention import KERNELS
-from vidscale.scaling.config import CHECKSUMS, LAUNCHERS, RecipeError, check_layout, load_config, save_config
+from vidscale.scaling.config import (CHECKSUMS, LAUNCHERS, PLACEMENTS, RecipeError, check_elastic, check_layout,
+                                     load_config, save_config)
 from vidscale.scaling.parallel.dims import ParallelDims
 from vidscale.scaling.train.zero import deepspeed_config
 
@@ -96,7 +97,8 @@ def test_data_section_keys_stay_flat(tmp_path):
 def test_allowed_values_are_the_tables_of_the_code_that_acts_on_them(tmp_path):
     for text, key, table in [("model:\n  attn_backend: flash\n", "model.attn_backend", KERNELS),
                              ("checkpoint:\n  checksum: md5\n", "checkpoint.checksum", CHECKSUMS),
-                             ("cluster:\n  launcher: k8s\n", "cluster.launcher", LAUNCHERS)]:
+                             ("cluster:\n  launcher: k8s\n", "cluster.launcher", LAUNCHERS),
+                             ("cluster:\n  placement: ANY\n", "cluster.placement", PLACEMENTS)]:
         msg = _err(tmp_path, text)
         assert key in msg and all(name in msg for name in table), msg
 
@@ -129,3 +131,24 @@ def test_zero_hpz_is_checked_and_reaches_the_deepspeed_config(tmp_path):
     plain = load_config(ROOT / "recipes/debug.yaml")
     assert deepspeed_config(plain, ParallelDims(world=4, rank=0),
                             torch.device("cpu"))["zero_optimization"]["zero_hpz_partition_size"] == 1
+
+
+def test_an_elastic_layout_must_fit_every_world_ray_may_pick(tmp_path):
+    # min 2 .. max 4: Ray may restart at 3, which sp 2 does not divide
+    msg = _err(tmp_path, "name: x\n", ["cluster.nproc=4", "cluster.elastic=true", "cluster.min_nproc=2",
+                                       "parallel.ulysses=2"])
+    assert "cluster.min_nproc=2" in msg and "does not divide 3" in msg, msg
+    msg = _err(tmp_path, "name: x\n", ["cluster.nproc=4", "cluster.elastic=true", "cluster.min_nproc=5"])
+    assert "cluster.min_nproc=5 exceeds the largest world size 4" in msg, msg
+    msg = _err(tmp_path, "name: x\n", ["cluster.min_nproc=0"])
+    assert "cluster.min_nproc" in msg
+    msg = _err(tmp_path, "name: x\n", ["cluster.resize_check_s=0"])
+    assert "cluster.resize_check_s" in msg
+    cfg = load_config(ROOT / "recipes/debug.yaml", ["cluster.nproc=4", "cluster.elastic=true", "cluster.min_nproc=4",
+                                                    "parallel.ulysses=2"])  # a fixed size in all but name
+    check_elastic(cfg, 4, "--nproc 4")
+    cfg = load_config(ROOT / "recipes/debug.yaml", ["cluster.elastic=true", "cluster.min_nproc=2"])
+    check_elastic(cfg, 4, "--nproc 4")  # sp 1 fits 2, 3 and 4
+    with pytest.raises(RecipeError, match=r"^--nproc 6: cluster.elastic: .*does not divide 3"):
+        check_elastic(load_config(ROOT / "recipes/debug.yaml", ["parallel.ulysses=2", "cluster.elastic=true",
+                                                                "cluster.min_nproc=2"]), 6, "--nproc 6")
