@@ -47,7 +47,7 @@ from vidscale.cluster.job import new_job  # noqa: E402
 from vidscale.cluster.ray_cluster import EmbeddedRay, use_token_auth  # noqa: E402
 from vidscale.cluster.slurm import REQUEUE_MARKER  # noqa: E402
 from vidscale.cluster.slurm_task import watch_stop_file  # noqa: E402
-from vidscale.scaling.checkpoint.rundir import LOCK_ENV, RunDirNotShared, check_shared  # noqa: E402
+from vidscale.scaling.checkpoint.rundir import LOCK_ENV, RunDirNotShared, check_shared, held_by_launcher  # noqa: E402
 from vidscale.scaling.config import (check_elastic, check_layout, load_config, network_env,  # noqa: E402
                                      save_config)
 from vidscale.scaling.parallel import collectives  # noqa: E402
@@ -207,7 +207,9 @@ def run_trainer(cfg, address: str = "", nodes: int = 1) -> int:
                                "launch_id": uuid.uuid4().hex,
                                "stop_file": os.environ.get("VIDSCALE_STOP_FILE", ""),
                                # the run dir's lock, when this driver holds it (cluster/launch.py)
-                               "run_lock": os.environ.get(LOCK_ENV, "")},
+                               # (an inherited token of a lock since released, e.g. the submitting
+                               # shell's of a Slurm job, is not one: rank 0 then takes the lock)
+                               "run_lock": os.environ.get(LOCK_ENV, "") if held_by_launcher(run_dir) else ""},
             torch_config=TorchConfig(backend=backend, timeout_s=cfg.parallel.timeout_s),
             scaling_config=ScalingConfig(
                 num_workers=(c.min_nproc, c.nproc) if c.elastic else c.nproc, use_gpu=use_gpu,

@@ -118,9 +118,10 @@ def _consumed(run: Path) -> dict[int, list[dict]]:
 
 def test_elastic_run_loses_a_host_goes_on_at_world_2_and_grows_back(ray2, tmp_path):
     run = tmp_path / "elastic"
-    videos, steps = 24, 120
-    # Ray's coordinator sees a returning node at its next 20 s refresh: the run must still be
-    # going by then (world 2 trains ~2 steps/s here), hence the steps
+    videos, steps = 24, 400
+    # Ray's coordinator sees a returning node at its next 20 s refresh, and the grow comes
+    # ~35-60 s after the rejoin: the run must still be going by then. World 2 trains 2 steps/s
+    # on a loaded machine and ~5 on a quiet one (where 120 steps ended before the grow)
     over = [*QUIET, "parallel.zero_stage=3", f"train.steps={steps}", "logging.every=1", "checkpoint.every=4",
             "data.record_consumed=true", f"data.synthetic_videos={videos}", "cluster.elastic=true",
             "cluster.min_nproc=2", "cluster.resize_check_s=2", "cluster.max_failures=3"]
