@@ -57,7 +57,8 @@ def state_bytes(engine) -> dict[str, int]:
     masters = list(getattr(zero_opt, "fp32_partitioned_groups_flat", None)
                    or getattr(zero_opt, "single_partition_of_fp32_groups", []))
     return {
-        "params": size(engine._local(p) for p in params),
+        # the module's own share of each parameter: its ZeRO-3 partition, or the whole tensor
+        "params": size((p.ds_tensor if engine.stage == 3 else p.data) for p in params),
         "master_params": size(masters),
         "grads": size([q.grad for q in masters] + [p.grad for p in params]
                       + [getattr(zero_opt, "grad_partitions_flat_buffer", None)]),
