@@ -135,10 +135,8 @@ class RectifiedFlow:
     def shift_for(self, num_tokens):
         """The shift of a video of `num_tokens` patch tokens (a number or a tensor of them)."""
         if self.shift_ref_tokens <= 0:
-            return self.shift if not torch.is_tensor(num_tokens) else torch.full(num_tokens.shape, float(self.shift),
-                                                                              dtype=torch.float64)
-        n = num_tokens.to(torch.float64) if torch.is_tensor(num_tokens) else float(num_tokens)
-        return self.shift * (n / self.shift_ref_tokens) ** 0.5
+            return self.shift
+        return self.shift * (num_tokens / self.shift_ref_tokens) ** 0.5
 
     def sample_t(self, num_videos: int, generator: torch.Generator | None = None,
                  num_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -149,7 +147,7 @@ class RectifiedFlow:
         if self.shift_ref_tokens > 0:
             if num_tokens is None:
                 raise ValueError("objective.shift=auto: the timesteps need each video's token count")
-            return shift_time(t, self.shift_for(torch.as_tensor(num_tokens)))
+            return shift_time(t, self.shift_for(torch.as_tensor(num_tokens, dtype=torch.float64)))
         return shift_time(t, self.shift)
 
     def model_time(self, t_V: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ import numpy as np
 from scipy.optimize import minimize, nnls
 
 from vidscale.scaling.study.hparams import fit_hparams
+from vidscale.scaling.study.stats import ci95, num
 
 HUBER_DELTA = 1e-3
 OUTLIER_SIGMAS = 4.0
@@ -79,20 +80,13 @@ def read_results(path: str | Path) -> list[dict]:
     return rows
 
 
-def _num(row: dict, key: str) -> float:
-    try:
-        return float(row.get(key, "") or "nan")
-    except ValueError:
-        return float("nan")
-
-
 def prepare(rows: list[dict], where: str = "results") -> Runs:
     """Rows -> Runs, applying the first half of the outlier rule (bad loss, not done)."""
     keep, dropped = [], []
     for i, r in enumerate(rows):
         name = r.get("name") or f"row{i + 1}"
         status = (r.get("status") or "done").strip()
-        n, d, loss = _num(r, "params"), _num(r, "tokens"), _num(r, "loss")
+        n, d, loss = num(r, "params"), num(r, "tokens"), num(r, "loss")
         if status != "done":
             dropped.append({"name": name, "reason": f"status {status}"})
         elif not (math.isfinite(loss) and loss > 0):
@@ -101,7 +95,7 @@ def prepare(rows: list[dict], where: str = "results") -> Runs:
             raise ValueError(f"{where}: row {i + 1} ({name}): params and tokens must be finite positive numbers, "
                              f"got {r.get('params')!r}, {r.get('tokens')!r}")
         else:
-            keep.append((name, n, d, loss, _num(r, "flops"), _num(r, "budget")))
+            keep.append((name, n, d, loss, num(r, "flops"), num(r, "budget")))
     if len(keep) < 5:
         raise ValueError(f"{where}: {len(keep)} usable runs; a scaling-law fit needs at least 5 "
                          f"(dropped: {[d['name'] + ': ' + d['reason'] for d in dropped]})")
@@ -168,11 +162,11 @@ def holdout_check(law_p: dict, rows: list[dict]) -> dict:
     """Each held-out finished run's loss predicted by the law at its own N and D."""
     out = []
     for i, r in enumerate(rows):
-        n, d, loss = _num(r, "params"), _num(r, "tokens"), _num(r, "loss")
+        n, d, loss = num(r, "params"), num(r, "tokens"), num(r, "loss")
         if (r.get("status") or "done").strip() != "done" or not (math.isfinite(loss) and loss > 0 and n > 0 and d > 0):
             continue
         pred = law_p["E"] + law_p["A"] * n ** -law_p["alpha"] + law_p["B"] * d ** -law_p["beta"]
-        c = _num(r, "flops")
+        c = num(r, "flops")
         out.append({"name": r.get("name") or f"row{i + 1}", "params": n, "tokens": d,
                     "flops": c if math.isfinite(c) and c > 0 else law_p["k"] * n * d,
                     "predicted": pred, "actual": loss, "rel_err": (pred - loss) / loss})
@@ -313,13 +307,6 @@ def _bootstrap_indices(group: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return np.concatenate(idx)
 
 
-def _ci(values: list[float]) -> list[float] | None:
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)])
-    if len(v) < 10:
-        return None
-    return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
-
-
 def fit(rows: list[dict], budgets: list[float] = (), bootstrap: int = 200, seed: int = 0,
         where: str = "results", holdout: list[str] = ()) -> dict:
     """Approach 2 and 3 with bootstrap 95% intervals and predictions at `budgets` (FLOPs).
@@ -356,10 +343,10 @@ def best_per_point(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         key = (r.get("params"), r.get("budget") or r.get("tokens"), r.get("seed"))
-        loss = _num(r, "loss")
+        loss = num(r, "loss")
         if (r.get("status") or "done").strip() != "done" or not math.isfinite(loss):
             out.append(r)  # dropped later, and listed
-        elif key not in best or loss < _num(best[key], "loss"):
+        elif key not in best or loss < num(best[key], "loss"):
             best[key] = r
     return out + list(best.values())
 
@@ -403,9 +390,9 @@ def _fit(rows, budgets, bootstrap, seed, where) -> dict:
     result["warnings"] = _warnings(runs, theta, p, minima, skipped)
     result.update({
         "G": p["G"], "k": runs.k, "n_runs": int(len(runs.L)),
-        "ci": {k: _ci(boot[k]) for k in keys},
+        "ci": {k: ci95(boot[k]) for k in keys},
         "approach2": ({"a": pl["a"], "b": pl["b"], "log_cN": pl["log_cN"], "log_cD": pl["log_cD"],
-                       "ci": {"a": _ci(boot2["a"]), "b": _ci(boot2["b"])}} if pl else
+                       "ci": {"a": ci95(boot2["a"]), "b": ci95(boot2["b"])}} if pl else
                       {"a": None, "b": None, "ci": {"a": None, "b": None}}),
         "isoflop": minima,
         "skipped_budgets": skipped,
@@ -425,7 +412,7 @@ def _fit(rows, budgets, bootstrap, seed, where) -> dict:
     for c in budgets:
         n, d, loss = optimum(p, c)
         pred = {"budget": float(c), "N_opt": n, "D_opt": d, "loss": loss,
-                "ci": {k: _ci(v) for k, v in boot_pred[c].items()}}
+                "ci": {k: ci95(v) for k, v in boot_pred[c].items()}}
         if pl:
             n2 = math.exp(pl["log_cN"]) * c ** pl["a"]
             pred["approach2"] = {"N_opt": n2, "D_opt": math.exp(pl["log_cD"]) * c ** pl["b"]}

@@ -16,18 +16,14 @@ import math
 
 import numpy as np
 
+from vidscale.scaling.study.stats import ci95, num
+
 MIN_POINTS = 3
 """Distinct values of the swept axis a parabola needs."""
 
 
 def _col(rows: list[dict], key: str) -> np.ndarray:
-    out = []
-    for r in rows:
-        try:
-            out.append(float(r.get(key, "") or "nan"))
-        except ValueError:
-            out.append(float("nan"))
-    return np.array(out, dtype=np.float64)
+    return np.array([num(r, key) for r in rows], dtype=np.float64)
 
 
 def _group_key(rows: list[dict]) -> np.ndarray:
@@ -126,13 +122,6 @@ def predict(law: dict, params: float, budget: float) -> float:
     return math.exp(v)
 
 
-def _ci(values: list[float]) -> list[float] | None:
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)])
-    if len(v) < 10:
-        return None
-    return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
-
-
 def fit_hparams(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
     """{'lr': law or None, 'batch': law or None}; a law has c, p_N, q_C, ci, points, skipped.
     An axis with fewer than MIN_POINTS values anywhere gives None."""
@@ -159,6 +148,6 @@ def fit_hparams(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
             if b is not None:
                 for k in boot:
                     boot[k].append(b[k])
-        law.update(points=points, skipped=skipped, ci={k: _ci(v) for k, v in boot.items()})
+        law.update(points=points, skipped=skipped, ci={k: ci95(v) for k, v in boot.items()})
         out[name] = law
     return out

@@ -61,22 +61,24 @@ def compute_optimal_recipe(result: dict, rows: list[dict], budget: float, base: 
     law = result["_law"]
     n_opt, d_opt, loss = optimum(law, budget)
     pred = next((p for p in result["predictions"] if p["budget"] == budget), None)
-    done = [r for r in rows if (r.get("status") or "done") == "done" and _recipe_of(r)]
     if base:
         template = load_config(base)
         shapes = [_shape(template)]
         tok_per_step, tpb0 = None, template.train.tokens_per_batch
-    elif done:
-        top = max(float(r.get("budget") or r.get("flops") or 0) for r in done)
-        at_top = [r for r in done if float(r.get("budget") or r.get("flops") or 0) == top]
+    else:
+        # each finished run's resolved recipe, loaded once (OmegaConf merges are slow)
+        done = {id(r): (r, load_config(p)) for r in rows
+                if (r.get("status") or "done") == "done" and (p := _recipe_of(r)) is not None}
+        if not done:
+            raise ValueError("--write-recipe needs the recipes of the sweep's runs (a results.csv with a run_dir "
+                             "column, in its sweep directory) or --base RECIPE")
+        top = max(float(r.get("budget") or r.get("flops") or 0) for r, _ in done.values())
+        at_top = [r for r, _ in done.values() if float(r.get("budget") or r.get("flops") or 0) == top]
         near = min(at_top, key=lambda r: abs(math.log(float(r["params"]) / n_opt)))
-        template = load_config(_recipe_of(near))
-        shapes = [_shape(load_config(_recipe_of(r))) for r in done]
+        template = done[id(near)][1]
+        shapes = [_shape(cfg) for _, cfg in done.values()]
         tok_per_step = float(near["tokens"]) / float(near["steps"]) if near.get("steps") else None
         tpb0 = template.train.tokens_per_batch
-    else:
-        raise ValueError("--write-recipe needs the recipes of the sweep's runs (a results.csv with a run_dir column, "
-                         "in its sweep directory) or --base RECIPE")
     aspect = statistics.median(h / d for h, d, _ in shapes)
     head_dim = statistics.median(h // max(1, n) for h, _, n in shapes)
     hidden, depth, heads, params = choose_shape(template, aspect, int(head_dim), n_opt)
