@@ -25,6 +25,7 @@ from vidscale.cluster.ray_launcher import address_of, follow_job, is_job_server,
 from vidscale.cluster.slurm import TERMINAL, follow, job_state, submit
 from vidscale.scaling.checkpoint.rundir import RunLock, check_fresh
 from vidscale.scaling.config import LAUNCHERS
+from vidscale.scaling.train import init_from
 from vidscale.scaling.train.loop import default_run_dir, train
 from vidscale.scaling.train.signals import EXIT_REQUEUE
 
@@ -49,6 +50,8 @@ def launch(cfg, *, wait: bool = False, detach: bool = False, command: list[str] 
     with RunLock(cfg.train.run_dir).acquire(command):
         check_fresh(cfg.train.run_dir, cfg.checkpoint.resume)
         check_no_queued_job(cfg.train.run_dir)
+        if how == "local" or Path(cfg.train.init_from).exists():  # else only the cluster may see it
+            init_from.check(cfg, Path(cfg.train.run_dir))
         if not submitted:
             return launch_ray(cfg, command=command) if how == "ray" else launch_here(cfg, command)
         code = submit(cfg, command=command) if how == "slurm" else launch_ray(cfg, detach=True, command=command)

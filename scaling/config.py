@@ -163,6 +163,17 @@ class TrainArgs:
     tune_malloc: bool = True
     """Keep freed activation blocks in the C library's heap instead of unmapping them
     (scaling/host_memory.py): no page faults and zero-fill per allocation in the step."""
+    init_from: str = ""
+    """Start this new run (step 0, new optimizer and data) from weights: a `vidscale export` file,
+    a run directory (its latest complete checkpoint) or a safetensors file of the same
+    architecture ('' = a fresh initialisation). Unlike `checkpoint.resume`, nothing but the
+    weights is taken (scaling/train/init_from.py)."""
+    init_from_ema: bool = False
+    """With `init_from` a run directory (or an EMA export): start from its EMA weights."""
+    init_allow_resize: bool = False
+    """With `init_from`: parameters whose shape differs from the model's (e.g. another
+    `model.in_channels`), or that the source lacks, keep their fresh initialisation (reported
+    by name) instead of stopping the run; the source's extra tensors are ignored."""
 
 
 @dataclass
@@ -591,6 +602,13 @@ def validate(cfg: Config, where: str) -> None:
             ("plan.runtime_gb", c.plan.runtime_gb, c.plan.runtime_gb >= 0, "GiB >= 0")]:
         if not ok:
             bad(key, v, expected)
+    t = cfg.train
+    if (t.init_from_ema or t.init_allow_resize) and not t.init_from:
+        bad("train.init_from_ema" if t.init_from_ema else "train.init_allow_resize", True,
+            "train.init_from set to the weights to start from")
+    if t.init_from and cfg.checkpoint.branch_from:
+        bad("train.init_from", t.init_from, "'' with checkpoint.branch_from (a branch takes its trunk's whole "
+            "state, weights included)")
     if cfg.parallel.zero_hpz < 0:
         bad("parallel.zero_hpz", cfg.parallel.zero_hpz, "0 (off) or the ranks per node of the secondary partition")
     if cfg.parallel.zero_hpz > 1 and cfg.parallel.zero_stage != 3:

@@ -25,6 +25,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="continue from the latest complete checkpoint of the run dir ('auto'; starts fresh "
                         "only in a run dir without checkpoints) or from a checkpoint path (checkpoint.resume); "
                         "without it, a run dir that holds an earlier run is refused")
+    p.add_argument("--init-from", default=None, metavar="PATH",
+                   help="start a new run (step 0) from these weights: a `vidscale export` file, a run directory "
+                        "(its latest checkpoint) or a safetensors file (train.init_from; weights only, unlike "
+                        "--resume)")
     add_launch_args(p)
     return p
 
@@ -38,6 +42,8 @@ def run(args) -> int:
         values["cluster.nproc"] = args.nproc
     if args.resume is not None:
         values["checkpoint.resume"] = args.resume
+    if args.init_from is not None:
+        values["train.init_from"] = args.init_from
     cfg = load_config(args.recipe, list(args.overrides), values=values)
     if cfg.data.source != "synthetic" and cfg.cluster.launcher == "local" and cfg.task == "dit":
         # pre-flight before any process or run dir: index present, channels/text width/patch fit the

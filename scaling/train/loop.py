@@ -32,7 +32,7 @@ from vidscale.scaling.config import Config, load_config, model_config, network_e
 from vidscale.scaling.parallel import collectives
 from vidscale.scaling.parallel.dims import ParallelDims, pick_backend, pick_device
 from vidscale.scaling.parallel.parallelize import apply_compile, build_model, parallelize
-from vidscale.scaling.train import host_memory, signals
+from vidscale.scaling.train import host_memory, init_from, signals
 from vidscale.scaling.train.engine import Engine, TorchEngine
 from vidscale.scaling.train.evaluate import write_final
 from vidscale.scaling.train.flops import measure_peak_flops
@@ -52,13 +52,17 @@ def default_run_dir(cfg: Config) -> str:
     return str(Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def build_engine(cfg: Config, dims: ParallelDims, device: torch.device, task: Task) -> Engine:
-    """The recipe's engine around the task's model, parallelized (parallel/parallelize.py)."""
+def build_engine(cfg: Config, dims: ParallelDims, device: torch.device, task: Task, init=None) -> Engine:
+    """The recipe's engine around the task's model, parallelized (parallel/parallelize.py);
+    `init(model)` (train.init_from) loads starting weights into the freshly initialised model."""
     if cfg.parallel.zero_stage == 0:
         assert dims.world == 1, "layout invariant: zero_stage 0 is one process (scaling.config.check_layout)"
-        model = parallelize(build_model(task.make_model, device, cfg.train.seed), dims, cfg.model)
+        model = build_model(task.make_model, device, cfg.train.seed)
+        if init is not None:
+            init(model)
+        model = parallelize(model, dims, cfg.model)
         return TorchEngine(model, cfg.optim, cfg.train.steps)
-    return build_zero_engine(cfg, dims, device, task.make_model)
+    return build_zero_engine(cfg, dims, device, task.make_model, init)
 
 
 class Trainer:
@@ -97,7 +101,9 @@ class Trainer:
         hosts = check_shared(self.run_dir, token) if self.dims.distributed else []
         seed_all(cfg.train.seed)
         self.task = build_task(cfg, self.dims, self.device)  # what trains: the DiT, or the VAE
-        self.engine = build_engine(cfg, self.dims, self.device, self.task)
+        # train.init_from: weights only, into a new run; a run that restores a checkpoint has its own
+        self.init = init_from.prepare(cfg, self.run_dir, self.dims) if init_from.applies(cfg, self.run_dir) else None
+        self.engine = build_engine(cfg, self.dims, self.device, self.task, self.init)
         self.model = self.engine.module
         if cfg.model.compile:  # last: after the engine's hooks and the sp kernel are in place
             apply_compile(self.engine.model)
@@ -131,6 +137,8 @@ class Trainer:
                                 "committed": (path / storage.MANIFEST).stat().st_mtime}
         if self.is_main:  # only now: a failed restore leaves the run's recipe as it was
             save_config(cfg, self.run_dir / "config.yaml")
+            if self.init is not None and path is None:  # where the weights of step 0 came from
+                (self.run_dir / init_from.RECORD_FILE).write_text(json.dumps(self.init.record(), indent=1) + "\n")
             if hosts:  # which host each rank ran on, one line per start of the run
                 with open(self.run_dir / HOSTS_FILE, "a") as f:
                     f.write(json.dumps({"step": self.state.step, "world": self.dims.world, "hosts": hosts}) + "\n")
@@ -231,6 +239,8 @@ def train(cfg: Config) -> dict:
     last_loss = float("nan")
     preempted = False
     t_last, tok_last, flops_acc = time.perf_counter(), 0, 0.0
+    if tr.init is not None and tr.step == 0:
+        log.log(0, {"init_from": tr.init.record()})
     try:
         while tr.step < c.train.steps:
             split = None
@@ -303,7 +313,9 @@ def train(cfg: Config) -> dict:
                 write_final(tr.run_dir, final)
             result.update(scores)
         # consolidated weights for `vidscale sample` (every rank: a gather)
-        save_run_weights(tr.engine, tr.run_dir, c, tr.step, kind=tr.task.name, extra=tr.task.weights_metadata())
+        init_meta = {"init_from": json.dumps(tr.init.source.record)} if tr.init is not None else {}
+        save_run_weights(tr.engine, tr.run_dir, c, tr.step, kind=tr.task.name,
+                         extra={**tr.task.weights_metadata(), **init_meta})
     tr.close()
     tr.dims.destroy()
     return result

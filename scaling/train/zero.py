@@ -200,8 +200,10 @@ def _forget_stale_groups() -> None:
             setattr(groups, name, {})
 
 
-def build_zero_engine(cfg: Config, dims, device: torch.device, make_model) -> ZeroEngine:
-    """Build `make_model()` partitioned (stage 3), parallelize it, wrap it in DeepSpeed."""
+def build_zero_engine(cfg: Config, dims, device: torch.device, make_model, init=None) -> ZeroEngine:
+    """Build `make_model()` partitioned (stage 3), parallelize it, wrap it in DeepSpeed.
+    `init(model)` (train.init_from) overwrites the fresh weights before DeepSpeed copies them
+    into its fp32 masters: at stage 3 each rank writes only its own partition."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     import deepspeed
     from deepspeed.utils import logger as ds_logger
@@ -232,6 +234,8 @@ def build_zero_engine(cfg: Config, dims, device: torch.device, make_model) -> Ze
             model.init_weights()
     else:
         model = build_model(make_model, device, cfg.train.seed)
+    if init is not None:
+        init(model)
     # 2. sequence-parallel attention and activation checkpointing (parallel/parallelize.py)
     parallelize(model, dims, cfg.model)
     # 3. DeepSpeed: a plain AdamW and the warmup+cosine schedule, stepped at each boundary
