@@ -217,14 +217,17 @@ def open_source(spec: str, ema: bool, run_dir: Path, convert: bool = True, hash_
     if not convert:  # pre-flight: the recipe that wrote it says what it holds
         shapes = _model_shapes(load_config(path / "config.yaml"))
         return Source(path, shapes, rec, _unreadable)
+    # one file per parameter, flattened by the conversion: shaped by the recipe that wrote them
     univ = ckpt_zero.universal_dir(path) / ckpt_zero.TAG / "zero"
+    recipe = _model_shapes(load_config(path / "config.yaml"))
     shapes = {}
     for d in sorted(univ.iterdir()):
         if (d / "fp32.pt").is_file():
-            shapes[d.name] = tuple(_universal(d).shape)
+            numel = _universal(d).numel()
+            shapes[d.name] = recipe[d.name] if math.prod(recipe.get(d.name, (-1,))) == numel else (numel,)
 
     def read_universal(name: str) -> torch.Tensor:
-        return _universal(univ / name)
+        return _universal(univ / name).view(shapes[name])
     return Source(path, shapes, rec, read_universal)
 
 
