@@ -142,7 +142,7 @@ def _own_dir(p: Path, run_dir: Path) -> bool:
     return p == run_dir or run_dir in p.parents
 
 
-def locate(spec: str, ema: bool, run_dir: Path, report=print) -> tuple[Path, str]:
+def locate(spec: str, run_dir: Path, report=print) -> tuple[Path, str]:
     """(path, kind) of what `spec` names: kind 'file' (a safetensors file), 'torch' (a plain-
     torch checkpoint), 'zero' (a ZeRO checkpoint). Checks nothing is read from this run itself."""
     where = f"train.init_from={spec}"
@@ -178,7 +178,7 @@ def open_source(spec: str, ema: bool, run_dir: Path, convert: bool = True, hash_
     (a pre-flight check): the live weights of a ZeRO checkpoint are described from its recipe
     instead of converted, and cannot be read."""
     where = f"train.init_from={spec}"
-    path, kind = located or locate(spec, ema, run_dir, report)
+    path, kind = located or locate(spec, run_dir, report)
     if kind == "file":
         shapes, meta, read, read_rows = _safetensors(path, where)
         is_ema = meta.get("ema") == "true"
@@ -325,7 +325,7 @@ def prepare(cfg: Config, run_dir: Path, dims) -> Init:
     err, found = "", ["", ""]
     if dims.rank == 0:  # verifies a checkpoint once, here; the other ranks take rank 0's choice
         try:
-            path, kind = locate(spec, cfg.train.init_from_ema, run_dir)
+            path, kind = locate(spec, run_dir)
             if kind == "zero" and not cfg.train.init_from_ema:
                 ckpt_zero.convert_universal(path)  # cached beside the checkpoint, verified before use
             found = [str(path), kind]
