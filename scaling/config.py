@@ -55,6 +55,8 @@ GRAD_DTYPES = ("fp32", "bf16")
 """`parallel.grad_dtype`."""
 ZERO_STAGES = (0, 1, 2, 3)
 """`parallel.zero_stage` (0 = plain torch, one process)."""
+COND_MODES = ("first", "last", "first_last")
+"""`objective.cond_mode` (scaling/objective.py's `clean_frames_mask` places the frames)."""
 
 
 class RecipeError(ValueError):
@@ -118,7 +120,12 @@ class ObjectiveArgs:
     caption_dropout: float = 0.0
     """Probability of training a video with an empty caption (for classifier-free guidance)."""
     cond_frames: int = 0
-    """Image-to-video: condition on up to this many clean leading latent frames (0 = off)."""
+    """Image-to-video: condition on up to this many clean latent frames per end (0 = off)."""
+    cond_mode: str = "first"
+    """Where `cond_frames` sit (Open-Sora's head / tail / loop masks): 'first' (leading frames:
+    image-to-video), 'last' (trailing frames: video that ends on an image) or 'first_last' (both
+    ends, the same number at each: loops and interpolation between two images). Each video
+    draws 0..cond_frames per end and always keeps at least one frame to denoise."""
 
 
 @dataclass
@@ -575,6 +582,8 @@ def validate(cfg: Config, where: str) -> None:
              "a positive number of tokens"),
             ("objective.num_steps", c.objective.num_steps, c.objective.num_steps >= 2, "at least 2 steps"),
             ("objective.cond_frames", c.objective.cond_frames, c.objective.cond_frames >= 0, "a number >= 0"),
+            ("objective.cond_mode", c.objective.cond_mode, c.objective.cond_mode in COND_MODES,
+             "first, last or first_last"),
             ("data.drop_tokens", c.data.drop_tokens, 0 <= c.data.drop_tokens < 1, "a fraction in [0, 1)"),
             ("data.lookahead", c.data.lookahead, c.data.lookahead >= 1, "a positive number of videos"),
             ("data.shuffle_buffer", c.data.shuffle_buffer, c.data.shuffle_buffer >= 0, "a number >= 0"),

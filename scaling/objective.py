@@ -3,9 +3,9 @@
 The objective a recipe names, and the per-step inputs of a micro-batch: timesteps and
 noise from a generator keyed by (seed, step, micro-batch, data-parallel rank), so the same
 step draws the same numbers on any sequence-parallel layout and after any restart;
-caption dropout for classifier-free guidance; the clean leading frames of image-to-video
-training. The training loop (scaling/train) and the sampler (scaling/inference) both
-import this; neither imports the other's internals.
+caption dropout for classifier-free guidance; the clean frames of image-to-video training
+(leading, trailing or both ends). The training loop (scaling/train) and the sampler
+(scaling/inference) both import this; neither imports the other's internals.
 """
 from __future__ import annotations
 
@@ -47,22 +47,45 @@ def drop_captions(meta: PackedMeta, p: float, gen: torch.Generator) -> PackedMet
     return replace(meta, text=text, text_bounds=tuple(bounds))
 
 
-def clean_frames_mask(meta: PackedMeta, max_frames: int, channels: int, patch, gen: torch.Generator):
-    """Image-to-video training: [L, P] bool marking a random number (0..max_frames, at least
-    one frame left to denoise) of leading latent frames per video, given clean and not in
-    the loss. None when off. Drawn on the full batch, before any sequence-parallel slice."""
+def clean_frames_mask(meta: PackedMeta, max_frames: int, channels: int, patch, gen: torch.Generator,
+                      mode: str = "first"):
+    """Image-to-video training: [L, P] bool marking the latent frames of each video given clean
+    and left out of the loss. Each video draws k in 0..max_frames; `mode` (objective.cond_mode)
+    places them: 'first' the k leading frames, 'last' the k trailing ones, 'first_last' k at
+    each end. At least one frame is always left to denoise. None when off. Drawn on the full
+    batch, before any sequence-parallel slice; the draw does not depend on the mode."""
     if max_frames <= 0:
         return None
     pt, ph, pw = patch
     mask = torch.zeros(meta.seq_len, channels * pt * ph * pw, dtype=torch.bool)
     ks = torch.randint(0, max_frames + 1, (meta.num_videos,), generator=gen)
     for i, (Tg, Hg, Wg) in enumerate(meta.grid):
-        k = min(int(ks[i]), Tg * pt - 1)
-        if k > 0:
-            m = torch.zeros(channels, Tg * pt, Hg * ph, Wg * pw)
-            m[:, :k] = 1
-            mask[meta.bounds[i]:meta.bounds[i + 1]] = patchify(m, patch) > 0.5
+        T = Tg * pt
+        m = cond_frames_of(T, int(ks[i]), mode)
+        if m.any():
+            full = m[None, :, None, None].expand(channels, T, Hg * ph, Wg * pw).float()
+            mask[meta.bounds[i]:meta.bounds[i + 1]] = patchify(full, patch) > 0.5
     return mask
+
+
+def cond_frames_of(T: int, k: int, mode: str) -> torch.Tensor:
+    """[T] bool: the clean latent frames of a T-frame video with k per end under `mode`
+    (fewer when T is short: one frame always stays to denoise)."""
+    m = torch.zeros(T, dtype=torch.bool)
+    if mode == "first_last":
+        k = min(k, (T - 1) // 2)
+        if k > 0:
+            m[:k] = m[T - k:] = True
+        return m
+    k = min(k, T - 1)
+    if k > 0:
+        if mode == "first":
+            m[:k] = True
+        elif mode == "last":
+            m[T - k:] = True
+        else:
+            raise ValueError(f"objective.cond_mode = {mode!r}: expected first, last or first_last")
+    return m
 
 
 def video_tokens(meta: PackedMeta) -> torch.Tensor:

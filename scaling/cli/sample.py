@@ -7,6 +7,9 @@ encoder (data.encoder) and written with PyAV (.mp4, .gif, .webm) or as PNG frame
   vidscale sample runs/x --prompt "a red square moving right" --frames 17 --height 64 --width 64 \\
       --steps 50 --cfg-scale 4 --seed 0 --out red.mp4
   vidscale sample runs/x --prompt "..." --first-frame img.png --out i2v.mp4       # image-to-video
+  vidscale sample runs/x --prompt "..." --last-frame end.png --out to_end.mp4     # ends on an image
+  vidscale sample runs/x --prompt "..." --first-frame a.png --last-frame b.png --out ab.mp4  # a -> b
+  vidscale sample runs/x --prompt "..." --first-frame a.png --last-frame a.png --out loop.mp4  # a loop
   vidscale sample runs/x --prompt "..." --init-video in.mp4 --strength 0.6 --out edit.mp4  # SDEdit
 """
 from __future__ import annotations
@@ -29,6 +32,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--first-frame", default="", metavar="IMG", help="image-to-video: keep this first frame")
+    p.add_argument("--last-frame", default="", metavar="IMG",
+                   help="end on this image (with --first-frame: interpolate; the same image twice: a loop)")
     p.add_argument("--init-video", default="", metavar="VIDEO", help="SDEdit: start from this video")
     p.add_argument("--strength", type=float, default=0.8, help="SDEdit noise level in [0, 1]")
     p.add_argument("--fps", type=int, default=8)
@@ -42,7 +47,7 @@ def run(args) -> int:
     gen = Generator.from_path(args.run, ema=not args.no_ema, device=args.device)
     a = SampleArgs(prompt=args.prompt, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
                    cfg_scale=args.cfg_scale, seed=args.seed, first_frame=args.first_frame,
-                   init_video=args.init_video, strength=args.strength, fps=args.fps)
+                   last_frame=args.last_frame, init_video=args.init_video, strength=args.strength, fps=args.fps)
     a.check()
     gen.latent_shape(a.frames, a.height, a.width)  # bad sizes fail before any work
     frames = gen(a)

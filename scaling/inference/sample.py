@@ -5,9 +5,10 @@
 * classifier-free guidance (Ho & Salimans 2022): the conditional and the unconditional
   (empty caption = zero text tokens, what `objective.caption_dropout` trains) predictions
   come from one packed forward of two copies of the video, mixed as u + g * (c - u);
-* clean-frame conditioning (image-to-video): the leading latent frames are held at their
-  clean values in every model input and in the output, as training with
-  `objective.cond_frames` showed them;
+* clean-frame conditioning (image-to-video): given leading and/or trailing latent frames
+  (a first frame, a last frame, or both: a loop or an interpolation) are held at their clean
+  values in every model input and in the output, as training with `objective.cond_frames`
+  and `objective.cond_mode` showed them;
 * SDEdit (Meng et al. 2022): start from the encoded video noised to level `strength`
   (flow: t = strength; DDPM: timestep strength * (num_steps - 1)) instead of pure noise.
 
@@ -51,11 +52,30 @@ def guided_model_fn(model, text_LD: torch.Tensor, shape_CTHW, patch, cfg_scale: 
     return fn
 
 
-def clean_frame_mask(shape_CTHW, frames: int, patch) -> torch.Tensor:
-    """[N, P] bool: the token values that belong to the first `frames` latent frames."""
+def clean_frame_mask(shape_CTHW, frames: int, patch, last: int = 0) -> torch.Tensor:
+    """[N, P] bool: the token values that belong to the first `frames` and the last `last`
+    latent frames."""
     m = torch.zeros(shape_CTHW, dtype=torch.bool)
     m[:, :frames] = True
+    if last:
+        m[:, shape_CTHW[1] - last:] = True
     return patchify(m.float(), patch) > 0.5
+
+
+def clean_frames(shape_CTHW, patch, first_CkHW=None, last_CjHW=None):
+    """(mask [N, P] bool, values [N, P]): the given leading and trailing latent frames as tokens."""
+    T = shape_CTHW[1]
+    k = 0 if first_CkHW is None else first_CkHW.shape[1]
+    j = 0 if last_CjHW is None else last_CjHW.shape[1]
+    if k + j > T:
+        raise ValueError(f"--first-frame and --last-frame: {k} + {j} conditioning latent frames overlap in a "
+                         f"{T}-frame latent video: ask for more --frames")
+    full = torch.zeros(shape_CTHW)
+    if k:
+        full[:, :k] = first_CkHW.float().cpu()
+    if j:
+        full[:, T - j:] = last_CjHW.float().cpu()
+    return clean_frame_mask(shape_CTHW, k, patch, last=j), patchify(full, patch)
 
 
 def _with_clean(fn, mask_NP, clean_NP):
@@ -72,8 +92,13 @@ def _noise_level(objective, strength: float):
 def sample_latent(model, objective, text_LD: torch.Tensor, shape_CTHW, patch, steps: int = 50,
                   cfg_scale: float = 1.0, seed: int = 0, cond_CkHW: torch.Tensor | None = None,
                   init_CTHW: torch.Tensor | None = None, strength: float = 1.0,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """One latent C x T x H x W from noise (or from `init_CTHW` noised to `strength`)."""
+                  device: torch.device | str = "cpu", last_CjHW: torch.Tensor | None = None,
+                  model_call=None) -> torch.Tensor:
+    """One latent C x T x H x W from noise (or from `init_CTHW` noised to `strength`).
+
+    `cond_CkHW` / `last_CjHW`: clean leading / trailing latent frames kept fixed. `model_call`
+    (x [N, P], t [V], meta) -> prediction replaces `model(x, t, meta)`: a sequence-parallel
+    group samples through `scaling/inference/parallel.py`'s."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"--strength {strength}: expected a noise level in [0, 1]")
     shape_CTHW = tuple(int(s) for s in shape_CTHW)
@@ -81,13 +106,10 @@ def sample_latent(model, objective, text_LD: torch.Tensor, shape_CTHW, patch, st
     gen = torch.Generator().manual_seed(seed)
     N = patchify(torch.zeros(shape_CTHW), patch).shape[0]
     noise = torch.randn(N, patchify(torch.zeros(shape_CTHW), patch).shape[1], generator=gen).to(device)
-    fn = guided_model_fn(model, text_LD.to(device), shape_CTHW, patch, cfg_scale, device)
+    fn = guided_model_fn(model_call or model, text_LD.to(device), shape_CTHW, patch, cfg_scale, device)
     mask = clean = None
-    if cond_CkHW is not None:
-        k = cond_CkHW.shape[1]
-        full = torch.zeros(shape_CTHW)
-        full[:, :k] = cond_CkHW.float().cpu()
-        mask, clean = clean_frame_mask(shape_CTHW, k, patch).to(device), patchify(full, patch).to(device)
+    if cond_CkHW is not None or last_CjHW is not None:
+        mask, clean = (t.to(device) for t in clean_frames(shape_CTHW, patch, cond_CkHW, last_CjHW))
         fn = _with_clean(fn, mask, clean)
     x_init = t_start = None
     if init_CTHW is not None:
@@ -144,13 +166,13 @@ def write_frames(path: str | Path, frames_THWC: np.ndarray, fps: int = 8) -> lis
     return [path]
 
 
-def read_image(path: str | Path, H: int, W: int) -> torch.Tensor:
+def read_image(path: str | Path, H: int, W: int, flag: str = "--first-frame") -> torch.Tensor:
     """An image file -> 3 x 1 x H x W in [-1, 1] (resized to the requested size)."""
     from PIL import Image
 
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"--first-frame {p}: file not found")
+        raise ValueError(f"{flag} {p}: file not found")
     img = Image.open(p).convert("RGB").resize((W, H), Image.BICUBIC)
     return from_uint8(np.asarray(img)[None])
 
@@ -186,6 +208,7 @@ class SampleArgs:
     cfg_scale: float = 1.0
     seed: int = 0
     first_frame: str = ""
+    last_frame: str = ""
     init_video: str = ""
     strength: float = 0.8
     fps: int = 8
@@ -246,6 +269,15 @@ class Generator:
     def encode_video(self, frames_CTHW: torch.Tensor) -> torch.Tensor:
         return self.encoder.encode(frames_CTHW[None].float())[0].float()
 
+    def encode_last_frame(self, image_C1HW: torch.Tensor, T: int) -> torch.Tensor:
+        """The latent frame that ends a T-latent-frame video on this image: a causal encoder
+        codes every frame after the first in groups of `temporal`, so the image held still
+        for one group gives that group's latent (T = 1: the image alone, the first frame)."""
+        if T == 1:
+            return self.encode_video(image_C1HW)[:, :1]
+        still = image_C1HW.expand(-1, 1 + self.encoder.temporal, -1, -1)
+        return self.encode_video(still)[:, -1:]
+
     def decode(self, latent_CTHW: torch.Tensor, frames: int) -> torch.Tensor:
         with torch.no_grad():
             return self.encoder.decode(latent_CTHW[None].float())[0, :, :frames].float().clamp(-1, 1)
@@ -255,13 +287,15 @@ class Generator:
         a.check()
         shape = self.latent_shape(a.frames, a.height, a.width)
         text = self.encode_text(a.prompt)
-        cond = init = None
+        cond = last = init = None
         if a.first_frame:
             cond = self.encode_video(read_image(a.first_frame, a.height, a.width))[:, :1]
+        if a.last_frame:
+            last = self.encode_last_frame(read_image(a.last_frame, a.height, a.width, "--last-frame"), shape[1])
         if a.init_video:
             init = self.encode_video(read_video(a.init_video, a.frames, a.height, a.width))
             init = init[:, :shape[1]]
         lat = sample_latent(self.model, self.objective, text, shape, self.patch, a.steps, a.cfg_scale, a.seed,
                             cond_CkHW=cond, init_CTHW=init, strength=a.strength if init is not None else 1.0,
-                            device=self.device)
+                            device=self.device, last_CjHW=last)
         return self.decode(lat, a.frames)

@@ -8,12 +8,14 @@
     engine.backward(loss); grad_norm = engine.step(); engine.lr
     engine.checkpoint_files(snapshot) / flush_files(tmp) / load_checkpoint(path, layout)
     engine.full_state_dict() / engine.full_ema()     consolidated weights (collectives)
+    with engine.ema_weights(): ...                  the module computes with the EMA (training samples)
 
 `TorchEngine` is the plain single-process path (parallel.zero_stage=0). The DeepSpeed
 ZeRO engine (train/zero.py) implements the same interface for any world size.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -55,6 +57,11 @@ class Engine(Protocol):
 
     def full_ema(self) -> dict[str, torch.Tensor]:
         """Consolidated full EMA weights on every rank ({} without EMA); every rank must call it."""
+
+    def ema_weights(self) -> contextlib.AbstractContextManager:
+        """Inside, `module` computes with the EMA weights (the trained ones without an EMA); on
+        exit the trained weights are back bit for bit. A collective under ZeRO-3 (every rank
+        enters); no rank ever holds more than one consolidated tensor for it."""
 
 
 def decay_start(warmup: int, total: int, decay_fraction: float) -> int:
@@ -170,3 +177,26 @@ class TorchEngine:
 
     def full_ema(self) -> dict[str, torch.Tensor]:
         return dict(self.ema) if self.ema is not None else {}
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        with swapped_data(self.model, self.ema):
+            yield
+
+
+@contextlib.contextmanager
+def swapped_data(model: torch.nn.Module, tensors: dict[str, torch.Tensor] | None):
+    """Parameters whose `.data` is `tensors[name]` inside (cast to the parameter's dtype), the
+    original storage put back on exit: no copy of the trained weights is made or rounded."""
+    if not tensors:
+        yield
+        return
+    params = dict(model.named_parameters())
+    saved = {n: params[n].data for n in tensors}
+    try:
+        for n, t in tensors.items():
+            params[n].data = t.to(saved[n].device, saved[n].dtype)
+        yield
+    finally:
+        for n, t in saved.items():
+            params[n].data = t

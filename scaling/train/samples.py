@@ -1,11 +1,14 @@
 """Sample videos during training (`logging.sample_every`, `logging.sample_prompts`).
 
-Every rank calls `TrainingSamples.write` at the same step. Without ZeRO-3 only rank 0
-samples (the others go on to the next step and meet it at the next collective). Under ZeRO-3
-a forward gathers parameters collectively, so every rank runs the same sampler on the same
-inputs and rank 0 writes. Under sequence parallelism the model's attention expects a slice
-of the sequence: sampling there is skipped with a warning (sample from the exported weights
-with `vidscale sample` instead).
+Every rank calls `TrainingSamples.write` at the same step. The sample comes from the EMA
+weights when the run keeps an EMA (`engine.ema_weights()`: under ZeRO-3 swapped into the
+partitions one parameter at a time, never consolidated on a rank), else the trained ones.
+Without ZeRO-3 or sequence parallelism only rank 0 samples (the others go on to the next
+step and meet it at the next collective). Under ZeRO-3 a forward gathers parameters
+collectively, and under sequence parallelism (`parallel.ulysses` / `parallel.ring`) each
+rank's attention holds a slice of the sequence: there every rank runs the same sampler with
+the same seed, each forward through the training layout (scaling/inference/parallel.py:
+this rank's slice in, the sp group's prediction gathered out), and rank 0 writes.
 
 Written: TensorBoard images `samples/<k>` (the frames side by side, one image per prompt)
 and RUN_DIR/samples/step_<N>_<k>.mp4 (`logging.sample_format: png`: step_<N>_<k>_<frame>.png).
@@ -20,6 +23,7 @@ import torch
 from vidscale.data.shards import read_index
 from vidscale.models.latent import build_latent_encoder
 from vidscale.models.text import TextEncoder
+from vidscale.scaling.inference.parallel import SequenceParallelCall
 from vidscale.scaling.inference.sample import sample_latent, to_uint8, write_frames
 from vidscale.scaling.train.precision import autocast_for
 
@@ -32,7 +36,6 @@ class TrainingSamples:
     def __init__(self, cfg, dims, device: torch.device):
         self.cfg, self.dims, self.device = cfg, dims, device
         self._texts = None
-        self._warned_sp = False
 
     def _latent_shape(self):
         c = self.cfg
@@ -55,23 +58,21 @@ class TrainingSamples:
 
     def write(self, engine, objective, step: int, run_dir: Path) -> None:
         d, c = self.dims, self.cfg
-        if d.sp > 1:
-            if d.rank == 0 and not self._warned_sp:
-                warnings.warn("logging.sample_every: no training samples under sequence parallelism")
-                self._warned_sp = True
-            return
-        # a forward under ZeRO-3 gathers parameters collectively: every rank samples along
-        if not (d.rank == 0 or engine.gathers_params):
+        # a forward under ZeRO-3 gathers parameters and one under sp holds a slice of the
+        # sequence, both collectively: then every rank samples along
+        if not (d.rank == 0 or engine.gathers_params or d.sp > 1):
             return
         if self._texts is None:
             self._texts = self._encode(list(c.logging.sample_prompts))
         shape = self._latent_shape()
         model = engine.module
+        call = SequenceParallelCall(model, d)
         was = model.training
         model.eval()
-        with autocast_for(c.train.dtype, self.device):  # the weights may be bf16 (DeepSpeed on GPU)
+        # the weights may be bf16 (DeepSpeed on GPU): autocast as in training
+        with engine.ema_weights(), autocast_for(c.train.dtype, self.device):
             lats = [sample_latent(model, objective, text, shape, c.model.patch, steps=SAMPLE_STEPS, seed=k,
-                                  device=self.device) for k, text in enumerate(self._texts)]
+                                  device=self.device, model_call=call) for k, text in enumerate(self._texts)]
         model.train(was)
         if d.rank != 0:
             return

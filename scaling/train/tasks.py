@@ -97,7 +97,8 @@ class DiTTask:
         gen = step_generator(c.train.seed, step, micro, d.dp_rank)
         meta = drop_captions(meta, c.objective.caption_dropout, gen)
         t_V, noise = diffusion_inputs(self.objective, tokens_LP, meta, gen)
-        clean = clean_frames_mask(meta, c.objective.cond_frames, self.mcfg.in_channels, self.mcfg.patch, gen)
+        clean = clean_frames_mask(meta, c.objective.cond_frames, self.mcfg.in_channels, self.mcfg.patch, gen,
+                                  c.objective.cond_mode)
         if d.sp > 1:
             n = meta.seq_len // d.sp
             sl = slice(d.sp_rank * n, (d.sp_rank + 1) * n)

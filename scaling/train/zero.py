@@ -26,6 +26,7 @@ too, so an sp group inside a node keeps its all-to-alls there either way.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -39,7 +40,7 @@ from vidscale.scaling.config import Config
 from vidscale.scaling.parallel import collectives
 from vidscale.scaling.parallel.dims import pick_backend
 from vidscale.scaling.parallel.parallelize import build_model, parallelize
-from vidscale.scaling.train.engine import make_optimizer, make_scheduler
+from vidscale.scaling.train.engine import make_optimizer, make_scheduler, swapped_data
 
 
 def deepspeed_config(cfg: Config, dims, device: torch.device) -> dict:
@@ -185,6 +186,40 @@ class ZeroEngine:
             return dict(self.ema)
         return {n: collectives.all_gather_cat(self.ema[n])[:p.ds_numel].view(p.ds_shape)
                 for n, p in self.model.named_parameters()}
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Stage 3: each parameter's partition is overwritten with its EMA one parameter at a
+        time (the EMA shard gathered, written by rank 0 under `GatheredParameters`, which
+        re-partitions it), so the forwards inside gather EMA weights like trained ones. On exit
+        the trained weights come back from the optimizer's fp32 masters the same way: what
+        DeepSpeed itself copies into the partitions after each step, so nothing changes.
+        Stages 1-2 hold whole tensors on every rank: their `.data` is swapped."""
+        if self.ema is None:
+            yield
+            return
+        if self.stage != 3:
+            with swapped_data(self.model, self.ema):
+                yield
+            return
+        from deepspeed.utils import safe_get_full_fp32_param
+        params = dict(self.model.named_parameters())
+        self._overwrite(lambda n, p: collectives.all_gather_cat(self.ema[n])[:p.ds_numel].view(p.ds_shape))
+        try:
+            yield
+        finally:
+            self._overwrite(lambda n, p: safe_get_full_fp32_param(params[n]))
+
+    def _overwrite(self, full_of) -> None:
+        """Every parameter := full_of(name, param) (a collective per parameter, in name order)."""
+        import deepspeed
+        for n, p in self.model.named_parameters():
+            full = full_of(n, p)
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if self.dims.rank == 0:
+                    p.data.copy_(full.to(p.data.device, p.data.dtype).view_as(p.data))
+        # ZeRO++ hpZ: secondary partitions still hold the old values; the next forward rebuilds them
+        self.ds.optimizer.invalidate_secondary_tensor()
 
 
 def _forget_stale_groups() -> None:

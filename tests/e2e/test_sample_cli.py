@@ -75,6 +75,20 @@ def test_prepare_train_sample_through_the_cli(tmp_path):
     got = np.asarray(Image.open(tmp_path / "i2v_0000.png"))
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
 
+    # --last-frame with --first-frame (interpolation): 9 frames are 3 latent frames, the middle one
+    # generated; the video starts on the first image and its last latent frame (video frames 5-8)
+    # holds the last image
+    end = render("circle", "white", "black", "left", 32, 32, 1, seed=1)[0]
+    Image.fromarray(end).save(tmp_path / "last.png")
+    cli("sample", run, "--prompt", "a yellow square", "--frames", 9, "--height", 32, "--width", 32, "--steps", 3,
+        "--first-frame", tmp_path / "first.png", "--last-frame", tmp_path / "last.png", "--out", tmp_path / "ab.png")
+    y = torch.from_numpy(end).permute(2, 0, 1)[:, None][None].float() / 127.5 - 1
+    want_end = ((enc.decode(enc.encode(y))[0, :, 0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    for t, w in ((0, want), (5, want_end), (8, want_end)):
+        got = np.asarray(Image.open(tmp_path / f"ab_{t:04d}.png")).astype(int)
+        assert np.abs(got - w.astype(int)).max() <= 1, t
+    assert np.abs(np.asarray(Image.open(tmp_path / "ab_0003.png")).astype(int) - want_end.astype(int)).max() > 1
+
     # SDEdit at strength 0 returns the input video (through the latent encoder's round trip)
     cli("sample", run, "--prompt", "anything", "--frames", 5, "--height", 32, "--width", 32, "--steps", 4,
         "--init-video", src / "v0.mp4", "--strength", 0, "--out", tmp_path / "edit.png")
