@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from vidscale.data.args import PrepareArgs
 from vidscale.data.shards import ShardWriter
-from vidscale.data.video import IMAGE_EXTS, VIDEO_EXTS, clip_lengths, decode_media, is_image
+from vidscale.data.video import IMAGE_EXTS, VIDEO_EXTS, clip_lengths, decode_clips, decode_image, is_image
 from vidscale.models.latent import build_latent_encoder
 from vidscale.models.text import TextEncoder
 
@@ -94,6 +94,13 @@ def parse_part(spec: str | None) -> tuple[int, int] | None:
     if not 0 <= i < n:
         raise ValueError(f"--part {spec!r}: expected 0 <= I < N")
     return i, n
+
+
+def decode_media(path: Path, **kw):
+    """The clips of a video (`decode_clips(path, **kw)`), or an image's one clip (`decode_image`)."""
+    if is_image(path):
+        return iter([decode_image(path, kw["multiple"], kw["max_area"], kw["temporal"], kw["pt"])])
+    return decode_clips(path, **kw)
 
 
 # -- decode workers ---------------------------------------------------------------------------

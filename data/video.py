@@ -86,15 +86,6 @@ def decode_image(path: str | Path, multiple: int, max_area: int = 0, temporal: i
     return Clip(np.broadcast_to(img, (n, *img.shape)).copy(), 0.0, 0, (H0, W0), image=True)
 
 
-def decode_media(path: str | Path, clip_frames: int, multiple: int, fps: float = 0.0, max_area: int = 0,
-                 max_clips: int = 0, temporal: int = 4, pt: int = 1) -> Iterator[Clip]:
-    """`decode_clips` for a video; one `decode_image` clip for an image."""
-    if is_image(path):
-        yield decode_image(path, multiple, max_area, temporal, pt)
-        return
-    yield from decode_clips(path, clip_frames, multiple, fps, max_area, max_clips, temporal, pt)
-
-
 def decode_clips(path: str | Path, clip_frames: int, multiple: int, fps: float = 0.0, max_area: int = 0,
                  max_clips: int = 0, temporal: int = 4, pt: int = 1) -> Iterator[Clip]:
     """Yield consecutive clips of `clip_frames` frames; a video shorter than one clip gives
