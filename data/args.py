@@ -23,11 +23,32 @@ class SyntheticArgs:
 
 
 @dataclass
+class SourceArgs:
+    """One prepared shard set of a mixture (`data.sources`)."""
+    path: str = ""
+    """A directory of prepared shards (`vidscale prepare`)."""
+    weight: float = 1.0
+    """Its share of the training tokens, relative to the other sources' weights."""
+    name: str = ""
+    """How metrics.jsonl and the consumed records name it (default: the folder's name)."""
+
+
+def source_name(src: SourceArgs) -> str:
+    """`name`, or the last part of `path` (what `source_share` and the loader state call it)."""
+    return src.name or src.path.rstrip("/").rsplit("/", 1)[-1] or src.path
+
+
+@dataclass
 class LoaderArgs(SyntheticArgs):
     """The training loader (data/loader.py): where samples come from (prepared shards, or the
     synthetic generator whose keys it inherits) and how they are shuffled, packed and read."""
     source: str = "synthetic"
     """'synthetic' (generated latents) or a directory of prepared shards (`vidscale prepare`)."""
+    sources: list[SourceArgs] = field(default_factory=list)
+    """A mixture instead of `source`: [{path, weight, name}], prepared shard sets drawn by weight
+    as shares of the training TOKENS (a batch comes from one source; data/mixture.py). Each
+    source keeps the loader's guarantees on its own: every sample once per epoch of that
+    source, exact resume, remapping to a new dp size."""
     lookahead: int = 64
     """Videos buffered by the packer (first-fit-decreasing over this window)."""
     shuffle_buffer: int = 256

@@ -37,6 +37,7 @@ class ClipLoader:
         self.epoch, self.pos = 0, 0
         self.efficiency = 1.0
         self.stats = {"skipped": 0}
+        self.source_tokens: dict[str, int] = {}  # one source (the loop logs shares of a mixture's)
         self.shards = None
         v = vae
         if data.source == "synthetic":

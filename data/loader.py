@@ -46,7 +46,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from vidscale.data.args import LoaderArgs, SyntheticArgs
+from vidscale.data.args import LoaderArgs, SyntheticArgs, source_name
+from vidscale.data.mixture import KIND as MIXTURE, MixtureLoader, remap_mixture_states
 from vidscale.data.packing import Item, Packer, drop_tokens, pack_dropped, too_long
 from vidscale.data.shards import ShardSource
 from vidscale.data.synthetic import synthetic_video
@@ -160,6 +161,7 @@ class PackedLoader:
         self._it = None
         self._empty_segments = 0
         self.on_batch = on_batch  # only batches taken here: never those workers prefetched
+        self.source_tokens: dict[str, int] = {}  # one source: no shares to report (a mixture has them)
 
     # -- planning ----------------------------------------------------------------------
     def kept_tokens(self, i: int) -> int:
@@ -260,6 +262,9 @@ class PackedLoader:
                 "queue": [dict(q) for q in self.queue], "stats": dict(self.stats)}
 
     def load_state_dict(self, sd: dict) -> None:
+        if sd.get("kind") == MIXTURE:
+            raise ValueError(f"loader state of a mixture of data.sources {sd.get('sources')}, but this run reads "
+                             f"one data.source")
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {sd.get('version')!r}: expected {STATE_VERSION}")
         mine_all = {"n": self.n, "source": self.source.fingerprint(), "seed": self.seed,
@@ -289,6 +294,8 @@ def remap_loader_states(states: list[dict], new_dp: int) -> list[dict]:
         raise ValueError(f"new dp size must be positive, got {new_dp}")
     if not states:
         raise ValueError("no loader states to remap")
+    if states[0].get("kind") == MIXTURE:  # each source of a mixture remaps on its own
+        return remap_mixture_states(states, new_dp, remap_loader_states)
     ranks = sorted(s["dp_rank"] for s in states)
     if ranks != list(range(states[0]["dp_size"])):
         raise ValueError(f"loader states of dp ranks {ranks}: expected one per rank 0..{states[0]['dp_size'] - 1}")
@@ -404,12 +411,24 @@ def _worker_init(_):
 
 def build_loader(data: LoaderArgs, *, seed: int, tokens_per_batch: int, patch: Sequence[int], channels: int,
                  text_dim: int, dp_rank: int = 0, dp_size: int = 1, multiple: int = 1,
-                 on_batch: OnBatch | None = None) -> PackedLoader:
+                 on_batch: OnBatch | None = None) -> PackedLoader | MixtureLoader:
     """The packed loader of dp rank `dp_rank` of `dp_size` (see the module doc). `data` is the
     recipe's data section; seed and tokens_per_batch come from `train`; patch, channels
     (`model.in_channels`) and text_dim from `model`; `multiple` is the sequence-parallel degree;
     `on_batch(epoch, names)` is told the samples of each batch taken (`data.record_consumed`).
-    Shards are checked against the model and the budget first (ValueError, one line)."""
+    Shards are checked against the model and the budget first (ValueError, one line).
+    With `data.sources`, a `MixtureLoader` over one such loader per source (data/mixture.py)."""
+    if data.sources:
+        loaders = []
+        for j, src in enumerate(data.sources):
+            name = source_name(src)
+            source = ShardSource(src.path, seed=seed, patch=patch, channels=channels, text_dim=text_dim,
+                                 tokens_per_batch=tokens_per_batch, drop_tokens=data.drop_tokens,
+                                 drop_min_tokens=data.drop_min_tokens, key=f"data.sources[{j}].path", label=name)
+            loaders.append((name, src.weight, PackedLoader(source, data, budget=tokens_per_batch, seed=seed,
+                                                           patch=patch, dp_rank=dp_rank, dp_size=dp_size,
+                                                           multiple=multiple, on_batch=on_batch)))
+        return MixtureLoader(loaders, dp_rank, dp_size)
     if data.source == "synthetic":
         source = SyntheticSource(data, seed=seed, channels=channels, text_dim=text_dim, patch=patch)
     else:

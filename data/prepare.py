@@ -1,11 +1,13 @@
-"""Videos -> webdataset shards of latents + text tokens (what `vidscale prepare` runs).
+"""Videos and images -> webdataset shards of latents + text tokens (what `vidscale prepare` runs).
 
 Decodes every video under SRC with PyAV at native resolution (optionally scaled down to
 `data.max_area`, rounded to what the latent encoder x patch needs), resamples to
 `data.fps` when set, cuts clips of `data.clip_frames` frames (at most `data.max_clips` per
 video), encodes them with `data.encoder` and their captions with `data.text_encoder`, and
-writes rolling tar shards plus OUT/index.json. Captions come from `data.captions` (jsonl
-or csv with 'file' and 'caption') or a .txt beside each video. Unreadable videos are
+writes rolling tar shards plus OUT/index.json. Images (jpg, png, webp) are one-frame clips
+(data/video.py `decode_image`; with a temporal patch pt > 1, a still clip of pt latent frames)
+in the same shards and index, their metadata marked "image": true. Captions come from
+`data.captions` (jsonl or csv with 'file' and 'caption') or a .txt beside each file. Unreadable videos are
 logged, counted and skipped; a decode worker that dies (killed) costs its video, not the
 run; a run where no video gave a sample is an error.
 
@@ -31,7 +33,7 @@ from tqdm import tqdm
 
 from vidscale.data.args import PrepareArgs
 from vidscale.data.shards import ShardWriter
-from vidscale.data.video import VIDEO_EXTS, clip_lengths, decode_clips
+from vidscale.data.video import IMAGE_EXTS, VIDEO_EXTS, clip_lengths, decode_clips, decode_image, is_image
 from vidscale.models.latent import build_latent_encoder
 from vidscale.models.text import TextEncoder
 
@@ -41,7 +43,7 @@ def find_videos(src: Path) -> list[Path]:
         return [src]
     if not src.is_dir():
         raise ValueError(f"{src}: no such file or folder")
-    return sorted(p for p in src.rglob("*") if p.suffix.lower() in VIDEO_EXTS and p.is_file())
+    return sorted(p for p in src.rglob("*") if p.suffix.lower() in VIDEO_EXTS + IMAGE_EXTS and p.is_file())
 
 
 def load_captions(path: str, src: Path) -> dict[str, str]:
@@ -94,6 +96,13 @@ def parse_part(spec: str | None) -> tuple[int, int] | None:
     return i, n
 
 
+def decode_media(path: Path, **kw):
+    """The clips of a video (`decode_clips(path, **kw)`), or an image's one clip (`decode_image`)."""
+    if is_image(path):
+        return iter([decode_image(path, kw["multiple"], kw["max_area"], kw["temporal"], kw["pt"])])
+    return decode_clips(path, **kw)
+
+
 # -- decode workers ---------------------------------------------------------------------------
 def _worker_init() -> None:
     torch.set_num_threads(1)
@@ -103,7 +112,7 @@ def _decode(v: Path, **kw):
     """(clips, '') or (None, error message) for one video: runs in a decode worker, which
     hands back one video's clips (at most `data.max_clips`)."""
     try:
-        return list(decode_clips(v, **kw)), ""
+        return list(decode_media(v, **kw)), ""
     except Exception as e:  # noqa: BLE001 - any decoder failure: log, count, skip the file
         return None, _why(e)
 
@@ -165,7 +174,8 @@ def prepare(src: str | Path, out: str | Path, data: PrepareArgs, *, channels: in
     src, out, d = Path(src), Path(out), data
     videos = find_videos(src)
     if not videos:
-        raise ValueError(f"{src}: no video files (looked for mp4, webm, mkv, mov, avi, gif, m4v)")
+        raise ValueError(f"{src}: no video or image files (looked for mp4, webm, mkv, mov, avi, gif, m4v, "
+                         f"jpg, jpeg, png, webp)")
     if part is not None:
         videos = videos[part[0]::part[1]]
     sidecar = load_captions(d.captions, src)
@@ -190,8 +200,8 @@ def prepare(src: str | Path, out: str | Path, data: PrepareArgs, *, channels: in
     def encode(c) -> tuple[torch.Tensor, dict]:
         x = torch.from_numpy(np.ascontiguousarray(c.frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
         T, H, W = c.frames.shape[:3]
-        return enc.encode(x)[0].cpu(), {"fps": c.fps, "orig_size": list(c.orig_size), "size": [H, W],
-                                        "frame_range": [c.start, c.start + T]}  # latent C T' H' W'
+        meta = {"fps": c.fps, "orig_size": list(c.orig_size), "size": [H, W], "frame_range": [c.start, c.start + T]}
+        return enc.encode(x)[0].cpu(), {**meta, "image": True} if c.image else meta  # latent C T' H' W'
 
     def flush() -> None:
         texts = text.encode([cap for _, _, cap in pending])
@@ -206,7 +216,7 @@ def prepare(src: str | Path, out: str | Path, data: PrepareArgs, *, channels: in
     if workers > 1:  # decoding is the CPU-heavy part; results come in order, so shards do not depend on it
         results = _pooled(videos, decode, workers)
     else:
-        results = ((decode_clips(v, **decode), "") for v in videos)  # streamed: errors surface as clips are read
+        results = ((decode_media(v, **decode), "") for v in videos)  # streamed: errors surface as clips are read
     bar = tqdm(zip(videos, results), total=len(videos), desc="prepare", unit="video", disable=not progress,
                file=sys.stderr)
     try:
@@ -242,6 +252,8 @@ def prepare(src: str | Path, out: str | Path, data: PrepareArgs, *, channels: in
         why = "; ".join(f"{Path(f['file']).name}: {f['error']}" for f in failed[:3])
         raise ValueError(f"{src}: nothing prepared, none of {len(videos)} video(s) gave a sample ({why}"
                          f"{'; ...' if len(failed) > 3 else ''})")
-    index = writer.close(videos=len(videos), failed=len(failed), failed_files=failed, uncaptioned=uncaptioned)
+    images = sum(map(is_image, videos))
+    index = writer.close(videos=len(videos) - images, images=images, failed=len(failed), failed_files=failed,
+                         uncaptioned=uncaptioned)
     index["seconds"] = time.perf_counter() - t0
     return index

@@ -158,7 +158,7 @@ def merge_parts(out: str | Path, n: int) -> dict | None:
             raise ValueError(f"{out}: parts disagree on {k!r} ({[p.get(k) for p in parts]}): prepare them "
                              f"with the same settings")
     index = {**parts[0], "shards": [s for p in parts for s in p["shards"]], "parts": n}
-    for k in ("samples", "videos", "failed", "uncaptioned"):
+    for k in ("samples", "videos", "images", "failed", "uncaptioned"):
         index[k] = sum(p.get(k, 0) for p in parts)
     index["failed_files"] = [f for p in parts for f in p.get("failed_files", [])]
     if index["samples"] == 0:
@@ -174,12 +174,13 @@ def tokens_of(shape_THW, patch) -> int:
     return (T // pt) * (H // ph) * (W // pw)
 
 
-def read_index(root: str | Path) -> dict:
+def read_index(root: str | Path, key: str = "data.source") -> dict:
+    """The index of the shards under `root`; `key` is the recipe key errors name."""
     p = Path(root) / INDEX
     if not Path(root).is_dir():
-        raise ValueError(f"data.source = {str(root)!r}: no such directory (expected shards from 'vidscale prepare')")
+        raise ValueError(f"{key} = {str(root)!r}: no such directory (expected shards from 'vidscale prepare')")
     if not p.is_file():
-        raise ValueError(f"data.source = {str(root)!r}: no {INDEX} there (expected shards from 'vidscale prepare')")
+        raise ValueError(f"{key} = {str(root)!r}: no {INDEX} there (expected shards from 'vidscale prepare')")
     try:
         index = json.loads(p.read_text())
     except json.JSONDecodeError as e:
@@ -195,27 +196,28 @@ def read_index(root: str | Path) -> dict:
 
 
 def check_source(root: str | Path, *, patch, channels: int | None = None, text_dim: int | None = None,
-                 tokens_per_batch: int = 0, drop_tokens: float = 0.0, drop_min_tokens: int = 0) -> dict:
+                 tokens_per_batch: int = 0, drop_tokens: float = 0.0, drop_min_tokens: int = 0,
+                 key: str = "data.source") -> dict:
     """Pre-flight for the shards under `root` (`data.source`): index present, latents of
     `channels` (`model.in_channels`) and text of width `text_dim` (`model.text_dim`) when
     given, shapes divisible by `patch`, and no sample over `tokens_per_batch` after token
-    dropping (0: no budget). Returns the index; raises ValueError with one line."""
-    index = read_index(root)
+    dropping (0: no budget). Returns the index; raises ValueError with one line naming `key`."""
+    index = read_index(root, key)
     src = str(root)
     if index.get("samples", 0) < 1:
-        raise ValueError(f"data.source = {src!r}: the index holds no samples")
+        raise ValueError(f"{key} = {src!r}: the index holds no samples")
     C, D = index.get("channels"), index.get("text_dim")
     if channels is not None and C is not None and C != channels:
-        raise ValueError(f"data.source = {src!r} holds {C}-channel latents but model.in_channels = "
+        raise ValueError(f"{key} = {src!r} holds {C}-channel latents but model.in_channels = "
                          f"{channels}: set model.in_channels={C}")
     if text_dim is not None and D is not None and D != text_dim:
-        raise ValueError(f"data.source = {src!r} holds {D}-wide text tokens but model.text_dim = "
+        raise ValueError(f"{key} = {src!r} holds {D}-wide text tokens but model.text_dim = "
                          f"{text_dim}: set model.text_dim={D}")
     pt, ph, pw = patch
     for s in index["shards"]:
         for key, (T, H, W) in zip(s["keys"], s["shapes"]):
             if T % pt or H % ph or W % pw:
-                raise ValueError(f"data.source = {src!r}: a latent of shape T,H,W={T},{H},{W} in {s['name']} "
+                raise ValueError(f"{key} = {src!r}: a latent of shape T,H,W={T},{H},{W} in {s['name']} "
                                  f"is not divisible by model.patch={list(patch)}")
             n = packing.drop_tokens(tokens_of((T, H, W), patch), drop_tokens, drop_min_tokens)
             if tokens_per_batch and n > tokens_per_batch:
@@ -233,13 +235,15 @@ class ShardSource:
 
     def __init__(self, root: str | Path, *, seed: int, patch, channels: int | None = None,
                  text_dim: int | None = None, tokens_per_batch: int = 0, drop_tokens: float = 0.0,
-                 drop_min_tokens: int = 0):
+                 drop_min_tokens: int = 0, key: str = "data.source", label: str = ""):
         """seed: `train.seed` (shard order per epoch); patch: the model's (token counts);
-        the rest is `check_source`'s pre-flight (None / 0: not checked)."""
+        the rest is `check_source`'s pre-flight (None / 0: not checked; `key` names the source);
+        `label` prefixes sample names (`LABEL/shard-000000.tar:KEY`: a mixture's source)."""
         self.root = Path(root)
+        self.label = f"{label}/" if label else ""
         self.index = check_source(root, patch=patch, channels=channels, text_dim=text_dim,
                                   tokens_per_batch=tokens_per_batch, drop_tokens=drop_tokens,
-                                  drop_min_tokens=drop_min_tokens)
+                                  drop_min_tokens=drop_min_tokens, key=key)
         self.patch = tuple(patch)
         self.seed = seed
         self.shard_of: list[int] = []
@@ -266,7 +270,7 @@ class ShardSource:
         return "shards:" + hashlib.sha1(json.dumps(desc).encode()).hexdigest()[:16]
 
     def name(self, i: int) -> str:
-        return f"{self.index['shards'][self.shard_of[i]]['name']}:{self.key_of[i]}"
+        return f"{self.label}{self.index['shards'][self.shard_of[i]]['name']}:{self.key_of[i]}"
 
     def order(self, epoch: int) -> list[int]:
         shards = list(range(len(self.index["shards"])))

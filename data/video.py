@@ -1,4 +1,5 @@
-"""Video files with PyAV: decode into clips at native size, and write small videos.
+"""Video files with PyAV: decode into clips at native size, and write small videos. Images
+(Pillow) become one-frame clips, so they take the same path to latents as videos.
 
 Decoding streams frames (a long video is never held whole): frames are resampled to a
 target frame rate by their timestamps, resized only when asked (the size must divide what
@@ -13,6 +14,8 @@ from typing import Iterator
 import numpy as np
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif", ".m4v")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+"""Still images (an animated webp gives its first frame; a gif is a video)."""
 
 
 @dataclass
@@ -24,6 +27,8 @@ class Clip:
     """Index of the first frame (at `fps`) in the video."""
     orig_size: tuple[int, int]
     """(H, W) of the source video."""
+    image: bool = False
+    """A still image (its frames are one picture)."""
 
 
 def target_size(H: int, W: int, multiple: int, max_area: int = 0) -> tuple[int, int]:
@@ -52,6 +57,33 @@ def clip_lengths(frames: int, temporal: int, pt: int) -> int:
         if (n - 1) % temporal == 0 and (1 + (n - 1) // temporal) % pt == 0:
             return n
     return 0
+
+
+def is_image(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTS
+
+
+def image_frames(temporal: int, pt: int) -> int:
+    """Frames of an image's clip: 1, the one frame a causal VAE encodes alone (one latent frame),
+    when that divides by the temporal patch pt; else the image repeated into the shortest still
+    clip of pt latent frames, 1 + temporal * (pt - 1) frames (what `clip_lengths` accepts)."""
+    return 1 if pt == 1 else 1 + temporal * (pt - 1)
+
+
+def decode_image(path: str | Path, multiple: int, max_area: int = 0, temporal: int = 4, pt: int = 1) -> Clip:
+    """An image as a clip of `image_frames(temporal, pt)` identical frames (RGB, EXIF rotation
+    applied, alpha dropped), sized like a video frame (`target_size`). Raises on unreadable files."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        W0, H0 = im.size
+        h, w = target_size(H0, W0, multiple, max_area)
+        if (h, w) != (H0, W0):
+            im = im.resize((w, h), Image.Resampling.BICUBIC)
+        img = np.asarray(im, dtype=np.uint8)
+    n = image_frames(temporal, pt)
+    return Clip(np.broadcast_to(img, (n, *img.shape)).copy(), 0.0, 0, (H0, W0), image=True)
 
 
 def decode_clips(path: str | Path, clip_frames: int, multiple: int, fps: float = 0.0, max_area: int = 0,

@@ -29,7 +29,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf  # noqa: F401
 from omegaconf.errors import OmegaConfBaseException
 
-from vidscale.data.args import LoaderArgs, PrepareArgs
+from vidscale.data.args import LoaderArgs, PrepareArgs, source_name
 from vidscale.data.loader import ON_ERROR
 from vidscale.models.attention import KERNELS
 from vidscale.models.diffusion import OBJECTIVES, SCHEDULES
@@ -635,6 +635,7 @@ def validate(cfg: Config, where: str) -> None:
             bad("data.sizes", hw, f"[H, W] divisible by the patch {cfg.model.patch[1:]}")
     if cfg.data.frames[0] % cfg.model.patch[0] or cfg.data.frames[1] % cfg.model.patch[0]:
         bad("data.frames", cfg.data.frames, f"frame counts divisible by pt={cfg.model.patch[0]}")
+    _check_sources(cfg, where)
     # A one-process recipe may name an sp (or hpZ) layout that a launcher's --nproc completes: check it
     # for the smallest world it fits; the launcher checks again for the world it starts.
     sp = cfg.parallel.ulysses * cfg.parallel.ring
@@ -642,6 +643,32 @@ def validate(cfg: Config, where: str) -> None:
                  where)
     if cfg.cluster.elastic and cfg.cluster.nproc > 1:
         check_elastic(cfg, cfg.cluster.nproc, where)
+
+
+def _check_sources(cfg: Config, where: str) -> None:
+    """`data.sources`: a mixture of prepared shard sets (data/mixture.py). Paths and indexes are
+    checked where the data is read (the CLI's pre-flight, each rank's loader)."""
+    d = cfg.data
+    if not d.sources:
+        return
+    if d.source != "synthetic":
+        raise RecipeError(f"{where}: keys 'data.source' = {d.source!r} and 'data.sources' are both set: "
+                          f"expected one of them (a single shard set, or a mixture)")
+    if cfg.task != "dit":
+        raise RecipeError(f"{where}: key 'data.sources': a mixture feeds the DiT loader; task {cfg.task!r} "
+                          f"reads data.source")
+    names: dict[str, int] = {}
+    for i, s in enumerate(d.sources):
+        if not s.path or s.path == "synthetic":
+            raise RecipeError(f"{where}: key 'data.sources[{i}].path' = {s.path!r}: expected a directory of "
+                              f"prepared shards")
+        if not (math.isfinite(s.weight) and s.weight > 0):
+            raise RecipeError(f"{where}: key 'data.sources[{i}].weight' = {s.weight!r}: expected a positive number")
+        name = source_name(s)
+        if name in names:
+            raise RecipeError(f"{where}: key 'data.sources[{i}]': name {name!r} is also data.sources[{names[name]}]'s"
+                              f"; give one a 'name'")
+        names[name] = i
 
 
 def _numbers(dc, prefix: str = ""):

@@ -1,11 +1,12 @@
-"""`vidscale prepare SRC OUT`: videos -> webdataset shards of latents + text tokens.
+"""`vidscale prepare SRC OUT`: videos and images -> webdataset shards of latents + text tokens.
 
 Decodes every video under SRC with PyAV at native resolution (optionally scaled down to
 `data.max_area`, rounded to what the latent encoder x patch needs), resamples to
 `data.fps` when set, cuts clips of `data.clip_frames` frames (at most `data.max_clips` per
 video), encodes them with `data.encoder` and their captions with `data.text_encoder`, and
 writes rolling tar shards plus OUT/index.json. Captions come from `data.captions` (jsonl
-or csv with 'file' and 'caption') or a .txt beside each video. Unreadable videos are
+or csv with 'file' and 'caption') or a .txt beside each video. Images (jpg, png, webp) are
+one-frame clips in the same shards. Unreadable videos are
 logged, counted and skipped; when no video gives a sample the command fails (exit 2).
 
     vidscale prepare videos/ shards/ --set data.encoder=pixel --set data.clip_frames=17
@@ -22,7 +23,7 @@ from vidscale.scaling.config import DEVICES, load_config
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="turn videos into latent shards", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="a video file or a folder of videos (searched recursively)")
+    p.add_argument("src", help="a video or image file, or a folder of them (searched recursively)")
     p.add_argument("out", help="output folder for shard-*.tar and index.json")
     p.add_argument("--recipe", default=None, help="recipe whose data/model sections to use (default: defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -43,8 +44,11 @@ def run(args) -> int:
     index = prepare(args.src, args.out, cfg.data, channels=cfg.model.in_channels, patch=cfg.model.patch,
                     progress=not args.no_progress, device=args.device, workers=args.workers, part=part)
     skipped = f"; skipped {index['failed']} unreadable video(s)" if index["failed"] else ""
-    print(f"vidscale prepare: {index['samples']} samples from {index['videos'] - index['failed']} of "
-          f"{index['videos']} videos in {len(index['shards'])} shard(s) at {args.out} "
+    files = index["videos"] + index.get("images", 0)
+    what = (f"{files} files ({index['videos']} videos, {index['images']} images)" if index.get("images")
+            else f"{files} videos")
+    print(f"vidscale prepare: {index['samples']} samples from {files - index['failed']} of {what} "
+          f"in {len(index['shards'])} shard(s) at {args.out} "
           f"({index['seconds']:.1f} s){skipped}")
     if part is not None:
         merged = merge_parts(args.out, part[1])

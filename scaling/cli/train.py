@@ -45,10 +45,12 @@ def run(args) -> int:
     if args.init_from is not None:
         values["train.init_from"] = args.init_from
     cfg = load_config(args.recipe, list(args.overrides), values=values)
-    if cfg.data.source != "synthetic" and cfg.cluster.launcher == "local" and cfg.task == "dit":
+    shard_sets = [(s.path, f"data.sources[{j}].path") for j, s in enumerate(cfg.data.sources)] or \
+        ([(cfg.data.source, "data.source")] if cfg.data.source != "synthetic" else [])
+    for path, key in shard_sets if cfg.cluster.launcher == "local" and cfg.task == "dit" else []:
         # pre-flight before any process or run dir: index present, channels/text width/patch fit the
         # model (Ray/Slurm runs may read data only the cluster sees: their ranks check it themselves)
-        check_source(cfg.data.source, patch=cfg.model.patch, channels=cfg.model.in_channels,
+        check_source(path, patch=cfg.model.patch, channels=cfg.model.in_channels,
                      text_dim=cfg.model.text_dim, tokens_per_batch=cfg.train.tokens_per_batch,
-                     drop_tokens=cfg.data.drop_tokens, drop_min_tokens=cfg.data.drop_min_tokens)
+                     drop_tokens=cfg.data.drop_tokens, drop_min_tokens=cfg.data.drop_min_tokens, key=key)
     return launch(cfg, wait=args.wait, detach=args.detach)

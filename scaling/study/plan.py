@@ -32,6 +32,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vidscale.data.args import source_name
 from vidscale.data.loader import build_loader
 from vidscale.models.sizes import param_count
 from vidscale.scaling.checkpoint.storage import tag_for
@@ -257,6 +258,9 @@ def _base_config(sweep: Sweep) -> Config:
             raise RecipeError(f"{sweep.path}: {e}") from None
         if cfg.data.source != "synthetic":  # Ray workers run elsewhere: paths must be absolute
             cfg = _with(cfg, data={"source": str(Path(cfg.data.source).absolute())})
+        if cfg.data.sources:
+            cfg = _with(cfg, data={"sources": [replace(s, path=str(Path(s.path).absolute()), name=source_name(s))
+                                               for s in cfg.data.sources]})
         sweep.base_cfg = cfg
     return sweep.base_cfg
 

@@ -5,7 +5,8 @@ same noise, so losses compare like for like across model sizes, seeds, batch siz
 parallel layouts:
   * videos: synthetic data uses indices the training epoch never draws (>= 10^9) under a
     fixed seed, so the set does not depend on `train.seed`; prepared shards use a fixed,
-    evenly spaced subset of the index (independent of the epoch order);
+    evenly spaced subset of the index (independent of the epoch order); a mixture
+    (`data.sources`) takes that from each source, `train.val_videos` split by weight (>= 1 each);
   * timesteps and noise are drawn per video from a generator keyed by the video's position
     in the set, never by its batch, rank or step;
   * the videos are packed in a fixed order into batches of at most `train.tokens_per_batch`
@@ -44,13 +45,20 @@ def validation_videos(cfg) -> list[tuple[torch.Tensor, torch.Tensor]]:
         c = cfg
         return [synthetic_video(VAL_OFFSET + i, VAL_SEED, c.model.in_channels, c.data.frames, c.data.sizes,
                                 c.data.text_tokens, c.model.text_dim, c.model.patch) for i in range(n)]
-    src = ShardSource(cfg.data.source, seed=cfg.train.seed, patch=cfg.model.patch, channels=cfg.model.in_channels,
-                      text_dim=cfg.model.text_dim, tokens_per_batch=cfg.train.tokens_per_batch,
-                      drop_tokens=cfg.data.drop_tokens, drop_min_tokens=cfg.data.drop_min_tokens)
-    ids = sorted({j * len(src) // n for j in range(min(n, len(src)))})
-    out = [(s[0].float(), s[1].float()) for _, s, _ in src.stream(ids) if s is not None]
-    if not out:
-        raise ValueError(f"data.source={cfg.data.source}: no readable validation sample among ids {ids[:8]}")
+    d = cfg.data
+    total_w = sum(s.weight for s in d.sources)
+    sets = [(s.path, f"data.sources[{j}].path", max(1, round(n * s.weight / total_w)))
+            for j, s in enumerate(d.sources)] or [(d.source, "data.source", n)]
+    out = []
+    for path, key, k in sets:
+        src = ShardSource(path, seed=cfg.train.seed, patch=cfg.model.patch, channels=cfg.model.in_channels,
+                          text_dim=cfg.model.text_dim, tokens_per_batch=cfg.train.tokens_per_batch,
+                          drop_tokens=d.drop_tokens, drop_min_tokens=d.drop_min_tokens, key=key)
+        ids = sorted({j * len(src) // k for j in range(min(k, len(src)))})
+        got = [(s[0].float(), s[1].float()) for _, s, _ in src.stream(ids) if s is not None]
+        if not got:
+            raise ValueError(f"{key}={path}: no readable validation sample among ids {ids[:8]}")
+        out += got
     return out
 
 

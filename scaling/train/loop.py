@@ -269,6 +269,8 @@ def train(cfg: Config) -> dict:
                        "packing_efficiency": tr.loader.efficiency,
                        "skipped_samples": tr.loader.stats["skipped"],  # this rank's unreadable samples
                        "memory_gb": _memory_gb(tr.device)}
+                if tr.loader.source_tokens:  # a mixture (data.sources): its token shares, over the dp ranks
+                    rec.update(source_shares(tr.loader.source_tokens, tr.dims))
                 if split:
                     rec.update({f"split.{k}": v for k, v in split.items()})
                 log.log(tr.step, {**rec, **extra})
@@ -319,6 +321,15 @@ def train(cfg: Config) -> dict:
     tr.close()
     tr.dims.destroy()
     return result
+
+
+def source_shares(local: dict[str, int], dims) -> dict:
+    """A mixture's real tokens per source since the run began, summed over the dp ranks (every
+    rank calls it: a collective), and each source's share of them."""
+    t = collectives.sum_tensor(torch.tensor(list(local.values()), dtype=torch.float64), dims.group("dp"))
+    tokens = {name: int(v) for name, v in zip(local, t.tolist())}
+    total = max(sum(tokens.values()), 1)
+    return {"source_tokens": tokens, "source_share": {name: v / total for name, v in tokens.items()}}
 
 
 def _memory_gb(device: torch.device) -> float:

@@ -35,8 +35,9 @@ class MetricsLogger:
         self._file.write(json.dumps(rec) + "\n")
         if self._tb is not None:
             for k, v in values.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k.replace(".", "/"), v, step)
+                for name, x in (v.items() if isinstance(v, dict) else [("", v)]):  # {source: share}: one each
+                    if isinstance(x, (int, float)) and math.isfinite(x):
+                        self._tb.add_scalar("/".join(filter(None, (k.replace(".", "/"), name))), x, step)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", refresh=False)
 

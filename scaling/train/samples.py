@@ -43,7 +43,7 @@ class TrainingSamples:
         if c.data.source == "synthetic":
             H, W = c.data.sizes[0]
             return (C, c.data.frames[1], H, W)
-        s = read_index(c.data.source)["shards"][0]["shapes"][0]
+        s = read_index(c.data.sources[0].path if c.data.sources else c.data.source)["shards"][0]["shapes"][0]
         return (C, *s)
 
     def _encode(self, prompts):
