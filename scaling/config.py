@@ -247,6 +247,19 @@ class LoggingArgs:
     split_every: int = 50
     """Every N logging intervals, profile one step and log where its time went (`split.attention`,
     `split.mlp`, ... fractions; scaling/step_split.py). 0 = off. The profiled step costs ~10-30% more."""
+    wandb: bool = False
+    """Also log to Weights & Biases (rank 0; the optional extra `wandb`): every metrics.jsonl
+    scalar at its step, the resolved config, the `sample_every` samples. Files under RUN_DIR/wandb;
+    a resume continues the same wandb run. If wandb cannot start or log, one warning line, and
+    training goes on without it."""
+    wandb_project: str = "vidscale"
+    wandb_entity: str = ""
+    """The wandb team or user ('' = the account's default)."""
+    wandb_mode: str = ""
+    """online, offline (RUN_DIR/wandb only; `wandb sync` later) or disabled; '' = WANDB_MODE from
+    the environment, else online."""
+    wandb_init_timeout_s: float = 30.0
+    """Seconds wandb may take to start (an unreachable service fails after this; training goes on)."""
 
 
 @dataclass
@@ -582,6 +595,10 @@ def validate(cfg: Config, where: str) -> None:
             ("vae.beta", c.vae.beta, c.vae.beta >= 0, "a number >= 0"),
             ("logging.sample_format", c.logging.sample_format, c.logging.sample_format in ("mp4", "png"),
              "mp4 or png"),
+            ("logging.wandb_mode", c.logging.wandb_mode, c.logging.wandb_mode in ("", "online", "offline", "disabled"),
+             "online, offline, disabled or '' (WANDB_MODE)"),
+            ("logging.wandb_init_timeout_s", c.logging.wandb_init_timeout_s, c.logging.wandb_init_timeout_s > 0,
+             "a positive number of seconds"),
             ("plan.gpus", c.plan.gpus, c.plan.gpus >= 0, "a number of GPUs >= 0 (0 = not planned)"),
             ("plan.gpu_memory_gb", c.plan.gpu_memory_gb, c.plan.gpu_memory_gb >= 0, "GiB >= 0"),
             ("plan.gpu_tflops", c.plan.gpu_tflops, c.plan.gpu_tflops > 0, "a positive TFLOP/s"),
