@@ -258,8 +258,10 @@ class LoggingArgs:
     wandb_mode: str = ""
     """online, offline (RUN_DIR/wandb only; `wandb sync` later) or disabled; '' = WANDB_MODE from
     the environment, else online."""
-    wandb_init_timeout_s: float = 30.0
-    """Seconds wandb may take to start (an unreachable service fails after this; training goes on)."""
+    wandb_timeout_s: float = 30.0
+    """Seconds wandb may take to start, and to upload what is left when the run ends (the rest
+    stays in RUN_DIR/wandb for `wandb sync`). An unreachable service costs this plus ~10 s of
+    wandb's own login checks, once per start; then training goes on without wandb."""
 
 
 @dataclass
@@ -597,7 +599,7 @@ def validate(cfg: Config, where: str) -> None:
              "mp4 or png"),
             ("logging.wandb_mode", c.logging.wandb_mode, c.logging.wandb_mode in ("", "online", "offline", "disabled"),
              "online, offline, disabled or '' (WANDB_MODE)"),
-            ("logging.wandb_init_timeout_s", c.logging.wandb_init_timeout_s, c.logging.wandb_init_timeout_s > 0,
+            ("logging.wandb_timeout_s", c.logging.wandb_timeout_s, c.logging.wandb_timeout_s > 0,
              "a positive number of seconds"),
             ("plan.gpus", c.plan.gpus, c.plan.gpus >= 0, "a number of GPUs >= 0 (0 = not planned)"),
             ("plan.gpu_memory_gb", c.plan.gpu_memory_gb, c.plan.gpu_memory_gb >= 0, "GiB >= 0"),

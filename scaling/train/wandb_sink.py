@@ -2,7 +2,7 @@
 
 It logs what metrics.jsonl logs, at the same steps; the resolved config; and the sample
 videos `logging.sample_every` writes. Tracking must never cost the run: `wandb` is imported
-here (an optional extra), `wandb.init` runs under `logging.wandb_init_timeout_s`, and any
+here (an optional extra), `wandb.init` runs under `logging.wandb_timeout_s`, and any
 failure (package missing, no API key, service unreachable, a log call that raises) prints one
 warning line and turns the sink off while training goes on.
 
@@ -56,7 +56,8 @@ class WandbSink:
                 project=args.wandb_project, entity=args.wandb_entity or None, mode=args.wandb_mode or None,
                 dir=str(self.run_dir), id=run_id, resume="allow", name=self.run_dir.name, group=group, config=config,
                 # the launcher keeps the console output; wandb must not wrap stdout/stderr
-                settings=wandb.Settings(init_timeout=args.wandb_init_timeout_s, console="off"))
+                settings=wandb.Settings(init_timeout=args.wandb_timeout_s, finish_timeout=args.wandb_timeout_s,
+                                        console="off"))
         except Exception as e:  # noqa: BLE001 - tracking is never a reason to stop training
             _warn("could not start", e)
             self._run = None

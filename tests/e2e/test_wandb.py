@@ -78,12 +78,15 @@ def wandb_records(path: Path):
             yield rec
 
 
-def offline_run(run: Path) -> tuple[str, dict, dict[int, dict]]:
-    """(run id, config, {step: {key: value}}) of the one offline wandb run under RUN/wandb."""
-    files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(files) == 1, f"expected one wandb run (rank 0's), found {files}"
+def offline_runs(run: Path) -> list[Path]:
+    """The offline wandb runs under RUN/wandb, one per start of the run (oldest first)."""
+    return sorted(run.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
+
+
+def offline_run(path: Path) -> tuple[str, dict, dict[int, dict]]:
+    """(run id, config, {step: {key: value}}) of one offline wandb run."""
     run_id, config, history = "", {}, {}
-    for rec in wandb_records(files[0]):
+    for rec in wandb_records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             run_id = rec.run.run_id
@@ -105,13 +108,13 @@ def test_offline_run_logs_the_metrics_config_and_samples(tmp_path, server, debug
     assert server.connections == 0  # offline: nothing tried the server
     assert read_losses(run) == debug_zero3_reference  # tracking changed nothing in training
 
-    run_id, config, history = offline_run(run)
+    first = offline_runs(run)
+    assert len(first) == 1, f"expected one wandb run (rank 0's), found {first}"
+    run_id, config, history = offline_run(first[0])
     assert run_id == (run / "wandb" / "run_id").read_text().strip()
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sorted(history) == [m["step"] for m in metrics] == list(range(5, 41, 5))
-    for m in metrics:  # every scalar, the same value (wandb stores ints as ints, metrics.jsonl as floats)
-        row = history[m["step"]]
-        assert {k: row[k] for k in m if k != "step"} == {k: v for k, v in m.items() if k != "step"}, m["step"]
+    same_scalars(history, metrics)
 
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert {k: config[k] for k in resolved} == resolved
@@ -123,6 +126,25 @@ def test_offline_run_logs_the_metrics_config_and_samples(tmp_path, server, debug
     assert video["sha256"] == hashlib.sha256(sample.read_bytes()).hexdigest()
     assert (next(run.glob("wandb/offline-run-*/files")) / video["path"]).read_bytes() == sample.read_bytes()
     assert home_files() == home_before  # wandb wrote nothing under the home directory
+
+    # a resume continues the same wandb run
+    r = vidscale("resume", run, "--nproc", "2", "--set", "train.steps=45",
+                 env=wandb_env(tmp_path, server, WANDB_MODE="offline"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    second = [p for p in offline_runs(run) if p not in first]
+    assert len(second) == 1, offline_runs(run)
+    resumed_id, _, resumed = offline_run(second[0])
+    assert resumed_id == run_id and sorted(resumed) == [45]
+    same_scalars(resumed, [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1:])
+    assert server.connections == 0
+
+
+def same_scalars(history: dict[int, dict], metrics: list[dict]) -> None:
+    """Every metrics.jsonl scalar is in wandb's history at its step with the same value (wandb
+    keeps ints as ints where metrics.jsonl writes floats: equal as numbers)."""
+    for m in metrics:
+        row = history[m["step"]]
+        assert {k: row[k] for k in m if k != "step"} == {k: v for k, v in m.items() if k != "step"}, m["step"]
 
 
 def home_files() -> set[Path]:
@@ -136,7 +158,7 @@ def test_unreachable_service_warns_once_and_trains_the_same(tmp_path, server, de
     run = tmp_path / "run"
     env = wandb_env(tmp_path, server, WANDB_MODE="online", WANDB_API_KEY="0" * 40)
     r = vidscale("train", "recipes/debug.yaml", "--nproc", "2", "--run-dir", run,
-                 *set_args([*DEBUG_ZERO3, "logging.wandb=true", "logging.wandb_init_timeout_s=5"]), env=env)
+                 *set_args([*DEBUG_ZERO3, "logging.wandb=true", "logging.wandb_timeout_s=5"]), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert server.connections > 0  # it did try the server
     warnings = [line for line in r.stderr.splitlines() if "logging.wandb" in line]
