@@ -5,15 +5,14 @@ unreachable the run warns once and trains exactly as without wandb."""
 import hashlib
 import json
 import socket
-import struct
 import threading
 from pathlib import Path
 
 import pytest
 import yaml
-from wandb.proto import wandb_internal_pb2
 
 from conftest import DEBUG_ZERO3, cli_env, read_losses, set_args, vidscale  # noqa: E402
+from wandb_log import offline_run, offline_runs  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -54,47 +53,6 @@ def wandb_env(tmp_path: Path, server: Listener, **extra: str) -> dict:
     return {**env, "WANDB_DIR": str(tmp_path / "wandb-dir"), "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
             "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"), "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
             "WANDB_BASE_URL": server.url, "WANDB_ERROR_REPORTING": "false", **extra}
-
-
-def wandb_records(path: Path):
-    """The records of a run-*.wandb file: wandb's LevelDB-style log (a 7-byte file header, 32 KiB
-    blocks of chunks with a 7-byte header: crc32c, length, type full/first/middle/last)."""
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path}: not a wandb transaction log"
-    pos, chunk = 7, b""
-    while pos < len(data):
-        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
-            pos += 32768 - pos % 32768
-            continue
-        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0:
-            break
-        chunk += data[pos + 7:pos + 7 + n]
-        pos += 7 + n
-        if kind in (1, 4):  # full, last
-            rec = wandb_internal_pb2.Record()
-            rec.ParseFromString(chunk)
-            chunk = b""
-            yield rec
-
-
-def offline_runs(run: Path) -> list[Path]:
-    """The offline wandb runs under RUN/wandb, one per start of the run (oldest first)."""
-    return sorted(run.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
-
-
-def offline_run(path: Path) -> tuple[str, dict, dict[int, dict]]:
-    """(run id, config, {step: {key: value}}) of one offline wandb run."""
-    run_id, config, history = "", {}, {}
-    for rec in wandb_records(path):
-        kind = rec.WhichOneof("record_type")
-        if kind == "run":
-            run_id = rec.run.run_id
-            config = {u.key: json.loads(u.value_json) for u in rec.run.config.update}
-        elif kind == "history":
-            row = {".".join(i.nested_key) or i.key: json.loads(i.value_json) for i in rec.history.item}
-            history[row.pop("_step")] = row
-    return run_id, config, history
 
 
 def test_offline_run_logs_the_metrics_config_and_samples(tmp_path, server, debug_zero3_reference):
