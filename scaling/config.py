@@ -261,7 +261,8 @@ class LoggingArgs:
     wandb_timeout_s: float = 30.0
     """Seconds wandb may take to start, and to upload what is left when the run ends (the rest
     stays in RUN_DIR/wandb for `wandb sync`). An unreachable service costs this plus ~10 s of
-    wandb's own login checks, once per start; then training goes on without wandb."""
+    wandb's own login checks, once per start; then training goes on without wandb. At most half
+    of `parallel.timeout_s`: the other ranks wait for rank 0 in a collective meanwhile."""
 
 
 @dataclass
@@ -610,6 +611,9 @@ def validate(cfg: Config, where: str) -> None:
             ("plan.runtime_gb", c.plan.runtime_gb, c.plan.runtime_gb >= 0, "GiB >= 0")]:
         if not ok:
             bad(key, v, expected)
+    if cfg.logging.wandb and cfg.logging.wandb_timeout_s > cfg.parallel.timeout_s / 2:
+        bad("logging.wandb_timeout_s", cfg.logging.wandb_timeout_s, f"at most half of parallel.timeout_s = "
+            f"{cfg.parallel.timeout_s} (the other ranks wait in a collective while rank 0 starts wandb)")
     if cfg.parallel.zero_hpz < 0:
         bad("parallel.zero_hpz", cfg.parallel.zero_hpz, "0 (off) or the ranks per node of the secondary partition")
     if cfg.parallel.zero_hpz > 1 and cfg.parallel.zero_stage != 3:

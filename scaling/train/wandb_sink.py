@@ -58,6 +58,8 @@ class WandbSink:
                 # the launcher keeps the console output; wandb must not wrap stdout/stderr
                 settings=wandb.Settings(init_timeout=args.wandb_timeout_s, finish_timeout=args.wandb_timeout_s,
                                         console="off"))
+        except ImportError as e:
+            _warn("could not start: pip install 'vidscale[wandb]'", e)
         except Exception as e:  # noqa: BLE001 - tracking is never a reason to stop training
             _warn("could not start", e)
             self._run = None

@@ -7,10 +7,11 @@ import pytest
 import wandb
 from PIL import Image
 
-from vidscale.scaling.config import LoggingArgs
+from vidscale.scaling.config import LoggingArgs, RecipeError, load_config
 from vidscale.scaling.train.metrics import MetricsLogger
 from vidscale.scaling.train.wandb_sink import WandbSink
 
+from conftest import DEBUG  # noqa: E402
 from wandb_log import offline_run, offline_runs  # noqa: E402
 
 
@@ -56,3 +57,15 @@ def test_a_sink_that_cannot_start_warns_once_and_does_nothing(tmp_path, wandb_ho
     assert not sink.active and not list(run.glob("wandb/*run-*"))
     lines = [line for line in capfd.readouterr().err.splitlines() if "logging.wandb" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: logging.wandb: could not start"), lines
+
+
+@pytest.mark.parametrize("over, key, expected", [
+    ("logging.wandb_mode=cloud", "logging.wandb_mode", "online, offline, disabled"),
+    ("logging.wandb_timeout_s=0", "logging.wandb_timeout_s", "a positive number of seconds"),
+    ("logging.wandb_timeout_s=200", "logging.wandb_timeout_s", "at most half of parallel.timeout_s = 300"),
+])
+def test_wandb_keys_are_checked_when_the_recipe_loads(over, key, expected):
+    with pytest.raises(RecipeError) as e:
+        load_config(DEBUG, ["logging.wandb=true", over])
+    msg = str(e.value)
+    assert "\n" not in msg and f"key '{key}'" in msg and expected in msg, msg
