@@ -265,6 +265,22 @@ class LoggingArgs:
     split_every: int = 50
     """Every N logging intervals, profile one step and log where its time went (`split.attention`,
     `split.mlp`, ... fractions; scaling/step_split.py). 0 = off. The profiled step costs ~10-30% more."""
+    wandb: bool = False
+    """Also log to Weights & Biases (rank 0; the optional extra `wandb`): every metrics.jsonl
+    scalar at its step, the resolved config, the `sample_every` samples. Files under RUN_DIR/wandb;
+    a resume continues the same wandb run. If wandb cannot start or log, one warning line, and
+    training goes on without it."""
+    wandb_project: str = "vidscale"
+    wandb_entity: str = ""
+    """The wandb team or user ('' = the account's default)."""
+    wandb_mode: str = ""
+    """online, offline (RUN_DIR/wandb only; `wandb sync` later) or disabled; '' = WANDB_MODE from
+    the environment, else online."""
+    wandb_timeout_s: float = 30.0
+    """Seconds wandb may take to start, and to upload what is left when the run ends (the rest
+    stays in RUN_DIR/wandb for `wandb sync`). An unreachable service costs this plus ~10 s of
+    wandb's own login checks, once per start; then training goes on without wandb. At most half
+    of `parallel.timeout_s`: the other ranks wait for rank 0 in a collective meanwhile."""
 
 
 @dataclass
@@ -602,6 +618,10 @@ def validate(cfg: Config, where: str) -> None:
             ("vae.beta", c.vae.beta, c.vae.beta >= 0, "a number >= 0"),
             ("logging.sample_format", c.logging.sample_format, c.logging.sample_format in ("mp4", "png"),
              "mp4 or png"),
+            ("logging.wandb_mode", c.logging.wandb_mode, c.logging.wandb_mode in ("", "online", "offline", "disabled"),
+             "online, offline, disabled or '' (WANDB_MODE)"),
+            ("logging.wandb_timeout_s", c.logging.wandb_timeout_s, c.logging.wandb_timeout_s > 0,
+             "a positive number of seconds"),
             ("plan.gpus", c.plan.gpus, c.plan.gpus >= 0, "a number of GPUs >= 0 (0 = not planned)"),
             ("plan.gpu_memory_gb", c.plan.gpu_memory_gb, c.plan.gpu_memory_gb >= 0, "GiB >= 0"),
             ("plan.gpu_tflops", c.plan.gpu_tflops, c.plan.gpu_tflops > 0, "a positive TFLOP/s"),
@@ -618,6 +638,9 @@ def validate(cfg: Config, where: str) -> None:
     if t.init_from and cfg.checkpoint.branch_from:
         bad("train.init_from", t.init_from, "'' with checkpoint.branch_from (a branch takes its trunk's whole "
             "state, weights included)")
+    if cfg.logging.wandb and cfg.logging.wandb_timeout_s > cfg.parallel.timeout_s / 2:
+        bad("logging.wandb_timeout_s", cfg.logging.wandb_timeout_s, f"at most half of parallel.timeout_s = "
+            f"{cfg.parallel.timeout_s} (the other ranks wait in a collective while rank 0 starts wandb)")
     if cfg.parallel.zero_hpz < 0:
         bad("parallel.zero_hpz", cfg.parallel.zero_hpz, "0 (off) or the ranks per node of the secondary partition")
     if cfg.parallel.zero_hpz > 1 and cfg.parallel.zero_stage != 3:

@@ -12,6 +12,7 @@ the optimizer; the checkpoint manager saves the engine, loader and RNG as explic
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -39,6 +40,7 @@ from vidscale.scaling.train.flops import measure_peak_flops
 from vidscale.scaling.train.metrics import ConsumedLog, MetricsLogger
 from vidscale.scaling.train.step_split import StepProfiler, profile_step
 from vidscale.scaling.train.tasks import Task, build_task
+from vidscale.scaling.train.wandb_sink import WandbSink
 from vidscale.scaling.train.zero import build_zero_engine
 
 
@@ -232,8 +234,10 @@ def train(cfg: Config) -> dict:
     # PEAK_EVERY_S at a logging step (0.25 s each), and logged with the MFU it divides
     peak = measure_peak_flops(tr.device, dtype, seconds=0.5) if tr.is_main else 0.0
     t_peak = time.perf_counter()
+    sinks = ([WandbSink(tr.run_dir, c.logging, config=dataclasses.asdict(c), group=c.name)]
+             if c.logging.wandb and tr.is_main else [])
     log = MetricsLogger(tr.run_dir, tr.is_main, c.logging.tensorboard, c.logging.progress,
-                        total=c.train.steps, initial=tr.step)
+                        total=c.train.steps, initial=tr.step, sinks=sinks)
     if tr.is_main:
         (tr.run_dir / "peak_flops.json").write_text(json.dumps({"peak_flops": peak}))
     last_loss = float("nan")

@@ -1,5 +1,6 @@
-"""Run metrics: metrics.jsonl (every logged step), TensorBoard scalars, a progress bar; the
-samples each data-parallel rank trained on (consumed/dpNNNNN.jsonl, `data.record_consumed`)."""
+"""Run metrics: metrics.jsonl (every logged step), TensorBoard scalars, a progress bar, more sinks
+(wandb_sink.py); the samples each data-parallel rank trained on (consumed/dpNNNNN.jsonl,
+`data.record_consumed`)."""
 from __future__ import annotations
 
 import json
@@ -13,11 +14,12 @@ class MetricsLogger:
     """Rank 0 writes; other ranks hold a disabled logger so call sites need no branches."""
 
     def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True,
-                 progress: bool = True, total: int = 0, initial: int = 0):
+                 progress: bool = True, total: int = 0, initial: int = 0, sinks: list | None = None):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self._tb = None
         self._bar = None
+        self._sinks = sinks or []  # each with log(step, values) and close(), e.g. WandbSink
         if not enabled:
             return
         self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # appended on resume
@@ -38,6 +40,8 @@ class MetricsLogger:
                 for name, x in (v.items() if isinstance(v, dict) else [("", v)]):  # {source: share}: one each
                     if isinstance(x, (int, float)) and math.isfinite(x):
                         self._tb.add_scalar("/".join(filter(None, (k.replace(".", "/"), name))), x, step)
+        for sink in self._sinks:
+            sink.log(step, values)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", refresh=False)
 
@@ -55,6 +59,8 @@ class MetricsLogger:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+        for sink in self._sinks:
+            sink.close()
         self._file.close()
 
 
