@@ -24,9 +24,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m vidscale.scaling.warmup
 	touch $(STAMP)
 
-# The headline: a tiny IsoFLOP sweep (3 widths x 2 budgets, each run on 2 Ray workers with
-# ZeRO-3 and sp=2 over packed mixed-resolution shards of real rendered video) on an embedded
-# local Ray cluster, then the scaling-law fit and report (~10 min on 2 cores).
+# The headline: a tiny IsoFLOP sweep (3 widths x 5 budgets as trunks and cooldown branches,
+# each run on 2 Ray workers with ZeRO-3 and sp=2 over packed mixed-resolution shards of real
+# rendered video) on an embedded local Ray cluster, then the scaling-law fit, its prediction
+# of the held-out largest budget, and the report (~7 min on 2 cores after setup).
 demo: setup
 	test -f runs/demo/shards/index.json || { $(BIN)/vidscale make-videos runs/demo/videos --n 48 && \
 	  $(BIN)/vidscale prepare runs/demo/videos runs/demo/shards; }
