@@ -213,11 +213,11 @@ def universal_dir(path: Path) -> Path:
     return io.universal_dir(path.parent, path.name)
 
 
-def convert_universal(path: Path, report=print) -> Path:
+def convert_universal(path: Path, report=print, out: Path | None = None) -> Path:
     """Rank 0: DeepSpeed's universal checkpoint of `path` (once; cached beside it with its
-    own manifest). A cached one is used only if it verifies and was made from this very save
-    of `path`; otherwise it is rebuilt."""
-    out = universal_dir(path)
+    own manifest, or at `out`). A cached one is used only if it verifies and was made from this
+    very save of `path`; otherwise it is rebuilt."""
+    out = Path(out) if out is not None else universal_dir(path)
     source = io.source_id(path)
     if out.exists():
         try:

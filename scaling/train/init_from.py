@@ -12,8 +12,9 @@ The weights are read one tensor at a time and never as a whole model per rank:
     cover its own flat partition;
   - a ZeRO checkpoint's EMA: its per-rank EMA shards (safetensors) re-cut per tensor;
   - a ZeRO checkpoint's live weights: DeepSpeed's universal conversion (one fp32 file per
-    parameter, checkpoint/zero.py, made once by rank 0 and cached beside that checkpoint, as
-    a cross-layout resume does), each file memory-mapped under the weights-only loader.
+    parameter, checkpoint/zero.py), made by rank 0 into the new run's own directory
+    (RUN_DIR/.init_from-universal: the source run is only read, never written) and removed
+    once every rank has loaded it; each file memory-mapped under the weights-only loader.
 Nothing is unpickled beyond what `checkpoint.zero.load_torch` allows.
 
 The weights go into the plain model after its own `init_weights()` and before the engine
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -46,6 +48,8 @@ from vidscale.scaling.config import Config, RecipeError, load_config, model_conf
 from vidscale.scaling.parallel import collectives
 from vidscale.scaling.train.tasks import vae_config
 
+SCRATCH_DIR = ".init_from-universal"
+"""RUN_DIR/.init_from-universal: the source checkpoint's universal conversion while it loads."""
 RECORD_FILE = "init_from.json"
 """RUN_DIR/init_from.json: where a run's starting weights came from (`Source.record` + the plan)."""
 
@@ -218,7 +222,7 @@ def open_source(spec: str, ema: bool, run_dir: Path, convert: bool = True, hash_
         shapes = _model_shapes(load_config(path / "config.yaml"))
         return Source(path, shapes, rec, _unreadable)
     # one file per parameter, flattened by the conversion: shaped by the recipe that wrote them
-    univ = ckpt_zero.universal_dir(path) / ckpt_zero.TAG / "zero"
+    univ = Path(run_dir) / SCRATCH_DIR / ckpt_zero.TAG / "zero"
     recipe = _model_shapes(load_config(path / "config.yaml"))
     shapes = {}
     for d in sorted(univ.iterdir()):
@@ -317,6 +321,12 @@ class Init:
     def record(self) -> dict:
         return {**self.source.record, **self.plan.as_json()}
 
+    def release(self, run_dir: Path) -> None:
+        """Every rank, once the weights are in: rank 0 removes the conversion scratch."""
+        collectives.barrier()
+        if self.rank == 0:
+            shutil.rmtree(Path(run_dir) / SCRATCH_DIR, ignore_errors=True)
+
 
 def prepare(cfg: Config, run_dir: Path, dims) -> Init:
     """Every rank: open the source (rank 0 converts a ZeRO checkpoint first), check it against
@@ -327,7 +337,7 @@ def prepare(cfg: Config, run_dir: Path, dims) -> Init:
         try:
             path, kind = locate(spec, run_dir)
             if kind == "zero" and not cfg.train.init_from_ema:
-                ckpt_zero.convert_universal(path)  # cached beside the checkpoint, verified before use
+                ckpt_zero.convert_universal(path, out=run_dir / SCRATCH_DIR)  # the source is only read
             found = [str(path), kind]
         except (RecipeError, OSError, ValueError) as e:
             err = str(e) if isinstance(e, RecipeError) else f"train.init_from={spec}: {type(e).__name__}: {e}"

@@ -106,6 +106,8 @@ class Trainer:
         # train.init_from: weights only, into a new run; a run that restores a checkpoint has its own
         self.init = init_from.prepare(cfg, self.run_dir, self.dims) if init_from.applies(cfg, self.run_dir) else None
         self.engine = build_engine(cfg, self.dims, self.device, self.task, self.init)
+        if self.init is not None:
+            self.init.release(self.run_dir)
         self.model = self.engine.module
         if cfg.model.compile:  # last: after the engine's hooks and the sp kernel are in place
             apply_compile(self.engine.model)

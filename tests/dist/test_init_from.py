@@ -111,7 +111,9 @@ def test_a_run_directory_gives_its_latest_checkpoints_live_weights_to_zero3(run_
     want = load_file(str(run_a / "A/model.safetensors"))
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
     assert rec["kind"] == "checkpoint" and rec["step"] == 2 and rec["init_from"].endswith("step_00000002")
-    assert ckpt_zero.universal_dir(run_a / "A/checkpoints/step_00000002").is_dir()
+    # the conversion went into B's directory and is gone once loaded: A is only read
+    assert not ckpt_zero.universal_dir(run_a / "A/checkpoints/step_00000002").exists()
+    assert not (tmp_path / "B" / init_from.SCRATCH_DIR).exists()
 
 
 def test_a_run_directory_with_init_from_ema_gives_its_ema_to_plain_torch(run_a, tmp_path, monkeypatch):
