@@ -8,6 +8,8 @@ import pytest
 
 from vidscale.cluster.hosts import TestBed, prefix
 
+from conftest import wait_for  # noqa: E402
+
 pytestmark = pytest.mark.cluster
 
 ECHO = """
@@ -58,7 +60,9 @@ def test_kill_stops_every_process_of_a_host_and_down_removes_the_bed():
         ours = {f"{prefix()}-h1", f"{prefix()}-h2", f"{prefix()}-br"}
         assert ours <= namespaces()
         sleepers = [bed.popen("h2", ["sleep", "600"]) for _ in range(2)]
-        assert len(bed.pids("h2")) == 2 and bed.pids("h1") == []
+        # a child is in h2 once nsenter has run in it: under load that is a moment after Popen
+        wait_for(lambda: len(bed.pids("h2")) == 2, 30, "both sleepers inside h2")
+        assert bed.pids("h1") == []
         bed.kill("h2")
         assert all(p.wait(10) == -9 for p in sleepers)
         bed.popen("h1", ["sleep", "600"])  # still running when the bed goes down
