@@ -38,6 +38,14 @@ def source_name(src: SourceArgs) -> str:
     return src.name or src.path.rstrip("/").rsplit("/", 1)[-1] or src.path
 
 
+def shard_sets(data) -> list[tuple[str, str, float, str]]:
+    """The prepared shard sets a recipe's `data` section reads, as (path, recipe key, weight,
+    name): each of `data.sources`, or the one `data.source` (none for synthetic data)."""
+    if data.sources:
+        return [(s.path, f"data.sources[{j}].path", s.weight, source_name(s)) for j, s in enumerate(data.sources)]
+    return [] if data.source == "synthetic" else [(data.source, "data.source", 1.0, "")]
+
+
 @dataclass
 class LoaderArgs(SyntheticArgs):
     """The training loader (data/loader.py): where samples come from (prepared shards, or the

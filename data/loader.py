@@ -46,7 +46,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from vidscale.data.args import LoaderArgs, SyntheticArgs, source_name
+from vidscale.data.args import LoaderArgs, SyntheticArgs, shard_sets
 from vidscale.data.mixture import KIND as MIXTURE, MixtureLoader, remap_mixture_states
 from vidscale.data.packing import Item, Packer, drop_tokens, pack_dropped, too_long
 from vidscale.data.shards import ShardSource
@@ -418,22 +418,14 @@ def build_loader(data: LoaderArgs, *, seed: int, tokens_per_batch: int, patch: S
     `on_batch(epoch, names)` is told the samples of each batch taken (`data.record_consumed`).
     Shards are checked against the model and the budget first (ValueError, one line).
     With `data.sources`, a `MixtureLoader` over one such loader per source (data/mixture.py)."""
-    if data.sources:
-        loaders = []
-        for j, src in enumerate(data.sources):
-            name = source_name(src)
-            source = ShardSource(src.path, seed=seed, patch=patch, channels=channels, text_dim=text_dim,
-                                 tokens_per_batch=tokens_per_batch, drop_tokens=data.drop_tokens,
-                                 drop_min_tokens=data.drop_min_tokens, key=f"data.sources[{j}].path", label=name)
-            loaders.append((name, src.weight, PackedLoader(source, data, budget=tokens_per_batch, seed=seed,
-                                                           patch=patch, dp_rank=dp_rank, dp_size=dp_size,
-                                                           multiple=multiple, on_batch=on_batch)))
-        return MixtureLoader(loaders, dp_rank, dp_size)
-    if data.source == "synthetic":
-        source = SyntheticSource(data, seed=seed, channels=channels, text_dim=text_dim, patch=patch)
-    else:
-        source = ShardSource(data.source, seed=seed, patch=patch, channels=channels, text_dim=text_dim,
-                             tokens_per_batch=tokens_per_batch, drop_tokens=data.drop_tokens,
-                             drop_min_tokens=data.drop_min_tokens)
-    return PackedLoader(source, data, budget=tokens_per_batch, seed=seed, patch=patch, dp_rank=dp_rank,
-                        dp_size=dp_size, multiple=multiple, on_batch=on_batch)
+    def loader(source) -> PackedLoader:
+        return PackedLoader(source, data, budget=tokens_per_batch, seed=seed, patch=patch, dp_rank=dp_rank,
+                            dp_size=dp_size, multiple=multiple, on_batch=on_batch)
+    sets = shard_sets(data)
+    if not sets:
+        return loader(SyntheticSource(data, seed=seed, channels=channels, text_dim=text_dim, patch=patch))
+    shards = [(name, weight, loader(ShardSource(path, seed=seed, patch=patch, channels=channels, text_dim=text_dim,
+                                                tokens_per_batch=tokens_per_batch, drop_tokens=data.drop_tokens,
+                                                drop_min_tokens=data.drop_min_tokens, key=key, label=name)))
+              for path, key, weight, name in sets]
+    return MixtureLoader(shards, dp_rank, dp_size) if data.sources else shards[0][2]

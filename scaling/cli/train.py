@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vidscale.cluster.launch import add_launch_args, launch, launch_values
+from vidscale.data.args import shard_sets
 from vidscale.data.shards import check_source
 from vidscale.scaling.config import load_config
 
@@ -45,9 +46,7 @@ def run(args) -> int:
     if args.init_from is not None:
         values["train.init_from"] = args.init_from
     cfg = load_config(args.recipe, list(args.overrides), values=values)
-    shard_sets = [(s.path, f"data.sources[{j}].path") for j, s in enumerate(cfg.data.sources)] or \
-        ([(cfg.data.source, "data.source")] if cfg.data.source != "synthetic" else [])
-    for path, key in shard_sets if cfg.cluster.launcher == "local" and cfg.task == "dit" else []:
+    for path, key, _, _ in shard_sets(cfg.data) if cfg.cluster.launcher == "local" and cfg.task == "dit" else []:
         # pre-flight before any process or run dir: index present, channels/text width/patch fit the
         # model (Ray/Slurm runs may read data only the cluster sees: their ranks check it themselves)
         check_source(path, patch=cfg.model.patch, channels=cfg.model.in_channels,

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from vidscale.data.args import shard_sets
 from vidscale.data.shards import ShardSource
 from vidscale.data.synthetic import synthetic_video
 from vidscale.models.packed import pack
@@ -46,11 +47,11 @@ def validation_videos(cfg) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [synthetic_video(VAL_OFFSET + i, VAL_SEED, c.model.in_channels, c.data.frames, c.data.sizes,
                                 c.data.text_tokens, c.model.text_dim, c.model.patch) for i in range(n)]
     d = cfg.data
-    total_w = sum(s.weight for s in d.sources)
-    sets = [(s.path, f"data.sources[{j}].path", max(1, round(n * s.weight / total_w)))
-            for j, s in enumerate(d.sources)] or [(d.source, "data.source", n)]
+    sets = shard_sets(d)
+    total_w = sum(w for _, _, w, _ in sets)
     out = []
-    for path, key, k in sets:
+    for path, key, weight, _ in sets:
+        k = max(1, round(n * weight / total_w))  # one source: all n
         src = ShardSource(path, seed=cfg.train.seed, patch=cfg.model.patch, channels=cfg.model.in_channels,
                           text_dim=cfg.model.text_dim, tokens_per_batch=cfg.train.tokens_per_batch,
                           drop_tokens=d.drop_tokens, drop_min_tokens=d.drop_min_tokens, key=key)

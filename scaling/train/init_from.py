@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import xxhash
 
 from vidscale.models.dit import VideoDiT
 from vidscale.models.vae import VideoVAE
@@ -111,15 +110,6 @@ def _shape_list(names, limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def file_hash(path: Path) -> str:
-    """xxh3-128 of a file, streamed (what the run records about a weights file it started from)."""
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _safetensors(path: Path, where: str) -> tuple[dict, dict, Callable, Callable]:
     """(shapes, metadata, read, read_rows) of a safetensors file; only its header is read here."""
     from safetensors import safe_open
@@ -190,7 +180,7 @@ def open_source(spec: str, ema: bool, run_dir: Path, convert: bool = True, hash_
             raise InitFromError(f"{where}: train.init_from_ema=true, but this file holds live weights (export the "
                                 f"EMA with `vidscale export --ema`, or pass the run directory)")
         rec = {"init_from": str(path.resolve()), "kind": "file", "ema": is_ema,
-               "xxh3_128": file_hash(path) if hash_file else ""}
+               "xxh3_128": storage.digest_file(path, "xxh3_128")[0].hexdigest() if hash_file else ""}
         if "step" in meta:
             rec["step"] = int(meta["step"]) if meta["step"].isdigit() else meta["step"]
         return Source(path, shapes, rec, read, read_rows)
