@@ -51,16 +51,20 @@ test-fast: setup
 
 # The GPU machine (Python 3.12, torch with CUDA, no network) lacks these: download them here into
 # .gpu-wheels (git-ignored; carried to the GPU machine), then `make gpu-check` there installs them
-# with no index (diffusers: `bench wan`). Wheels for cp312 manylinux; deepspeed and antlr4's runtime only as source
-# archives (pure Python; deepspeed's ops JIT-build on use). av (~36 MB) and ray are left out:
-# nothing the GPU tier runs imports them.
+# with no index (diffusers and requests: `bench wan`; pytest for the tier). Wheels for cp312 manylinux;
+# deepspeed and antlr4's runtime only as source archives (pure Python; deepspeed's ops JIT-build on use;
+# building them needs setuptools, which tensorboard brings). av (~36 MB) and ray are left out: nothing
+# the GPU tier runs imports them. Rehearsed on a CPU machine in a venv holding only what the GPU machine
+# has (wheels for its own Python): the install, the tier's collection and CPU `bench step`/`bench wan`.
 GPU_WHEELS := .gpu-wheels
 GPU_PY     := --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --only-binary=:all:
 gpu-wheels: setup
 	mkdir -p $(GPU_WHEELS)
 	$(PIP) download --no-deps -d $(GPU_WHEELS) $(GPU_PY) omegaconf==2.3.0 webdataset==1.0.2 braceexpand==0.1.7 \
 	  hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-	  diffusers==0.42.1 importlib-metadata zipp
+	  diffusers==0.42.1 importlib-metadata zipp requests==2.34.2 urllib3==2.8.0 idna==3.20 \
+	  certifi==2026.10.19.post1 charset-normalizer==3.5.3 \
+	  pytest==9.2.0 pytest-timeout==2.4.0 iniconfig==2.3.1 pluggy==1.7.0 Pygments==2.21.0
 	$(PIP) download --no-deps --no-build-isolation -d $(GPU_WHEELS) --no-binary=:all: deepspeed==0.19.8 \
 	  antlr4-python3-runtime==4.9.3
 	du -sh $(GPU_WHEELS)
