@@ -1,6 +1,6 @@
 """The parts of a recipe's `data` section, each declared by what reads it.
 
-`scaling/config.py` combines them into `DataArgs` by inheritance, so recipe keys stay flat
+`scaling/config/data.py` combines them into `DataArgs` by inheritance, so recipe keys stay flat
 (`data.source`, `data.lookahead`, `data.clip_frames`, ...). They live here, below the
 engine, so the data components can name the part they take without importing `scaling`.
 """

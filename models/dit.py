@@ -21,7 +21,7 @@ from vidscale.models.packed import PackedMeta
 @dataclass
 class DiTConfig:
     """The resolved architecture. No defaults but RoPE's base: a recipe's `model` section
-    (scaling/config.py `ModelArgs`, with the size table of models/sizes.py) holds them, and
+    (scaling/config/model.py `ModelArgs`, with the size table of models/sizes.py) holds them, and
     `scaling.config.model_config` builds this from it."""
     hidden: int
     depth: int

@@ -112,6 +112,23 @@ def write_sweep(dir: Path, text: str, name: str = "sweep.yaml") -> Path:
     return p
 
 
+TWO_RUN_SET = {"train.val_videos": 3, "logging.every": 1, "logging.tensorboard": False, "checkpoint.every": 0,
+               "train.tokens_per_batch": 512}
+"""The `set:` of the sweep tests' two-run sweep: short validation, every loss logged, no checkpoints."""
+
+
+def write_two_run_sweep(dir: Path, name: str = "", file: str = "sweep.yaml", *, hidden=(32, 48),
+                        budgets=("1e9",), schedule: str = "", set: dict | None = None) -> Path:
+    """The sweep tests' sweep (`write_sweep`: over recipes/debug.yaml, into DIR/out): one run per
+    width in `hidden` (depth 1) and budget in `budgets`, at least 3 steps each, `TWO_RUN_SET`
+    updated by `set`; `schedule` (e.g. wsd-branches) and `name` when given."""
+    models = ", ".join(f"{{hidden: {h}, depth: 1}}" for h in hidden)
+    text = ((f"name: {name}\n" if name else "") + f"models: [{models}]\nbudgets: [{', '.join(budgets)}]\n"
+            + (f"schedule: {schedule}\n" if schedule else "")
+            + f"min_steps: 3\nset: {json.dumps({**TWO_RUN_SET, **(set or {})})}\n")
+    return write_sweep(dir, text, file)
+
+
 def loader_for(cfg, dp_rank: int = 0, dp_size: int = 1, multiple: int = 1, on_batch=None):
     """The packed loader a recipe's training uses (as `DiTTask.build_loader` builds it)."""
     return build_loader(cfg.data, seed=cfg.train.seed, tokens_per_batch=cfg.train.tokens_per_batch,

@@ -259,6 +259,7 @@ def train(cfg: Config) -> dict:
             tok_last += out["local_tokens"]
             log.advance()
             extra = tr.task.after_step(tr.engine, tr.step, tr.run_dir)  # VAE: held-out PSNR; DiT: samples
+            log.files(tr.task.sample_files())
             if tr.resized is not None:  # the first step at a new world size: logged, with what it cost
                 extra = {**extra, **tr.resized, "seconds_lost": time.time() - tr.resized["committed"]}
                 del extra["committed"]

@@ -19,7 +19,7 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self._tb = None
         self._bar = None
-        self._sinks = sinks or []  # each with log(step, values) and close(), e.g. WandbSink
+        self._sinks = sinks or []  # each with log(step, values), files(paths), close(): WandbSink
         if not enabled:
             return
         self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # appended on resume
@@ -36,14 +36,20 @@ class MetricsLogger:
         rec = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in values.items()}}
         self._file.write(json.dumps(rec) + "\n")
         if self._tb is not None:
-            for k, v in values.items():
-                for name, x in (v.items() if isinstance(v, dict) else [("", v)]):  # {source: share}: one each
-                    if isinstance(x, (int, float)) and math.isfinite(x):
-                        self._tb.add_scalar("/".join(filter(None, (k.replace(".", "/"), name))), x, step)
+            for k, x in scalars(values, dots_as_slashes=True).items():
+                if math.isfinite(x):
+                    self._tb.add_scalar(k, x, step)
         for sink in self._sinks:
             sink.log(step, values)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", refresh=False)
+
+    def files(self, paths: list[Path]) -> None:
+        """Files the run wrote (samples) for the sinks that upload them; each sink logs them at
+        their own step (in the name) with its next record."""
+        if self.enabled and paths:
+            for sink in self._sinks:
+                sink.files(paths)
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
@@ -62,6 +68,19 @@ class MetricsLogger:
         for sink in self._sinks:
             sink.close()
         self._file.close()
+
+
+def scalars(values: dict, dots_as_slashes: bool = False) -> dict[str, float]:
+    """The numbers of a metrics record by name, what each sink plots: a `{source: share}` value
+    gives one scalar per source, `source_share/NAME`. `dots_as_slashes`: `split.attention` as
+    `split/attention` (TensorBoard groups by the part before a slash)."""
+    out = {}
+    for k, v in values.items():
+        key = k.replace(".", "/") if dots_as_slashes else k
+        for name, x in (v.items() if isinstance(v, dict) else [("", v)]):
+            if isinstance(x, (int, float)):
+                out["/".join(filter(None, (key, name)))] = x
+    return out
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -56,12 +56,13 @@ class TrainingSamples:
             warnings.warn(f"training samples: text encoder {c.data.text_encoder!r} unavailable ({e}); unconditional")
         return [torch.zeros(0, c.model.text_dim) for _ in prompts]
 
-    def write(self, engine, objective, step: int, run_dir: Path) -> None:
+    def write(self, engine, objective, step: int, run_dir: Path) -> list[Path]:
+        """The files written: rank 0's; [] on the other ranks."""
         d, c = self.dims, self.cfg
         # a forward under ZeRO-3 gathers parameters and one under sp holds a slice of the
         # sequence, both collectively: then every rank samples along
         if not (d.rank == 0 or engine.gathers_params or d.sp > 1):
-            return
+            return []
         if self._texts is None:
             self._texts = self._encode(list(c.logging.sample_prompts))
         shape = self._latent_shape()
@@ -75,7 +76,7 @@ class TrainingSamples:
                                   device=self.device, model_call=call) for k, text in enumerate(self._texts)]
         model.train(was)
         if d.rank != 0:
-            return
+            return []
         enc = build_latent_encoder(c.data.encoder, c.model.in_channels)
         out = Path(run_dir) / "samples"
         tb = None
@@ -84,13 +85,15 @@ class TrainingSamples:
             tb = SummaryWriter(str(Path(run_dir) / "tb")) if c.logging.tensorboard else None
         except Exception:  # noqa: BLE001 - TensorBoard is optional
             tb = None
+        written = []
         for k, lat in enumerate(lats):
             with torch.no_grad():
                 frames = enc.decode(lat[None].float())[0].clamp(-1, 1)  # 3 x T x H x W
             u8 = to_uint8(frames)
-            write_frames(out / f"step_{step:07d}_{k}.{c.logging.sample_format}", u8)
+            written += write_frames(out / f"step_{step:07d}_{k}.{c.logging.sample_format}", u8)
             if tb is not None:  # one image: the frames left to right
                 strip = torch.from_numpy(u8).permute(3, 1, 0, 2).reshape(3, u8.shape[1], -1)
                 tb.add_image(f"samples/{k}", strip, step)
         if tb is not None:
             tb.close()
+        return written

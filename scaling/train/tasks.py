@@ -9,6 +9,7 @@ and never reaches into the loop.
     task.micro_loss(model, batch, meta, step, i)  -> (sum of this rank's element losses, their count)
     task.flops(meta)                              -> training FLOPs of the micro-batch (0 when not modelled)
     task.after_step(engine, step, run_dir)        -> extra metrics for the log (every rank calls it)
+    task.sample_files()                           -> sample files written since the last call (for the sinks)
     task.evaluate(engine)                         -> the held-out score a finished run reports (every rank)
     task.weights_metadata()                       -> what a weights file needs to rebuild the model
 """
@@ -50,6 +51,8 @@ class Task(Protocol):
 
     def after_step(self, engine, step: int, run_dir: Path) -> dict: ...
 
+    def sample_files(self) -> list[Path]: ...
+
     def evaluate(self, engine) -> dict[str, float]: ...
 
     def weights_metadata(self) -> dict[str, str]: ...
@@ -81,6 +84,7 @@ class DiTTask:
         self.mcfg = model_config(cfg.model)
         self.objective = build_objective(cfg.objective)
         self._samples = TrainingSamples(cfg, dims, device)
+        self._written: list[Path] = []
 
     def make_model(self) -> torch.nn.Module:
         return VideoDiT(self.mcfg)
@@ -121,8 +125,14 @@ class DiTTask:
     def after_step(self, engine, step: int, run_dir: Path) -> dict:
         every = self.cfg.logging.sample_every
         if every and (step % every == 0 or step == self.cfg.train.steps):
-            self._samples.write(engine, self.objective, step, run_dir)
+            self._written += self._samples.write(engine, self.objective, step, run_dir)
         return {}
+
+    def sample_files(self) -> list[Path]:
+        """The files `logging.sample_every` wrote since the last call (rank 0), for the sinks
+        (wandb uploads them), so that no sink has to list RUN_DIR/samples."""
+        out, self._written = self._written, []
+        return out
 
     def evaluate(self, engine) -> dict[str, float]:
         if self.cfg.train.val_videos <= 0:
@@ -178,6 +188,9 @@ class VAETask:
         if step == c.train.steps or (every and step % every == 0):
             return {"val_psnr": self.val_psnr(engine)}
         return {}
+
+    def sample_files(self) -> list[Path]:
+        return []
 
     def evaluate(self, engine) -> dict[str, float]:
         return {}  # the held-out PSNR is logged by after_step at the last step

@@ -1,7 +1,7 @@
 """`logging.wandb`: a Weights & Biases sink beside metrics.jsonl and TensorBoard (rank 0 only).
 
 It logs what metrics.jsonl logs, at the same steps; the resolved config; and the sample
-videos `logging.sample_every` writes. Tracking must never cost the run: `wandb` is imported
+videos `logging.sample_every` writes (their paths handed over by the loop, `files()`). Tracking must never cost the run: `wandb` is imported
 here (an optional extra), `wandb.init` runs under `logging.wandb_timeout_s`, and any
 failure (package missing, no API key, service unreachable, a log call that raises) prints one
 warning line and turns the sink off while training goes on.
@@ -12,13 +12,13 @@ already logged with the same values (resume is bit-exact); wandb keeps the first
 """
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import sys
 from pathlib import Path
 
 from vidscale.scaling.config import LoggingArgs
+from vidscale.scaling.train.metrics import scalars
 
 RUN_ID_FILE = "run_id"
 """RUN_DIR/wandb/run_id: the wandb run this run directory logs to."""
@@ -38,9 +38,7 @@ class WandbSink:
     def __init__(self, run_dir: str | Path, args: LoggingArgs, config: dict, group: str):
         """`config`: the resolved recipe, as wandb's run config; `group`: the recipe's name."""
         self.run_dir = Path(run_dir)
-        self.samples = self.run_dir / "samples"
-        # samples already there (a resumed run) were uploaded by the run that wrote them
-        self._seen = set(os.listdir(self.samples)) if self.samples.is_dir() else set()
+        self._pending: list[Path] = []  # sample files handed over, not yet logged
         self._run = None
         try:
             import wandb  # the optional extra `wandb`: only a run that asks for it needs it
@@ -73,28 +71,24 @@ class WandbSink:
             return
         try:
             self._log_samples(step)
-            flat = {}
-            for k, v in values.items():  # {source: share} as source_share/NAME, as TensorBoard has it
-                for name, x in (v.items() if isinstance(v, dict) else [("", v)]):
-                    if isinstance(x, (int, float)):
-                        flat["/".join(filter(None, (k, name)))] = x
-            self._run.log(flat, step=step)
+            self._run.log(scalars(values), step=step)
         except Exception as e:  # noqa: BLE001
             _warn(f"logging step {step} failed", e)
             self._stop()
 
+    def files(self, paths: list[Path]) -> None:
+        """Sample files the run wrote (TrainingSamples, during the task's step hook): logged with
+        the next record, each at its own step. Their names carry the step and prompt."""
+        if self._run is not None:
+            self._pending += [Path(p) for p in paths if _SAMPLE.match(Path(p).name)]
+
     def _log_samples(self, step: int) -> None:
-        """The sample files written since the last call, each at its own step (<= `step`).
-        TrainingSamples writes them during the task's step hook, so the task needs no handle on
-        the sinks; their names carry the step and prompt."""
-        if not self.samples.is_dir():
-            return
-        new = sorted(n for n in set(os.listdir(self.samples)) - self._seen if _SAMPLE.match(n))
-        self._seen.update(new)
+        """The sample files handed over since the last call, each at its own step (<= `step`)."""
+        new, self._pending = sorted(self._pending, key=lambda p: p.name), []
         by_step: dict[int, dict[str, list[Path]]] = {}
-        for n in new:
-            s, k = (int(g) for g in _SAMPLE.match(n).groups()[:2])
-            by_step.setdefault(s, {}).setdefault(f"samples/{k}", []).append(self.samples / n)
+        for p in new:
+            s, k = (int(g) for g in _SAMPLE.match(p.name).groups()[:2])
+            by_step.setdefault(s, {}).setdefault(f"samples/{k}", []).append(p)
         for s in sorted(by_step):
             row = {}
             for key, paths in by_step[s].items():

@@ -189,11 +189,14 @@ class ZeroEngine:
 
     @contextlib.contextmanager
     def ema_weights(self):
-        """Stage 3: each parameter's partition is overwritten with its EMA one parameter at a
-        time (the EMA shard gathered, written by rank 0 under `GatheredParameters`, which
-        re-partitions it), so the forwards inside gather EMA weights like trained ones. On exit
-        the trained weights come back from the optimizer's fp32 masters the same way: what
-        DeepSpeed itself copies into the partitions after each step, so nothing changes.
+        """Stage 3: each rank copies its own EMA shard into its parameters' partitions
+        (`ds_tensor`, the shard the forward's all-gather reads), so the forwards inside gather
+        EMA weights like trained ones and no EMA tensor is gathered for the swap. On exit the
+        partitions get the optimizer's fp32 masters back, as DeepSpeed copies them after each
+        step, so nothing changes. Gathered copies are released around both copies (they would
+        hold the other weights); persistent parameters (`parallel.persistence_threshold`), whole
+        on every rank, are gathered again from their partitions as DeepSpeed does after a step;
+        hpZ secondary partitions are dropped, and the next forward rebuilds them.
         Stages 1-2 hold whole tensors on every rank: their `.data` is swapped."""
         if self.ema is None:
             yield
@@ -202,23 +205,24 @@ class ZeroEngine:
             with swapped_data(self.model, self.ema):
                 yield
             return
-        from deepspeed.utils import safe_get_full_fp32_param
-        params = dict(self.model.named_parameters())
-        self._overwrite(lambda n, p: collectives.all_gather_cat(self.ema[n])[:p.ds_numel].view(p.ds_shape))
+        self._fill_partitions(lambda n, p: self.ema[n])
         try:
             yield
         finally:
-            self._overwrite(lambda n, p: safe_get_full_fp32_param(params[n]))
+            self._fill_partitions(lambda n, p: self._master(p))
 
-    def _overwrite(self, full_of) -> None:
-        """Every parameter := full_of(name, param) (a collective per parameter, in name order)."""
-        import deepspeed
-        for n, p in self.model.named_parameters():
-            full = full_of(n, p)
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                if self.dims.rank == 0:
-                    p.data.copy_(full.to(p.data.device, p.data.dtype).view_as(p.data))
-        # ZeRO++ hpZ: secondary partitions still hold the old values; the next forward rebuilds them
+    def _fill_partitions(self, shard_of) -> None:
+        """Every parameter's local partition := shard_of(name, param), this rank's share (no
+        collective but the persistent parameters' gather)."""
+        self.ds.optimizer.parameter_offload.partition_all_parameters()  # every gathered copy, persistent ones too
+        persist = []
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.ds_tensor.copy_(shard_of(n, p).to(p.ds_tensor.device, p.ds_tensor.dtype).view_as(p.ds_tensor))
+                if p.ds_persist:
+                    persist.append(p)
+        if persist:
+            persist[0].all_gather(persist)
         self.ds.optimizer.invalidate_secondary_tensor()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (DEBUG_ZERO3, ROOT, host_bed, read_losses, set_args, vidscale, vidscale_cmd, wait_for,
-                      write_sweep)
+                      write_two_run_sweep)
 from vidscale.cluster.hosts import INTERFACE
 from vidscale.scaling.checkpoint import storage as ckpt_io
 from vidscale.scaling.checkpoint.rundir import RunLock
@@ -29,6 +29,7 @@ DOWN = ROOT / "cluster" / "scripts" / "slurm-hosts-down.sh"
 # 12 steps, every loss logged, a checkpoint every 4: a failure after step 5 has something to lose
 RUN = [*DEBUG_ZERO3, "train.steps=12", "logging.every=1", "checkpoint.every=4"]
 NPROC = 4  # 2 nodes x 2 ranks
+SLURM_TIME = {"cluster.slurm.time": "00:20:00"}
 REQUEUE_KILL_RETRY_S = 70
 """How long a node must stay dead after Slurm requeued its job (see the requeue test)."""
 
@@ -106,23 +107,13 @@ def test_four_ranks_on_two_nodes_match_the_single_host_run(slurm2, tmp_path, ref
     assert min(sent.values()) > 1_000_000, sent
 
 
-SWEEP = """
-name: hosts2
-models: [{hidden: 32, depth: 1}, {hidden: 48, depth: 1}]
-budgets: [1e9]
-min_steps: 3
-set: {train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkpoint.every: 0,
-      train.tokens_per_batch: 512, cluster.slurm.time: "00:20:00"}
-"""
-
-
 def test_sweep_job_array_spreads_over_both_nodes(slurm2, tmp_path):
     local, remote = tmp_path / "local", tmp_path / "slurm"
     local.mkdir(), remote.mkdir()
-    r = vidscale("sweep", write_sweep(local, SWEEP), "--progress-every", "5", timeout=900)
+    r = vidscale("sweep", write_two_run_sweep(local, "hosts2", set=SLURM_TIME), "--progress-every", "5", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r = slurm2.vidscale("sweep", write_sweep(remote, SWEEP), "--launcher", "slurm", "--progress-every", "5",
-                        timeout=900)
+    r = slurm2.vidscale("sweep", write_two_run_sweep(remote, "hosts2", set=SLURM_TIME), "--launcher", "slurm",
+                        "--progress-every", "5", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = {}
     for d in (local, remote):

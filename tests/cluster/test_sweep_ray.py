@@ -5,29 +5,20 @@ import json
 
 import pytest
 
-from conftest import ROOT, vidscale  # noqa: E402
+from conftest import vidscale, write_two_run_sweep  # noqa: E402
 
 pytestmark = pytest.mark.cluster
 
 
-SWEEP = """
-name: {name}
-base: {base}
-sweep_dir: {out}
-models: [{{hidden: 32, depth: 1}}, {{hidden: 48, depth: 1}}]
-budgets: [1e9]
-min_steps: 3
-set: {{train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkpoint.every: 0,
-      train.tokens_per_batch: 512{extra}}}
-"""
+SLURM_TIME = {"cluster.slurm.time": "00:20:00"}
+WSD = dict(hidden=(32,), budgets=("1e9", "3e9"), schedule="wsd-branches")
 
 
 @pytest.fixture(scope="module")
 def local_losses(tmp_path_factory):
     """The validation losses of the same two runs run locally: what every launcher must give."""
     tmp = tmp_path_factory.mktemp("local-sweep")
-    p = tmp / "local.yaml"
-    p.write_text(SWEEP.format(name="local2", base=ROOT / "recipes/debug.yaml", out=tmp / "out", extra=""))
+    p = write_two_run_sweep(tmp, "local2", "local.yaml")
     r = vidscale("sweep", p, "--progress-every", "5", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     with open(tmp / "out" / "results.csv", newline="") as f:
@@ -35,8 +26,7 @@ def local_losses(tmp_path_factory):
 
 
 def test_two_run_sweep_on_embedded_ray(tmp_path, local_losses):
-    p = tmp_path / "ray.yaml"
-    p.write_text(SWEEP.format(name="ray2", base=ROOT / "recipes/debug.yaml", out=tmp_path / "out", extra=""))
+    p = write_two_run_sweep(tmp_path, "ray2", "ray.yaml")
     r = vidscale("sweep", p, "--launcher", "ray", "--cpus", "2", "--progress-every", "5", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = tmp_path / "out"
@@ -54,9 +44,7 @@ def test_two_run_sweep_on_embedded_ray(tmp_path, local_losses):
 
 def test_two_run_sweep_on_slurm(tmp_path, slurm_cluster, local_losses):
     """--launcher slurm: one job array, a task per run, each task running the run's own script."""
-    p = tmp_path / "slurm.yaml"
-    p.write_text(SWEEP.format(name="slurm2", base=ROOT / "recipes/debug.yaml", out=tmp_path / "out",
-                              extra=', cluster.slurm.time: "00:20:00"'))
+    p = write_two_run_sweep(tmp_path, "slurm2", "slurm.yaml", set=SLURM_TIME)
     r = vidscale("sweep", p, "--launcher", "slurm", "--progress-every", "5", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     with open(tmp_path / "out" / "results.csv", newline="") as f:
@@ -75,10 +63,6 @@ def test_two_run_sweep_on_slurm(tmp_path, slurm_cluster, local_losses):
     assert r.returncode == 0 and "2 finished run(s) skipped; 0 to run" in r.stdout, r.stdout + r.stderr
 
 
-WSD = SWEEP.replace("models: [{{hidden: 32, depth: 1}}, {{hidden: 48, depth: 1}}]", "models: [{{hidden: 32, depth: 1}}]") \
-           .replace("budgets: [1e9]", "budgets: [1e9, 3e9]\nschedule: wsd-branches")
-
-
 def _losses(out):
     with open(out / "results.csv", newline="") as f:
         return {x["name"]: (x["status"], float(x["loss"])) for x in csv.DictReader(f)}
@@ -87,8 +71,7 @@ def _losses(out):
 @pytest.fixture(scope="module")
 def local_wsd(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("local-wsd")
-    p = tmp / "wsd.yaml"
-    p.write_text(WSD.format(name="wsd-local", base=ROOT / "recipes/debug.yaml", out=tmp / "out", extra=""))
+    p = write_two_run_sweep(tmp, "wsd-local", "wsd.yaml", **WSD)
     r = vidscale("sweep", p, "--progress-every", "5", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return _losses(tmp / "out")
@@ -98,12 +81,11 @@ def local_wsd(tmp_path_factory):
 def test_wsd_branches_sweep_on_cluster_launchers(tmp_path, local_wsd, launcher, request):
     """The branch starts only once its trunk's checkpoint exists (Ray: while the trunk may still
     run; Slurm: a second job array after the trunks' array) and ends as it does locally."""
-    extra = ""
+    extra = {}
     if launcher == "slurm":
         request.getfixturevalue("slurm_cluster")
-        extra = ', cluster.slurm.time: "00:20:00"'
-    p = tmp_path / "wsd.yaml"
-    p.write_text(WSD.format(name=f"wsd-{launcher}", base=ROOT / "recipes/debug.yaml", out=tmp_path / "out", extra=extra))
+        extra = SLURM_TIME
+    p = write_two_run_sweep(tmp_path, f"wsd-{launcher}", "wsd.yaml", set=extra, **WSD)
     args = ["--cpus", "2"] if launcher == "ray" else []
     r = vidscale("sweep", p, "--launcher", launcher, "--progress-every", "5", *args, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, vidscale_cmd, write_sweep  # noqa: E402
+from conftest import ROOT, vidscale_cmd, write_two_run_sweep  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -18,23 +18,13 @@ def _sweep_cmd(path, *extra):
     return vidscale_cmd("sweep", path, "--progress-every", "2", *extra)
 
 
-TINY = """
-name: two
-models: [{hidden: 32, depth: 1}, {hidden: 48, depth: 1}]
-budgets: [1e9]
-min_steps: 3
-set: {train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkpoint.every: 0,
-      train.tokens_per_batch: 512}
-"""
-
-
 def _rows(out: Path) -> list[dict]:
     with open(out / "results.csv", newline="") as f:
         return list(csv.DictReader(f))
 
 
 def test_two_run_sweep_writes_results_and_report(tmp_path):
-    p = write_sweep(tmp_path, TINY)
+    p = write_two_run_sweep(tmp_path, "two")
     r = subprocess.run(_sweep_cmd(p), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     out = tmp_path / "out"
@@ -57,8 +47,7 @@ def test_two_run_sweep_writes_results_and_report(tmp_path):
 def test_interrupted_sweep_resumes_without_rerunning_finished_runs(tmp_path):
     """Kill the sweep while its second run trains (after it saved a checkpoint), run the same
     command again: the first run is skipped, the second resumes from its checkpoint."""
-    p = write_sweep(tmp_path, TINY.replace("checkpoint.every: 0", "checkpoint.every: 2")
-                    .replace("budgets: [1e9]", "budgets: [3e9]"))
+    p = write_two_run_sweep(tmp_path, "two", budgets=("3e9",), set={"checkpoint.every": 2})
     out = tmp_path / "out"
     first, second = out / "runs" / "h32d1-C3e9", out / "runs" / "h48d1-C3e9"
     log = open(tmp_path / "sweep1.log", "w")
@@ -94,15 +83,11 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_runs(tmp_path):
     assert json.loads((out / "state.json").read_text())["h48d1-C3e9"]["attempts"] == 2
 
 
-WSD = TINY.replace("models: [{hidden: 32, depth: 1}, {hidden: 48, depth: 1}]", "models: [{hidden: 32, depth: 1}]") \
-          .replace("budgets: [1e9]", "budgets: [1e9, 3e9]\nschedule: wsd-branches")
-
-
 def test_wsd_branch_trains_only_its_cooldown_and_equals_an_independent_run(tmp_path):
     """A wsd-branches sweep: the small budget's run starts from the trunk's checkpoint at its
     cooldown and its losses are those of the same run trained from scratch, bit for bit."""
     from conftest import read_losses, vidscale
-    p = write_sweep(tmp_path, WSD)
+    p = write_two_run_sweep(tmp_path, "two", hidden=(32,), budgets=("1e9", "3e9"), schedule="wsd-branches")
     dry = subprocess.run(_sweep_cmd(p, "--dry-run"), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert dry.returncode == 0 and "h32d1-C3e9 @ step" in dry.stdout and "(1 branches)" in dry.stdout, dry.stdout
     r = subprocess.run(_sweep_cmd(p), cwd=ROOT, capture_output=True, text=True, timeout=900)

@@ -1,5 +1,5 @@
-"""The wandb sink in this process, offline: png samples reach wandb as the frames of their prompt
-at their own step; a sink that cannot start says so in one line and then does nothing."""
+"""The wandb sink in this process, offline: png samples handed to it reach wandb as the frames of
+their prompt at their own step; a sink that cannot start says so in one line and then does nothing."""
 import os
 
 import numpy as np
@@ -35,8 +35,13 @@ def test_png_samples_go_to_their_own_step(tmp_path, wandb_home):
     assert sink.active
     log = MetricsLogger(run, True, tensorboard=False, progress=False, sinks=[sink])
     log.log(2, {"loss": 0.5})
+    written = []
     for f in range(3):  # what TrainingSamples writes at step 3 with sample_format png
-        Image.fromarray(np.full((4, 6, 3), 40 * f, np.uint8)).save(run / "samples" / f"step_0000003_0_{f:03d}.png")
+        written.append(run / "samples" / f"step_0000003_0_{f:04d}.png")
+        Image.fromarray(np.full((4, 6, 3), 40 * f, np.uint8)).save(written[-1])
+    log.files(written)  # what the loop hands over after the step hook
+    # a sample file nobody handed over (an earlier run's) is not uploaded: the sink lists no directory
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(run / "samples" / "step_0000004_1_0000.png")
     log.log(4, {"loss": 0.25, "tokens": 96})
     log.close()
     (path,) = offline_runs(run)
@@ -45,6 +50,7 @@ def test_png_samples_go_to_their_own_step(tmp_path, wandb_home):
     assert sorted(history) == [2, 3, 4]
     assert history[2]["loss"] == 0.5 and history[4]["loss"] == 0.25 and history[4]["tokens"] == 96
     assert history[3]["samples/0._type"] == "images/separated" and history[3]["samples/0.count"] == 3
+    assert not [k for k in history[4] if k.startswith("samples/")]
 
 
 def test_a_sink_that_cannot_start_warns_once_and_does_nothing(tmp_path, wandb_home, monkeypatch, capfd):
