@@ -44,6 +44,9 @@ def test_png_samples_go_to_their_own_step(tmp_path, wandb_home):
     Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(run / "samples" / "step_0000004_1_0000.png")
     log.log(4, {"loss": 0.25, "tokens": 96})
     log.close()
+    # what a training process's exit does: wait for wandb's service to write all it was sent
+    # (finish() can return before the run record is in the offline file)
+    wandb.teardown()
     (path,) = offline_runs(run)
     run_id, config, history = offline_run(path)
     assert run_id == (run / "wandb" / "run_id").read_text().strip() and config["train"] == {"steps": 4}
