@@ -8,6 +8,7 @@ import sys
 from vidscale.scaling.cli import (bench, cancel, export, fit, info, make_videos, plan, prepare, resume, sample,
                                   status, sweep, train)
 from vidscale.scaling.config import RecipeError
+from vidscale.scaling.train.signals import Interrupted
 
 # keep in the order `vidscale --help` shows them
 SUBCOMMANDS = [train, resume, export, sample, info, plan, bench, prepare, make_videos, sweep, fit, status, cancel]
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         # run dir in use, a diverged run: one line naming the path or the step
         print(f"vidscale {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:  # SIGTERM / SIGHUP, once what was started here is stopped
+        print(f"vidscale {args.command}: interrupted ({e})", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"vidscale {args.command}: interrupted", file=sys.stderr)
         return 130
