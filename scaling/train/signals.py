@@ -50,20 +50,28 @@ def _handler(signum, frame) -> None:  # noqa: ARG001
 class Interrupted(KeyboardInterrupt):
     """A stop signal (SIGTERM, SIGHUP, SIGINT) as an exception, so that `finally` blocks and
     context managers run (runs stopped, an embedded Ray cluster shut down) before the process
-    exits with `exit_code`, 128 + the signal's number, as if the signal had ended it."""
+    exits with 128 + the signal's number, as if the signal had ended it (`scaling/cli/main.py`)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
+
+_received: list[int] = []
 
 
 def interrupt(signum, frame) -> None:  # noqa: ARG001
     """A signal handler: raise `Interrupted(signum)` in the main thread."""
+    _received.append(signum)
     raise Interrupted(signum)
+
+
+def interrupted_by() -> int:
+    """The first stop signal `interrupt` turned into an exception in this process, else SIGINT
+    (Ctrl-C's own KeyboardInterrupt). A library may catch `Interrupted` and raise a plain
+    KeyboardInterrupt in its place (Ray Train's fit does): the exit status still follows the
+    signal."""
+    return _received[0] if _received else int(signal.SIGINT)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
