@@ -11,10 +11,17 @@ judge; this module renders, submits, follows and cancels.
     job = submit_array(path)
     for i in follow_array(job, len(scripts)):        # a task index as each task leaves the queue,
         ...                                          # None after every poll
+
+A controller that does not answer (restarted, a network blip) is not a job that ended: squeue
+is asked again, less and less often, for up to QUEUE_OUTAGE_S, with one warning line per
+outage; past that, `QueueUnreachable` names the job and squeue's message. Only squeue's
+"Invalid job id" (the controller has forgotten the job: MinJobAge after its end) means done.
 """
 from __future__ import annotations
 
 import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +30,16 @@ from vidscale.cluster.slurm import call, first_error
 
 # lines of a run's header that name the run itself, not the resources it needs
 OWN_LINES = ("#SBATCH --job-name", "#SBATCH --output")
+QUEUE_OUTAGE_S = 300.0
+"""How long `follow_array` keeps asking a controller that does not answer before it gives up."""
+SQUEUE_TIMEOUT_S = 60.0
+"""One squeue call: it retries a lost controller by itself (~18 s, Slurm 22.05) before failing."""
+FORGOTTEN = "invalid job id"
+"""squeue's answer (lower-cased) for a job the controller no longer holds: it ended."""
+
+
+class QueueUnreachable(ConnectionError):
+    """squeue failed for another reason than a job the controller forgot."""
 
 
 def common_header(scripts: list[Path]) -> list[str] | None:
@@ -63,21 +80,56 @@ def task_id(job: str, i: int) -> str:
     return f"{job}_{i}"
 
 
+def forgotten(message: str) -> bool:
+    """squeue's error `message` says the controller no longer knows the job (it ended long
+    enough ago), rather than that the controller could not be asked."""
+    return FORGOTTEN in message.lower()
+
+
 def queued_tasks(job: str) -> dict[str, str]:
-    """Task id -> state of the array's tasks that squeue still lists (pending or running)."""
-    r = call(["squeue", "-h", "-r", "-j", job, "-o", "%i %T"])
+    """Task id -> state of the array's tasks that squeue still lists (pending or running);
+    {} once the controller has forgotten the job. Raises `QueueUnreachable` when squeue
+    cannot say (controller down or slow)."""
+    cmd = ["squeue", "-h", "-r", "-j", job, "-o", "%i %T"]
+    try:
+        r = call(cmd, timeout=SQUEUE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise QueueUnreachable(f"squeue -j {job}: no answer in {SQUEUE_TIMEOUT_S:g} s") from None
     if r.returncode != 0:
-        return {}
+        msg = first_error(r.stderr) or r.stdout.strip() or f"exit status {r.returncode}"
+        if forgotten(msg):
+            return {}
+        raise QueueUnreachable(f"squeue -j {job}: {msg}")
     return {l.split()[0]: l.split()[1] for l in r.stdout.splitlines() if l.strip()}
 
 
-def follow_array(job: str, n: int, poll_s: float = 2.0) -> Iterator[int | None]:
+def follow_array(job: str, n: int, poll_s: float = 2.0, outage_s: float | None = None,
+                 warn=None) -> Iterator[int | None]:
     """Yields each task's index once it has left the queue, and None after every poll (so
-    the caller can report progress), until all n tasks have ended."""
-    active = set(range(n))
+    the caller can report progress), until all n tasks have ended. While squeue cannot reach
+    the controller nothing is reported ended: it is asked again with a growing pause (up to
+    30 s), a line to `warn` (default stderr) when the outage starts, and `QueueUnreachable`
+    once it has lasted `outage_s` (default QUEUE_OUTAGE_S)."""
+    outage_s = QUEUE_OUTAGE_S if outage_s is None else outage_s
+    warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+    active, pause, down_since = set(range(n)), poll_s, None
     while active:
-        time.sleep(poll_s)
-        queued = queued_tasks(job)
+        time.sleep(pause)
+        try:
+            queued = queued_tasks(job)
+        except QueueUnreachable as e:
+            now = time.monotonic()
+            if down_since is None:
+                down_since = now
+                warn(f"vidscale: Slurm does not answer ({e}); job array {job}: asking again for up to {outage_s:g} s")
+            elif now - down_since >= outage_s:
+                raise QueueUnreachable(f"job array {job}: Slurm has not answered for {now - down_since:.0f} s ({e}); "
+                                       "its tasks may still run: run the same command again once Slurm answers "
+                                       "(unfinished runs resume from their checkpoints)") from None
+            pause = min(30.0, pause * 2, max(0.1, down_since + outage_s - now))
+            yield None
+            continue
+        pause, down_since = poll_s, None
         for i in sorted(active):
             if task_id(job, i) not in queued:
                 active.discard(i)
@@ -85,5 +137,9 @@ def follow_array(job: str, n: int, poll_s: float = 2.0) -> Iterator[int | None]:
         yield None
 
 
-def cancel_array(job: str) -> None:
-    call(["scancel", job])
+def cancel_array(job: str) -> bool:
+    """scancel the whole array; False when Slurm did not answer (nothing to be done then)."""
+    try:
+        return call(["scancel", job]).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False

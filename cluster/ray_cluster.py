@@ -26,9 +26,13 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from vidscale.cluster.proctree import Proc, children, proc, stop_tree, tree
+from vidscale.scaling.train.signals import STOP_SIGNALS, Interrupted, stop_on
 
 DEFAULT_DIR = f"/tmp/vidscale-ray-{os.getuid()}"  # short: Ray's socket paths live under it (108-byte limit)
 TOKEN_FILE = "auth_token"
@@ -253,15 +257,38 @@ def main(argv: list[str] | None = None) -> int:
 _process_token: list[Path] = []
 
 
+def init_keeping_handlers(**kwargs) -> None:
+    """`ray.init(**kwargs)` without its signal handler: ray.init installs one for SIGTERM that
+    ends the process at once (no `finally`, no shutdown; measured with Ray 2.60), which would
+    leave an embedded cluster's processes behind. The handlers in place before are put back."""
+    import ray
+    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    ray.init(**kwargs)
+    for s, h in saved.items():
+        if h is not None and signal.getsignal(s) is not h:
+            signal.signal(s, h)
+
+
 class EmbeddedRay:
     """A local Ray head started here and stopped here, every process of it listening on
     127.0.0.1 only and requiring a token generated for this process (DEFAULT_DIR/token-PID,
     0600); runs connect by address and inherit the token through the environment, which is
-    restored on exit. One token per process: Ray's C++ side caches the first it reads."""
+    restored on exit.
+
+    Stopping it stops every process it started, and only those: the node processes ray.init
+    started (this process's new children) and whatever they started (agents, workers), each
+    known by pid and start time. Ray's own shutdown leaves its dashboard and runtime-env
+    agents running (they ignore SIGTERM); those left after a short grace get SIGKILL. While
+    it runs, SIGTERM / SIGHUP / SIGINT raise `Interrupted` (unless the caller handles or
+    ignores them), so the cluster is stopped on the way out and the process exits 128+signal.
+    One token per process: Ray's C++ side caches the first it reads."""
 
     def __init__(self, cpus: int, gpus: int = 0, runtime_env: dict | None = None):
         self.cpus, self.gpus, self.runtime_env = cpus, gpus, runtime_env
         self._saved: dict[str, str | None] = {}
+        self._handlers: dict[int, object] = {}
+        self.processes: list[Proc] = []
+        """The node processes ray.init started here (gcs, raylet, dashboard, monitors)."""
 
     def __enter__(self) -> str:
         if not _process_token:
@@ -276,18 +303,46 @@ class EmbeddedRay:
         from ray._raylet import Config
         ray_constants.ENABLE_RAY_CLUSTER = False  # LOCAL_ONLY, read once when ray was imported
         Config.initialize("")  # RAY_AUTH_MODE too (what ray's own _enable_token_auth does)
-        ray.init(num_cpus=self.cpus, num_gpus=self.gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env=self.runtime_env, logging_level="WARNING")
+        # a signal the caller left at its default would end this process and orphan the cluster
+        default = [s for s in STOP_SIGNALS if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler)]
+        self._handlers = stop_on(*default)
+        before = children(os.getpid())
+        try:
+            init_keeping_handlers(num_cpus=self.cpus, num_gpus=self.gpus, include_dashboard=False,
+                                  _node_ip_address="127.0.0.1", runtime_env=self.runtime_env,
+                                  logging_level="WARNING")
+        except BaseException:  # failed or interrupted half way: stop what it started
+            self.processes = [p for p in map(proc, children(os.getpid()) - before) if p]
+            self.__exit__(None, None, None)
+            raise
+        self.processes = [p for p in map(proc, children(os.getpid()) - before) if p]
         return ray.get_runtime_context().gcs_address
 
     def __exit__(self, *exc) -> None:
         import ray
-        ray.shutdown()
-        for k, v in self._saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        # a second signal must not cut the clean-up short: noted, and raised once it is done
+        # (unless an exception is already on its way out)
+        later: list[int] = []
+        main = threading.current_thread() is threading.main_thread()
+        held = {s: signal.signal(s, lambda signum, frame: later.append(signum)) for s in STOP_SIGNALS
+                if main and signal.getsignal(s) not in (None, signal.SIG_IGN)}
+        try:
+            cluster = tree(self.processes)  # before the shutdown: the agents then lose their parent
+            ray.shutdown()
+            left = stop_tree(cluster)
+            if left:
+                print(f"vidscale: could not stop Ray processes {[p.pid for p in left]}", file=sys.stderr)
+        finally:
+            for k, v in self._saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            for s, h in (*held.items(), *self._handlers.items()):
+                signal.signal(s, h)
+            self._handlers = {}
+        if later and exc[0] is None:
+            raise Interrupted(later[0])
 
 
 if __name__ == "__main__":

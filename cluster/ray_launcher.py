@@ -44,7 +44,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 from vidscale.cluster.job import new_job  # noqa: E402
-from vidscale.cluster.ray_cluster import EmbeddedRay, use_token_auth  # noqa: E402
+from vidscale.cluster.ray_cluster import EmbeddedRay, init_keeping_handlers, use_token_auth  # noqa: E402
 from vidscale.cluster.slurm import REQUEUE_MARKER  # noqa: E402
 from vidscale.cluster.slurm_task import watch_stop_file  # noqa: E402
 from vidscale.scaling.checkpoint.rundir import LOCK_ENV, RunDirNotShared, check_shared, held_by_launcher  # noqa: E402
@@ -52,6 +52,7 @@ from vidscale.scaling.config import (check_elastic, check_layout, load_config, n
                                      save_config)
 from vidscale.scaling.parallel import collectives  # noqa: E402
 from vidscale.scaling.train.loop import train  # noqa: E402
+from vidscale.scaling.train.signals import interrupt  # noqa: E402
 
 CONFIG = "launch.yaml"
 ATTEMPTS = ".ray_attempts"
@@ -188,7 +189,7 @@ def run_trainer(cfg, address: str = "", nodes: int = 1) -> int:
     os.environ.update(WORKER_ENV)  # the controller actor reads them too (local clusters)
     embedded = None
     if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=True)
+        init_keeping_handlers(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=True)
     else:
         # an embedded single-node cluster, on 127.0.0.1 with a token, gone when this process ends
         embedded = EmbeddedRay(max(2, int(c.nproc * c.cpus_per_worker + 0.999)),
@@ -236,10 +237,6 @@ def run_trainer(cfg, address: str = "", nodes: int = 1) -> int:
             ray.shutdown()
 
 
-def _raise_interrupt(signum, frame):  # noqa: ARG001
-    raise KeyboardInterrupt
-
-
 def launch_ray(cfg, wait: bool = False, detach: bool = False, command: list[str] | None = None) -> int:
     check_request(cfg)
     address = address_of(cfg)
@@ -248,8 +245,9 @@ def launch_ray(cfg, wait: bool = False, detach: bool = False, command: list[str]
     job = new_job("ray", cfg.train.run_dir, command or sys.argv, state="RUNNING", address=address,
                   pid=os.getpid())
     job.save()
-    # `vidscale cancel` sends SIGTERM: leave through `finally`, so ray.shutdown() runs
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # `vidscale cancel` sends SIGTERM: leave through `finally`, so ray.shutdown() runs (and an
+    # embedded cluster is stopped), then exit 143
+    old = signal.signal(signal.SIGTERM, interrupt)
     code = 1
     try:
         code = run_trainer(cfg, address)

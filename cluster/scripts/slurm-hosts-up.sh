@@ -15,7 +15,8 @@
 # hostname and one filesystem, so the controller is named `SlurmctldHost=$(hostname)(SUBNET.1)`
 # and each slurmd gets its node name with `-N hI` and its own spool, pid and log file (`%n`).
 # One munged serves every host through the filesystem (/run/munge): the one
-# cluster/scripts/slurm-up.sh starts is reused when it answers, else it is started the same way.
+# cluster/scripts/slurm-up.sh starts is reused when it answers, else it is started the same way
+# (cluster/scripts/munge.sh, which both scripts source).
 #
 # Idempotent: run it again and it starts only what is missing (a slurmd killed with its host is
 # restarted this way) and waits until every node takes jobs again (ReturnToService=2).
@@ -39,6 +40,8 @@ DIR=${VIDSCALE_SLURM_HOSTS_DIR:-/tmp/vidscale-slurm-$PREFIX}
 CONF=$DIR/slurm.conf
 log() { echo "slurm-hosts-up: $*" >&2; }
 started() { echo "$1" >>"$DIR/started"; }
+# shellcheck source=munge.sh
+source "$(dirname "${BASH_SOURCE[0]}")/munge.sh"
 
 [[ "$N" =~ ^[0-9]+$ ]] && [ "$N" -ge 1 ] && [ "$N" -le 200 ] || { log "N=$N: expected 1..200 hosts"; exit 2; }
 [[ "$PREFIX" =~ ^[a-z][a-z0-9]{0,5}$ ]] || { log "VIDSCALE_HOSTS_PREFIX=$PREFIX: expected 1-6 lowercase letters or digits"; exit 2; }
@@ -53,18 +56,7 @@ mkdir -p "$DIR/state" "$DIR/spool"
 on() { local h=$1; shift; nsenter --net="/run/netns/$PREFIX-$h" "$@"; }
 
 # 1. munge, shared by every host through /run/munge (its socket is a file, not a network port)
-if ! (munge -n 2>/dev/null | unmunge >/dev/null 2>&1); then
-  mkdir -p /etc/munge /run/munge /var/log/munge /var/lib/munge
-  [ -s /etc/munge/munge.key ] || dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
-  chown munge:munge /etc/munge /etc/munge/munge.key /run/munge /var/log/munge /var/lib/munge
-  chmod 400 /etc/munge/munge.key
-  chmod 700 /etc/munge
-  runuser -u munge -- /usr/sbin/munged
-  for _ in $(seq 50); do (munge -n | unmunge >/dev/null 2>&1) && break; sleep 0.1; done
-  pid=$(cat /run/munge/munged.pid 2>/dev/null || pgrep -n -x munged)
-  started "munged $pid"
-  log "started munged ($pid)"
-fi
+start_munge
 
 # 2. slurm.conf
 CPUS=${VIDSCALE_SLURM_CPUS:-$(nproc)}

@@ -13,8 +13,8 @@
 #  - no cgroups needed: ProctrackType=proctrack/linuxproc, TaskPlugin=task/none;
 #  - no accounting database: AccountingStorageType=accounting_storage/none, so `sacct` fails
 #    and `vidscale status` reads ended jobs from the jobcomp/filetxt log (JobCompLoc);
-#  - apt does not start the daemons: munged runs as user munge with a 1024-byte key (mode
-#    400); the node is localhost(127.0.0.1), so nothing depends on the hostname resolving;
+#  - apt does not start the daemons: munged as cluster/scripts/munge.sh starts it; the node
+#    is localhost(127.0.0.1), so nothing depends on the hostname resolving;
 #  - a requeued job may start again only cred_expire+1 s later (default 120 s) and pending
 #    jobs are looked at every sched_interval (default 60 s): both are lowered below.
 set -euo pipefail
@@ -24,6 +24,8 @@ CONF=$DIR/slurm.conf
 mkdir -p "$DIR"
 log() { echo "slurm-up: $*" >&2; }
 started() { echo "$1" >>"$DIR/started"; }
+# shellcheck source=munge.sh
+source "$(dirname "${BASH_SOURCE[0]}")/munge.sh"
 
 node_state() { SLURM_CONF=$1 timeout 10 sinfo -h -o %T 2>/dev/null | head -n1 || true; }
 
@@ -53,20 +55,7 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
 fi
 
 # 3. munge (authentication between the daemons and the clients)
-if ! (munge -n 2>/dev/null | unmunge >/dev/null 2>&1); then
-  mkdir -p /etc/munge /run/munge /var/log/munge /var/lib/munge
-  if [ ! -s /etc/munge/munge.key ]; then
-    dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
-  fi
-  chown munge:munge /etc/munge /etc/munge/munge.key /run/munge /var/log/munge /var/lib/munge
-  chmod 400 /etc/munge/munge.key
-  chmod 700 /etc/munge
-  runuser -u munge -- /usr/sbin/munged
-  for _ in $(seq 50); do (munge -n | unmunge >/dev/null 2>&1) && break; sleep 0.1; done
-  pid=$(cat /run/munge/munged.pid 2>/dev/null || pgrep -n -x munged)
-  started "munged $pid"
-  log "started munged ($pid)"
-fi
+start_munge
 
 # 4. slurm.conf under $DIR
 CPUS=${VIDSCALE_SLURM_CPUS:-$(nproc)}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from vidscale.scaling.cli import (bench, cancel, export, fit, info, make_videos, plan, prepare, resume, sample,
                                   status, sweep, train)
 from vidscale.scaling.config import RecipeError
+from vidscale.scaling.train.signals import interrupted_by
 
 # keep in the order `vidscale --help` shows them
 SUBCOMMANDS = [train, resume, export, sample, info, plan, bench, prepare, make_videos, sweep, fit, status, cancel]
@@ -36,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         # run dir in use, a diverged run: one line naming the path or the step
         print(f"vidscale {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"vidscale {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM / SIGHUP once what was started here is stopped
+        signum = interrupted_by()
+        print(f"vidscale {args.command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

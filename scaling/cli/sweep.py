@@ -21,6 +21,7 @@ from vidscale.scaling.config import LAUNCHERS, ClusterArgs
 from vidscale.scaling.study.plan import cost, load_sweep, plan
 from vidscale.scaling.study.report import write_sweep_report
 from vidscale.scaling.study.runner import run_sweep
+from vidscale.scaling.train.signals import stop_on
 
 
 def add_parser(sub):
@@ -49,8 +50,9 @@ def run(args) -> int:
     if args.dry_run:
         print(dry_run(sweep, runs))
         return 0
-    # `kill` (SIGTERM) stops the sweep like Ctrl-C: its runs are stopped too, never orphaned
-    signal.signal(signal.SIGTERM, _interrupt)
+    # `kill` (SIGTERM) or a closed terminal (SIGHUP) stops the sweep like Ctrl-C: its runs and
+    # an embedded Ray cluster are stopped too, never orphaned; the exit status is 128 + signal
+    stop_on(signal.SIGTERM, signal.SIGHUP)
     rows = run_sweep(sweep, runs, args.launcher, args.address, args.cpus, args.progress_every)
     failed = [r["name"] for r in rows if r["status"] != "done"]
     report = write_sweep_report(sweep, rows, args.budget, args.bootstrap)
@@ -90,7 +92,3 @@ def dry_run(sweep, runs) -> str:
         lines.append(f"GPU-hours at {a.gpu_peak_tflops:g} TFLOP/s peak and {a.assumed_mfu:.0%} MFU: "
                      f"{c['sweep_flops'] / gpu / 3600:.4g}")
     return "\n".join(lines)
-
-
-def _interrupt(signum, frame):  # noqa: ARG001
-    raise KeyboardInterrupt

@@ -266,10 +266,10 @@ class SlurmArrayRunner(Runner):
                 else:
                     self.ledger.set(run.name, status="failed", wall_time=wall)
                     self.say(f"FAILED {run.name} (task {tid}): {_tail(self.dir / 'logs' / f'{run.name}.log')[-400:]}")
-        except BaseException:
-            cancel_array(job)
+        except BaseException:  # interrupted, or Slurm unreachable too long: rerunning the sweep resumes
             for i in active:
                 self.ledger.set(todo[i].name, status="interrupted")
+            cancel_array(job)
             raise
         finally:
             self.running = {}

@@ -47,6 +47,48 @@ def _handler(signum, frame) -> None:  # noqa: ARG001
     _flag.set()
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP, SIGINT) as an exception, so that `finally` blocks and
+    context managers run (runs stopped, an embedded Ray cluster shut down) before the process
+    exits with 128 + the signal's number, as if the signal had ended it (`scaling/cli/main.py`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_received: list[int] = []
+
+
+def interrupt(signum, frame) -> None:  # noqa: ARG001
+    """A signal handler: raise `Interrupted(signum)` in the main thread."""
+    _received.append(signum)
+    raise Interrupted(signum)
+
+
+def interrupted_by() -> int:
+    """The first stop signal `interrupt` turned into an exception in this process, else SIGINT
+    (Ctrl-C's own KeyboardInterrupt). A library may catch `Interrupted` and raise a plain
+    KeyboardInterrupt in its place (Ray Train's fit does): the exit status still follows the
+    signal."""
+    return _received[0] if _received else int(signal.SIGINT)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+def stop_on(*signums: int) -> dict[int, object]:
+    """Make each signal raise `Interrupted` in the main thread, unless it is ignored (nohup);
+    returns the handlers replaced, for `signal.signal` to restore. Elsewhere than in the main
+    thread, nothing."""
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in signums:
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                old[s] = signal.signal(s, interrupt)
+    return old
+
+
 def install(signum: int = signal.SIGUSR1) -> None:
     """Route `signum` to the flag. Only the main thread may install handlers: elsewhere
     (a Ray worker thread, a test thread) this is a no-op and `request_save()` still works."""
