@@ -9,18 +9,9 @@ import time
 
 import pytest
 
-from conftest import ROOT, vidscale_cmd, wait_for, write_sweep  # noqa: E402
+from conftest import ROOT, vidscale_cmd, wait_for, write_two_run_sweep  # noqa: E402
 
 pytestmark = pytest.mark.cluster
-
-# long enough (110 and 60 steps) that both runs are still training when the signal comes
-SWEEP = """name: stop2
-models: [{hidden: 32, depth: 1}, {hidden: 48, depth: 1}]
-budgets: [1e10]
-min_steps: 3
-set: {train.val_videos: 3, logging.every: 1, logging.tensorboard: false, checkpoint.every: 5,
-      parallel.zero_stage: 0, train.tokens_per_batch: 512}
-"""
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -74,7 +65,9 @@ def _session_dir(sweep_pid: int) -> str:
 
 
 def test_sigterm_stops_the_sweeps_embedded_ray_cluster(tmp_path):
-    p = write_sweep(tmp_path, SWEEP)
+    # the sweep tests' two runs at 1e10 (110 and 60 steps): both still training when the signal comes
+    p = write_two_run_sweep(tmp_path, "stop2", budgets=("1e10",),
+                            set={"checkpoint.every": 5, "parallel.zero_stage": 0})
     out = tmp_path / "out"
     log = open(tmp_path / "sweep.log", "w")
     proc = subprocess.Popen(vidscale_cmd("sweep", p, "--launcher", "ray", "--cpus", "2", "--progress-every", "5"),
