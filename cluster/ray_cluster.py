@@ -8,8 +8,9 @@ The head runs as `ray start --head --block` in its own process group, every Ray 
 listening on 127.0.0.1 only (node address, GCS, raylet, agents, dashboard / job server) and
 requiring a token (`RAY_AUTH_MODE=token`) that `up` generates into DIR/auth_token (mode
 0600) and prints as `RAY_AUTH_TOKEN_PATH=...`; `down` sends that process SIGTERM, which
-drains and stops every process of this cluster, and nothing else (`ray stop` would stop
-every Ray cluster on the machine). Jobs run the Python that `ray start` saw: this venv's.
+stops every process of this cluster, kills what of them is left after 8 s (once a job has
+run, Ray's drain takes ~30 s), and touches nothing else (`ray stop` would stop every Ray
+cluster on the machine). Jobs run the Python that `ray start` saw: this venv's.
 DIR (default /tmp/vidscale-ray-UID) is private: created 0700, refused when it is a symlink
 or belongs to another user.
 """
@@ -210,13 +211,18 @@ def start_head(num_cpus: int = 4, num_gpus: int = 0, dir: str | Path = DEFAULT_D
     return head
 
 
-def stop_head(head: RayHead | None = None, dir: str | Path = DEFAULT_DIR, timeout_s: float = 40) -> bool:
-    """Stop the head started by `start_head` (its whole process group). True if one was running."""
+def stop_head(head: RayHead | None = None, dir: str | Path = DEFAULT_DIR, timeout_s: float = 8) -> bool:
+    """Stop the head started by `start_head`: SIGTERM to `ray start --block`, which stops its
+    processes; what is left of them after timeout_s is killed (after a job has run, some of
+    Ray's agents ignore SIGTERM and the drain takes ~30 s; a head keeps no state worth waiting
+    for). True if one was running."""
     head = head or read_head(dir)
     if head is None:
         return False
+    root = proc(head.pid)
+    procs = tree([root]) if root else []  # recorded before the signal: orphans stay identifiable
     try:
-        os.kill(head.pid, signal.SIGTERM)  # `ray start --block` drains and stops its processes
+        os.kill(head.pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
     deadline = time.monotonic() + timeout_s
@@ -226,7 +232,8 @@ def stop_head(head: RayHead | None = None, dir: str | Path = DEFAULT_DIR, timeou
         except ChildProcessError:
             pass
         time.sleep(0.2)
-    try:  # anything of this cluster that outlived the head: same process group
+    stop_tree(procs, grace_s=0)  # anything of this cluster that outlived the head
+    try:  # and whatever joined its process group since
         os.killpg(head.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass

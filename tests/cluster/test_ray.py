@@ -129,3 +129,54 @@ def test_impossible_request_fails_clearly(ray_cluster, tmp_path, over, words):
     assert r.returncode == 2, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("vidscale train: error:") and all(w in last for w in words), last
+
+
+JOB = """
+import sys, time
+from ray.job_submission import JobSubmissionClient, JobStatus
+c = JobSubmissionClient(sys.argv[1])
+job = c.submit_job(entrypoint="python -c 'import ray; ray.init(); print(ray.get(ray.remote(lambda: 41 + 1).remote()))'")
+while c.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+    time.sleep(0.5)
+print(c.get_job_status(job), c.get_job_logs(job).split()[-1])
+"""
+
+
+def command_lines() -> list[str]:
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            out.append(open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def test_down_stops_every_process_of_the_head_and_nothing_else():
+    """`ray_cluster up`, a job through its job server (a supervisor actor, a driver, a worker),
+    then `down`: no process of that cluster is left (its directory on no command line, none
+    of the head's descendants recorded before `down` alive), and another head is untouched."""
+    from vidscale.cluster import proctree
+    from vidscale.cluster.ray_cluster import read_head, token_env
+    heads = [Path(f"/tmp/vsd-{os.getpid()}-{x}") for x in "ab"]  # short: Ray's socket paths live under them
+    cli = [os.sys.executable, "-m", "vidscale.cluster.ray_cluster"]
+    for d in heads:
+        r = subprocess.run([*cli, "up", "--num-cpus", "1", "--dir", d], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+    try:
+        a, b = (read_head(d) for d in heads)
+        env = {**env_without_ray_address(), **token_env(a.token)}
+        r = subprocess.run([os.sys.executable, "-c", JOB, a.dashboard], capture_output=True, text=True, env=env,
+                           timeout=180)
+        assert r.stdout.split()[-2:] == ["SUCCEEDED", "42"], (r.stdout + r.stderr)[-2000:]
+        before = proctree.tree([proctree.proc(a.pid)])
+        assert len(before) > 3  # gcs, raylet, agents, dashboard ...
+        r = subprocess.run([*cli, "down", "--dir", heads[0]], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "stopped", r.stderr[-2000:]
+        assert [p for p in before if proctree.alive(p)] == []
+        assert [c for c in command_lines() if str(heads[0]) in c] == []
+        assert b.alive() and len(proctree.tree([proctree.proc(b.pid)])) > 3  # the other head: untouched
+    finally:
+        for d in heads:
+            subprocess.run([*cli, "down", "--dir", d], capture_output=True, timeout=120)
+            subprocess.run(["rm", "-rf", str(d)])
