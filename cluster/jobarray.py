@@ -122,7 +122,7 @@ def follow_array(job: str, n: int, poll_s: float = 2.0, outage_s: float | None =
             if down_since is None:
                 down_since = now
                 warn(f"vidscale: Slurm does not answer ({e}); job array {job}: asking again for up to {outage_s:g} s")
-            elif now - down_since >= outage_s:
+            if now - down_since >= outage_s:  # outage_s=0: give up at the first failure
                 raise QueueUnreachable(f"job array {job}: Slurm has not answered for {now - down_since:.0f} s ({e}); "
                                        "its tasks may still run: run the same command again once Slurm answers "
                                        "(unfinished runs resume from their checkpoints)") from None

@@ -1,6 +1,7 @@
 """`follow_array` through a Slurm controller outage, on the real single-node Slurm: while
 slurmctld is down no task is reported ended; once it is back, each task is reported after it
-really ended. squeue's messages are classified from what the live controller says."""
+really ended; one that may not wait (outage_s=0) stops with one clear error. squeue's messages
+are classified from what the live controller says."""
 import os
 import re
 import signal
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SLURM_DIR, wait_for  # noqa: E402
-from vidscale.cluster.jobarray import cancel_array, follow_array, forgotten, queued_tasks, submit_array
+from vidscale.cluster.jobarray import (QueueUnreachable, cancel_array, follow_array, forgotten, queued_tasks,
+                                       submit_array)
 
 pytestmark = pytest.mark.cluster
 
@@ -61,6 +63,7 @@ touch {tmp_path}/done_$SLURM_ARRAY_TASK_ID
 """)
     job = submit_array(script)
     events, warnings, errors, old = [], [], [], 0
+    impatient: list[BaseException] = []  # a follower that gives up at once (outage_s=0)
 
     def follow():
         try:
@@ -70,17 +73,25 @@ touch {tmp_path}/done_$SLURM_ARRAY_TASK_ID
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
+    def give_up():
+        try:
+            for i in follow_array(job, 2, poll_s=0.5, outage_s=0, warn=lambda line: None):
+                assert i is None, f"task {i} reported ended by the impatient follower"
+        except BaseException as e:  # noqa: BLE001
+            impatient.append(e)
+
     try:
         wait_for(lambda: set(queued_tasks(job).values()) == {"RUNNING"} and len(queued_tasks(job)) == 2, 60,
                  "both tasks to run")
         thread = threading.Thread(target=follow, daemon=True)
         thread.start()
+        threading.Thread(target=give_up, daemon=True).start()
         stopped, old = time.monotonic(), _pid(pidfile)
         os.kill(old, signal.SIGTERM)  # the controller goes away; the tasks run on
         wait_for(lambda: not _pid(pidfile), 30, "slurmctld to stop")
         r = _squeue(job)  # squeue retries the controller for a while by itself, then says why
         assert r.returncode != 0 and not forgotten(r.stderr), r.stderr
-        wait_for(lambda: warnings or events, 60, "follow_array to notice the outage")
+        wait_for(lambda: (warnings or events) and impatient, 60, "both followers to notice the outage")
         assert not events, f"tasks reported ended while the controller was down: {events}"
         assert (tmp_path / "done_0").exists() and (tmp_path / "done_1").exists()  # both ended meanwhile
         restarted = time.monotonic()
@@ -92,5 +103,9 @@ touch {tmp_path}/done_$SLURM_ARRAY_TASK_ID
             _start_slurmctld(conf, old)
         cancel_array(job)
     assert len(warnings) == 1 and job in warnings[0], warnings  # one line per outage
+    # outage_s exceeded: one error naming the array and what to do, never a task taken for ended
+    (e,) = impatient
+    assert isinstance(e, QueueUnreachable) and f"job array {job}:" in str(e) and "run the same command again" in str(
+        e) and "\n" not in str(e), repr(e)
     assert sorted(i for _, i in events) == [0, 1]
     assert all(t > restarted > stopped for t, _ in events)  # reported once Slurm answered again
