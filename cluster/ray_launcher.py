@@ -31,6 +31,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -74,6 +75,25 @@ def address_of(cfg) -> str:
 def is_job_server(address: str) -> bool:
     """A dashboard URL takes jobs only: the run goes in as a Ray job."""
     return address.startswith(("http://", "https://"))
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """One line when nothing listens at a Ray address (GCS `host:port`, `ray://host:port`, or a
+    dashboard URL), before anything starts: Ray's own client retries a dead address without
+    end (e.g. a finished sweep's embedded cluster, recorded in its runs' config.yaml)."""
+    if not address or address == "auto":
+        return
+    m = re.match(r"^(?:\w+://)?(\[[^\]]+\]|[^:/\[\]]+):(\d+)(?:/.*)?$", address)
+    if not m:
+        raise ValueError(f"cluster.address {address!r}: expected host:port, ray://host:port, http://host:port "
+                         "or auto")
+    host, port = m.group(1).strip("[]"), int(m.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ValueError(f"cluster.address {address}: no Ray cluster answers there ({e.strerror or e}); start one "
+                         "(`python -m vidscale.cluster.ray_cluster up`), give another --address, or none "
+                         "(`--set cluster.address=`) for a cluster of this command's own") from None
 
 
 def check_request(cfg) -> None:
@@ -240,6 +260,7 @@ def run_trainer(cfg, address: str = "", nodes: int = 1) -> int:
 def launch_ray(cfg, wait: bool = False, detach: bool = False, command: list[str] | None = None) -> int:
     check_request(cfg)
     address = address_of(cfg)
+    check_reachable(address)
     if detach or is_job_server(address):
         return submit_job(cfg, address, wait=wait, command=command)
     job = new_job("ray", cfg.train.run_dir, command or sys.argv, state="RUNNING", address=address,

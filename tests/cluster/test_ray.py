@@ -131,6 +131,22 @@ def test_impossible_request_fails_clearly(ray_cluster, tmp_path, over, words):
     assert last.startswith("vidscale train: error:") and all(w in last for w in words), last
 
 
+def test_an_address_where_no_cluster_answers_is_one_line_before_anything_starts(tmp_path):
+    """What re-running a finished sweep's run config does (its embedded cluster is gone)."""
+    import socket
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"http://127.0.0.1:{port}"):
+        run = tmp_path / f"run{address[:4]}"
+        r = vidscale(*train_args(run), "--address", address, timeout=120)
+        assert r.returncode == 2, r.stderr[-3000:]
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"vidscale train: error: cluster.address {address}: no Ray "
+                                                       "cluster answers there"), r.stderr[-3000:]
+        assert not (run / "job.json").exists() and not (run / "config.yaml").exists()
+
+
 JOB = """
 import sys, time
 from ray.job_submission import JobSubmissionClient, JobStatus
