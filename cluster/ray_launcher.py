@@ -93,7 +93,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     except OSError as e:
         raise ValueError(f"cluster.address {address}: no Ray cluster answers there ({e.strerror or e}); start one "
                          "(`python -m vidscale.cluster.ray_cluster up`), give another --address, or none "
-                         "(`--set cluster.address=`) for a cluster of this command's own") from None
+                         "(`--set cluster.address=''`) for a cluster of this command's own") from None
 
 
 def check_request(cfg) -> None:
