@@ -64,6 +64,9 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
             raise RecipeError(f"--set {o!r}: expected key=value, e.g. train.steps=20")
         dotlist.append(o)
     for o in dotlist:
+        key, value = o.split("=", 1)
+        if value == "" and isinstance(OmegaConf.select(cfg, key.strip(), default=None), str):
+            o = f"{key}=''"  # `--set cluster.address=` empties a string key (YAML would read null)
         try:
             layer = OmegaConf.from_dotlist([o])
         except OmegaConfBaseException as e:

@@ -68,6 +68,16 @@ def test_bad_override(tmp_path):
     assert "key=value" in msg
 
 
+def test_an_empty_override_empties_a_string_key_and_nothing_else(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("cluster:\n  address: 127.0.0.1:6379\n")
+    assert load_config(recipe).cluster.address == "127.0.0.1:6379"
+    for empty in ("cluster.address=", "cluster.address=''", 'cluster.address=""'):
+        assert load_config(recipe, [empty]).cluster.address == ""
+    msg = _err(tmp_path, "name: x\n", ["train.steps="])  # not a string: still refused, naming the key
+    assert "train.steps" in msg and "\n" not in msg
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(RecipeError, match="not found"):
         load_config(tmp_path / "nope.yaml")
