@@ -152,13 +152,25 @@ def _dashboard_up(url: str) -> bool:
         return False
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+
+
+def split_address(address: str) -> tuple[str, int | None]:
+    """(host, port) of a Ray address: a GCS `host:port`, `ray://host:port` or a dashboard URL
+    (`[v6]` hosts unbracketed); port None when there is none (`auto`, a bare host, nonsense)."""
+    m = re.match(r"^(?:\w+://)?(\[[^\]]+\]|[^:/\[\]]*)(?::(\d+))?(?:/.*)?$", address)
+    if not m:
+        return address, None
+    return m.group(1).strip("[]"), int(m.group(2)) if m.group(2) else None
+
+
 def use_token_auth(address: str = "") -> None:
     """Make this process's Ray client send a token, unless the user chose a mode: the token of
     the head recorded in DEFAULT_DIR when `address` is that head's; else Ray's default
     ~/.ray/auth_token (Ray 2.5x+ writes it for new local clusters, but its job client only
     sends it when RAY_AUTH_MODE=token). A client of a cluster on 127.0.0.1 also takes
     LOCAL_ONLY, or it would wait for a node at the machine's network address."""
-    if re.sub(r"^\w+://", "", address).split(":")[0] in ("127.0.0.1", "localhost"):
+    if split_address(address)[0] in LOOPBACK_HOSTS:
         os.environ.update(LOCAL_ONLY)  # a driver of a cluster on 127.0.0.1 must itself be a node there
     if "RAY_AUTH_MODE" in os.environ:
         return

@@ -45,7 +45,8 @@ if __name__ == "__main__":
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 from vidscale.cluster.job import new_job  # noqa: E402
-from vidscale.cluster.ray_cluster import EmbeddedRay, init_keeping_handlers, use_token_auth  # noqa: E402
+from vidscale.cluster.ray_cluster import (LOOPBACK_HOSTS, EmbeddedRay, init_keeping_handlers,  # noqa: E402
+                                          split_address, use_token_auth)
 from vidscale.cluster.slurm import REQUEUE_MARKER  # noqa: E402
 from vidscale.cluster.slurm_task import watch_stop_file  # noqa: E402
 from vidscale.scaling.checkpoint.rundir import LOCK_ENV, RunDirNotShared, check_shared, held_by_launcher  # noqa: E402
@@ -53,7 +54,7 @@ from vidscale.scaling.config import (check_elastic, check_layout, load_config, n
                                      save_config)
 from vidscale.scaling.parallel import collectives  # noqa: E402
 from vidscale.scaling.train.loop import train  # noqa: E402
-from vidscale.scaling.train.signals import interrupt  # noqa: E402
+from vidscale.scaling.train.signals import stop_on  # noqa: E402
 
 CONFIG = "launch.yaml"
 ATTEMPTS = ".ray_attempts"
@@ -83,11 +84,10 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     end (e.g. a finished sweep's embedded cluster, recorded in its runs' config.yaml)."""
     if not address or address == "auto":
         return
-    m = re.match(r"^(?:\w+://)?(\[[^\]]+\]|[^:/\[\]]+):(\d+)(?:/.*)?$", address)
-    if not m:
+    host, port = split_address(address)
+    if not host or port is None:
         raise ValueError(f"cluster.address {address!r}: expected host:port, ray://host:port, http://host:port "
                          "or auto")
-    host, port = m.group(1).strip("[]"), int(m.group(2))
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as e:
@@ -268,7 +268,7 @@ def launch_ray(cfg, wait: bool = False, detach: bool = False, command: list[str]
     job.save()
     # `vidscale cancel` sends SIGTERM: leave through `finally`, so ray.shutdown() runs (and an
     # embedded cluster is stopped), then exit 143
-    old = signal.signal(signal.SIGTERM, interrupt)
+    old = stop_on(signal.SIGTERM)
     code = 1
     try:
         code = run_trainer(cfg, address)
@@ -276,7 +276,8 @@ def launch_ray(cfg, wait: bool = False, detach: bool = False, command: list[str]
         job.set_state("CANCELLED")
         raise
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
         if job.state == "RUNNING":
             job.set_state("COMPLETED" if code == 0 else "FAILED")
     return code
@@ -293,8 +294,7 @@ def _client(address: str):
 
 
 def _local(address: str) -> bool:
-    host = re.sub(r"^\w+://", "", address).split(":")[0]
-    return host in ("127.0.0.1", "localhost", "", "auto")
+    return split_address(address)[0] in (*LOOPBACK_HOSTS, "", "auto")
 
 
 def submit_job(cfg, address: str, wait: bool = False, command: list[str] | None = None) -> int:
