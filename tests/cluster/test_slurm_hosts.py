@@ -199,7 +199,12 @@ def test_node_dies_mid_job_and_the_requeued_job_resumes_without_loss(slurm2, tmp
     st = wait_for(lambda: (lambda s: s if s["restarts"] >= 1 else None)(status(slurm2, run)), 120,
                   "the job to be requeued", 1.0)
     requeued_at = time.monotonic()
-    assert st["state"] in ("PENDING", "REQUEUED", "CONFIGURING"), st
+    # just after the requeue Slurm may still show COMPLETING while it ends the first run's ranks on
+    # h1; then the job waits (h2 is down) until the node is back
+    waiting = ("PENDING", "REQUEUED", "CONFIGURING")
+    st = wait_for(lambda: (lambda s: s if s["state"] != "COMPLETING" else None)(status(slurm2, run)), 60,
+                  "the requeued job to finish ending its first run", 1.0)
+    assert st["state"] in waiting and st["restarts"] == 1, st
     assert st["down_nodes"] == ["h2"], st
     line = slurm2.vidscale("status", run, timeout=60).stdout
     assert "requeued 1x" in line and "nodes down: h2" in line, line
