@@ -56,7 +56,8 @@ def make_videos(out: str | Path, n: int, sizes=((48, 64), (64, 48), (96, 128), (
         H, W = sizes[rng.integers(len(sizes))]
         T = int(rng.integers(frames[0], frames[1] + 1))
         p = out / f"shapes_{i:05d}{ext}"
-        write_video(p, render(shape, color, bg, motion, H, W, T, seed=seed * 100_003 + i), fps=fps)
+        write_video(p, render(shape, color, bg, motion, H, W, T, seed=seed * 100_003 + i), fps=fps,
+                    lossless=ext == ".mp4")  # the same call writes the same frames
         p.with_suffix(".txt").write_text(f"a {color} {shape} moving {motion} on a {bg} background\n")
         paths.append(p)
     return paths

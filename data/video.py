@@ -135,9 +135,32 @@ def decode_clips(path: str | Path, clip_frames: int, multiple: int, fps: float =
             raise ValueError(f"{path}: no decodable frames")
 
 
-def write_video(path: str | Path, frames_THWC: np.ndarray, fps: int = 24, codec: str | None = None) -> None:
+def rgb_to_yuv420p(rgb_HWC: np.ndarray) -> np.ndarray:
+    """uint8 RGB [H, W, 3] (H, W even) -> yuv420p as one [H*3/2, W] plane stack (Y, then U, then V),
+    BT.601 limited range in exact integer arithmetic; chroma from the mean of each 2x2 block."""
+    H, W, _ = rgb_HWC.shape
+    if H % 2 or W % 2:
+        raise ValueError(f"frame size {H}x{W}: yuv420p needs an even height and width")
+    x = rgb_HWC.astype(np.int32)
+    R, G, B = x[..., 0], x[..., 1], x[..., 2]
+    Y = ((66 * R + 129 * G + 25 * B + 128) >> 8) + 16
+    s = x.reshape(H // 2, 2, W // 2, 2, 3).sum(axis=(1, 3))  # 4 x the 2x2 mean
+    R4, G4, B4 = s[..., 0], s[..., 1], s[..., 2]
+    U = ((-38 * R4 - 74 * G4 + 112 * B4 + 512) >> 10) + 128
+    V = ((112 * R4 - 94 * G4 - 18 * B4 + 512) >> 10) + 128
+    out = np.empty((H * 3 // 2, W), np.uint8)
+    out[:H] = Y
+    out[H:].reshape(-1)[:] = np.concatenate([U.reshape(-1), V.reshape(-1)])
+    return out
+
+
+def write_video(path: str | Path, frames_THWC: np.ndarray, fps: int = 24, codec: str | None = None,
+                lossless: bool = False) -> None:
     """Write uint8 RGB frames. Codec from the extension: mp4 -> libx264, webm -> libvpx-vp9,
-    gif -> gif; sizes must be even for the yuv420p codecs."""
+    gif -> gif; sizes must be even for the yuv420p codecs. `lossless` (libx264 only) encodes at
+    qp 0: the decoded frames are exactly the yuv420p of the input, whatever the encoder's own
+    choices (lossy x264 output varied from one process to the next); players outside ffmpeg
+    may not play that profile, so only data the project makes for itself uses it."""
     import av
 
     path = Path(path)
@@ -149,9 +172,13 @@ def write_video(path: str | Path, frames_THWC: np.ndarray, fps: int = 24, codec:
         s.width, s.height = W, H
         s.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
         if codec == "libx264":
-            s.options = {"crf": "18", "preset": "veryfast"}
+            s.options = {"qp": "0", "preset": "veryfast"} if lossless else {"crf": "18", "preset": "veryfast"}
         for f in frames_THWC:
-            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+            # yuv420p frames are converted here, not by swscale: its rgb24 -> yuv420p path gave
+            # two different results for one 64x48 frame depending on where the input lay
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24") if codec == "gif" \
+                else av.VideoFrame.from_ndarray(rgb_to_yuv420p(f), format="yuv420p")
+            for p in s.encode(frame):
                 out.mux(p)
         for p in s.encode():
             out.mux(p)
