@@ -27,7 +27,7 @@ from vidscale.scaling.checkpoint.rundir import RunLock, check_fresh
 from vidscale.scaling.config import LAUNCHERS
 from vidscale.scaling.train import init_from
 from vidscale.scaling.train.loop import default_run_dir, train
-from vidscale.scaling.train.signals import EXIT_REQUEUE
+from vidscale.scaling.train.signals import EXIT_REQUEUE, stop_on
 
 
 def with_run_dir(cfg):
@@ -86,7 +86,9 @@ def launch_here(cfg, command: list[str]) -> int:
     job = new_job("local", cfg.train.run_dir, command, state="RUNNING", pid=os.getpid())
     job.save()
     code = 1
-    signal.signal(signal.SIGTERM, _interrupt)  # `vidscale cancel`: record it, stop the ranks
+    # `vidscale cancel` (SIGTERM) or a closed terminal (SIGHUP) stops the ranks like Ctrl-C, the
+    # job is recorded CANCELLED and the command exits 128 + the signal (`scaling/cli/main.py`)
+    restore = stop_on(signal.SIGTERM, signal.SIGHUP)
     try:
         if cfg.cluster.nproc > 1:
             code = launch_local(cfg)
@@ -100,12 +102,11 @@ def launch_here(cfg, command: list[str]) -> int:
     except BaseException:
         job.set_state("FAILED")
         raise
+    finally:
+        for s, h in restore.items():
+            signal.signal(s, h)
     job.set_state({0: "COMPLETED", EXIT_REQUEUE: "PREEMPTED"}.get(code, "FAILED"))
     return code
-
-
-def _interrupt(signum, frame):  # noqa: ARG001
-    raise KeyboardInterrupt
 
 
 # -- command-line flags shared by `vidscale train` and `vidscale resume` -----------------------------

@@ -1,8 +1,11 @@
 """job.json, `vidscale status` and `vidscale cancel` for a run in the foreground of another
 shell (the local launcher): the same commands as for Slurm and Ray jobs."""
 import json
+import os
+import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +34,9 @@ def test_local_run_status_and_cancel(tmp_path):
         assert rec["state"] == "RUNNING" and rec["step"] >= 1 and rec["steps"] == 100000
         c = vidscale("cancel", run, timeout=60)
         assert c.returncode == 0, c.stderr
-        proc.wait(timeout=30)
+        # the launcher stopped on the SIGTERM like a killed process would: 128 + 15
+        assert proc.wait(timeout=30) == 143
+        assert "vidscale train: interrupted (SIGTERM)" in proc.stderr.read()
         assert json.loads((run / "job.json").read_text())["state"] == "CANCELLED"
         again = vidscale("cancel", run, timeout=None)
         assert again.returncode == 0 and "already CANCELLED" in again.stdout
@@ -43,3 +48,44 @@ def test_local_run_status_and_cancel(tmp_path):
 def test_status_of_a_dir_without_job_record_is_one_clear_line(tmp_path):
     r = vidscale("status", tmp_path, timeout=60)
     assert r.returncode == 2 and "job.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def rank_pids(run: Path) -> list[int]:
+    """Processes whose environment names this run's rank config (the local launcher's ranks),
+    read from /proc: an observer independent of the launcher's own bookkeeping."""
+    mark = f"VIDSCALE_CONFIG={run / 'logs' / 'config.yaml'}".encode()
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if mark in (d / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_hangup_stops_a_two_rank_local_run_and_its_ranks(tmp_path):
+    """SIGHUP (the terminal closed) to `vidscale train --nproc 2`: both ranks stopped, the run
+    recorded CANCELLED, exit 128 + 1."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(vidscale_cmd("train", "recipes/debug.yaml", "--nproc", "2", "--run-dir", run,
+                                         "--set", "train.steps=100000", "--set", "checkpoint.every=0",
+                                         "--set", "logging.progress=false", "--set", "logging.every=1"),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no step logged"
+            time.sleep(0.2)
+        ranks = rank_pids(run)
+        assert len(ranks) == 2, ranks
+        os.kill(proc.pid, signal.SIGHUP)
+        assert proc.wait(timeout=60) == 129
+        assert "vidscale train: interrupted (SIGHUP)" in proc.stderr.read()
+        assert rank_pids(run) == []
+        assert json.loads((run / "job.json").read_text())["state"] == "CANCELLED"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
