@@ -11,6 +11,7 @@ import pytest
 
 import conftest
 from conftest import DEBUG_ZERO3, ROOT, read_losses, set_args, vidscale_cmd, wait_for
+from procs import descendants, processes
 
 pytestmark = pytest.mark.cluster
 
@@ -40,26 +41,8 @@ def last_step(run: Path) -> int:
 def descendants_named(root_pid: int, word: str) -> list[int]:
     """Processes under `root_pid` (our Ray head) whose command line contains `word`: only this
     test's cluster, never another Ray on the machine."""
-    parent = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    out = []
-    for pid in parent:
-        p, seen = pid, 0
-        while p in parent and p != root_pid and seen < 64:
-            p, seen = parent[p], seen + 1
-        if p == root_pid and pid != root_pid:
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if word in cmd:
-                out.append(pid)
-    return out
+    procs = processes()
+    return sorted(p for p in descendants(root_pid, procs) if word in procs[p].cmdline)
 
 
 def test_two_workers_on_embedded_cluster(tmp_path, debug_zero3_reference):
@@ -158,16 +141,6 @@ print(c.get_job_status(job), c.get_job_logs(job).split()[-1])
 """
 
 
-def command_lines() -> list[str]:
-    out = []
-    for d in os.listdir("/proc"):
-        try:
-            out.append(open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace"))
-        except (OSError, ValueError):
-            pass
-    return out
-
-
 def test_down_stops_every_process_of_the_head_and_nothing_else():
     """`ray_cluster up`, a job through its job server (a supervisor actor, a driver, a worker),
     then `down`: no process of that cluster is left (its directory on no command line, none
@@ -190,7 +163,7 @@ def test_down_stops_every_process_of_the_head_and_nothing_else():
         r = subprocess.run([*cli, "down", "--dir", heads[0]], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and r.stdout.strip() == "stopped", r.stderr[-2000:]
         assert [p for p in before if proctree.alive(p)] == []
-        assert [c for c in command_lines() if str(heads[0]) in c] == []
+        assert [p.cmdline for p in processes().values() if str(heads[0]) in p.cmdline] == []
         assert b.alive() and len(proctree.tree([proctree.proc(b.pid)])) > 3  # the other head: untouched
     finally:
         for d in heads:

@@ -5,38 +5,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
 from conftest import ROOT, vidscale_cmd, wait_for, write_two_run_sweep  # noqa: E402
+from procs import descendants, processes  # noqa: E402
 
 pytestmark = pytest.mark.cluster
-
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        text = open(f"/proc/{pid}/stat").read()
-    except OSError:
-        return None
-    return text[text.rfind(")") + 2:].split()
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _processes() -> dict[int, tuple]:
-    """pid -> (ppid, session id, start time, command line) of every living process."""
-    out = {}
-    for d in os.listdir("/proc"):
-        s = _stat(int(d)) if d.isdigit() else None
-        if s and s[0] not in "ZX":
-            out[int(d)] = (int(s[1]), int(s[3]), int(s[19]), _cmdline(int(d)))
-    return out
 
 
 def _belongs(sweep_pid: int, session_dir: str):
@@ -44,23 +19,17 @@ def _belongs(sweep_pid: int, session_dir: str):
     the sweep's session (Ray's workers change their process group, not their session), its
     descendants (the runs start sessions of their own), and Ray's session directory on a
     command line. Returns {(pid, start time): command line}."""
-    procs = _processes()
-    mine = {p for p, (_, sid, _, cmd) in procs.items() if sid == sweep_pid or (session_dir and session_dir in cmd)}
-    todo = [sweep_pid]
-    while todo:
-        parent = todo.pop()
-        for p, (ppid, *_ ) in procs.items():
-            if ppid == parent and p not in mine:
-                mine.add(p)
-                todo.append(p)
-    return {(p, procs[p][2]): procs[p][3] for p in mine if p in procs}
+    procs = processes()
+    mine = {p.pid for p in procs.values() if p.sid == sweep_pid or (session_dir and session_dir in p.cmdline)}
+    mine |= descendants(sweep_pid, procs)
+    return {(p, procs[p].start): procs[p].cmdline for p in mine if p in procs}
 
 
 def _session_dir(sweep_pid: int) -> str:
     """Ray's session directory, from its gcs_server's command line (`--log_dir=SESSION/logs`)."""
-    for p, (_, sid, _, cmd) in _processes().items():
-        if sid == sweep_pid and "gcs_server" in cmd and "--log_dir=" in cmd:
-            return cmd.split("--log_dir=")[1].split()[0].rsplit("/logs", 1)[0]
+    for p in processes().values():
+        if p.sid == sweep_pid and "gcs_server" in p.cmdline and "--log_dir=" in p.cmdline:
+            return p.cmdline.split("--log_dir=")[1].split()[0].rsplit("/logs", 1)[0]
     return ""
 
 
@@ -91,24 +60,24 @@ def test_sigterm_stops_the_sweeps_embedded_ray_cluster(tmp_path):
         code = proc.wait(timeout=60)
 
         def gone():
-            now = _processes()
-            left = {k: c for k, c in seen.items() if k[0] in now and now[k[0]][2] == k[1]}
+            now = processes()
+            left = {k: c for k, c in seen.items() if k[0] in now and now[k[0]].start == k[1]}
             left.update(_belongs(proc.pid, session))  # nothing new started either
             return not left or None
         try:
             wait_for(gone, 20, "the embedded cluster's processes to end")
         except AssertionError:
-            now = _processes()
+            now = processes()
             raise AssertionError("left running: " + "; ".join(
-                f"{pid} {c[:120]}" for (pid, st), c in seen.items() if pid in now and now[pid][2] == st))
+                f"{pid} {c[:120]}" for (pid, st), c in seen.items() if pid in now and now[pid].start == st))
         assert code == 143, (tmp_path / "sweep.log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        now = _processes()  # whatever is left of this test's cluster, gone after a failure too
+        now = processes()  # whatever is left of this test's cluster, gone after a failure too
         for (pid, st) in {**seen, **_belongs(proc.pid, _session_dir(proc.pid))}:
-            if pid in now and now[pid][2] == st:
+            if pid in now and now[pid].start == st:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, vidscale, vidscale_cmd  # noqa: E402
+from procs import environ, processes  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -51,18 +52,9 @@ def test_status_of_a_dir_without_job_record_is_one_clear_line(tmp_path):
 
 
 def rank_pids(run: Path) -> list[int]:
-    """Processes whose environment names this run's rank config (the local launcher's ranks),
-    read from /proc: an observer independent of the launcher's own bookkeeping."""
+    """Processes whose environment names this run's rank config (the local launcher's ranks)."""
     mark = f"VIDSCALE_CONFIG={run / 'logs' / 'config.yaml'}".encode()
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if mark in (d / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
+    return [p for p in processes() if mark in environ(p)]
 
 
 def test_hangup_stops_a_two_rank_local_run_and_its_ranks(tmp_path):

@@ -5,11 +5,11 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, cli_env, vidscale, vidscale_cmd  # noqa: E402
+from procs import alive, children  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -44,20 +44,6 @@ def test_dp2_sp2_trains_debug_recipe_from_shards(tmp_path, shards):
         assert (run / "logs" / f"rank{rank}.log").exists()
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.dist
 def test_a_dead_rank_stops_the_run(tmp_path):
     run = tmp_path / "run"
@@ -71,7 +57,7 @@ def test_a_dead_rank_stops_the_run(tmp_path):
         while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
             assert p.poll() is None and time.monotonic() < deadline, "training never started"
             time.sleep(0.5)
-        ranks = _children(p.pid)
+        ranks = children(p.pid)
         assert len(ranks) == 2, ranks
         os.kill(ranks[1], signal.SIGKILL)  # rank 1 dies mid-run
         _, err = p.communicate(timeout=60)
@@ -82,7 +68,7 @@ def test_a_dead_rank_stops_the_run(tmp_path):
     lines = [line for line in err.splitlines() if "rank 1 of 2 failed" in line]
     assert lines, err[-2000:]
     time.sleep(0.5)
-    assert not any(_alive(pid) for pid in ranks)  # rank 0 was stopped, not left hanging
+    assert not any(alive(pid) for pid in ranks)  # rank 0 was stopped, not left hanging
 
 
 @pytest.mark.parametrize("overrides,needle", [
