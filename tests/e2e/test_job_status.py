@@ -15,9 +15,9 @@ from procs import environ, processes  # noqa: E402
 pytestmark = pytest.mark.e2e
 
 
-def test_local_run_status_and_cancel(tmp_path):
-    run = tmp_path / "run"
-    proc = subprocess.Popen(vidscale_cmd("train", "recipes/debug.yaml", "--run-dir", run,
+def start_training(run: Path, *args: str) -> subprocess.Popen:
+    """`vidscale train` of a long debug run in the background, returned once it logged a step."""
+    proc = subprocess.Popen(vidscale_cmd("train", "recipes/debug.yaml", *args, "--run-dir", run,
                                          "--set", "train.steps=100000", "--set", "checkpoint.every=0",
                                          "--set", "logging.progress=false", "--set", "logging.every=1"),
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -27,6 +27,16 @@ def test_local_run_status_and_cancel(tmp_path):
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             assert time.monotonic() < deadline, "no step logged"
             time.sleep(0.2)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+def test_local_run_status_and_cancel(tmp_path):
+    run = tmp_path / "run"
+    proc = start_training(run)
+    try:
         job = json.loads((run / "job.json").read_text())
         assert job["launcher"] == "local" and job["pid"] == proc.pid and job["command"][1:3] == ["train",
                                                                                                  "recipes/debug.yaml"]
@@ -61,16 +71,8 @@ def test_hangup_stops_a_two_rank_local_run_and_its_ranks(tmp_path):
     """SIGHUP (the terminal closed) to `vidscale train --nproc 2`: both ranks stopped, the run
     recorded CANCELLED, exit 128 + 1."""
     run = tmp_path / "run"
-    proc = subprocess.Popen(vidscale_cmd("train", "recipes/debug.yaml", "--nproc", "2", "--run-dir", run,
-                                         "--set", "train.steps=100000", "--set", "checkpoint.every=0",
-                                         "--set", "logging.progress=false", "--set", "logging.every=1"),
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_training(run, "--nproc", "2")
     try:
-        deadline = time.monotonic() + 300
-        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "no step logged"
-            time.sleep(0.2)
         ranks = rank_pids(run)
         assert len(ranks) == 2, ranks
         os.kill(proc.pid, signal.SIGHUP)
