@@ -3,6 +3,7 @@ head in h1 and a worker node in h2 (2 CPUs each), shared by the tests of this mo
 
 - a 4-rank run driven from h1 places 2 ranks on each host, sends its traffic over eth0, and
   trains exactly the losses of the same layout run locally;
+- `cluster.placement: STRICT_SPREAD` puts the 2 ranks of a 2-rank run on two hosts;
 - elastic: h2 dies mid-run, the run goes on at world 2 from its latest checkpoint, h2 comes
   back, the run grows back to 4 and finishes; judged from what the ranks consumed;
 - a host that does not share the run directory is named in one line before anything is written.
@@ -109,6 +110,20 @@ def test_ranks_on_two_hosts_train_the_local_losses_over_eth0(ray2, tmp_path):
     # ZeRO-3 gathers every parameter each step from both hosts: far more than Ray's own chatter
     params = (local / "model.safetensors").stat().st_size
     assert min(sent.values()) > 3 * params, (sent, params)
+
+
+def test_strict_spread_puts_each_rank_on_its_own_host(ray2, tmp_path):
+    """`cluster.placement` reaches Ray Train: STRICT_SPREAD places the 2 ranks of `--nproc 2` on
+    two hosts (the default PACK fills one host of 2 CPUs first). Loss parity across hosts is the
+    test above; this one is about placement only (3 steps)."""
+    run = tmp_path / "spread"
+    r = subprocess.run(ray2.train(run, 2, [*LAYOUT, "cluster.placement=STRICT_SPREAD"]), cwd=ROOT,
+                       capture_output=True, text=True, env=ray2.env(), timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    starts = [json.loads(line) for line in (run / "hosts.jsonl").read_text().splitlines()]
+    addrs = sorted(h.split("(")[-1].rstrip(")") for h in starts[0]["hosts"])
+    assert len(starts) == 1 and addrs == sorted([ray2.bed.address("h1"), ray2.bed.address("h2")]), starts
+    assert sorted(read_losses(run)) == [1, 2, 3]
 
 
 def _consumed(run: Path) -> dict[int, list[dict]]:
