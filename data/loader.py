@@ -278,6 +278,17 @@ class PackedLoader:
         self.queue = [{"epoch": q["epoch"], "ranges": [list(r) for r in q["ranges"]]} for q in sd["queue"]]
         self.stats = dict(sd["stats"])
         self._it, self._empty_segments = None, 0
+        # The plan is rebuilt from this run's packing settings (tokens_per_batch, lookahead,
+        # shuffle buffer, token dropping). If they changed since the save, the first `batch`
+        # bins are no longer what was consumed: the rest of the segment (its positions less the
+        # consumed ones) becomes a segment of its own, packed anew, so nothing repeats or is lost.
+        positions, bins = self.plan()
+        saved = set(_positions(sd["consumed"]))
+        if {p for b in bins[:self.batch] for p in b} != saved:
+            left = [p for p in positions if p not in saved]
+            log.warning("data: the packing settings differ from the checkpoint's; the %d samples left of epoch %d "
+                        "for dp rank %d are packed anew", len(left), self.epoch, self.dp_rank)
+            self.ranges, self.batch = _to_ranges(left), 0
 
 
 def remap_loader_states(states: list[dict], new_dp: int) -> list[dict]:

@@ -54,33 +54,54 @@ def load_captions(path: str, src: Path) -> dict[str, str]:
     if not p.is_file():
         raise ValueError(f"data.captions = {path!r}: file not found")
     rows: list[dict] = []
-    if p.suffix == ".jsonl":
-        for n, line in enumerate(p.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise ValueError(f"{p}:{n}: not valid JSON") from None
-    elif p.suffix == ".csv":
-        with open(p, newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise ValueError(f"data.captions = {path!r}: expected a .jsonl or .csv file")
+    try:
+        if p.suffix == ".jsonl":
+            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        raise ValueError(f"{p}:{n}: not valid JSON") from None
+        elif p.suffix == ".csv":
+            with open(p, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            raise ValueError(f"data.captions = {path!r}: expected a .jsonl or .csv file")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     out = {}
     for n, r in enumerate(rows, 1):
-        if "file" not in r or "caption" not in r:
+        if not isinstance(r, dict) or r.get("file") is None or r.get("caption") is None:
             raise ValueError(f"{p}: row {n} lacks 'file' or 'caption'")
-        out[str(r["file"])] = str(r["caption"])
-        out.setdefault(Path(str(r["file"])).name, str(r["caption"]))
+        file, caption = str(r["file"]), str(r["caption"])
+        if not _encodable(file) or not _encodable(caption):
+            raise ValueError(f"{p}: row {n} holds a character that is not valid Unicode (a lone surrogate)")
+        out[file] = caption
+        out.setdefault(Path(file).name, caption)
     return out
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def caption_for(video: Path, src: Path, sidecar: dict[str, str]) -> str | None:
+    """The video's caption (`data.captions`, else a .txt beside it), or None; raises ValueError
+    naming a caption file that is not UTF-8 text."""
     rel = str(video.relative_to(src)) if src.is_dir() else video.name
     if rel in sidecar or video.name in sidecar:
         return sidecar.get(rel, sidecar.get(video.name))
     txt = video.with_suffix(".txt")
-    return txt.read_text().strip() if txt.is_file() else None
+    if not txt.is_file():
+        return None
+    try:
+        return txt.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"caption {txt} is not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
 def parse_part(spec: str | None) -> tuple[int, int] | None:
@@ -97,10 +118,16 @@ def parse_part(spec: str | None) -> tuple[int, int] | None:
 
 
 def decode_media(path: Path, **kw):
-    """The clips of a video (`decode_clips(path, **kw)`), or an image's one clip (`decode_image`)."""
+    """The clips of a video (`decode_clips(path, **kw)`), or an image's one clip (`decode_image`).
+    Lazy either way: a file that cannot be read raises when its clips are read, where the
+    caller skips and counts it."""
     if is_image(path):
-        return iter([decode_image(path, kw["multiple"], kw["max_area"], kw["temporal"], kw["pt"])])
+        return _image_clip(path, kw)
     return decode_clips(path, **kw)
+
+
+def _image_clip(path: Path, kw: dict):
+    yield decode_image(path, kw["multiple"], kw["max_area"], kw["temporal"], kw["pt"])
 
 
 # -- decode workers ---------------------------------------------------------------------------
@@ -233,7 +260,12 @@ def prepare(src: str | Path, out: str | Path, data: PrepareArgs, *, channels: in
             if not latents:
                 failed.append({"file": str(v), "error": "shorter than one frame group"})
                 continue
-            caption = caption_for(v, src, sidecar)
+            try:
+                caption = caption_for(v, src, sidecar)
+            except ValueError as e:  # an unreadable caption: the video is skipped and counted like one
+                failed.append({"file": str(v), "error": str(e)})
+                print(f"vidscale prepare: skipped {v}: {e}", file=sys.stderr)
+                continue
             if caption is None:
                 uncaptioned += 1
                 caption = ""

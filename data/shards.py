@@ -187,12 +187,40 @@ def read_index(root: str | Path, key: str = "data.source") -> dict:
         raise ValueError(f"{p}: not valid JSON ({e})") from None
     if "shards" not in index or "samples" not in index:
         raise ValueError(f"{p}: expected keys 'samples' and 'shards'")
+    names: set[str] = set()
+    total = 0
     for s in index["shards"]:
         name = s.get("name") if isinstance(s, dict) else None
         if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
             raise ValueError(f"{p}: shard name {name!r} is not a file name like 'shard-000000.tar' "
                              f"in this folder")
+        if name in names:
+            raise ValueError(f"{p}: shard {name} is listed twice")
+        names.add(name)
+        _check_shard_entry(p, s)
+        total += s["samples"]
+    if index["samples"] != total:
+        raise ValueError(f"{p}: 'samples' is {index['samples']!r} but its shards list {total} samples")
     return index
+
+
+def _check_shard_entry(p: Path, s: dict) -> None:
+    """One shard of an index: its `samples` count agrees with its keys and shapes (the loader
+    plans from the count and reads by key: a mismatch would repeat or drop samples silently),
+    keys are unique and every shape is three positive integers."""
+    name, n, keys, shapes = s["name"], s.get("samples"), s.get("keys"), s.get("shapes")
+    if not isinstance(keys, list) or not isinstance(shapes, list) or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"{p}: shard {name}: expected lists 'keys' (strings) and 'shapes'")
+    if not isinstance(n, int) or isinstance(n, bool) or not n == len(keys) == len(shapes):
+        raise ValueError(f"{p}: shard {name}: 'samples' is {n!r} but it lists {len(keys)} keys and "
+                         f"{len(shapes)} shapes (expected the same number)")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{p}: shard {name}: a sample key is listed twice")
+    for k, shp in zip(keys, shapes):
+        if not (isinstance(shp, list) and len(shp) == 3
+                and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in shp)):
+            raise ValueError(f"{p}: shard {name}: sample {k!r} has shape {shp!r} (expected [T, H, W], "
+                             f"positive integers)")
 
 
 def check_source(root: str | Path, *, patch, channels: int | None = None, text_dim: int | None = None,
@@ -281,7 +309,7 @@ class ShardSource:
         """Read `ids` (grouped by shard, tar order inside a shard, as `order` gives them).
         Samples not wanted are dropped before decoding. Missing or undecodable samples come
         out as (id, None, reason), in order, so the caller can count them."""
-        import webdataset as wds
+        from webdataset.tariterators import group_by_keys, tar_file_expander
 
         groups: list[tuple[int, list[int]]] = []
         for i in ids:
@@ -289,7 +317,7 @@ class ShardSource:
                 groups.append((self.shard_of[i], []))
             groups[-1][1].append(i)
         for si, gids in groups:
-            url = str(self.root / self.index["shards"][si]["name"])
+            path = self.root / self.index["shards"][si]["name"]
             want = {self.key_of[i]: i for i in gids}
             errors: list[str] = []
 
@@ -300,23 +328,55 @@ class ShardSource:
             pending = list(gids)  # in tar order
             def select(fname: str, want=want) -> bool:  # other ranks'/workers' samples: never extracted
                 return fname.split(".", 1)[0] in want
-            for raw in wds.tarfile_samples([{"url": url}], handler=handler, select_files=select):
-                key = raw.get("__key__")
-                if key not in want or key in seen:
-                    continue
-                seen.add(key)
-                i = want[key]
-                while pending and pending[0] != i:  # earlier wanted keys never came: gone
-                    yield pending.pop(0), None, f"{self.name(i)}: missing from the tar"
-                if pending:
-                    pending.pop(0)
-                try:
-                    yield i, decode_sample(raw), ""
-                except Exception as e:  # noqa: BLE001 - any bad bytes: skip or fail by data.on_error
-                    yield i, None, f"{self.name(i)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            # the file is opened here, never by webdataset's URL opener: that runs a name like
+            # `pipe:CMD` through the shell, and the folder is the user's (`data.source`)
+            try:
+                f = open(path, "rb")
+            except OSError as e:
+                errors.append(f"{type(e).__name__}: {e}")
+                f = None
+            try:
+                files = tar_file_expander([{"url": str(path), "stream": f}] if f else [], handler=handler,
+                                          select_files=select)
+                for raw in group_by_keys(files, handler=handler):
+                    key = raw.get("__key__")
+                    if key not in want or key in seen:
+                        continue
+                    seen.add(key)
+                    i = want[key]
+                    while pending and pending[0] != i:  # earlier wanted keys never came: gone
+                        gone = pending.pop(0)
+                        yield gone, None, f"{self.name(gone)}: missing from the tar"
+                    if pending:
+                        pending.pop(0)
+                    try:
+                        yield i, self._checked(i, decode_sample(raw)), ""
+                    except Exception as e:  # noqa: BLE001 - any bad bytes: skip or fail by data.on_error
+                        yield i, None, f"{self.name(i)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            finally:
+                if f is not None:
+                    f.close()
             why = errors[0] if errors else "missing from the tar"
             for i in pending:
                 yield i, None, f"{self.name(i)}: {why}"
+
+    def _checked(self, i: int, sample: tuple) -> tuple:
+        """The decoded sample is what the index promised (the packer planned with the index's
+        token counts): a latent [C, T, H, W] of the index's shape and channels, text [L, Dt]."""
+        latent, text, _ = sample
+        T, H, W = self.shape(i)
+        C, D = self.index.get("channels"), self.index.get("text_dim")
+        if latent.ndim != 4 or tuple(latent.shape[1:]) != (T, H, W) or (C is not None and latent.shape[0] != C):
+            raise ValueError(f"latent of shape {list(latent.shape)}, but the index says "
+                             f"[{C if C is not None else 'C'}, {T}, {H}, {W}]")
+        if text.ndim != 2 or (D is not None and text.shape[1] != D):
+            raise ValueError(f"text of shape {list(text.shape)}, but the index says [L, {D}]")
+        return sample
+
+    def shape(self, i: int) -> tuple[int, int, int]:
+        """The latent's (T, H, W) of global id `i`, from the index."""
+        si = self.shard_of[i]
+        return tuple(self.index["shards"][si]["shapes"][i - self.first[si]])
 
     def load_one(self, i: int):
         """Random access to one sample (reads its shard up to it): for tools, not the loader."""

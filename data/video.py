@@ -104,10 +104,13 @@ def decode_clips(path: str | Path, clip_frames: int, multiple: int, fps: float =
         H0, W0 = stream.codec_context.height, stream.codec_context.width
         h, w = target_size(H0, W0, multiple, max_area)
         buf: list[np.ndarray] = []
-        n_out, n_clips, next_t = 0, 0, 0.0
+        n_out, n_clips, next_t, t0 = 0, 0, 0.0, None
         for frame in container.decode(stream):
             if fps:  # resample by timestamp: keep the frame at or after each 1/fps tick
                 t = float(frame.time) if frame.time is not None else n_out / src_fps
+                if t0 is None:  # ticks count from the first frame (a stream may start at 2 s)
+                    t0 = t
+                t -= t0
                 if t + 1e-6 < next_t:
                     continue
                 reps = 1

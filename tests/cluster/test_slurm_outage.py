@@ -1,6 +1,6 @@
 """`follow_array` through a Slurm controller outage, on the real single-node Slurm: while
 slurmctld is down no task is reported ended; once it is back, each task is reported after it
-really ended; one that may not wait (outage_s=0) stops with one clear error. squeue's messages
+really ended; one that may wait only 3 s stops with one clear error after asking again. squeue's messages
 are classified from what the live controller says."""
 import os
 import re
@@ -63,7 +63,8 @@ touch {tmp_path}/done_$SLURM_ARRAY_TASK_ID
 """)
     job = submit_array(script)
     events, warnings, errors, old = [], [], [], 0
-    impatient: list[BaseException] = []  # a follower that gives up at once (outage_s=0)
+    impatient: list[BaseException] = []  # a follower that gives up after 3 s of outage
+    impatient_warnings: list[str] = []
 
     def follow():
         try:
@@ -75,7 +76,7 @@ touch {tmp_path}/done_$SLURM_ARRAY_TASK_ID
 
     def give_up():
         try:
-            for i in follow_array(job, 2, poll_s=0.5, outage_s=0, warn=lambda line: None):
+            for i in follow_array(job, 2, poll_s=0.5, outage_s=3, warn=impatient_warnings.append):
                 assert i is None, f"task {i} reported ended by the impatient follower"
         except BaseException as e:  # noqa: BLE001
             impatient.append(e)
@@ -103,8 +104,12 @@ touch {tmp_path}/done_$SLURM_ARRAY_TASK_ID
             _start_slurmctld(conf, old)
         cancel_array(job)
     assert len(warnings) == 1 and job in warnings[0], warnings  # one line per outage
-    # outage_s exceeded: one error naming the array and what to do, never a task taken for ended
+    # outage_s exceeded (squeue asked again, with the one warning line first): one error naming
+    # the array, how long and what to do, never a task taken for ended
     (e,) = impatient
+    assert len(impatient_warnings) == 1 and "asking again for up to 3 s" in impatient_warnings[0], impatient_warnings
+    waited = float(re.search(r"has not answered for (\d+) s", str(e)).group(1))
+    assert waited >= 3, str(e)
     assert isinstance(e, QueueUnreachable) and f"job array {job}:" in str(e) and "run the same command again" in str(
         e) and "\n" not in str(e), repr(e)
     assert sorted(i for _, i in events) == [0, 1]

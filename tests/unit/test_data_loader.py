@@ -74,6 +74,25 @@ def test_restored_loader_yields_exactly_the_rest(tmp_path, workers):
         loader_for(cfg_for(other), 1, 2, multiple=2).load_state_dict(sd)
 
 
+@pytest.mark.parametrize("over", [["train.tokens_per_batch=128"], ["data.lookahead=2"], ["data.shuffle_buffer=1"]])
+def test_resuming_with_other_packing_settings_finishes_the_epoch_exactly_once(tmp_path, over):
+    """A resume may change how batches are packed (`--set train.tokens_per_batch=...`): the
+    rest of the epoch is packed anew from what the checkpoint says was consumed, so every
+    sample of the epoch is still trained exactly once."""
+    src = write_shards(tmp_path / "s", n=40)
+    cfg = cfg_for(src)
+    ld = loader_for(cfg)
+    taken = [n for _ in range(3) for n in next(ld)[1].names]
+    sd = json.loads(json.dumps(ld.state_dict()))
+    back = loader_for(cfg_for(src, *over))
+    back.load_state_dict(sd)
+    rest = [n for _, meta in epoch_batches(back) for n in meta.names]
+    assert back.epoch == 0 and len(taken) + len(rest) == 40 and len(set(taken + rest)) == 40
+    assert not set(taken) & set(rest)
+    next(back)  # then the next epoch, by the new settings' own plan
+    assert back.epoch == 1 and back.ranges is None
+
+
 @pytest.mark.parametrize("new_dp", [1, 3])
 def test_remap_to_a_new_dp_size_loses_and_repeats_nothing(tmp_path, new_dp):
     src = write_shards(tmp_path / "s", n=37)
@@ -230,6 +249,21 @@ def test_truncated_shard_and_corrupt_sample_are_skipped_and_counted(tmp_path):
         fail = loader_for(cfg_for(src, "data.on_error=fail"), 0, 1)
         for _ in range(40):
             next(fail)
+
+
+def test_a_sample_missing_from_its_tar_is_named_itself(tmp_path):
+    from vidscale.data.shards import ShardSource
+    src = write_shards(tmp_path / "s", n=6, max_bytes=1 << 20)  # one shard
+    index = json.loads((src / "index.json").read_text())
+    name, keys = index["shards"][0]["name"], index["shards"][0]["keys"]
+    with tarfile.open(src / name) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers() if not m.name.startswith(keys[1] + ".")]
+    with tarfile.open(src / name, "w") as t:
+        for m, data in members:
+            t.addfile(m, io.BytesIO(data))
+    got = list(ShardSource(src, seed=0, patch=(1, 2, 2)).stream(list(range(6))))
+    assert [i for i, s, _ in got if s is None] == [1]
+    assert got[1][2] == f"{name}:{keys[1]}: missing from the tar"
 
 
 def test_token_dropping_and_too_long_videos(tmp_path):

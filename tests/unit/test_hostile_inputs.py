@@ -61,6 +61,69 @@ def test_index_shard_names_outside_the_source_are_refused(tmp_path, name):
     assert not marker.exists()
 
 
+def test_a_source_folder_named_like_a_url_is_read_as_a_folder(tmp_path, monkeypatch):
+    """`data.source` is the user's: a folder called `pipe:...` (or `http:...`) holds shards
+    like any other, and nothing runs a shell or fetches a URL for it."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("pipe:touch ran;", "http:x"):
+        _shards(tmp_path / folder)
+        src = ShardSource(folder, seed=0, **MODEL)  # relative, as a recipe would give it
+        (i, sample, err), = src.stream([0])
+        assert sample is not None and err == "" and sample[0].shape == (4, 1, 4, 4), err
+    assert not (tmp_path / "ran").exists()
+
+
+def _index_lie(index):
+    index["shards"][0]["samples"] += 1
+
+
+def _duplicate_key(index):
+    index["shards"][0]["keys"][1] = index["shards"][0]["keys"][0]
+
+
+def _bad_shape(index):
+    index["shards"][0]["shapes"][0] = [1, 4]
+
+
+def _total_lie(index):
+    index["samples"] += 3
+
+
+@pytest.mark.parametrize("lie, says", [
+    (_index_lie, r"shard shard-000000.tar: 'samples' is 3 but it lists 2 keys and 2 shapes"),
+    (_duplicate_key, r"shard shard-000000.tar: a sample key is listed twice"),
+    (_bad_shape, r"shard shard-000000.tar: sample '000000000' has shape \[1, 4\] \(expected \[T, H, W\]"),
+    (_total_lie, r"'samples' is 5 but its shards list 2 samples"),
+])
+def test_an_index_that_lies_about_its_samples_is_refused_naming_the_shard(tmp_path, lie, says):
+    """The loader plans from the index's counts and reads by key: counts that disagree would
+    repeat or drop samples without a word."""
+    root = tmp_path / "src"
+    w = ShardWriter(root, max_bytes=1 << 20, patch=MODEL["patch"])
+    for _ in range(2):
+        w.write(torch.zeros(4, 1, 4, 4), torch.zeros(3, 16), {"caption": "c"})
+    w.close(channels=4, text_dim=16)
+    index = json.loads((root / "index.json").read_text())
+    lie(index)
+    (root / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"index\.json: " + says) as e:
+        ShardSource(root, seed=0, **MODEL)
+    assert "\n" not in str(e.value)
+
+
+def test_a_sample_unlike_its_index_entry_is_an_error_of_that_sample(tmp_path):
+    """The index says 1x4x4 (4 tokens) but the tar holds a 2x4x4 latent: the packer planned
+    with 4 tokens, so the sample is refused (skipped or failed by data.on_error), not packed."""
+    root = tmp_path / "src"
+    _shards(root)
+    index = json.loads((root / "index.json").read_text())
+    index["shards"][0]["shapes"][0] = [2, 4, 4]
+    (root / "index.json").write_text(json.dumps(index))
+    (i, sample, err), = ShardSource(root, seed=0, **MODEL).stream([0])
+    assert sample is None and err == ("shard-000000.tar:000000000: ValueError: latent of shape [4, 1, 4, 4], "
+                                      "but the index says [4, 2, 4, 4]"), err
+
+
 # A value that ends in a newline: `re.match(...$)` accepts it, and on an `#SBATCH` line it
 # ends the header, so sbatch ignores every option after it.
 HOSTILE_SLURM_VALUES = [

@@ -49,6 +49,21 @@ def test_nothing_prepared_is_an_error(tmp_path, capsys):
     assert rc == 2 and err[-1].startswith("vidscale prepare: error:") and "nothing prepared" in err[-1]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_broken_image_or_caption_skips_that_file_only(tmp_path, workers):
+    """An empty .png and a video whose caption file is not UTF-8 are skipped and counted, with
+    or without decode workers; the other videos are prepared."""
+    src = make_videos(tmp_path / "src", n=3)
+    (src / "empty.png").write_bytes(b"")
+    (src / "v1.txt").write_bytes(b"caf\xff")
+    index = prepare(src, tmp_path / "out", data_cfg(), progress=False, workers=workers, **MODEL)
+    failed = {f["file"].rsplit("/", 1)[-1]: f["error"] for f in index["failed_files"]}
+    assert index["failed"] == 2 and set(failed) == {"empty.png", "v1.mp4"}, failed
+    assert "v1.txt is not UTF-8 text" in failed["v1.mp4"]
+    source = ShardSource(tmp_path / "out", seed=0, patch=(1, 2, 2))
+    assert {s[2]["source"] for _, s, _ in source.stream(list(range(len(source))))} == {"v0.mp4", "v2.mp4"}
+
+
 def test_killed_decode_worker_is_reported_and_the_rest_go_on(tmp_path, monkeypatch):
     src = make_videos(tmp_path / "src", n=5)
     real = prepare_mod.decode_clips
