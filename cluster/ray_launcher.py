@@ -49,7 +49,8 @@ from vidscale.cluster.ray_cluster import (LOOPBACK_HOSTS, EmbeddedRay, init_keep
                                           split_address, use_token_auth)
 from vidscale.cluster.slurm import REQUEUE_MARKER  # noqa: E402
 from vidscale.cluster.slurm_task import watch_stop_file  # noqa: E402
-from vidscale.scaling.checkpoint.rundir import LOCK_ENV, RunDirNotShared, check_shared, held_by_launcher  # noqa: E402
+from vidscale.scaling.checkpoint.rundir import (LOCK_ENV, RunDirNotShared, check_shared, held_by_launcher,  # noqa: E402
+                                                restart_resume)
 from vidscale.scaling.config import (check_elastic, check_layout, load_config, network_env,  # noqa: E402
                                      save_config)
 from vidscale.scaling.parallel import collectives  # noqa: E402
@@ -165,10 +166,11 @@ def train_worker(config: dict) -> dict | None:
             return {"error": str(e)}
     cfg = worker_config(load_config(config["config_path"]))
     run_dir = Path(cfg.train.run_dir)
-    if _is_restart(run_dir, config["launch_id"]) and not cfg.checkpoint.resume:
-        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, resume="auto"))
-        print(f"vidscale: worker group restarted; rank {os.environ.get('RANK')} resumes from the latest "
-              "complete checkpoint", flush=True)
+    if _is_restart(run_dir, config["launch_id"]):
+        resume = restart_resume(run_dir, cfg.checkpoint.resume)
+        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, resume=resume))
+        print(f"vidscale: worker group restarted; rank {os.environ.get('RANK')} resumes from "
+              f"{'the latest complete checkpoint' if resume == 'auto' else resume}", flush=True)
     watch_stop_file(config.get("stop_file", ""))
     result = train(cfg)
     if result.get("preempted") and os.environ.get("RANK", "0") == "0":
@@ -367,8 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     # Ray on Slurm: the batch script forwards its pre-emption USR1 here too; it must not kill
     # the driver (the workers see the stop file and checkpoint), and a requeued job resumes
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 and not cfg.checkpoint.resume:
-        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, resume="auto"))
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:  # requeued: continue, never start over
+        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint,
+                                              resume=restart_resume(cfg.train.run_dir, cfg.checkpoint.resume)))
     if a.nodes > 1:
         _wait_for_nodes(a.address, a.nodes)
     return run_trainer(cfg, a.address)

@@ -21,6 +21,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 from vidscale.cluster.slurm import REQUEUE_MARKER  # noqa: E402
+from vidscale.scaling.checkpoint.rundir import restart_resume  # noqa: E402
 from vidscale.scaling.config import load_config  # noqa: E402
 from vidscale.scaling.train import signals  # noqa: E402
 from vidscale.scaling.train.loop import train  # noqa: E402
@@ -62,8 +63,9 @@ def main() -> int:
           f"rendezvous {os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}", flush=True)
     watch_stop_file(os.environ.get("VIDSCALE_STOP_FILE", ""))
     cfg = load_config(os.environ["VIDSCALE_CONFIG"])
-    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 and not cfg.checkpoint.resume:
-        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, resume="auto"))
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:  # requeued: continue, never start over
+        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint,
+                                              resume=restart_resume(cfg.train.run_dir, cfg.checkpoint.resume)))
     result = train(cfg)
     if result.get("preempted") and os.environ["RANK"] == "0":
         # exit 0 (a non-zero rank would make srun kill the others): the marker asks for the requeue

@@ -270,6 +270,8 @@ class Checkpointer:
         """Load the checkpoint `spec` names (see `resolve`) into every part."""
         d = self.dims
         report = lambda m: print(f"vidscale: {m}", flush=True)  # noqa: E731
+        if d.distributed:  # rank 0's choice: the ranks must take the same path through the collectives below
+            spec = collectives.broadcast_json(spec, src=0)
         if spec == "auto" and d.distributed:
             path = self._find_latest_striped(report)
         else:
@@ -291,22 +293,54 @@ class Checkpointer:
             raise ValueError(f"{path}: saved by the {old['engine']} engine (parallel.zero_stage="
                              f"{old['zero_stage']}); resume with the same parallel.zero_stage")
         for part in self.parts.values():
-            part.load_checkpoint(path, old)
+            try:
+                part.load_checkpoint(path, old)
+            except RuntimeError as e:  # torch's load_state_dict: many lines, none naming the checkpoint
+                if "state_dict" not in str(e) and "size mismatch" not in str(e):
+                    raise
+                why = "; ".join(x.strip() for x in str(e).splitlines() if x.strip())
+                why = why if len(why) <= 300 else why[:300] + "..."
+                raise ValueError(f"{path}: does not fit this run's model ({why}); resume with the model "
+                                 "settings it was saved with") from None
         self.state.step, self.state.tokens_seen = saved["step"], saved["tokens_seen"]
         self.last_step = self.state.step
         if d.rank == 0:
+            if spec != "auto":
+                self._retire_newer(path)
             truncate_metrics(self.metrics, self.state.step)
             print(f"vidscale: resumed from {path} (step {self.state.step}, saved with {_fmt(old)}, "
                   f"now {_fmt(self.layout())})", flush=True)
         return path
 
+    def _retire_newer(self, path: Path) -> None:
+        """Rank 0, after restoring an explicit checkpoint of this run dir that is not its newest
+        (a rewind): the newer ones are renamed `rewound-step_N` (kept, never deleted, no longer
+        resumed) and `latest` names the restored one, so that a restart (`auto`) continues the
+        rewound line of the run, as `metrics.jsonl` (truncated to the restored step) does."""
+        if path.parent.resolve() != self.root.resolve():
+            return
+        step = io.step_of(path.name)
+        newer = [t for s, t in io.committed(self.root) if s > step]
+        for tag in newer:
+            dest, n = self.root / f"rewound-{tag}", 1
+            while dest.exists():
+                dest, n = self.root / f"rewound{n}-{tag}", n + 1
+            (self.root / tag).rename(dest)
+        if newer:
+            io.fsync_path(self.root)
+            io.set_latest(self.root, path.name)
+            print(f"vidscale: rewound to {path.name}: the later checkpoint(s) {', '.join(newer)} are kept as "
+                  f"rewound-* in {self.root} and no longer resumed", flush=True)
+
     def _find_latest_striped(self, report) -> Path | None:
         """`find_latest` with the checksum work split over the ranks: each verifies a stripe of
-        the files, and a checkpoint is used only if every rank found its stripe intact."""
+        the files, and a checkpoint is used only if every rank found its stripe intact. Rank 0
+        lists the checkpoints (a node with a stale view of a shared filesystem must not pick
+        another one)."""
         d = self.dims
-        tags = [t for _, t in reversed(io.committed(self.root))]
-        n = int(collectives.min_(len(tags)))  # every rank must see the same list
-        for tag in tags[:n]:
+        tags = collectives.broadcast_json([t for _, t in reversed(io.committed(self.root))] if d.rank == 0 else None,
+                                          src=0)
+        for tag in tags:
             bad = False
             try:
                 io.verify(self.root / tag, rank=d.rank, world=d.world)

@@ -113,18 +113,33 @@ def held_by_launcher(run_dir: str | Path) -> bool:
     return bool(token) and RunLock(run_dir).holder().get("token") == token
 
 
+def restart_resume(run_dir: str | Path, resume: str) -> str:
+    """What a restarted job (a Slurm requeue, a Ray worker group restart) resumes from: the
+    newest checkpoint of its run dir when there is one (the run got further than any path it
+    was started from), else what it was started with, else `auto`."""
+    if storage.committed(Path(run_dir) / "checkpoints"):
+        return "auto"
+    return resume or "auto"
+
+
 def check_fresh(run_dir: str | Path, resume: str) -> None:
-    """A run that does not resume must not land on an earlier run's files."""
-    if resume:
+    """A run that does not resume must not land on an earlier run's files. `auto` resumes
+    when there is a checkpoint and starts fresh when there is none: a finished run whose
+    checkpoints are gone (deleted to save space) is then refused like a fresh start would be,
+    never trained again over its weights, final.json and metrics."""
+    if resume and resume != "auto":
         return
     run_dir = Path(run_dir)
     found = storage.committed(run_dir / "checkpoints")
     if found:
+        if resume == "auto":
+            return
         raise RunDirTaken(f"{run_dir}: holds checkpoints of an earlier run (up to step {found[-1][0]}); continue "
                           f"it with `vidscale resume {run_dir}` (or --resume auto), or choose another --run-dir")
     for name in FINISHED_FILES:
         if (run_dir / name).exists():
-            raise RunDirTaken(f"{run_dir}: holds a finished run ({name}); choose another --run-dir")
+            why = " and no checkpoint to continue from" if resume == "auto" else ""
+            raise RunDirTaken(f"{run_dir}: holds a finished run ({name}){why}; choose another --run-dir")
 
 
 

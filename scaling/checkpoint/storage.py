@@ -126,6 +126,14 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Publish a finished file: its bytes on disk, then the rename, then the rename on disk, so
+    that a node that loses power right after never shows `path` empty or half written."""
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
 # Size and checksum of every file this process wrote, recorded as the bytes went out:
 # absolute path -> {"size": n, ALGORITHM: hex}. A save's `write_part` takes its directory's.
 _written: dict[str, dict] = {}
@@ -325,7 +333,8 @@ def commit(root: Path, tmp: Path, tag: str, world: int, meta: dict, timeout_s: f
     for p in parts:
         entries.update(json.loads(p.read_text())["entries"])
     files = _files(tmp)
-    for rel in set(files) - set(entries):  # written by a library on its own (DeepSpeed's script copy)
+    for rel in set(files) - set(entries):  # written by a library on its own (DeepSpeed's script copies)
+        fsync_path(tmp / rel)
         entries[rel] = entry_for(tmp / rel)
     assert sorted(entries) == files, (sorted(entries), files)
     write_json(tmp / MANIFEST, {"tag": tag, "meta": meta, "files": entries})
@@ -335,6 +344,9 @@ def commit(root: Path, tmp: Path, tag: str, world: int, meta: dict, timeout_s: f
     final = root / tag
     drop_universal(root, tag)  # converted from the save this one replaces
     try:
+        # every folder's entries on disk before the rename publishes them (the files are already)
+        for d in sorted({(tmp / rel).parent for rel in files} - {tmp}, key=lambda p: -len(p.parts)):
+            fsync_path(d)
         if final.exists():  # re-saving a step (e.g. the end of a run that just saved): replace
             final.rename(root / f".del-{tag}")
         fsync_path(tmp)

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from vidscale.models.dit import VideoDiT
-from vidscale.scaling.config import Config, load_config, model_config, to_yaml
+from vidscale.scaling.checkpoint.storage import replace_durably
+from vidscale.scaling.config import Config, load_config_text, model_config, to_yaml
 
 MODEL_FILE, EMA_FILE = "model.safetensors", "ema.safetensors"
 
@@ -34,7 +35,7 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path, cfg: Config, 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)  # a reader never sees half a file
+    replace_durably(tmp, path)  # a reader never sees half a file, nor does a node after a crash
     return path
 
 
@@ -56,14 +57,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 def config_of(meta: dict[str, str], path: str | Path) -> Config:
     if "config" not in meta:
         raise ValueError(f"{path}: no 'config' in the safetensors metadata (not written by vidscale?)")
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(meta["config"])
-    try:
-        return load_config(f.name)
-    finally:
-        Path(f.name).unlink(missing_ok=True)
+    return load_config_text(meta["config"], str(path))
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu"):

@@ -23,7 +23,7 @@ from vidscale.scaling.config.checkpoint import CHECKSUMS, CheckpointArgs
 from vidscale.scaling.config.cluster import INTERFACE, LAUNCHERS, PLACEMENTS, ClusterArgs, SlurmArgs, network_env
 from vidscale.scaling.config.data import DataArgs
 from vidscale.scaling.config.errors import RecipeError
-from vidscale.scaling.config.load import load_config, save_config, set_values, to_yaml
+from vidscale.scaling.config.load import load_config, load_config_text, save_config, set_values, to_yaml
 from vidscale.scaling.config.logging import LoggingArgs
 from vidscale.scaling.config.model import ModelArgs, model_config
 from vidscale.scaling.config.objective import COND_MODES, ObjectiveArgs
@@ -39,6 +39,6 @@ __all__ = [
     "LAUNCHERS", "LR_SCHEDULES", "PLACEMENTS", "TASKS", "ZERO_STAGES",
     "CheckpointArgs", "ClusterArgs", "Config", "DataArgs", "LoggingArgs", "ModelArgs", "ObjectiveArgs", "OptimArgs",
     "ParallelArgs", "PlanArgs", "SlurmArgs", "TrainArgs", "VAEArgs",
-    "RecipeError", "check_elastic", "check_layout", "elastic_worlds", "load_config", "model_config", "network_env",
-    "save_config", "set_values", "to_yaml", "validate",
+    "RecipeError", "check_elastic", "check_layout", "elastic_worlds", "load_config", "load_config_text", "model_config",
+    "network_env", "save_config", "set_values", "to_yaml", "validate",
 ]

@@ -110,6 +110,23 @@ def set_values(cfg: Config, values: dict[str, Any]) -> Config:
     return cfg
 
 
+def load_config_text(text: str, where: str) -> Config:
+    """A complete recipe held as text (the resolved config in a weights file's metadata); errors
+    name `where` (that file). It may not name a `base:` file: nothing outside it is read."""
+    try:
+        raw = OmegaConf.create(text)
+    except Exception as e:  # noqa: BLE001 - yaml scanner errors are multi-line
+        raise RecipeError(f"{where}: the stored recipe is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, type(OmegaConf.create({}))):
+        raise RecipeError(f"{where}: the stored recipe is not a mapping of recipe keys")
+    if "base" in raw:
+        raise RecipeError(f"{where}: the stored recipe names a base file ('base: ...'); a stored recipe is "
+                          "complete and may not")
+    obj: Config = OmegaConf.to_object(_merge(OmegaConf.structured(Config), raw, where))  # type: ignore[assignment]
+    validate(obj, where)
+    return obj
+
+
 def _recipe_layers(path: Path) -> list[tuple[Any, Path]]:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")

@@ -31,6 +31,7 @@ from vidscale.data.args import shard_sets
 from vidscale.data.shards import ShardSource
 from vidscale.data.synthetic import synthetic_video
 from vidscale.models.packed import pack
+from vidscale.scaling.checkpoint.storage import replace_durably
 from vidscale.scaling.parallel import collectives
 
 VAL_SEED = 2_718_281
@@ -126,4 +127,4 @@ def write_final(run_dir: Path, final: dict) -> None:
     """RUN_DIR/final.json, atomically: a sweep reads its existence as "done" (rank 0 only)."""
     tmp = Path(run_dir) / "final.json.tmp"
     tmp.write_text(json.dumps(final, indent=1))
-    tmp.replace(Path(run_dir) / "final.json")
+    replace_durably(tmp, Path(run_dir) / "final.json")

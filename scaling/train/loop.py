@@ -318,13 +318,14 @@ def train(cfg: Config) -> dict:
                      "flops": seg_flops * tr.tokens_seen / seg_tokens if seg_tokens > 0 else 0.0,
                      "steps": tr.step, "train_loss": last_loss, "wall_time": time.time() - t_start,
                      "eval_time": time.perf_counter() - t0, "val_videos": c.train.val_videos}
-            if tr.is_main:
-                write_final(tr.run_dir, final)
             result.update(scores)
-        # consolidated weights for `vidscale sample` (every rank: a gather)
+        # consolidated weights for `vidscale sample` (every rank: a gather), then final.json, the
+        # mark of a finished run, last: a run marked finished has its weights
         init_meta = {"init_from": json.dumps(tr.init.source.record)} if tr.init is not None else {}
         save_run_weights(tr.engine, tr.run_dir, c, tr.step, kind=tr.task.name,
                          extra={**tr.task.weights_metadata(), **init_meta})
+        if scores and tr.is_main:
+            write_final(tr.run_dir, final)
     tr.close()
     tr.dims.destroy()
     return result

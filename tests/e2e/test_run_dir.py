@@ -123,7 +123,9 @@ def test_a_failed_resume_leaves_the_recipe_and_a_torn_metrics_line_is_dropped(tm
     assert train(run).returncode == 0
     recipe = (run / "config.yaml").read_bytes()
     r = vidscale("resume", run, "--set", "model.size=tiny", "--set", "train.steps=6")
-    assert r.returncode != 0
+    assert r.returncode == 2 and "does not fit this run's model (Error(s) in loading state_dict" in r.stderr, \
+        r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("vidscale resume: error: ") and "step_00000004" in r.stderr
     assert (run / "config.yaml").read_bytes() == recipe
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 0.')  # a process died while appending
@@ -133,3 +135,47 @@ def test_a_failed_resume_leaves_the_recipe_and_a_torn_metrics_line_is_dropped(tm
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert load_config(run / "config.yaml").train.steps == 6
+
+
+def test_resume_auto_refuses_a_finished_run_whose_checkpoints_are_gone(tmp_path):
+    """`--resume auto` starts fresh where there is no checkpoint; a finished run whose
+    checkpoints were deleted (to save space) must not be trained again over its weights,
+    final.json and metrics."""
+    run = tmp_path / "run"
+    assert train(run, "--set", "train.val_videos=2").returncode == 0
+    assert (run / "final.json").is_file() and (run / "model.safetensors").is_file()
+    for ck in (run / "checkpoints").glob("step_*"):
+        subprocess.run(["rm", "-rf", str(ck)], check=True)
+    before = tree(run)
+    r = train(run, "--resume", "auto")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "holds a finished run (final.json) and no checkpoint to continue from" in r.stderr, r.stderr
+    assert tree(run) == before
+
+
+def test_a_rewind_retires_the_later_checkpoints_and_a_restart_continues_the_rewound_line(tmp_path):
+    """Resuming an earlier checkpoint of the same run (a rewind, e.g. before a loss spike) keeps
+    the later checkpoints as `rewound-*` (never deleted) so that `auto`, what a requeued or
+    restarted job resumes from, takes the rewound line, not the abandoned one."""
+    from vidscale.scaling.checkpoint.rundir import restart_resume
+    run = tmp_path / "run"
+    keep = ("--set", "checkpoint.keep_last=5")
+    assert train(run, *keep, steps=6).returncode == 0
+    ck = run / "checkpoints"
+    first = {p.name: tree(p) for p in ck.glob("step_*")}
+    assert sorted(first) == ["step_00000002", "step_00000004", "step_00000006"]
+    r = train(run, *keep, "--resume", str(ck / "step_00000002"), steps=4)  # a shorter schedule: other weights
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "rewound to step_00000002" in r.stdout + r.stderr
+    # the abandoned line is kept whole, out of resume's way
+    assert {p.name[len("rewound-"):]: tree(p) for p in ck.glob("rewound-*")} == {
+        t: first[t] for t in ("step_00000004", "step_00000006")}
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert (ck / "latest").read_text().strip() == "step_00000004"
+    assert tree(ck / "step_00000004") != first["step_00000004"]  # the new line's own save
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    # a requeue of a job started with that explicit path continues from the newest of its line
+    assert restart_resume(run, str(ck / "step_00000002")) == "auto"
+    assert restart_resume(tmp_path / "elsewhere", str(ck / "step_00000002")) == str(ck / "step_00000002")
+    assert restart_resume(tmp_path / "elsewhere", "") == "auto"

@@ -174,3 +174,38 @@ def test_signal_requests_a_save_and_stops(tmp_path):
         signals.clear()
     assert r["preempted"] and r["steps"] == 2
     assert [s for s, _ in ckpt_io.committed(tmp_path / "checkpoints")] == [2]
+
+
+def test_commit_puts_every_folder_and_every_library_written_file_on_disk(tmp_path, monkeypatch):
+    """A save is published by a rename: before it, every file (also those a library wrote on its
+    own, which no rank recorded) and every folder of the checkpoint must be fsynced, or a node
+    that loses power after the rename can come back with a checkpoint missing files."""
+    synced: list[Path] = []
+    real = ckpt_io.fsync_path
+    monkeypatch.setattr(ckpt_io, "fsync_path", lambda p: (synced.append(Path(p)), real(p))[1])
+    root = tmp_path / "checkpoints"
+    tmp = root / ".tmp-step_00000001"
+    (tmp / "zero" / "state").mkdir(parents=True)
+    ckpt_io.write_bytes(tmp / "zero" / "state" / "part.bin", b"recorded")  # through our writer
+    (tmp / "zero" / "zero_to_fp32.py").write_text("# copied by the library\n")  # not recorded
+    ckpt_io.write_part(tmp, 0)
+    final = ckpt_io.commit(root, tmp, "step_00000001", 1, {})
+    ckpt_io.verify(final)
+    published = synced.index(tmp)  # the last fsync of the folder before the rename
+    before = {p.relative_to(tmp).as_posix() for p in synced[:published] if p.is_relative_to(tmp)}
+    assert {"zero", "zero/state", "zero/zero_to_fp32.py"} <= before, before
+    assert root in synced[published:]  # and the rename itself
+
+
+def test_the_recipe_inside_a_weights_file_reads_nothing_else_and_errors_name_that_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from vidscale.scaling.config import RecipeError
+    for text, says in [("base: ../../etc/hostname\n", "names a base file"),
+                       ("model:\n  hidden: -3\n", "model.hidden"),
+                       ("[1, 2]\n", "not a mapping")]:
+        path = tmp_path / "w.safetensors"
+        save_file({"x": torch.zeros(1)}, str(path), metadata={"format": "vidscale", "kind": "dit", "config": text})
+        with pytest.raises((ValueError, RecipeError)) as e:
+            load_weights(path)
+        assert str(path) in str(e.value) and says in str(e.value) and "\n" not in str(e.value), str(e.value)
