@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SLURM_DIR, wait_for  # noqa: E402
-from vidscale.cluster.jobarray import (QueueUnreachable, cancel_array, follow_array, forgotten, queued_tasks,
-                                       submit_array)
+from vidscale.cluster.jobarray import (SQUEUE_TIMEOUT_S, QueueUnreachable, cancel_array, follow_array, forgotten,
+                                       queued_tasks, submit_array)
 
 pytestmark = pytest.mark.cluster
 
@@ -51,7 +51,9 @@ def _start_slurmctld(conf: str, old: int) -> None:
 
 def test_follow_array_waits_out_a_controller_outage(slurm_cluster, tmp_path):
     conf = slurm_cluster
-    assert Path(conf).parent == Path(SLURM_DIR), f"{conf}: not the fixture's own Slurm; cannot restart it"
+    # the fixture may hand back /etc/slurm/slurm.conf, a link to its own conf (a Slurm still running)
+    assert Path(conf).resolve().parent == Path(SLURM_DIR).resolve(), \
+        f"{conf}: not the fixture's own Slurm; cannot restart it"
     pidfile = Path(SLURM_DIR) / "slurmctld.pid"
     script = tmp_path / "array.sbatch"
     script.write_text(f"""#!/bin/bash
@@ -92,7 +94,10 @@ touch {tmp_path}/done_$SLURM_ARRAY_TASK_ID
         wait_for(lambda: not _pid(pidfile), 30, "slurmctld to stop")
         r = _squeue(job)  # squeue retries the controller for a while by itself, then says why
         assert r.returncode != 0 and not forgotten(r.stderr), r.stderr
-        wait_for(lambda: (warnings or events) and impatient, 60, "both followers to notice the outage")
+        # the impatient follower gives up on its second squeue failure (each can take up to
+        # SQUEUE_TIMEOUT_S while squeue retries the controller by itself)
+        wait_for(lambda: (warnings or events) and impatient, 3 * SQUEUE_TIMEOUT_S,
+                 "both followers to notice the outage")
         assert not events, f"tasks reported ended while the controller was down: {events}"
         assert (tmp_path / "done_0").exists() and (tmp_path / "done_1").exists()  # both ended meanwhile
         restarted = time.monotonic()
