@@ -110,8 +110,8 @@ class LoaderPart:
     def load_checkpoint(self, path: Path, saved_layout: dict) -> None:
         d = self.dims
         states = [json.loads((path / f"loader/dp{r:05d}.json").read_text()) for r in range(saved_layout["dp"])]
-        if saved_layout["dp"] != d.dp:
-            states = remap_loader_states(states, d.dp)
+        if saved_layout["dp"] != d.dp:  # the loader's own remap where it has one (the VAE's clips)
+            states = getattr(self.loader, "remap_states", remap_loader_states)(states, d.dp)
         self.loader.load_state_dict(states[d.dp_rank])
 
 
@@ -247,13 +247,24 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def wait(self) -> None:
-        """Block until a background save is committed; re-raise its error, if any."""
+        """Block until a background save is committed; re-raise its error, if any. Every rank
+        calls it at the same point (the next save, the end of the run) and all of them raise
+        when one failed: rank 0's commit fails where no other rank sees it, and they would
+        otherwise wait for it in the next collective until parallel.timeout_s."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._error is not None:
+        failed = self._error is not None
+        if self.args.async_save and self.dims.distributed:
+            elsewhere = collectives.agree(failed)
+        else:
+            elsewhere = failed
+        if failed:
             e, self._error = self._error, None
             raise e
+        if elsewhere:
+            raise CheckpointError(f"checkpoint: the background save of step {self.last_step} failed on another "
+                                  "rank (its error names the cause)")
 
     def _agree_prepared(self, err: CheckpointError | None, tag: str) -> None:
         """Every rank learns whether rank 0 could create the temporary directory (instead of
@@ -270,6 +281,9 @@ class Checkpointer:
         """Load the checkpoint `spec` names (see `resolve`) into every part."""
         d = self.dims
         report = lambda m: print(f"vidscale: {m}", flush=True)  # noqa: E731
+        if d.rank == 0:  # a re-save this run's last process died in the middle of: the old save back
+            for tag in io.recover(self.root):
+                report(f"{self.root / tag}: put back (a re-save of it was interrupted before it replaced it)")
         if d.distributed:  # rank 0's choice: the ranks must take the same path through the collectives below
             spec = collectives.broadcast_json(spec, src=0)
         if spec == "auto" and d.distributed:

@@ -10,12 +10,16 @@ Commit protocol, for any number of ranks on a shared filesystem:
  1. rank 0 creates `.tmp-TAG` (removing stale temporaries); all ranks wait for it.
  2. every rank writes its own files into it, each hashed as its bytes go out (no second
     read), then flushed and fsynced. DeepSpeed writes its shards through the same writer
-    (`scaling/ckpt_zero.py` plugs it in as DeepSpeed's checkpoint engine).
+    (`scaling/checkpoint/zero.py` plugs it in as DeepSpeed's checkpoint engine).
  3. every rank writes `.part-RANK.json`: size and checksum of each file it wrote.
  4. rank 0 waits for all parts, hashes any file no rank recorded (a library's own copy),
     writes `manifest.json` (fsync), renames `.tmp-TAG` to `TAG`, fsyncs the parent
     directory, then replaces `latest`, then applies retention (old checkpoints are renamed
     away at once and deleted in the background).
+    Re-saving a step that is already committed swaps the two directories in one step
+    (renameat2 RENAME_EXCHANGE), so `TAG` is never absent; where the filesystem cannot (NFS),
+    the old one is renamed to `.old-TAG` first and put back by the next save or resume if the
+    process died before the new one took its place.
 A `step_*` directory therefore only ever exists complete; verifying it against its
 manifest catches later damage (a truncated, altered or missing file) and names the file.
 Nothing here unpickles: manifests and pointers are JSON/text.
@@ -28,6 +32,7 @@ names its algorithm per file, so either verifies regardless of the current setti
 from __future__ import annotations
 
 import copy as copy_
+import ctypes
 import errno
 import hashlib
 import json
@@ -47,11 +52,13 @@ MANIFEST = "manifest.json"
 UNIVERSAL = ".universal"
 LATEST = "latest"
 _TAG_RE = re.compile(r"step_(\d{8,})")
+OLD = ".old-"  # a committed save being replaced, for the moment between two renames
 FAULT_ENV = "VIDSCALE_CKPT_FAULT"
 """Fault injection for the fault tests: 'enospc@STEP' makes the first file write of the save
 at STEP fail with ENOSPC; 'hang@STEP' sleeps forever after that save's first file (so a test
 can kill -9 the process mid-save); 'mkdir@STEP' makes creating that save's temporary
-directory fail (ENOSPC). Unset in normal runs."""
+directory fail (ENOSPC); 'commit@STEP' makes rank 0's commit of that save fail (ENOSPC, a
+failure no other rank sees). Unset in normal runs."""
 
 
 _algo = {"name": CheckpointArgs.checksum}  # until set_checksum: checkpoint.checksum's default
@@ -94,7 +101,7 @@ def arm_faults(step: int) -> None:
     _fault_armed["step"] = step
 
 
-_FAULT_STAGE = {"enospc": "write", "hang": "after", "mkdir": "mkdir"}
+_FAULT_STAGE = {"enospc": "write", "hang": "after", "mkdir": "mkdir", "commit": "commit"}
 
 
 def _maybe_fault(path: Path, stage: str = "write") -> None:
@@ -296,6 +303,7 @@ def prepare(root: Path, tag: str) -> Path:
             shutil.rmtree(p, ignore_errors=True)
         for p in root.glob(".del-*"):
             shutil.rmtree(p, ignore_errors=True)
+        recover(root)
         t = tmp_dir(root, tag)
         _maybe_fault(t, stage="mkdir")
         t.mkdir()
@@ -338,30 +346,83 @@ def commit(root: Path, tmp: Path, tag: str, world: int, meta: dict, timeout_s: f
         entries[rel] = entry_for(tmp / rel)
     assert sorted(entries) == files, (sorted(entries), files)
     write_json(tmp / MANIFEST, {"tag": tag, "meta": meta, "files": entries})
+    forget(tmp)  # the manifest's own record: a later save into this path starts with none
     # every rank has written its part, so none is still waiting on the .done markers
     for p in parts + sorted(tmp.glob(".done-*")):
         p.unlink()
     final = root / tag
     drop_universal(root, tag)  # converted from the save this one replaces
+    old = None
     try:
+        _maybe_fault(final, stage="commit")
         # every folder's entries on disk before the rename publishes them (the files are already)
         for d in sorted({(tmp / rel).parent for rel in files} - {tmp}, key=lambda p: -len(p.parts)):
             fsync_path(d)
-        if final.exists():  # re-saving a step (e.g. the end of a run that just saved): replace
-            final.rename(root / f".del-{tag}")
         fsync_path(tmp)
-        tmp.rename(final)
+        if final.exists():  # re-saving a step (e.g. the end of a run that just saved): replace
+            if exchange(tmp, final):  # one step: `final` is never absent; tmp now holds the old save
+                old = tmp
+            else:  # two renames; a crash between them is undone by `recover`
+                old = root / f"{OLD}{tag}"
+                final.rename(old)
+                fsync_path(root)
+                tmp.rename(final)
+        else:
+            tmp.rename(final)
         fsync_path(root)
     except OSError as e:
         raise _fail(final, e) from e
-    shutil.rmtree(root / f".del-{tag}", ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     set_latest(root, tag)
     return final
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing directories atomically (Linux renameat2 with RENAME_EXCHANGE). False,
+    changing nothing, where the C library or the filesystem cannot (NFS, older kernels)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def recover(root: Path) -> list[str]:
+    """Rank 0 of a run that owns `root`: put back a committed save that a replacing commit had
+    renamed to `.old-TAG` when the process died before the new one took its place (filesystems
+    without an atomic exchange); drop `.old-TAG` where `TAG` is in place. Names what it restored."""
+    restored = []
+    for p in sorted(root.glob(f"{OLD}*")) if root.is_dir() else []:
+        tag = p.name[len(OLD):]
+        if step_of(tag) is None:
+            continue
+        if (root / tag).exists():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.rename(root / tag)
+            restored.append(tag)
+    if restored:
+        fsync_path(root)
+    return restored
 
 
 def set_latest(root: Path, tag: str) -> None:
     tmp = root / ".latest.tmp"
     write_bytes(tmp, (tag + "\n").encode())
+    with _written_lock:  # the pointer is in no manifest
+        _written.pop(str(tmp.absolute()), None)
     try:
         os.replace(tmp, root / LATEST)
         fsync_path(root)

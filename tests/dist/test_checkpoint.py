@@ -96,3 +96,41 @@ def test_universal_conversion_is_verified_rebuilt_when_damaged_and_dropped_when_
     # the step saved again (same tag): its old conversion goes at once
     ckpt_io.prepare(root, "step_00000002")
     assert not out.exists()
+
+
+def _commit_fails_on_rank_0(rank, world, port, out_dir, run_dir):
+    """One rank of an async-save run whose step-2 commit fails on rank 0 alone: what each rank raised."""
+    import json as json_
+    import os as os_
+    from vidscale.scaling.checkpoint import storage
+    from vidscale.scaling.train.loop import train
+    from conftest import short_run
+    os_.environ[storage.FAULT_ENV] = "commit@2"
+    cfg = short_run(run_dir, "train.steps=6", "checkpoint.every=2", "checkpoint.async_save=true",
+                    "parallel.timeout_s=900", "parallel.zero_stage=1")
+    try:
+        train(cfg)
+        out = {"raised": None}
+    except BaseException as e:  # noqa: BLE001 - what this rank saw is the result
+        out = {"raised": type(e).__name__, "message": str(e)}
+    with open(os_.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json_.dump(out, f)
+
+
+def test_a_background_commit_only_rank_0_sees_fail_stops_every_rank_at_the_next_save(tmp_path):
+    """checkpoint.async_save on 2 ranks: rank 0's commit of step 2 fails (ENOSPC) in its
+    background thread, where rank 1 cannot see it. At the step-4 save both ranks raise a
+    CheckpointError (rank 0 its own, naming the path; rank 1 that another rank failed),
+    instead of rank 1 meeting a dead or silent peer in the save's collectives."""
+    from vidscale.cluster.local import spawn_ranks
+    run = tmp_path / "run"
+    codes = spawn_ranks(_commit_fails_on_rank_0, 2, (str(tmp_path), str(run)), timeout_s=600)
+    files = [tmp_path / f"rank{r}.json" for r in range(2)]
+    assert all(f.exists() for f in files), f"ranks exited with {codes} before writing results"
+    r0, r1 = (json.loads(f.read_text()) for f in files)
+    assert r0["raised"] == "CheckpointError" and "step_00000002" in r0["message"], r0
+    assert "No space left" in r0["message"], r0
+    assert r1 == {"raised": "CheckpointError", "message": "checkpoint: the background save of step 2 failed on "
+                  "another rank (its error names the cause)"}, r1
+    root = run / "checkpoints"  # nothing was committed after the failure
+    assert ckpt_io.committed(root) == [] and ckpt_io.read_latest(root) is None

@@ -197,6 +197,74 @@ def test_commit_puts_every_folder_and_every_library_written_file_on_disk(tmp_pat
     assert root in synced[published:]  # and the rename itself
 
 
+def _commit(root: Path, tag: str, payload: bytes) -> Path:
+    """One rank's save of a single file, committed as `tag` (the storage protocol by hand)."""
+    tmp = ckpt_io.prepare(root, tag)
+    ckpt_io.write_bytes(tmp / "payload.bin", payload)
+    ckpt_io.write_part(tmp, 0)
+    return ckpt_io.commit(root, tmp, tag, 1, {})
+
+
+def test_a_resave_of_a_committed_step_swaps_the_directories_in_one_step(tmp_path, monkeypatch):
+    """Re-saving a step that is committed never leaves a moment without it: the new directory
+    and the old one trade places in one rename (RENAME_EXCHANGE), on a filesystem that has it."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "which").write_text("a"), (b / "which").write_text("b")
+    if not ckpt_io.exchange(a, b):
+        pytest.skip("this filesystem has no atomic exchange (the two-rename path is tested below)")
+    assert (a / "which").read_text() == "b" and (b / "which").read_text() == "a"
+    root = tmp_path / "checkpoints"
+    _commit(root, "step_00000002", b"old")
+    renames: list[tuple[str, str]] = []
+    real = Path.rename
+    monkeypatch.setattr(Path, "rename", lambda self, t: (renames.append((self.name, Path(t).name)), real(self, t))[1])
+    final = _commit(root, "step_00000002", b"new")
+    assert (final / "payload.bin").read_bytes() == b"new" and ckpt_io.read_latest(root) == "step_00000002"
+    ckpt_io.verify(final)
+    assert renames == []  # no step where step_00000002 was renamed away
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
+
+
+def test_a_resave_interrupted_between_two_renames_is_put_back(tmp_path, monkeypatch, capsys):
+    """Where there is no atomic exchange (NFS), the old save is renamed to `.old-TAG` before the
+    new one takes its place; a crash in between leaves no `TAG`. The next save or resume puts
+    the old one back (it was complete) instead of deleting it, and the run resumes from it."""
+    run = tmp_path / "run"
+    _train(run, "train.steps=4", "checkpoint.every=2")
+    root = run / "checkpoints"
+    before = (root / "step_00000004" / "model.safetensors").read_bytes()
+    monkeypatch.setattr(ckpt_io, "exchange", lambda a, b: False)
+    real = Path.rename
+
+    def rename(self, target):  # the process dies between the two renames (here: the second one fails)
+        if self.name.startswith(".tmp-"):
+            raise OSError(5, "Input/output error", str(target))
+        return real(self, target)
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(CheckpointError):
+        _commit(root, "step_00000004", b"a re-save")
+    monkeypatch.setattr(Path, "rename", real)
+    assert not (root / "step_00000004").exists() and (root / ".old-step_00000004").is_dir()
+    capsys.readouterr()
+    out = _train(run, "train.steps=6", "checkpoint.every=2", "checkpoint.resume=auto")
+    said = capsys.readouterr().out
+    assert f"{root / 'step_00000004'}: put back" in said and "resumed from" in said, said
+    assert f"resumed from {root / 'step_00000004'}" in said, said
+    assert out["steps"] == 6
+    assert not list(root.glob(".old-*"))
+    assert [t for _, t in ckpt_io.committed(root)][-2:] == ["step_00000004", "step_00000006"]
+    # the step-4 save the resume restored is the one the interrupted re-save had renamed away
+    assert (root / "step_00000004" / "model.safetensors").read_bytes() == before
+    # and the next save's own clean-up puts one back too
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(CheckpointError):
+        _commit(root, "step_00000006", b"a re-save")
+    monkeypatch.setattr(Path, "rename", real)
+    ckpt_io.prepare(root, "step_00000008")
+    ckpt_io.verify(root / "step_00000006")
+
+
 def test_the_recipe_inside_a_weights_file_reads_nothing_else_and_errors_name_that_file(tmp_path):
     from safetensors.torch import save_file
 
