@@ -11,7 +11,9 @@ rank 0 converts the shards once with DeepSpeed's universal checkpoint
 (`deepspeed.checkpoint.ds_to_universal`) into `checkpoints/.universal/TAG` (next to, never
 inside, the verified checkpoint; with its own manifest, verified before every use and rebuilt
 when damaged or made from an earlier save of TAG, which storage drops when TAG is saved
-again), and every rank loads it with `load_universal`; EMA
+again), and every rank loads it with `load_universal`. A checkpoint of another run (a branch
+resuming its trunk's step) is only read: its conversion goes to `RUN_DIR/.resume-universal`
+of the run that loads it, removed once every rank has loaded it. EMA
 partitions are reassembled from the shards and re-cut for the new world here.
 DeepSpeed writes and reads through `ManifestEngine`, our implementation of its checkpoint-
 engine interface: every shard is hashed as torch.save streams it out and fsynced (no
@@ -241,28 +243,38 @@ def convert_universal(path: Path, report=print, out: Path | None = None) -> Path
     return out
 
 
-def load_zero(ds, path: Path, old_world: int, dims) -> None:
-    """Every rank: load DeepSpeed's states, converting them once if the world changed."""
+FOREIGN_SCRATCH = ".resume-universal"
+
+
+def load_zero(ds, path: Path, old_world: int, dims, run_dir: Path | None = None) -> None:
+    """Every rank: load DeepSpeed's states, converting them once if the world changed (beside
+    `path` when it is a checkpoint of `run_dir`, the run loading it; else into that run)."""
     _manifest_engine(ds)
     if old_world == dims.world:
         with weights_only_loads():
             load_path, _ = ds.load_checkpoint(str(path / "zero"), tag=TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
     else:
+        own = run_dir is None or path.parent.resolve() == (Path(run_dir) / "checkpoints").resolve()
+        out = universal_dir(path) if own else Path(run_dir) / FOREIGN_SCRATCH
         err = ""
         if dims.rank == 0:
             try:
-                convert_universal(path)
+                convert_universal(path, out=out)
             except Exception as e:  # tell the other ranks instead of leaving them in the barrier
                 err = f"{type(e).__name__}: {e}"
         _agree_ok(err, dims)
         ds._config.load_universal_checkpoint = True
         try:
             with weights_only_loads():
-                load_path, _ = ds.load_checkpoint(str(universal_dir(path)), tag=TAG, load_optimizer_states=True,
+                load_path, _ = ds.load_checkpoint(str(out), tag=TAG, load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
         finally:
             ds._config.load_universal_checkpoint = False  # later saves are ordinary ones
+        if not own:  # a scratch copy: gone once every rank has loaded it
+            collectives.barrier()
+            if dims.rank == 0:
+                shutil.rmtree(out, ignore_errors=True)
     if load_path is None:
         raise io.CheckpointError(f"checkpoint {path}: DeepSpeed found no checkpoint to load")
 

@@ -100,6 +100,7 @@ class ZeroEngine:
 
     def __init__(self, ds, model: torch.nn.Module, optimizer, cfg: Config, dims):
         self.ds, self.model, self.optimizer, self.dims = ds, model, optimizer, dims
+        self.run_dir = Path(cfg.train.run_dir)
         self.module = ds
         self.gas = cfg.train.grad_accum
         self.loss_scale = float(dims.world * self.gas)
@@ -157,7 +158,7 @@ class ZeroEngine:
         ckpt_zero.fsync_zero(tmp, self.dims.rank)
 
     def load_checkpoint(self, path: Path, saved_layout: dict) -> None:
-        ckpt_zero.load_zero(self.ds, path, saved_layout["world"], self.dims)
+        ckpt_zero.load_zero(self.ds, path, saved_layout["world"], self.dims, self.run_dir)
         if self.ema is not None:
             ckpt_zero.load_ema(self.ema, self.model, self.stage, path, saved_layout["world"], self.dims)
 
