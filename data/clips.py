@@ -27,18 +27,29 @@ class ClipLoader:
 
     Sources: data.source=synthetic (moving shapes rendered on the fly, data/shapes.py) or
     shards prepared with `data.encoder=raw`. The last `vae.val_clips` samples are held out.
-    State: (epoch, position in this rank's list): exact resume on the same layout.
+
+    Order: one stream of clips, every epoch's shuffle of the training clips after the other;
+    the ranks take its positions in turn (rank r of dp takes start + k * dp + r, k = 0, 1, ...),
+    so no clip is dropped at an epoch's end (a round may straddle two epochs) and each is
+    taken once per epoch. State: the stream position where this layout began and how many
+    clips this rank has taken since. The ranks move in lockstep (one clip per micro-batch
+    each), so a saved run's ranks agree on the next position: a resume on any dp size
+    continues from it (`remap_states`), exactly once, and on the same layout bit for bit.
     """
+
+    STATE = "clips"
 
     def __init__(self, data: LoaderArgs, vae, seed: int, dp_rank: int, dp: int):
         """data: the recipe's `data` section (source, synthetic_videos); vae: its `vae` section
         (crop, frames, mults, val_clips); seed: `train.seed`."""
         self.data, self.vae, self.seed, self.dp_rank, self.dp = data, vae, seed, dp_rank, dp
-        self.epoch, self.pos = 0, 0
+        self.start, self.taken = 0, 0
+        self.epoch = 0  # of the clip taken last (its random crop depends on it)
         self.efficiency = 1.0
         self.stats = {"skipped": 0}
         self.source_tokens: dict[str, int] = {}  # one source (the loop logs shares of a mixture's)
         self.shards = None
+        self._orders: dict[int, list[int]] = {}
         v = vae
         if data.source == "synthetic":
             n = data.synthetic_videos
@@ -57,11 +68,22 @@ class ClipLoader:
         if len(self.train_ids) < dp:
             raise ValueError(f"data: {len(self.train_ids)} training clips for {dp} data-parallel ranks")
 
-    def rank_ids(self, epoch: int) -> list[int]:
-        ids = list(self.train_ids)
-        random.Random(self.seed * 7919 + epoch).shuffle(ids)
-        n = len(ids) // self.dp * self.dp
-        return ids[:n][self.dp_rank::self.dp]
+    def order(self, epoch: int) -> list[int]:
+        """The training clips in epoch `epoch`'s order."""
+        if epoch not in self._orders:
+            ids = list(self.train_ids)
+            random.Random(self.seed * 7919 + epoch).shuffle(ids)
+            self._orders = {epoch: ids}  # epochs are read in turn: keep the current one
+        return self._orders[epoch]
+
+    def at(self, j: int) -> tuple[int, int]:
+        """(clip id, epoch) at stream position j."""
+        n = len(self.train_ids)
+        return self.order(j // n)[j % n], j // n
+
+    def position(self) -> int:
+        """The stream position of the next round's first clip (the same on every rank)."""
+        return self.start + self.taken * self.dp
 
     def clip(self, i: int) -> torch.Tensor:
         if self.shards is not None:
@@ -92,12 +114,8 @@ class ClipLoader:
         return self
 
     def __next__(self):
-        ids = self.rank_ids(self.epoch)
-        if self.pos >= len(ids):
-            self.epoch, self.pos = self.epoch + 1, 0
-            ids = self.rank_ids(self.epoch)
-        i = ids[self.pos]
-        self.pos += 1
+        i, self.epoch = self.at(self.position() + self.dp_rank)
+        self.taken += 1
         x = self.crop(self.clip(i), i, train=True)
         return x, ClipMeta(num_real=x.numel(), seq_len=x.numel(), names=(str(i),))
 
@@ -105,14 +123,36 @@ class ClipLoader:
         return [self.crop(self.clip(i), i, train=False) for i in self.val_ids]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "dp": self.dp}
+        return {"kind": self.STATE, "start": self.start, "taken": self.taken, "epoch": self.epoch,
+                "dp": self.dp, "dp_rank": self.dp_rank, "n": len(self.train_ids)}
 
     def load_state_dict(self, sd: dict) -> None:
-        if sd.get("dp", self.dp) != self.dp:
-            warnings.warn("vae loader: resumed on another data-parallel size; the epoch restarts")
-            self.epoch, self.pos = sd["epoch"], 0
+        if sd.get("kind") != self.STATE:  # saved before the stream order: {"epoch", "pos", "dp"}
+            warnings.warn("vae loader: a checkpoint from before the current clip order; its epoch restarts")
+            self.start, self.taken, self.epoch = sd["epoch"] * len(self.train_ids), 0, sd["epoch"]
             return
-        self.epoch, self.pos = sd["epoch"], sd["pos"]
+        if sd["n"] != len(self.train_ids):
+            raise ValueError(f"vae loader: the checkpoint was saved with {sd['n']} training clips, this run has "
+                             f"{len(self.train_ids)}: resume with the same data.source and vae.val_clips")
+        if (sd["dp"], sd["dp_rank"]) != (self.dp, self.dp_rank):
+            raise ValueError(f"vae loader: the state of dp rank {sd['dp_rank']} of {sd['dp']} given to dp rank "
+                             f"{self.dp_rank} of {self.dp} (remap_states maps a run's states to a new dp size)")
+        self.start, self.taken, self.epoch = sd["start"], sd["taken"], sd["epoch"]
+
+    @classmethod
+    def remap_states(cls, states: list[dict], new_dp: int) -> list[dict]:
+        """The states of a run's dp ranks -> the states of `new_dp` ranks that continue the
+        stream where the old ranks stopped: every clip is taken once per epoch."""
+        if new_dp < 1:
+            raise ValueError(f"new dp size must be positive, got {new_dp}")
+        if not states or any(s.get("kind") != cls.STATE for s in states):
+            return [{"epoch": min(s.get("epoch", 0) for s in states) if states else 0, "pos": 0, "dp": new_dp}
+                    for _ in range(new_dp)]  # an older format: each restarts its epoch (load_state_dict warns)
+        at = {s["start"] + s["taken"] * s["dp"] for s in states}
+        if len(at) != 1:
+            raise ValueError(f"vae loader: the saved dp ranks stopped at different stream positions {sorted(at)}")
+        pos, s0 = at.pop(), states[0]
+        return [{**s0, "start": pos, "taken": 0, "dp": new_dp, "dp_rank": r} for r in range(new_dp)]
 
 
 class _RawShards:
