@@ -91,10 +91,10 @@ class ShardWriter:
 
     def _close_tar(self) -> None:
         if self._tar is not None:
-            self._f.flush()
-            os.fsync(self._f.fileno())  # on disk before the rename that publishes it
-            self._tar.close()  # also closes the file
+            path = Path(self._f.name)
+            self._tar.close()  # writes the archive's end blocks and closes the file
             self._tar = self._f = None
+            _fsync(path)  # on disk, end blocks too, before the rename that publishes it
 
     def write(self, latent_CTHW: torch.Tensor, text_LD: torch.Tensor, meta: dict) -> str:
         if self._tar is None or self._f.tell() >= self.max_bytes:
@@ -135,10 +135,23 @@ class ShardWriter:
         return index
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: Path, obj: dict) -> None:
+    """Publish an index: its bytes on disk, then the rename (a reader never sees half an
+    index), then the folder, so a node that loses power right after does not come back
+    with an empty one or with shards that the index does not name."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj))
-    tmp.replace(path)  # atomic: a reader never sees half an index
+    _fsync(tmp)
+    tmp.replace(path)
+    _fsync(path.parent)
 
 
 def part_index_name(i: int, n: int) -> str:
