@@ -54,6 +54,16 @@ def watch_stop_file(path: str, poll_s: float = 0.5) -> None:
     threading.Thread(target=poll, daemon=True, name="vidscale-stop-file").start()
 
 
+def resume_after_requeue(cfg, env=None):
+    """A requeued job (SLURM_RESTART_COUNT > 0) continues its run and never starts it over: the
+    run dir's newest checkpoint when it holds one (see `rundir.restart_resume`)."""
+    env = os.environ if env is None else env
+    if int(env.get("SLURM_RESTART_COUNT", "0") or 0) <= 0:
+        return cfg
+    return replace(cfg, checkpoint=replace(cfg.checkpoint,
+                                           resume=restart_resume(cfg.train.run_dir, cfg.checkpoint.resume)))
+
+
 def main() -> int:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # as above, for callers of main()
     os.environ.update(torch_env(os.environ))
@@ -63,9 +73,7 @@ def main() -> int:
           f"rendezvous {os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}", flush=True)
     watch_stop_file(os.environ.get("VIDSCALE_STOP_FILE", ""))
     cfg = load_config(os.environ["VIDSCALE_CONFIG"])
-    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:  # requeued: continue, never start over
-        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint,
-                                              resume=restart_resume(cfg.train.run_dir, cfg.checkpoint.resume)))
+    cfg = resume_after_requeue(cfg)
     result = train(cfg)
     if result.get("preempted") and os.environ["RANK"] == "0":
         # exit 0 (a non-zero rank would make srun kill the others): the marker asks for the requeue

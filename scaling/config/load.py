@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vidscale.scaling.config.errors import RecipeError
@@ -75,11 +75,20 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
             raise RecipeError(f"--set {o!r}: value is not valid YAML ({str(e).splitlines()[0]}); "
                               f"quote it or close its brackets") from None
         cfg = _merge(cfg, layer, f"--set {o}")
+    return _finish(cfg, str(recipe) if recipe else "<defaults>", values)
+
+
+def _finish(cfg, where: str, values: dict[str, Any] | None = None) -> Config:
+    """The merged OmegaConf tree as a validated `Config` (after `values`, set exactly)."""
     obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     if values:
         obj = set_values(obj, values)
-    validate(obj, str(recipe) if recipe else "<defaults>")
+    validate(obj, where)
     return obj
+
+
+def _is_mapping(raw) -> bool:
+    return isinstance(raw, DictConfig)
 
 
 def set_values(cfg: Config, values: dict[str, Any]) -> Config:
@@ -117,14 +126,12 @@ def load_config_text(text: str, where: str) -> Config:
         raw = OmegaConf.create(text)
     except Exception as e:  # noqa: BLE001 - yaml scanner errors are multi-line
         raise RecipeError(f"{where}: the stored recipe is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, type(OmegaConf.create({}))):
+    if not _is_mapping(raw):
         raise RecipeError(f"{where}: the stored recipe is not a mapping of recipe keys")
     if "base" in raw:
         raise RecipeError(f"{where}: the stored recipe names a base file ('base: ...'); a stored recipe is "
                           "complete and may not")
-    obj: Config = OmegaConf.to_object(_merge(OmegaConf.structured(Config), raw, where))  # type: ignore[assignment]
-    validate(obj, where)
-    return obj
+    return _finish(_merge(OmegaConf.structured(Config), raw, where), where)
 
 
 def _recipe_layers(path: Path) -> list[tuple[Any, Path]]:
@@ -134,7 +141,7 @@ def _recipe_layers(path: Path) -> list[tuple[Any, Path]]:
         raw = OmegaConf.load(path)
     except Exception as e:  # yaml scanner errors are multi-line
         raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, type(OmegaConf.create({}))):
+    if not _is_mapping(raw):
         raise RecipeError(f"{path}: expected a mapping of recipe keys at the top level")
     layers = []
     base = raw.pop("base", None) if "base" in raw else None

@@ -179,3 +179,12 @@ def test_a_rewind_retires_the_later_checkpoints_and_a_restart_continues_the_rewo
     assert restart_resume(run, str(ck / "step_00000002")) == "auto"
     assert restart_resume(tmp_path / "elsewhere", str(ck / "step_00000002")) == str(ck / "step_00000002")
     assert restart_resume(tmp_path / "elsewhere", "") == "auto"
+    # what a Slurm rank (plain or Ray on Slurm) does with it: only once Slurm has requeued the job
+    from dataclasses import replace
+    from vidscale.cluster.slurm_task import resume_after_requeue
+    from vidscale.scaling.config import load_config
+    cfg = load_config(run / "config.yaml")
+    cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, resume=str(ck / "step_00000002")))
+    assert resume_after_requeue(cfg, {}).checkpoint.resume == str(ck / "step_00000002")
+    assert resume_after_requeue(cfg, {"SLURM_RESTART_COUNT": "0"}).checkpoint.resume == str(ck / "step_00000002")
+    assert resume_after_requeue(cfg, {"SLURM_RESTART_COUNT": "2"}).checkpoint.resume == "auto"
