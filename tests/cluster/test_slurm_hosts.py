@@ -212,7 +212,10 @@ def test_node_dies_mid_job_and_the_requeued_job_resumes_without_loss(slurm2, tmp
     r = slurm2.vidscale("resume", run, timeout=120)
     assert r.returncode == 2 and f"Slurm job {job_id} of this run is still" in r.stderr, r.stderr
     log = (run / f"slurm-{job_id}.out").read_text()
-    assert "Node failure on h2" in log and "ends with status 1" in log, log[-3000:]
+    assert "Node failure on h2" in log, log[-3000:]
+    # the batch script's last line is written only when srun returns before Slurm's cancel of the
+    # job (for the node failure) kills the script too: either way the first run did not succeed
+    assert "ends with status 0" not in log, log[-3000:]
     # Slurm 22.05 retries its kill of the job's first run on h2 once, ~60 s after the requeue: a
     # node back by then gets it and it kills the requeued run's ranks there (same job id; the run
     # then fails and `vidscale resume` continues it, as above). A node back later is spared.
