@@ -94,7 +94,7 @@ class ShardWriter:
             path = Path(self._f.name)
             self._tar.close()  # writes the archive's end blocks and closes the file
             self._tar = self._f = None
-            _fsync(path)  # on disk, end blocks too, before the rename that publishes it
+            fsync_path(path)  # on disk, end blocks too, before the rename that publishes it
 
     def write(self, latent_CTHW: torch.Tensor, text_LD: torch.Tensor, meta: dict) -> str:
         if self._tar is None or self._f.tell() >= self.max_bytes:
@@ -135,7 +135,8 @@ class ShardWriter:
         return index
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """A file's or folder's contents and entries on disk (what a later rename publishes)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -149,9 +150,9 @@ def _write_atomic(path: Path, obj: dict) -> None:
     with an empty one or with shards that the index does not name."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj))
-    _fsync(tmp)
+    fsync_path(tmp)
     tmp.replace(path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 def part_index_name(i: int, n: int) -> str:

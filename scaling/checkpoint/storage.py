@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from vidscale.data.shards import fsync_path
 from vidscale.scaling.config import CHECKSUMS, CheckpointArgs
 
 MANIFEST = "manifest.json"
@@ -123,14 +124,6 @@ def _maybe_fault(path: Path, stage: str = "write") -> None:
 def _fail(path: Path, e: BaseException) -> CheckpointError:
     why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
     return CheckpointError(f"checkpoint: cannot write {path}: {why}")
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def replace_durably(tmp: Path, path: Path) -> None:
