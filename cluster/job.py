@@ -67,6 +67,23 @@ class JobRecord:
         self.state = state
         self.save()
 
+    def replace_state(self, state: str, only_from: set[str] | tuple[str, ...]) -> bool:
+        """Set `state` only if job.json still records this launch in one of the `only_from`
+        states: it is read again first, because the launcher itself may have recorded how the
+        run ended meanwhile (a `status` or `cancel` working from an older read must not
+        overwrite a COMPLETED). Returns whether it wrote; `self.state` is what job.json says."""
+        try:
+            cur = read_job(self.run_dir)
+        except (FileNotFoundError, ValueError):
+            return False
+        same = (cur.submitted, cur.job_ids, cur.pid) == (self.submitted, self.job_ids, self.pid)
+        if not same or cur.state not in only_from:
+            self.state = cur.state if same else self.state
+            return False
+        self.history = cur.history
+        self.set_state(state)
+        return True
+
 
 def read_job(run_dir: str | Path) -> JobRecord:
     p = Path(run_dir) / FILE

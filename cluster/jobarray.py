@@ -20,22 +20,16 @@ outage; past that, `QueueUnreachable` names the job and squeue's message. Only s
 from __future__ import annotations
 
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
-from vidscale.cluster.slurm import call, first_error
+from vidscale.cluster.slurm import (FORGOTTEN, QUEUE_OUTAGE_S, SQUEUE_TIMEOUT_S, SlurmTimeout,  # noqa: F401
+                                    call, first_error, forgotten, slurm_pattern)
 
 # lines of a run's header that name the run itself, not the resources it needs
 OWN_LINES = ("#SBATCH --job-name", "#SBATCH --output")
-QUEUE_OUTAGE_S = 300.0
-"""How long `follow_array` keeps asking a controller that does not answer before it gives up."""
-SQUEUE_TIMEOUT_S = 60.0
-"""One squeue call: it retries a lost controller by itself (~18 s, Slurm 22.05) before failing."""
-FORGOTTEN = "invalid job id"
-"""squeue's answer (lower-cased) for a job the controller no longer holds: it ended."""
 
 
 class QueueUnreachable(ConnectionError):
@@ -59,7 +53,7 @@ def render_array(title: str, job_name: str, header: list[str], scripts: list[Pat
         f"# vidscale {title}: task i runs the i-th script below.",
         f"#SBATCH --job-name={job_name}"[:80],
         f"#SBATCH --array=0-{len(scripts) - 1}",
-        f"#SBATCH --output={logs}/slurm-%A_%a.out",
+        f"#SBATCH --output={slurm_pattern(logs)}/slurm-%A_%a.out",
         *header,
         "SCRIPTS=(" + " ".join(q(str(s)) for s in scripts) + ")",
         "NAMES=(" + " ".join(q(n) for n in names) + ")",
@@ -80,12 +74,6 @@ def task_id(job: str, i: int) -> str:
     return f"{job}_{i}"
 
 
-def forgotten(message: str) -> bool:
-    """squeue's error `message` says the controller no longer knows the job (it ended long
-    enough ago), rather than that the controller could not be asked."""
-    return FORGOTTEN in message.lower()
-
-
 def queued_tasks(job: str) -> dict[str, str]:
     """Task id -> state of the array's tasks that squeue still lists (pending or running);
     {} once the controller has forgotten the job. Raises `QueueUnreachable` when squeue
@@ -93,7 +81,7 @@ def queued_tasks(job: str) -> dict[str, str]:
     cmd = ["squeue", "-h", "-r", "-j", job, "-o", "%i %T"]
     try:
         r = call(cmd, timeout=SQUEUE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
+    except SlurmTimeout:
         raise QueueUnreachable(f"squeue -j {job}: no answer in {SQUEUE_TIMEOUT_S:g} s") from None
     if r.returncode != 0:
         msg = first_error(r.stderr) or r.stdout.strip() or f"exit status {r.returncode}"
@@ -141,5 +129,5 @@ def cancel_array(job: str) -> bool:
     """scancel the whole array; False when Slurm did not answer (nothing to be done then)."""
     try:
         return call(["scancel", job]).returncode == 0
-    except subprocess.TimeoutExpired:
+    except SlurmTimeout:
         return False

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from vidscale.cluster.job import DONE, new_job, read_job
 from vidscale.cluster.local import launch_local
-from vidscale.cluster.ray_launcher import address_of, follow_job, is_job_server, launch_ray
-from vidscale.cluster.slurm import TERMINAL, follow, job_state, submit
+from vidscale.cluster.ray_launcher import RAY_DONE, address_of, follow_job, is_job_server, job_status, launch_ray
+from vidscale.cluster.slurm import SlurmTimeout, ended, follow, job_state, submit
 from vidscale.scaling.checkpoint.rundir import RunLock, check_fresh
 from vidscale.scaling.config import LAUNCHERS
 from vidscale.scaling.train import init_from
@@ -62,24 +62,41 @@ def launch(cfg, *, wait: bool = False, detach: bool = False, command: list[str] 
 
 
 def check_no_queued_job(run_dir) -> None:
-    """A Slurm job of this run dir that is still queued or running (e.g. requeued after a node
-    failure, its ranks not started yet, so the run lock is free) will continue the run itself:
-    a second job on the same directory would only race it for the lock."""
+    """A Slurm job or detached Ray job of this run dir that is still queued or running (a Slurm
+    job requeued after a node failure or a pre-emption, a Ray job whose ranks have not started:
+    the run lock is free meanwhile) will continue the run itself: a second job on the same
+    directory would only race it for the lock. Refused too while Slurm cannot be asked."""
     try:
         job = read_job(run_dir)
     except (FileNotFoundError, ValueError):
         return
-    if job.launcher != "slurm" or not job.job_ids or job.state in DONE:
+    if not job.job_ids or job.state in DONE:
+        return
+    follow_with = f"follow it with `vidscale status {run_dir}`, or `vidscale cancel {run_dir}` first"
+    if job.launcher == "ray":
+        try:
+            state = job_status(job)
+        except Exception:  # noqa: BLE001 - that cluster is gone (or unreachable): its job with it
+            return
+        if state not in RAY_DONE:
+            raise ValueError(f"{run_dir}: Ray job {job.job_ids[-1]} of this run is still {state} and will "
+                             f"continue it; {follow_with}")
+        return
+    if job.launcher != "slurm":
         return
     try:
         st = job_state(job.job_ids[-1])
-    except ValueError:  # no Slurm here: the record cannot be checked
+    except SlurmTimeout:
+        st = {"source": "unreachable", "reason": "squeue: no answer"}
+    except ValueError:  # no Slurm commands here: the record cannot be checked
         return
-    if st["state"] not in TERMINAL:
+    if st["source"] == "unreachable":
+        raise ValueError(f"{run_dir}: cannot ask Slurm whether job {job.job_ids[-1]} of this run still runs "
+                         f"({st['reason']}); try again once the controller answers")
+    if not ended(st):
         again = f", requeued {st['restarts']}x" if st["restarts"] else ""
         raise ValueError(f"{run_dir}: Slurm job {job.job_ids[-1]} of this run is still {st['state']}{again} and "
-                         f"will continue it; follow it with `vidscale status {run_dir}`, or `vidscale cancel "
-                         f"{run_dir}` first")
+                         f"will continue it; {follow_with}")
 
 
 def launch_here(cfg, command: list[str]) -> int:

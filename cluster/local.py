@@ -97,10 +97,11 @@ def launch_local(cfg) -> int:
                 _stop(procs)
                 if rank > 0:
                     print(_tail(logs / f"rank{rank}.log"), file=sys.stderr)
-                print(f"vidscale train: rank {rank} of {nproc} failed (exit code {code}); "
+                how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"failed (exit code {code})"
+                print(f"vidscale train: rank {rank} of {nproc} {how}; "
                       f"stopped the other ranks; log: {logs / f'rank{rank}.log' if rank else 'above'}",
                       file=sys.stderr)
-                return code if code > 0 else 1
+                return code if code > 0 else 128 - code  # a signal: the shell's 128 + N
             if all(c is not None for c in codes):
                 return max(codes)
             time.sleep(0.1)

@@ -32,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vidscale.cluster.proctree import Proc, children, proc, stop_tree, tree
+from vidscale.cluster.proctree import Proc, alive, children, proc, stop_tree, tree
 from vidscale.scaling.train.signals import STOP_SIGNALS, Interrupted, stop_on
 
 DEFAULT_DIR = f"/tmp/vidscale-ray-{os.getuid()}"  # short: Ray's socket paths live under it (108-byte limit)
@@ -53,13 +53,20 @@ class RayHead:
     dir: str
     token: str = ""
     """The token file every client of this head needs (RAY_AUTH_TOKEN_PATH)."""
+    start: int = 0
+    """The head process's start time (proctree.Proc): with the pid, its identity. A record
+    whose pid now belongs to another process (the head was killed, the pid reused) is stale."""
 
     def alive(self) -> bool:
+        if self.start:
+            return alive(Proc(self.pid, self.start))
+        # a record without a start time (older vidscale): only a `ray start` process is the head
         try:
-            os.kill(self.pid, 0)
+            with open(f"/proc/{self.pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
         except OSError:
             return False
-        return True
+        return b"start" in cmd and b"--head" in cmd
 
 
 def _free_port() -> int:
@@ -204,18 +211,19 @@ def start_head(num_cpus: int = 4, num_gpus: int = 0, dir: str | Path = DEFAULT_D
     env.pop("RAY_AUTH_TOKEN", None)  # would win over the file
     env.pop("RAY_ADDRESS", None)
     log = open(dir / "head.log", "w")
-    proc = subprocess.Popen(
+    popen = subprocess.Popen(
         [*ray_cli(), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", f"--temp-dir={dir / 'tmp'}",
          "--disable-usage-stats", *_side_ports()],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    head = RayHead(pid=proc.pid, gcs_address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dash}",
-                   dir=str(dir), token=str(token))
+    me = proc(popen.pid)
+    head = RayHead(pid=popen.pid, gcs_address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dash}",
+                   dir=str(dir), token=str(token), start=me.start if me else 0)
     _state_file(dir).write_text(json.dumps(asdict(head)))
     deadline = time.monotonic() + timeout_s
     while not _dashboard_up(head.dashboard):
-        if proc.poll() is not None or time.monotonic() > deadline:
+        if popen.poll() is not None or time.monotonic() > deadline:
             stop_head(head)
             tail = "\n".join((dir / "head.log").read_text(errors="replace").splitlines()[-10:])
             raise RuntimeError(f"the Ray head did not start (log {dir / 'head.log'}):\n{tail}")
@@ -231,6 +239,9 @@ def stop_head(head: RayHead | None = None, dir: str | Path = DEFAULT_DIR, timeou
     head = head or read_head(dir)
     if head is None:
         return False
+    if not head.alive():  # already gone, its pid maybe another process's now: signal nothing
+        _state_file(head.dir).unlink(missing_ok=True)
+        return False
     root = proc(head.pid)
     procs = tree([root]) if root else []  # recorded before the signal: orphans stay identifiable
     try:
@@ -238,11 +249,13 @@ def stop_head(head: RayHead | None = None, dir: str | Path = DEFAULT_DIR, timeou
     except ProcessLookupError:
         pass
     deadline = time.monotonic() + timeout_s
-    while head.alive() and time.monotonic() < deadline:
+    while True:
         try:
             os.waitpid(head.pid, os.WNOHANG)  # reap it when it is our child
         except ChildProcessError:
             pass
+        if not head.alive() or time.monotonic() >= deadline:
+            break
         time.sleep(0.2)
     stop_tree(procs, grace_s=0)  # anything of this cluster that outlived the head
     try:  # and whatever joined its process group since

@@ -48,7 +48,7 @@ from vidscale.cluster.job import new_job  # noqa: E402
 from vidscale.cluster.ray_cluster import (LOOPBACK_HOSTS, EmbeddedRay, init_keeping_handlers,  # noqa: E402
                                           split_address, use_token_auth)
 from vidscale.cluster.slurm import REQUEUE_MARKER  # noqa: E402
-from vidscale.cluster.slurm_task import watch_stop_file  # noqa: E402
+from vidscale.cluster.slurm_task import resume_after_requeue, watch_stop_file  # noqa: E402
 from vidscale.scaling.checkpoint.rundir import (LOCK_ENV, RunDirNotShared, check_shared, held_by_launcher,  # noqa: E402
                                                 restart_resume)
 from vidscale.scaling.config import (check_elastic, check_layout, load_config, network_env,  # noqa: E402
@@ -268,9 +268,9 @@ def launch_ray(cfg, wait: bool = False, detach: bool = False, command: list[str]
     job = new_job("ray", cfg.train.run_dir, command or sys.argv, state="RUNNING", address=address,
                   pid=os.getpid())
     job.save()
-    # `vidscale cancel` sends SIGTERM: leave through `finally`, so ray.shutdown() runs (and an
-    # embedded cluster is stopped), then exit 143
-    old = stop_on(signal.SIGTERM)
+    # `vidscale cancel` sends SIGTERM, a closed terminal SIGHUP: leave through `finally`, so
+    # ray.shutdown() runs (and an embedded cluster is stopped), then exit 143 / 129
+    old = stop_on(signal.SIGTERM, signal.SIGHUP)
     code = 1
     try:
         code = run_trainer(cfg, address)
@@ -353,9 +353,18 @@ def follow_job(job, poll_s: float = 1.0, out=sys.stdout) -> int:
         time.sleep(poll_s)
 
 
-def cancel_job(job) -> None:
-    _client(job.address).stop_job(job.job_ids[-1])
+def cancel_job(job) -> bool:
+    """Stop the Ray job; False (job.json then records how it ended) when it had already ended."""
+    try:
+        stopped = _client(job.address).stop_job(job.job_ids[-1])
+    except RuntimeError as e:  # e.g. the job server does not know the job (another cluster now)
+        raise ValueError(f"{job.run_dir}: Ray job {job.job_ids[-1]} at {job.address or 'auto'}: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not stopped:
+        job.set_state(job_status(job))
+        return False
     job.set_state("STOPPED")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,9 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ray on Slurm: the batch script forwards its pre-emption USR1 here too; it must not kill
     # the driver (the workers see the stop file and checkpoint), and a requeued job resumes
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:  # requeued: continue, never start over
-        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint,
-                                              resume=restart_resume(cfg.train.run_dir, cfg.checkpoint.resume)))
+    cfg = resume_after_requeue(cfg)
     if a.nodes > 1:
         _wait_for_nodes(a.address, a.nodes)
     return run_trainer(cfg, a.address)

@@ -36,16 +36,46 @@ SCRIPT = "job.sbatch"
 CONFIG = "launch.yaml"
 
 
+QUEUE_OUTAGE_S = 300.0
+"""How long a follower (`follow`, `jobarray.follow_array`) keeps asking a controller that does
+not answer before it gives up."""
+SQUEUE_TIMEOUT_S = 60.0
+"""One squeue call: it retries a lost controller by itself (~18 s, Slurm 22.05) before failing."""
+SBATCH_TIMEOUT_S = 120.0
+FORGOTTEN = "invalid job id"
+"""squeue's answer (lower-cased) for a job the controller no longer holds: it ended."""
+
+
+class SlurmTimeout(ValueError):
+    """A Slurm command did not answer within its timeout (the controller down or overloaded)."""
+
+
+def forgotten(message: str) -> bool:
+    """squeue's error `message` says the controller no longer knows the job (it ended long
+    enough ago), rather than that the controller could not be asked."""
+    return FORGOTTEN in message.lower()
+
+
 def call(cmd: list[str], timeout: float = 30, check: bool = False) -> subprocess.CompletedProcess:
-    """Run a Slurm command (sbatch, squeue, scontrol, ...); `check`: a failure is a one-line ValueError."""
+    """Run a Slurm command (sbatch, squeue, scontrol, ...); `check`: a failure is a one-line
+    ValueError. A command that does not answer within `timeout` raises `SlurmTimeout` (one line)."""
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
         raise ValueError(f"{cmd[0]}: not found; is this a Slurm cluster? "
                          "(a single-node test cluster: cluster/scripts/slurm-up.sh)") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmTimeout(f"{' '.join(cmd[:2])}: no answer in {timeout:g} s (is the Slurm controller down "
+                           "or overloaded?)") from None
     if check and r.returncode != 0:
         raise ValueError(f"{' '.join(cmd[:2])} failed: {first_error(r.stderr) or r.stdout.strip()}")
     return r
+
+
+def slurm_pattern(path) -> str:
+    """`path` inside a Slurm filename pattern (`--output`): its own `%` kept literal (`%%`),
+    not read as a placeholder (`runs/lr%x` would become `runs/lrJOBNAME`)."""
+    return str(path).replace("%", "%%")
 
 
 def first_error(text: str) -> str:
@@ -149,7 +179,7 @@ def render(p: SlurmPlan, python: str = sys.executable) -> str:
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(p, key):
             opt.append(f"--{key}={getattr(p, key)}")
-    opt += [f"--output={p.run_dir}/slurm-%j.out",
+    opt += [f"--output={slurm_pattern(p.run_dir)}/slurm-%j.out",
             "# a requeued job appends to its log instead of truncating it", "--open-mode=append",
             "# pre-emption and the time limit requeue the job", "--requeue",
             f"# USR1 to this script (B:) {p.signal_seconds} s before the time limit: checkpoint, then requeue",
@@ -201,7 +231,11 @@ wait "$step"; status=$?
 
 if [ "$status" -eq 0 ] && [ -e "$RUN_DIR/{REQUEUE_MARKER}" ]; then
   echo "vidscale: checkpoint saved; requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID"
+  if ! scontrol requeue "$SLURM_JOB_ID"; then
+    # the run is not finished: never end COMPLETED; `vidscale resume` continues it
+    echo "vidscale: the requeue of job $SLURM_JOB_ID was refused; continue with: vidscale resume $RUN_DIR"
+    exit 1
+  fi
   sleep 60  # the requeue ends this script
 fi
 echo "vidscale: job $SLURM_JOB_ID ends with status $status"
@@ -255,6 +289,23 @@ def _gpus(gres: str) -> int:
     return n
 
 
+def _unfit(p: SlurmPlan, part: str, have) -> str:
+    """Why partition `part` (nodes: (cpus, gpus) each) can never run the job; '' if it can."""
+    have = list(have)
+    if p.nodes > len(have):
+        return f"cluster.slurm.nodes = {p.nodes}: partition {part!r} has {len(have)} node(s)"
+    max_gpus = max(g for _, g in have)
+    if p.gpus_per_node > max_gpus:
+        return (f"cluster.slurm.gpus_per_node = {p.gpus_per_node}: the nodes of partition {part!r} have "
+                f"at most {max_gpus} GPU(s)")
+    max_cpus = max(c for c, _ in have)
+    if p.ntasks_per_node * p.cpus_per_task > max_cpus:
+        return (f"{p.ntasks_per_node} ranks per node x cluster.slurm.cpus_per_task = {p.cpus_per_task} "
+                f"need {p.ntasks_per_node * p.cpus_per_task} CPUs per node; the nodes of partition "
+                f"{part!r} have at most {max_cpus}")
+    return ""
+
+
 def check_feasible(p: SlurmPlan, script: Path) -> None:
     """Refuse, with one clear line, a job this cluster can never run (it would pend forever)."""
     r = call(["sinfo", "-h", "-N", "-o", "%P|%N|%c|%G|%a"], check=True)
@@ -265,23 +316,18 @@ def check_feasible(p: SlurmPlan, script: Path) -> None:
         if part.endswith("*"):
             part = default = part[:-1]
         nodes.setdefault(part, {})[node] = (int(cpus), _gpus(gres))
-    part = p.partition or default
-    if part not in nodes:
-        raise ValueError(f"cluster.slurm.partition = {p.partition!r}: no such partition on this cluster "
-                         f"(partitions: {', '.join(sorted(nodes)) or 'none'})" if p.partition else
-                         "cluster.slurm.partition is empty and this cluster has no default partition")
-    have = nodes[part].values()
-    if p.nodes > len(have):
-        raise ValueError(f"cluster.slurm.nodes = {p.nodes}: partition {part!r} has {len(have)} node(s)")
-    max_gpus = max(g for _, g in have)
-    if p.gpus_per_node > max_gpus:
-        raise ValueError(f"cluster.slurm.gpus_per_node = {p.gpus_per_node}: the nodes of partition {part!r} have "
-                         f"at most {max_gpus} GPU(s)")
-    max_cpus = max(c for c, _ in have)
-    if p.ntasks_per_node * p.cpus_per_task > max_cpus:
-        raise ValueError(f"{p.ntasks_per_node} ranks per node x cluster.slurm.cpus_per_task = {p.cpus_per_task} "
-                         f"need {p.ntasks_per_node * p.cpus_per_task} CPUs per node; the nodes of partition "
-                         f"{part!r} have at most {max_cpus}")
+    # `a,b`: Slurm runs the job in the first of the listed partitions that can take it
+    parts = [x for x in p.partition.split(",") if x] if p.partition else ([default] if default else [])
+    if not parts:
+        raise ValueError("cluster.slurm.partition is empty and this cluster has no default partition")
+    unknown = [x for x in parts if x not in nodes]
+    if unknown:
+        raise ValueError(f"cluster.slurm.partition = {p.partition!r}: no such partition on this cluster: "
+                         f"{', '.join(unknown)} (partitions: {', '.join(sorted(nodes)) or 'none'})")
+    why = [_unfit(p, part, nodes[part].values()) for part in parts]
+    if all(why):
+        raise ValueError(why[0] if len(why) == 1 else f"no partition of {p.partition!r} can run the job: "
+                         + "; ".join(why))
     # whatever else (account, qos, constraint, memory) the controller itself judges
     r = call(["sbatch", "--test-only", str(script)])
     if r.returncode != 0:
@@ -302,7 +348,11 @@ def write_job(cfg) -> tuple[SlurmPlan, Path]:
 def submit(cfg, wait: bool = False, command: list[str] | None = None) -> int:
     p, script = write_job(cfg)
     check_feasible(p, script)
-    r = call(["sbatch", "--parsable", str(script)], check=True)
+    try:
+        r = call(["sbatch", "--parsable", str(script)], timeout=SBATCH_TIMEOUT_S, check=True)
+    except SlurmTimeout as e:
+        raise ValueError(f"{e}; the job may have been queued all the same: look for job name "
+                         f"{p.job_name!r} with `squeue --me` before submitting again") from None
     job_id = r.stdout.strip().split(";")[0]
     job = new_job("slurm", p.run_dir, command or sys.argv, job_ids=[job_id], state="PENDING")
     job.save()
@@ -331,8 +381,15 @@ def job_state(job_id: str) -> dict:
     Slurm remembers the job, then sacct, then the jobcomp log (clusters without accounting).
     `restarts` counts requeues (pre-emption, or a node that failed under the job); while Slurm
     remembers the job, `down_nodes` names the cluster's failed nodes (what it failed on or waits for)."""
-    r = call(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T|%r"])
-    if r.returncode == 0 and r.stdout.strip():
+    unreachable = ""  # why squeue could not say, when the controller did not answer
+    try:
+        r = call(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T|%r"], timeout=SQUEUE_TIMEOUT_S)
+        if r.returncode != 0:
+            msg = first_error(r.stderr) or r.stdout.strip() or f"exit status {r.returncode}"
+            unreachable = "" if forgotten(msg) else f"squeue: {msg}"
+    except SlurmTimeout as e:
+        r, unreachable = None, str(e)
+    if r is not None and r.returncode == 0 and r.stdout.strip():
         state, reason = r.stdout.strip().splitlines()[0].split("|", 1)
         info = _scontrol_job(job_id)
         nodes = info.get("NodeList", "")
@@ -341,15 +398,20 @@ def job_state(job_id: str) -> dict:
                 "nodes": "" if nodes == "(null)" else nodes,
                 "down_nodes": down_nodes()}
     none = {"restarts": 0, "nodes": "", "down_nodes": []}
-    r = call(["sacct", "-j", job_id, "-X", "-n", "--parsable2", "-o", "JobID,State,ExitCode,Reason"])
-    if r.returncode == 0 and r.stdout.strip():
+    try:
+        r = call(["sacct", "-j", job_id, "-X", "-n", "--parsable2", "-o", "JobID,State,ExitCode,Reason"])
+    except SlurmTimeout:
+        r = None
+    if r is not None and r.returncode == 0 and r.stdout.strip():
         _, state, code, reason = r.stdout.strip().splitlines()[-1].split("|")
         return {**none, "state": state.split()[0], "reason": reason, "exit_code": code, "source": "sacct"}
-    line = _jobcomp_line(job_id)
+    line = "" if unreachable else _jobcomp_line(job_id)
     if line:
         kv = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
         return {**none, "state": kv.get("JobState", "UNKNOWN"), "reason": "", "exit_code": kv.get("ExitCode", ""),
                 "source": "jobcomp", "nodes": kv.get("NodeList", "")}
+    if unreachable:  # not a job that ended: nobody could ask
+        return {**none, "state": "UNKNOWN", "reason": unreachable, "exit_code": "", "source": "unreachable"}
     return {**none, "state": "UNKNOWN", "reason": "Slurm has no record of the job", "exit_code": "", "source": ""}
 
 
@@ -369,14 +431,38 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "DEADLINE", "PREEMPTED", "UNKNOWN"}
 
 
+def ended(st: dict) -> bool:
+    """Whether the job `job_state` describes is over for good. Not while the controller could
+    not be asked (source 'unreachable'), nor PREEMPTED while squeue still lists the job (a
+    requeue follows); UNKNOWN otherwise means Slurm has no record of it left (it ended long ago)."""
+    if st["source"] == "unreachable":
+        return False
+    if st["state"] == "PREEMPTED" and st["source"] == "squeue":
+        return False
+    return st["state"] in TERMINAL
+
+
 def follow(job, poll_s: float = 1.0, out=sys.stdout) -> int:
     """Print the job's log as it grows until the job ends; 0 if it COMPLETED. A requeued job is
     nudged to start now instead of waiting out Slurm's requeue delay (BeginTime)."""
     job_id = job.job_ids[-1]
     log = Path(job.run_dir) / f"slurm-{job_id}.out"
-    pos, nudged = 0, -1
+    pos, nudged, down_since = 0, -1, None
     while True:
         st = job_state(job_id)
+        if st["source"] == "unreachable":  # the controller is away: the job may well go on
+            now = time.monotonic()
+            if down_since is None:
+                down_since = now
+                print(f"vidscale: Slurm does not answer ({st['reason']}); job {job_id}: asking again for up to "
+                      f"{QUEUE_OUTAGE_S:g} s", file=sys.stderr, flush=True)
+            if now - down_since >= QUEUE_OUTAGE_S:
+                print(f"vidscale: Slurm has not answered for {now - down_since:.0f} s; job {job_id} may still run: "
+                      f"`vidscale status {job.run_dir}` once it answers", file=sys.stderr, flush=True)
+                return 1
+            time.sleep(min(30.0, max(poll_s, 2.0)))
+            continue
+        down_since = None
         if log.is_file():
             with open(log, errors="replace") as f:
                 f.seek(pos)
@@ -390,7 +476,7 @@ def follow(job, poll_s: float = 1.0, out=sys.stdout) -> int:
             nudged = st["restarts"]
         if st["state"] != job.state:
             job.set_state(st["state"])
-        if st["state"] in TERMINAL and not (st["state"] == "PREEMPTED" and st["source"] == "squeue"):
+        if ended(st):
             return 0 if st["state"] == "COMPLETED" else 1
         time.sleep(poll_s)
 

@@ -22,6 +22,8 @@ def add_parser(sub):
     return p
 
 
+STOP_WAIT_S = 30.0
+"""How long `cancel` waits for a local launcher to stop its ranks (and its embedded Ray)."""
 ENTRY_MODULES = ("vidscale.scaling.cli", "vidscale.cluster.")
 """`python -m` modules that launch runs (the CLI, the Ray launcher and Slurm tasks)."""
 
@@ -44,18 +46,25 @@ def run(args) -> int:
     if job.state in DONE:
         print(f"{args.run_dir}: already {job.state}")
         return 0
+    what = f"{job.launcher} {','.join(job.job_ids) or f'pid {job.pid}'}"
     if job.launcher == "slurm" and job.job_ids:
         cancel(job)
     elif job.launcher == "ray" and job.job_ids:
-        cancel_job(job)
+        if not cancel_job(job):
+            print(f"{args.run_dir}: {what} had already ended ({job.state})")
+            return 0
     else:
         if not _is_launcher(job):
             raise ValueError(f"{args.run_dir}: its launching process ({job.pid}) is not running")
         os.kill(job.pid, signal.SIGTERM)
-        for _ in range(100):
-            if not _is_launcher(job):
-                break
+        deadline = time.monotonic() + STOP_WAIT_S
+        while _is_launcher(job) and time.monotonic() < deadline:
             time.sleep(0.1)
-        job.set_state("CANCELLED")
-    print(f"{args.run_dir}: cancelled {job.launcher} {','.join(job.job_ids) or f'pid {job.pid}'}")
+        # the launcher records CANCELLED itself as it stops; one that is still stopping (an
+        # embedded Ray cluster takes a while), or was killed, is recorded here, but a run that
+        # ended otherwise just before (COMPLETED) keeps what it recorded
+        if not job.replace_state("CANCELLED", {"RUNNING"}) and job.state != "CANCELLED":
+            print(f"{args.run_dir}: {what} had already ended ({job.state})")
+            return 0
+    print(f"{args.run_dir}: cancelled {what}")
     return 0

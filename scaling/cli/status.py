@@ -39,7 +39,10 @@ def refresh(job) -> dict:
     """The launcher's current view of the job; job.json is updated when the state changed."""
     extra: dict = {}
     if job.launcher == "slurm" and job.job_ids:
-        st = job_state(job.job_ids[-1])
+        try:
+            st = job_state(job.job_ids[-1])
+        except ValueError as e:  # no Slurm commands here: the last known state, and why
+            return {"state": job.state, "reason": f"cannot ask Slurm: {e}"}
         state, extra = st["state"], {k: st[k] for k in ("reason", "restarts", "source", "nodes", "down_nodes")}
     elif job.launcher == "ray" and job.job_ids:
         try:
@@ -47,9 +50,10 @@ def refresh(job) -> dict:
         except Exception as e:  # the cluster is gone: keep the last known state
             state, extra = job.state, {"reason": f"Ray job server unreachable: {type(e).__name__}"}
     else:  # a process here (local, or an attached Ray driver)
-        state = job.state
-        if state == "RUNNING" and job.pid and not _alive(job):
-            state = "EXITED"  # ended without recording how (killed)
+        if job.state == "RUNNING" and job.pid and not _alive(job):
+            # ended without recording how (killed), unless it recorded its end since we read it
+            job.replace_state("EXITED", {"RUNNING"})
+        return {"state": job.state}
     if state != job.state and state != "UNKNOWN":
         job.set_state(state)
     return {"state": state, **extra}

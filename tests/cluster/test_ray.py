@@ -87,6 +87,12 @@ def test_detached_job_is_followed_and_cancelled(ray_cluster, tmp_path):
     assert job["state"] == "SUCCEEDED" and job["job_ids"][0].startswith("vidscale-debug-")
     assert job["job_ids"][0] in r.stdout and "world_size=1" in r.stdout  # the job's own log, followed
     assert last_step(done) == 6
+    # a record left RUNNING (its follower was killed) of a job that has ended: cancel says so
+    # and records how it ended, instead of recording STOPPED
+    (done / "job.json").write_text(json.dumps({**job, "state": "RUNNING"}))
+    c = vidscale("cancel", str(done))
+    assert c.returncode == 0 and "had already ended (SUCCEEDED)" in c.stdout, c.stdout + c.stderr
+    assert json.loads((done / "job.json").read_text())["state"] == "SUCCEEDED"
     # cancelled: a long detached job, stopped through `vidscale cancel`
     run = tmp_path / "long"
     r = vidscale(*train_args(run, "train.steps=100000", "checkpoint.every=0", "parallel.zero_stage=0", nproc=1),
@@ -94,6 +100,11 @@ def test_detached_job_is_followed_and_cancelled(ray_cluster, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     job_id = json.loads((run / "job.json").read_text())["job_ids"][0]
     assert r.stdout.strip().splitlines()[-1] == job_id  # --detach prints the job id last
+    # until its rank 0 takes the run lock (seconds), only the job's record says the run is
+    # taken: a second launch on the run dir is refused by what the job server says of the job
+    from vidscale.cluster.launch import check_no_queued_job
+    with pytest.raises(ValueError, match=f"Ray job {job_id} of this run is still (PENDING|RUNNING)"):
+        check_no_queued_job(run)
 
     def state():
         return json.loads(vidscale("status", str(run), "--json").stdout)
@@ -101,6 +112,7 @@ def test_detached_job_is_followed_and_cancelled(ray_cluster, tmp_path):
     c = vidscale("cancel", str(run))
     assert c.returncode == 0, c.stderr
     wait_for(lambda: state()["state"] == "STOPPED", 120, "STOPPED", 1.0)
+    check_no_queued_job(run)  # ended: the run dir is free for the next launch
 
 
 @pytest.mark.parametrize("over,words", [

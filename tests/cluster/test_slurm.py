@@ -67,11 +67,14 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted_run(slurm_
 
 
 def test_status_and_cancel(slurm_cluster, tmp_path):
-    run = tmp_path / "run"
-    r = vidscale(*train_args(run, "train.steps=100000", "checkpoint.every=0"))
+    """Also: a run dir with a `%` in its name (Slurm's placeholders in --output: `%x` is the job
+    name) writes its log there, and a partition list (`a,b`: the first that can take the job)."""
+    run = tmp_path / "lr%x"
+    r = vidscale(*train_args(run, "train.steps=100000", "checkpoint.every=0", "cluster.slurm.partition=debug,debug"))
     assert r.returncode == 0, r.stderr[-3000:]
     job_id = job_of(run)["job_ids"][0]
     wait_for(lambda: squeue_state(job_id) == "RUNNING", 120, "RUNNING")
+    wait_for(lambda: (run / f"slurm-{job_id}.out").is_file(), 60, "the job's log in the run dir")
     st = json.loads(vidscale("status", str(run), "--json").stdout)
     assert st["state"] == "RUNNING" and st["job_ids"] == [job_id] and st["launcher"] == "slurm"
     c = vidscale("cancel", str(run))
@@ -89,6 +92,7 @@ def test_status_and_cancel(slurm_cluster, tmp_path):
 @pytest.mark.parametrize("over,words", [
     (["cluster.slurm.gpus_per_node=8"], ["cluster.slurm.gpus_per_node = 8", "at most 0 GPU"]),
     (["cluster.slurm.partition=nonexistent"], ["cluster.slurm.partition", "no such partition", "debug"]),
+    (["cluster.slurm.partition=debug,nonexistent"], ["no such partition on this cluster: nonexistent"]),
     (["cluster.slurm.cpus_per_task=1000"], ["cluster.slurm.cpus_per_task = 1000", "CPUs"]),
 ])
 def test_impossible_request_fails_clearly_instead_of_pending(slurm_cluster, tmp_path, over, words):

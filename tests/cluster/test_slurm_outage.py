@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from conftest import SLURM_DIR, wait_for  # noqa: E402
+from vidscale.cluster.job import new_job
 from vidscale.cluster.jobarray import (SQUEUE_TIMEOUT_S, QueueUnreachable, cancel_array, follow_array, forgotten,
-                                       queued_tasks, submit_array)
+                                       queued_tasks, submit_array, task_id)
+from vidscale.cluster.launch import check_no_queued_job
+from vidscale.cluster.slurm import ended, job_state
 
 pytestmark = pytest.mark.cluster
 
@@ -83,6 +86,19 @@ touch {tmp_path}/done_$SLURM_ARRAY_TASK_ID
         except BaseException as e:  # noqa: BLE001
             impatient.append(e)
 
+    # a run whose job is task 0: while nobody can ask Slurm, the job is not taken for ended
+    # and a second launch on its run dir is refused
+    run = tmp_path / "run"
+    new_job("slurm", run, ["vidscale", "train"], job_ids=[task_id(job, 0)], state="RUNNING").save()
+    during: dict = {}
+
+    def ask():
+        try:
+            during["state"] = job_state(task_id(job, 0))
+            check_no_queued_job(run)
+        except BaseException as e:  # noqa: BLE001
+            during["refused"] = e
+
     try:
         wait_for(lambda: set(queued_tasks(job).values()) == {"RUNNING"} and len(queued_tasks(job)) == 2, 60,
                  "both tasks to run")
@@ -92,8 +108,12 @@ touch {tmp_path}/done_$SLURM_ARRAY_TASK_ID
         stopped, old = time.monotonic(), _pid(pidfile)
         os.kill(old, signal.SIGTERM)  # the controller goes away; the tasks run on
         wait_for(lambda: not _pid(pidfile), 30, "slurmctld to stop")
+        asking = threading.Thread(target=ask, daemon=True)
+        asking.start()
         r = _squeue(job)  # squeue retries the controller for a while by itself, then says why
         assert r.returncode != 0 and not forgotten(r.stderr), r.stderr
+        asking.join(timeout=3 * SQUEUE_TIMEOUT_S)
+        assert not asking.is_alive()
         # the impatient follower gives up on its second squeue failure (each can take up to
         # SQUEUE_TIMEOUT_S while squeue retries the controller by itself)
         wait_for(lambda: (warnings or events) and impatient, 3 * SQUEUE_TIMEOUT_S,
@@ -119,3 +139,9 @@ touch {tmp_path}/done_$SLURM_ARRAY_TASK_ID
         e) and "\n" not in str(e), repr(e)
     assert sorted(i for _, i in events) == [0, 1]
     assert all(t > restarted > stopped for t, _ in events)  # reported once Slurm answered again
+    st = during["state"]
+    assert st["state"] == "UNKNOWN" and st["source"] == "unreachable" and not ended(st), st
+    assert isinstance(during["refused"], ValueError) and "cannot ask Slurm whether job" in str(during["refused"]), \
+        during
+    assert ended(job_state(task_id(job, 0)))  # once Slurm answers: the task has ended
+    check_no_queued_job(run)

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -83,3 +84,19 @@ def test_hangup_stops_a_two_rank_local_run_and_its_ranks(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_status_of_every_run_goes_on_where_slurm_cannot_be_asked(tmp_path):
+    """`vidscale status` (no RUN_DIR: every run under ./runs) on a machine without the Slurm
+    commands: a Slurm run shows its last known state and why, and the other runs still show."""
+    from vidscale.cluster.job import new_job
+    new_job("slurm", tmp_path / "runs/a", ["vidscale", "train"], job_ids=["41"], state="RUNNING").save()
+    new_job("local", tmp_path / "runs/b", ["vidscale", "train"], state="COMPLETED").save()
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(vidscale_cmd("status"), cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2, r.stdout
+    assert lines[0].startswith("runs/a  slurm 41  RUNNING (cannot ask Slurm: squeue: not found"), lines[0]
+    assert lines[1].startswith("runs/b  local -  COMPLETED"), lines[1]
+    assert json.loads((tmp_path / "runs/a/job.json").read_text())["state"] == "RUNNING"  # nothing made up

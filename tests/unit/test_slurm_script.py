@@ -149,3 +149,35 @@ esac
     r = subprocess.run(["bash", "-c", f"#{lines}\necho $MASTER_ADDR"], capture_output=True, text=True,
                        env={"PATH": f"{bin_}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "gpu-a[01-02]"})
     assert r.returncode == 0 and r.stdout.strip() == want, r.stdout + r.stderr
+
+
+def test_a_state_recorded_meanwhile_is_not_overwritten_from_an_older_read(tmp_path):
+    """`status` / `cancel` read job.json, look at the launching process, then write: the
+    launcher may have recorded how the run ended in between, and that must stay."""
+    new_job("local", tmp_path, ["vidscale", "train"], state="RUNNING", pid=1).save()
+    seen = read_job(tmp_path)  # what `status` read
+    read_job(tmp_path).set_state("COMPLETED")  # the launcher, just before it exited
+    assert not seen.replace_state("EXITED", {"RUNNING"})
+    assert seen.state == "COMPLETED" and read_job(tmp_path).state == "COMPLETED"
+    again = read_job(tmp_path)
+    again.set_state("RUNNING")
+    assert read_job(tmp_path).replace_state("EXITED", {"RUNNING"}) and read_job(tmp_path).state == "EXITED"
+    # a record of a newer launch (resume) is never written over by what was read of the old one
+    new_job("local", tmp_path, ["vidscale", "resume"], state="RUNNING", pid=2).save()
+    assert not again.replace_state("EXITED", {"RUNNING"}) and read_job(tmp_path).pid == 2
+
+
+def test_a_slurm_command_that_does_not_answer_is_one_line(tmp_path):
+    from vidscale.cluster.slurm import SlurmTimeout, call
+    with pytest.raises(SlurmTimeout) as e:
+        call(["sleep", "5"], timeout=0.3)
+    assert str(e.value) == "sleep 5: no answer in 0.3 s (is the Slurm controller down or overloaded?)"
+    assert isinstance(e.value, ValueError)  # the CLI prints it as one line
+
+
+def test_a_percent_in_the_run_dir_stays_literal_in_the_log_path(tmp_path):
+    cfg = load_config(ROOT / "recipes/debug.yaml", [f"train.run_dir={tmp_path / 'lr%x'}", "cluster.nproc=2"])
+    opts = sbatch_options(render(plan(cfg)))
+    assert f"--output={tmp_path}/lr%%x/slurm-%j.out" in opts, opts
+    script = render(plan(cfg))
+    assert 'if ! scontrol requeue "$SLURM_JOB_ID"; then' in script and "exit 1" in script
