@@ -47,7 +47,12 @@ class DDPM:
                  beta_start: float = 1e-4, beta_end: float = 0.02):
         self.num_steps = num_steps
         if schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+            # Nichol & Dhariwal 2021: the 1000-step endpoints scaled by 1000 / num_steps, so any
+            # step count ends near pure noise (alpha_bar_T ~ 4e-5) as 1000 steps do (unscaled,
+            # 100 steps stop at alpha_bar_T = 0.36 and the sampler's N(0, I) start is off-support)
+            scale = 1000 / num_steps
+            betas = torch.linspace(beta_start * scale, beta_end * scale, num_steps,
+                                   dtype=torch.float64).clamp(max=0.999)
         elif schedule == "cosine":  # Nichol & Dhariwal 2021
             s = 0.008
             f = lambda t: math.cos((t / num_steps + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731

@@ -140,3 +140,15 @@ def test_shift_key_takes_a_number_or_auto(value, ok):
         with pytest.raises(ValueError) as e:
             load_config("recipes/debug.yaml", [f"objective.shift={value}"])
         assert "objective.shift" in str(e.value) and "'auto'" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("num_steps", [20, 50, 100, 250, 1000])
+def test_ddpm_linear_schedule_ends_in_noise_at_any_step_count(num_steps):
+    """The linear betas are rescaled by 1000 / num_steps (Nichol & Dhariwal): the last timestep is
+    pure noise whatever the count, and 1000 steps keep Ho et al.'s 1e-4..0.02 exactly."""
+    d = DDPM(num_steps=num_steps)
+    assert d.alphas_cumprod[-1].item() < 1e-4, d.alphas_cumprod[-1].item()
+    assert d.betas.max().item() < 1
+    if num_steps == 1000:
+        assert torch.equal(d.betas, torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+        assert d.alphas_cumprod[-1].item() == pytest.approx(4.04e-5, rel=1e-2)
