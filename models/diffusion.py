@@ -102,7 +102,10 @@ class DDPM:
         """
         steps = steps or self.num_steps
         last = self.num_steps - 1 if t_start is None else t_start
-        ts = torch.linspace(0, last, min(steps, last + 1)).round().long().unique().flip(0)
+        n = min(steps, last + 1)
+        # evenly spaced from `last` down to 0, both ends kept; one step is `last` alone (x_0 in
+        # one jump), not t = 0, where linspace(0, last, 1) would put it
+        ts = torch.linspace(0, last, n).round().long().unique().flip(0) if n > 1 else torch.tensor([last])
         abar = self.alphas_cumprod
         x = noise_LP if x_init is None else x_init
         for i, t in enumerate(ts.tolist()):

@@ -81,6 +81,26 @@ def test_samplers_return_the_data_when_the_model_is_exact():
     del seg
 
 
+@pytest.mark.parametrize("t_start", [None, 400])
+def test_ddpm_one_step_starts_from_the_last_timestep(t_start):
+    """A one-step DDPM sample (or an SDEdit whose steps x strength rounds to 1) evaluates the
+    model once, at the starting timestep, and with the exact denoiser lands on the data."""
+    x_star = torch.randn(6, 4, dtype=torch.float64)
+    ddpm, seen = DDPM(num_steps=100 if t_start is None else 1000), []
+
+    def eps_fn(x, t):
+        seen.append(int(t[0]))
+        abar = ddpm.alphas_cumprod[t.long()][0]
+        return (x - abar.sqrt() * x_star) / (1 - abar).sqrt()
+
+    start = ddpm.num_steps - 1 if t_start is None else t_start
+    noise = torch.randn(6, 4, dtype=torch.float64)
+    x = noise if t_start is None else ddpm.q_sample(x_star, torch.full((6,), t_start), noise)
+    out = ddpm.sample(eps_fn, noise, 1, steps=1, x_init=x, t_start=t_start)
+    assert seen == [start]
+    torch.testing.assert_close(out, x_star)
+
+
 # -- resolution-aware timestep shift ------------------------------------------------------------------
 def test_auto_shift_is_each_videos_own_rule_in_a_packed_batch():
     """objective.shift=auto: in one packed batch of three sizes, every video's timestep is the
