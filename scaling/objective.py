@@ -94,8 +94,9 @@ def cond_frames_of(T: int, k: int, mode: str) -> torch.Tensor:
 
 
 def video_tokens(meta: PackedMeta) -> torch.Tensor:
-    """[V] real patch tokens of each video of a full (unsharded) packed batch."""
-    return torch.tensor([meta.bounds[i + 1] - meta.bounds[i] for i in range(meta.num_videos)])
+    """[V] patch tokens of each whole video, T' x H' x W' (before any token dropping: the
+    length `shift=auto` keys on is the one the sampler sees)."""
+    return torch.tensor([Tg * Hg * Wg for Tg, Hg, Wg in meta.grid])
 
 
 def diffusion_inputs(objective, tokens_LP: torch.Tensor, meta: PackedMeta, gen: torch.Generator):

@@ -126,6 +126,23 @@ def test_auto_shift_is_each_videos_own_rule_in_a_packed_batch():
         obj.sample_t(3, step_generator(0, 5, 0, 0))
 
 
+def test_auto_shift_keys_on_the_whole_video_under_token_dropping():
+    """With data.drop_tokens a video keeps a random subset of its patches; its shift still keys
+    on the whole video's T' x H' x W' tokens, the length the sampler uses for that size."""
+    from vidscale.data.packing import pack_dropped
+    from vidscale.scaling.config import load_config
+    from vidscale.scaling.objective import build_objective, diffusion_inputs, step_generator
+    cfg = load_config("recipes/debug.yaml", ["objective.shift=auto", "objective.shift_ref_tokens=16"])
+    obj = build_objective(cfg.objective)
+    lat, texts = [torch.randn(4, 2, 8, 8), torch.randn(4, 4, 16, 16)], [torch.randn(3, 8)] * 2
+    full, full_meta = pack(lat, texts, (1, 2, 2))
+    kept, meta = pack_dropped(lat, texts, (1, 2, 2), keep=[20, 100], gen=torch.Generator().manual_seed(0))
+    assert meta.bounds == (0, 20, 120)
+    t_full, _ = diffusion_inputs(obj, full, full_meta, step_generator(0, 5, 0, 0))
+    t_kept, _ = diffusion_inputs(obj, kept, meta, step_generator(0, 5, 0, 0))
+    assert torch.equal(t_kept, t_full)  # the times of the undropped videos, shifts 2 and 4
+
+
 def test_sampling_with_auto_shift_follows_the_training_rule():
     """The sampler's times for a requested size are an even grid moved by that size's shift,
     the same rule training used; a fixed shift is applied the same way; SDEdit starts exactly
