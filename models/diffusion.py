@@ -47,7 +47,12 @@ class DDPM:
                  beta_start: float = 1e-4, beta_end: float = 0.02):
         self.num_steps = num_steps
         if schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+            # Nichol & Dhariwal 2021: the 1000-step endpoints scaled by 1000 / num_steps, so any
+            # step count ends near pure noise (alpha_bar_T ~ 4e-5) as 1000 steps do (unscaled,
+            # 100 steps stop at alpha_bar_T = 0.36 and the sampler's N(0, I) start is off-support)
+            scale = 1000 / num_steps
+            betas = torch.linspace(beta_start * scale, beta_end * scale, num_steps,
+                                   dtype=torch.float64).clamp(max=0.999)
         elif schedule == "cosine":  # Nichol & Dhariwal 2021
             s = 0.008
             f = lambda t: math.cos((t / num_steps + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
@@ -97,7 +102,10 @@ class DDPM:
         """
         steps = steps or self.num_steps
         last = self.num_steps - 1 if t_start is None else t_start
-        ts = torch.linspace(0, last, min(steps, last + 1)).round().long().unique().flip(0)
+        n = min(steps, last + 1)
+        # evenly spaced from `last` down to 0, both ends kept; one step is `last` alone (x_0 in
+        # one jump), not t = 0, where linspace(0, last, 1) would put it
+        ts = torch.linspace(0, last, n).round().long().unique().flip(0) if n > 1 else torch.tensor([last])
         abar = self.alphas_cumprod
         x = noise_LP if x_init is None else x_init
         for i, t in enumerate(ts.tolist()):

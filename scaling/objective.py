@@ -53,9 +53,12 @@ def clean_frames_mask(meta: PackedMeta, max_frames: int, channels: int, patch, g
     and left out of the loss. Each video draws k in 0..max_frames; `mode` (objective.cond_mode)
     places them: 'first' the k leading frames, 'last' the k trailing ones, 'first_last' k at
     each end. At least one frame is always left to denoise. None when off. Drawn on the full
-    batch, before any sequence-parallel slice; the draw does not depend on the mode."""
+    batch, before any sequence-parallel slice; the draw does not depend on the mode. Under
+    token dropping (data.drop_tokens) a video holds a subset of its patches: each kept token
+    takes the row of its (t, y, x) coordinates in the whole video's mask."""
     if max_frames <= 0:
         return None
+    assert meta.offset == 0 and meta.local_len == meta.seq_len, "draw on a full batch only"
     pt, ph, pw = patch
     mask = torch.zeros(meta.seq_len, channels * pt * ph * pw, dtype=torch.bool)
     ks = torch.randint(0, max_frames + 1, (meta.num_videos,), generator=gen)
@@ -64,7 +67,9 @@ def clean_frames_mask(meta: PackedMeta, max_frames: int, channels: int, patch, g
         m = cond_frames_of(T, int(ks[i]), mode)
         if m.any():
             full = m[None, :, None, None].expand(channels, T, Hg * ph, Wg * pw).float()
-            mask[meta.bounds[i]:meta.bounds[i + 1]] = patchify(full, patch) > 0.5
+            s, e = meta.bounds[i], meta.bounds[i + 1]
+            c = meta.coords[s:e]  # (t, y, x) in patches; patchify's rows are t-major, then y, then x
+            mask[s:e] = (patchify(full, patch) > 0.5)[(c[:, 0] * Hg + c[:, 1]) * Wg + c[:, 2]]
     return mask
 
 
@@ -89,8 +94,9 @@ def cond_frames_of(T: int, k: int, mode: str) -> torch.Tensor:
 
 
 def video_tokens(meta: PackedMeta) -> torch.Tensor:
-    """[V] real patch tokens of each video of a full (unsharded) packed batch."""
-    return torch.tensor([meta.bounds[i + 1] - meta.bounds[i] for i in range(meta.num_videos)])
+    """[V] patch tokens of each whole video, T' x H' x W' (before any token dropping: the
+    length `shift=auto` keys on is the one the sampler sees)."""
+    return torch.tensor([Tg * Hg * Wg for Tg, Hg, Wg in meta.grid])
 
 
 def diffusion_inputs(objective, tokens_LP: torch.Tensor, meta: PackedMeta, gen: torch.Generator):

@@ -111,7 +111,7 @@ def run(args) -> dict:
             tr.state.step += 1  # a new tag per save
             os.sync()
             t0 = time.perf_counter()
-            path = ck.save()
+            path = tr.save()
             saves.append(time.perf_counter() - t0)
             ckpt_io.wait_deletions()  # retention deletes in the background: not while raw runs
             files = _files(path)
@@ -131,7 +131,7 @@ def run(args) -> dict:
             tr.state.step += 1
             os.sync()
             t0 = time.perf_counter()
-            ck.save()
+            tr.save()
             stalls_async.append(time.perf_counter() - t0)
             ck.wait()
             ckpt_io.wait_deletions()

@@ -109,7 +109,7 @@ def run(args) -> dict:
             tr.dims.destroy()
     cpu = tr.device.type == "cpu"
     return {"mfu": rate / peak, "mfu_cpu_time": best_cpu / peak_cpu if cpu else None,
-            "tokens_per_s": out["local_tokens"] / dt, "real_tokens_per_s": out["global_real"] / dt,
+            "tokens_per_s": out["local_tokens"] / dt, "real_tokens_per_s": float(out["global_real"]) / dt,
             "peak_flops": peak, "model_flops_per_s": rate,
             "peak_flops_per_cpu_s": peak_cpu if cpu else None, "model_flops_per_cpu_s": best_cpu if cpu else None,
             "step_s": dt, "step_flops": out["flops"], "split": split, "goal_mfu": 0.75,

@@ -14,6 +14,8 @@ class ObjectiveArgs:
     schedule: str = "linear"
     """DDPM beta schedule: linear or cosine."""
     num_steps: int = 1000
+    """DDPM's timesteps. The linear betas (1e-4..0.02 at 1000) scale by 1000 / num_steps, so the
+    last timestep is pure noise at any count."""
     logit_mean: float = 0.0
     logit_std: float = 1.0
     shift: str = "1.0"

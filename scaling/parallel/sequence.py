@@ -81,6 +81,19 @@ def _a2a_bytes(x: torch.Tensor, u: int) -> int:
     return x.numel() * x.element_size() * (u - 1) // u
 
 
+def kernel_inputs(q_LHD, k_LHD, v_LHD, cuda: bool | None = None):
+    """q, k, v as the CUDA flash kernels take them (`cuda`: default, q is on a CUDA device).
+
+    Under CUDA bf16 autocast the QK-norm runs in fp32 (rms_norm is on autocast's fp32 list), so
+    q and k arrive fp32 beside a bf16 v: cast them to v's dtype before anything combines the
+    three (Ulysses' stack would promote all to fp32, send twice the bytes and leave the ring
+    on its exact fp32 fallback). An fp32 recipe, and the CPU, keep their dtypes."""
+    cuda = q_LHD.device.type == "cuda" if cuda is None else cuda
+    if cuda and v_LHD.dtype in FLASH_DTYPES:
+        return flash_inputs(q_LHD, k_LHD, v_LHD)
+    return q_LHD, k_LHD, v_LHD
+
+
 class UlyssesAttention:
     """All-to-all to head sharding, `inner` on the Ulysses group's whole block, back."""
 
@@ -91,7 +104,7 @@ class UlyssesAttention:
     def __call__(self, q_LHD, k_LHD, v_LHD, meta: PackedMeta):
         Lr, H, _ = q_LHD.shape
         assert H % self.size == 0, "scaling.config.check_layout checks heads % ulysses"
-        qkv = _SeqToHead.apply(torch.stack([q_LHD, k_LHD, v_LHD], 1), self)  # [u*Lr, 3, H/u, Dh]
+        qkv = _SeqToHead.apply(torch.stack(kernel_inputs(q_LHD, k_LHD, v_LHD), 1), self)  # [u*Lr, 3, H/u, Dh]
         # the group's block starts where its first rank's slice starts; only the offset
         # (and the global bounds) matter to the inner kernels, not the per-token fields
         inner_meta = replace(meta, offset=meta.offset - self.rank * Lr)
@@ -277,8 +290,7 @@ class RingAttention:
         return recv
 
     def __call__(self, q_LHD, k_LHD, v_LHD, meta: PackedMeta):
-        if q_LHD.device.type == "cuda" and v_LHD.dtype in FLASH_DTYPES:  # fp32 q, k from QK-norm under autocast
-            q_LHD, k_LHD, v_LHD = flash_inputs(q_LHD, k_LHD, v_LHD)
+        q_LHD, k_LHD, v_LHD = kernel_inputs(q_LHD, k_LHD, v_LHD)  # fp32 q, k from QK-norm under autocast
         return _RingAttn.apply(q_LHD, k_LHD, v_LHD, self, meta.segments(), meta.offset)
 
 

@@ -148,6 +148,8 @@ class Trainer:
                     f.write(json.dumps({"step": self.state.step, "world": self.dims.world, "hosts": hosts}) + "\n")
         # the first step with a non-finite loss or gradient norm (-1: none), kept on the device
         self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
+        # real tokens of the steps since `tokens_seen` was last read, kept on the device
+        self._tokens_pending = torch.zeros((), dtype=torch.float64, device=self.device)
 
     @property
     def step(self) -> int:
@@ -155,7 +157,19 @@ class Trainer:
 
     @property
     def tokens_seen(self) -> int:
+        """Real tokens trained on over the dp ranks (a host sync: logging and save steps only)."""
+        self._count_tokens()
         return self.state.tokens_seen
+
+    def _count_tokens(self) -> None:
+        """Move the steps' device-side token counts into the TrainState (a host sync)."""
+        self.state.tokens_seen += int(self._tokens_pending)
+        self._tokens_pending.zero_()
+
+    def save(self):
+        """Checkpoint this step, its TrainState holding every token seen up to it."""
+        self._count_tokens()
+        return self.ckpt.save()
 
     # -- one optimizer step -----------------------------------------------------------
     def _range(self, category: str):
@@ -166,13 +180,17 @@ class Trainer:
         with self._range("data_wait"):
             batches = [next(self.loader) for _ in range(self.cfg.train.grad_accum)]
         local_real = sum(m.num_real for _, m in batches)
-        # real tokens of the step over the dp ranks (the sp ranks of a dp group share a batch)
-        global_real = collectives.sum_(local_real, self.dims.group("dp"))
+        # real tokens of the step over the dp ranks (the sp ranks of a dp group share a batch),
+        # on the device: no host sync per step. The scale is rounded to fp32 as a Python float
+        # multiplying an fp32 loss was, so the losses are what they were bit for bit
+        global_real = collectives.sum_tensor(
+            torch.full((), float(local_real), dtype=torch.float64, device=self.device), self.dims.group("dp"))
+        scale = (self.engine.loss_scale / global_real).float()
         loss_sum = torch.zeros((), device=self.device)
         flops = 0
         for micro, (tokens, meta) in enumerate(batches):
             s, _ = self.task.micro_loss(self.model, tokens, meta, self.step, micro)
-            self.engine.backward(s * (self.engine.loss_scale / global_real))
+            self.engine.backward(s * scale)
             loss_sum += s.detach()
             flops += self.task.flops(meta)
         with self._range("optimizer"):
@@ -182,7 +200,7 @@ class Trainer:
         self._first_nonfinite = torch.where(bad & (self._first_nonfinite < 0), self.state.step + 1,
                                             self._first_nonfinite)
         self.state.step += 1
-        self.state.tokens_seen += int(global_real)
+        self._tokens_pending += global_real
         if self.consumed is not None:
             self.consumed.write(self.state.step)
         return {"loss_sum": loss_sum, "global_real": global_real, "grad_norm": grad_norm,
@@ -207,7 +225,7 @@ class Trainer:
 
     def reduce_loss(self, out: dict) -> float:
         """Mean loss per real token over the step, across dp and sp (a host sync: log steps only)."""
-        return collectives.sum_(out["loss_sum"]) / out["global_real"]
+        return collectives.sum_(out["loss_sum"]) / float(out["global_real"])
 
 
 HOSTS_FILE = "hosts.jsonl"
@@ -292,12 +310,12 @@ def train(cfg: Config) -> dict:
                 preempted = collectives.agree(signals.save_requested())
             if tr.ckpt.should_save(tr.step) or preempted:
                 tr.check_finite()
-                tr.ckpt.save()
+                tr.save()
             if preempted:
                 break
         tr.check_finite()
         if tr.ckpt.last_step != tr.step:  # the end of the run is always saved
-            tr.ckpt.save()
+            tr.save()
         tr.ckpt.wait()
     except BaseException:
         tr.close()  # the run dir is free again (a stopped process frees it anyway)

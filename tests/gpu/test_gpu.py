@@ -77,6 +77,32 @@ def test_ring_block_kernel_on_cuda_matches_the_fp32_reference():
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2, msg=name)
 
 
+def test_ulysses_and_ring_take_fp32_q_k_from_qk_norm_in_bf16():
+    """Ulysses around ring (world size 1 on nccl): fp32 q, k beside a bf16 v, as QK-norm hands
+    them on under autocast, go through the all-to-all and the ring's flash kernel in bf16 (the
+    stack used to promote them to fp32 and the ring took its fp32 fallback). Forward only: a
+    one-rank ring's backward would send dK/dV to itself."""
+    import torch.distributed as dist
+    from vidscale.scaling.parallel.sequence import RingAttention, UlyssesAttention
+    _, meta = _packed()
+    meta = meta.to(CUDA)
+    q, k, v = (t.detach() for t in _qkv(meta.seq_len))
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        world = dist.group.WORLD
+        usp = UlyssesAttention(world, 1, 0, RingAttention(world, [0], 0))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = usp(q.float(), k.float(), v, meta)
+    finally:
+        if started:
+            dist.destroy_process_group()
+    assert out.dtype == torch.bfloat16  # the ring returns its q's dtype
+    ref = sdpa_dense(*(t.float() for t in flash_inputs(q, k, v)), meta)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
 def test_gather_modulation_matches_the_per_video_path():
     cfg = load_config(DEBUG)
     model = build_model(lambda: VideoDiT(model_config(cfg.model)), CUDA, 0)

@@ -54,6 +54,26 @@ def test_save_commits_complete_checkpoints_with_manifest(tmp_path, checksum):
     assert opt["state"] and "param_groups" in opt
 
 
+def test_the_step_counts_tokens_on_the_device_and_a_save_holds_every_one(tmp_path):
+    """A step's real-token count stays a tensor on the training device (it used to be read on the
+    host every step, stalling a GPU's queue); `tokens_seen` and the TrainState a checkpoint saves
+    still count every real token of every step (reference: the same loader, built again)."""
+    from vidscale.scaling.train.loop import Trainer
+    tr = Trainer(short_run(tmp_path, "train.steps=3", "train.grad_accum=2", "train.val_videos=0",
+                           "checkpoint.async_save=false"))
+    ref, want = tr.task.build_loader(0, 1), 0
+    try:
+        for _ in range(3):
+            out = tr.train_step()
+            assert isinstance(out["global_real"], torch.Tensor) and out["global_real"].device == tr.device
+            want += sum(next(ref)[1].num_real for _ in range(2))
+        path = tr.save()
+        assert json.loads((path / "state.json").read_text())["tokens_seen"] == want
+        assert tr.tokens_seen == want
+    finally:
+        tr.close()
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
 def test_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path, damage):
     _train(tmp_path, "train.steps=4", "checkpoint.every=2")

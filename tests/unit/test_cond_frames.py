@@ -114,3 +114,27 @@ def test_cond_mode_is_checked():
     assert load_config(DEBUG, ["objective.cond_mode=first_last"]).objective.cond_mode == "first_last"
     with pytest.raises(RecipeError, match="objective.cond_mode"):
         load_config(DEBUG, ["objective.cond_mode=middle"])
+
+
+@pytest.mark.parametrize("patch", [(1, 2, 2), (2, 2, 2)])
+def test_clean_frames_follow_the_kept_tokens_under_token_dropping(patch):
+    """With data.drop_tokens a video holds a random subset of its patches: each kept token is
+    clean exactly where the same token of the undropped batch is."""
+    from vidscale.data.packing import pack_dropped
+    Ts = (2, 4, 8)
+    lats = [torch.randn(C, T, 4, 6) for T in Ts]
+    texts = [torch.randn(2, 8)] * 3
+    full_tokens, full_meta = pack(lats, texts, patch, multiple=64)
+    keep = [n * 5 // 8 for n in (b - a for a, b in zip(full_meta.bounds, full_meta.bounds[1:]))]
+    tokens, meta = pack_dropped(lats, texts, patch, keep=keep, gen=torch.Generator().manual_seed(7), multiple=64)
+    assert meta.num_real < full_meta.num_real
+    # the reference row of each kept token: where its values sit in the undropped batch
+    rows = torch.cdist(tokens[:meta.num_real], full_tokens[:full_meta.num_real]).argmin(1)
+    assert torch.equal(full_tokens[rows], tokens[:meta.num_real])
+    for mode in COND_MODES:
+        for seed in range(4):
+            want = clean_frames_mask(full_meta, 3, C, patch, torch.Generator().manual_seed(seed), mode)
+            got = clean_frames_mask(meta, 3, C, patch, torch.Generator().manual_seed(seed), mode)
+            assert got.shape == tokens.shape and not got[meta.num_real:].any()
+            assert torch.equal(got[:meta.num_real], want[rows]), (mode, seed)
+            assert want.any()

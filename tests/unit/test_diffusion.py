@@ -81,6 +81,26 @@ def test_samplers_return_the_data_when_the_model_is_exact():
     del seg
 
 
+@pytest.mark.parametrize("t_start", [None, 400])
+def test_ddpm_one_step_starts_from_the_last_timestep(t_start):
+    """A one-step DDPM sample (or an SDEdit whose steps x strength rounds to 1) evaluates the
+    model once, at the starting timestep, and with the exact denoiser lands on the data."""
+    x_star = torch.randn(6, 4, dtype=torch.float64)
+    ddpm, seen = DDPM(num_steps=100 if t_start is None else 1000), []
+
+    def eps_fn(x, t):
+        seen.append(int(t[0]))
+        abar = ddpm.alphas_cumprod[t.long()][0]
+        return (x - abar.sqrt() * x_star) / (1 - abar).sqrt()
+
+    start = ddpm.num_steps - 1 if t_start is None else t_start
+    noise = torch.randn(6, 4, dtype=torch.float64)
+    x = noise if t_start is None else ddpm.q_sample(x_star, torch.full((6,), t_start), noise)
+    out = ddpm.sample(eps_fn, noise, 1, steps=1, x_init=x, t_start=t_start)
+    assert seen == [start]
+    torch.testing.assert_close(out, x_star)
+
+
 # -- resolution-aware timestep shift ------------------------------------------------------------------
 def test_auto_shift_is_each_videos_own_rule_in_a_packed_batch():
     """objective.shift=auto: in one packed batch of three sizes, every video's timestep is the
@@ -104,6 +124,23 @@ def test_auto_shift_is_each_videos_own_rule_in_a_packed_batch():
     assert obj.shift_for(video_tokens(meta1))[0].item() == pytest.approx(4.0)
     with pytest.raises(ValueError, match="token count"):
         obj.sample_t(3, step_generator(0, 5, 0, 0))
+
+
+def test_auto_shift_keys_on_the_whole_video_under_token_dropping():
+    """With data.drop_tokens a video keeps a random subset of its patches; its shift still keys
+    on the whole video's T' x H' x W' tokens, the length the sampler uses for that size."""
+    from vidscale.data.packing import pack_dropped
+    from vidscale.scaling.config import load_config
+    from vidscale.scaling.objective import build_objective, diffusion_inputs, step_generator
+    cfg = load_config("recipes/debug.yaml", ["objective.shift=auto", "objective.shift_ref_tokens=16"])
+    obj = build_objective(cfg.objective)
+    lat, texts = [torch.randn(4, 2, 8, 8), torch.randn(4, 4, 16, 16)], [torch.randn(3, 8)] * 2
+    full, full_meta = pack(lat, texts, (1, 2, 2))
+    kept, meta = pack_dropped(lat, texts, (1, 2, 2), keep=[20, 100], gen=torch.Generator().manual_seed(0))
+    assert meta.bounds == (0, 20, 120)
+    t_full, _ = diffusion_inputs(obj, full, full_meta, step_generator(0, 5, 0, 0))
+    t_kept, _ = diffusion_inputs(obj, kept, meta, step_generator(0, 5, 0, 0))
+    assert torch.equal(t_kept, t_full)  # the times of the undropped videos, shifts 2 and 4
 
 
 def test_sampling_with_auto_shift_follows_the_training_rule():
@@ -140,3 +177,15 @@ def test_shift_key_takes_a_number_or_auto(value, ok):
         with pytest.raises(ValueError) as e:
             load_config("recipes/debug.yaml", [f"objective.shift={value}"])
         assert "objective.shift" in str(e.value) and "'auto'" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("num_steps", [20, 50, 100, 250, 1000])
+def test_ddpm_linear_schedule_ends_in_noise_at_any_step_count(num_steps):
+    """The linear betas are rescaled by 1000 / num_steps (Nichol & Dhariwal): the last timestep is
+    pure noise whatever the count, and 1000 steps keep Ho et al.'s 1e-4..0.02 exactly."""
+    d = DDPM(num_steps=num_steps)
+    assert d.alphas_cumprod[-1].item() < 1e-4, d.alphas_cumprod[-1].item()
+    assert d.betas.max().item() < 1
+    if num_steps == 1000:
+        assert torch.equal(d.betas, torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+        assert d.alphas_cumprod[-1].item() == pytest.approx(4.04e-5, rel=1e-2)

@@ -20,7 +20,7 @@ from vidscale.models.vae import VideoVAE
 from vidscale.scaling.config import load_config, model_config
 from vidscale.scaling.parallel.dims import ParallelDims, cuda_index
 from vidscale.scaling.parallel.parallelize import build_model, parallelize
-from vidscale.scaling.parallel.sequence import _block_attn, _block_attn_grad
+from vidscale.scaling.parallel.sequence import _block_attn, _block_attn_grad, kernel_inputs
 from vidscale.scaling.train.engine import TorchEngine
 from vidscale.scaling.train.samples import TrainingSamples
 from vidscale.scaling.train.tasks import VAETask, build_objective, vae_config
@@ -45,6 +45,22 @@ def test_qk_norm_under_autocast_gives_fp32_q_k_and_flash_inputs_cast_them_to_v()
     assert {t.dtype for t in flash_inputs(q, q, q)} == {torch.bfloat16}
     half = v.half()
     assert {t.dtype for t in flash_inputs(q, q, half)} == {torch.float16}
+
+
+def test_sequence_parallel_attention_casts_qk_norm_outputs_before_the_all_to_all():
+    """Ulysses stacks q, k, v for its all-to-all: with fp32 q, k (QK-norm under CUDA autocast)
+    beside a bf16 v the stack promoted all three to fp32, so twice the bytes travelled and the
+    ring never reached its flash kernel. `kernel_inputs` casts them to v's dtype first."""
+    q, k = torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    v = torch.randn(6, 2, 8).to(torch.bfloat16)
+    got = kernel_inputs(q, k, v, cuda=True)  # what a CUDA rank stacks
+    assert [t.dtype for t in got] == [torch.bfloat16] * 3 and got[2] is v
+    assert torch.equal(got[0], q.to(torch.bfloat16)) and torch.equal(got[1], k.to(torch.bfloat16))
+    assert torch.stack(got, 1).dtype == torch.bfloat16 and torch.stack([q, k, v], 1).dtype == torch.float32
+    assert [t.dtype for t in kernel_inputs(q, k, v.half(), cuda=True)] == [torch.float16] * 3
+    # an fp32 recipe keeps the ring's exact fp32 path; the CPU (q's device by default) is left as it was
+    for args in ((q, k, q, True), (q, k, v, None)):
+        assert all(a is b for a, b in zip(kernel_inputs(*args[:3], cuda=args[3]), args[:3]))
 
 
 def test_a_varlen_kernel_exists_for_the_installed_torch():
