@@ -225,6 +225,14 @@ def load_sweep(path: str | Path) -> Sweep:
             bad(f"cells[{i}].budget", c.budget, f"one of the budgets {args.budgets}")
     sweep_dir = Path(args.sweep_dir or Path("runs") / "sweeps" / args.name)
     sweep = Sweep(args, path, base, sweep_dir.absolute())
+    # a run is finished when its evaluation writes final.json: without a validation loss none
+    # ever would, and every rerun would resume at its last step and fail again
+    base_cfg = _base_config(sweep)
+    if base_cfg.task != "dit":
+        bad("task", base_cfg.task, "dit: a sweep fits the DiT's validation loss (the base recipe or set: task)")
+    if base_cfg.train.val_videos < 1:
+        bad("train.val_videos", base_cfg.train.val_videos,
+            "at least 1: a sweep's runs finish with their validation loss (the base recipe or set:)")
     for m in _model_specs(args):  # every run's recipe must load (types, sizes, layout)
         base_cfg = _run_config(sweep, m, args.lr[0] if args.lr else 0, args.tokens_per_batch[0]
                                if args.tokens_per_batch else 0, args.seeds[0], steps=1)

@@ -142,6 +142,10 @@ class Runner:
             if rc == 0 and fin is not None:
                 self.ledger.set(name, status="done", wall_time=wall)
                 self.say(f"finished {name}: val loss {fin['val_loss']:.4f} in {wall:.0f} s")
+            elif rc == 0:  # trained to the end but wrote no validation loss: a log tail would not say why
+                self.ledger.set(name, status="failed", wall_time=wall, exit_code=rc)
+                self.say(f"FAILED {name}: exited 0 without final.json ({run.cfg.train.run_dir}): it wrote no "
+                         f"validation loss (train.val_videos = {run.cfg.train.val_videos}, task {run.cfg.task})")
             else:
                 self.ledger.set(name, status="failed", wall_time=wall, exit_code=rc)
                 self.say(f"FAILED {name} (exit {rc}): {_tail(self.dir / 'logs' / f'{name}.log')[-400:]}")

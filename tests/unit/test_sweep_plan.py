@@ -113,3 +113,11 @@ set: {optim.warmup: 6, optim.decay_fraction: 0.25}
 
 def test_unknown_sweep_schedule_is_one_line(tmp_path):
     assert "schedule" in _err(tmp_path, "models: [debug]\nbudgets: [1e10]\nschedule: branches\n")
+
+
+@pytest.mark.parametrize("setting, key", [("train.val_videos: 0", "train.val_videos"), ("task: vae", "task")])
+def test_sweep_without_a_validation_loss_is_refused(tmp_path, setting, key):
+    """A run finishes when its validation loss writes final.json: a sweep that would write none
+    (no validation videos, or a VAE) would train every run and mark it failed, for ever."""
+    msg = _err(tmp_path, f"models: [debug]\nbudgets: [1e10]\nset: {{{setting}}}\n")
+    assert f"key '{key}'" in msg
