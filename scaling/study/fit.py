@@ -237,24 +237,37 @@ def fit_parametric(N, D, L, starts: list[np.ndarray] | None = None, top: int = 6
     return best
 
 
+def _exp(x: float) -> float:
+    """exp that saturates at inf instead of raising OverflowError (a degenerate law: callers
+    and `ci95` treat non-finite values as no estimate)."""
+    return math.exp(x) if x < 709.0 else math.inf
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
 def law(theta: np.ndarray, k: float) -> dict:
     """The named parameters of theta and the compute-optimal exponents."""
     e, la, lb, alpha, beta = (float(x) for x in theta)
     A, B = math.exp(la), math.exp(lb)
     a, b = beta / (alpha + beta), alpha / (alpha + beta)
+    # with alpha + beta near 0 (A or B ~ 0: a degenerate fit) log G runs to +-1e4 and beyond
     log_g = (math.log(alpha) + la - math.log(beta) - lb) / (alpha + beta)
     return {"E": math.exp(e), "A": A, "B": B, "alpha": alpha, "beta": beta, "a": a, "b": b,
-            "G": math.exp(log_g), "log_G": log_g, "k": k}
+            "G": _exp(log_g), "log_G": log_g, "k": k}
 
 
 def optimum(p: dict, C: float) -> tuple[float, float, float]:
-    """(N_opt, D_opt, loss) at compute C under the parametric law p."""
+    """(N_opt, D_opt, loss) at compute C under the parametric law p, computed in log space:
+    a degenerate law (A or B ~ 0) puts N_opt at 0 or infinity, and the loss terms, each
+    exp(log A - alpha log N), stay finite where the law does."""
     log_x = math.log(C / p["k"])
-    log_n = p.get("log_G", math.log(p["G"]) if p["G"] > 0 else -700.0) + p["a"] * log_x
-    log_n = min(max(log_n, -700.0), 700.0)  # degenerate laws (A or B ~ 0) put N_opt at 0 or infinity
+    log_n = p.get("log_G", _log(p["G"])) + p["a"] * log_x
     log_d = log_x - log_n
-    return (math.exp(log_n), math.exp(log_d),
-            p["E"] + p["A"] * math.exp(-p["alpha"] * log_n) + p["B"] * math.exp(-p["beta"] * log_d))
+    terms = [_log(p["A"]) - p["alpha"] * log_n, _log(p["B"]) - p["beta"] * log_d]
+    loss = p["E"] + sum(_exp(t) for t in terms if not math.isnan(t))
+    return _exp(log_n), _exp(log_d), loss
 
 
 # --- approach 2: IsoFLOP parabolas -----------------------------------------------------------

@@ -81,7 +81,10 @@ def _band(result: dict, Cs: np.ndarray, which: int):
     if len(boots) < 10:
         return None
     vals = np.array([[optimum(p, c)[which] for c in Cs] for p in boots])
-    return np.percentile(vals, 2.5, axis=0), np.percentile(vals, 97.5, axis=0)
+    vals[~np.isfinite(vals)] = np.nan  # a degenerate resample's optimum at 0 or infinity: no estimate
+    if np.isnan(vals).all(axis=0).any():
+        return None
+    return np.nanpercentile(vals, 2.5, axis=0), np.nanpercentile(vals, 97.5, axis=0)
 
 
 def plot_frontier(axes, result: dict) -> None:

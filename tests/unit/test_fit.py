@@ -226,3 +226,23 @@ def test_sweep_report_checks_its_holdout(tmp_path):
     assert all(h["name"] in report for h in fitted["holdout"])
     with pytest.raises(ValueError, match=r"holdout\[0\]"):
         load_sweep(write_sweep(tmp_path, "models: [debug]\nbudgets: [1e10]\nholdout: ['budget => 1']\n", "bad.yaml"))
+
+
+@pytest.mark.parametrize("la, lb", [(60.0, -30.0), (-30.0, 60.0)])
+def test_degenerate_law_gives_inf_or_0_not_overflow(la, lb):
+    """alpha + beta near 0 (inside the fit's bounds, as a bad bootstrap resample can give) puts
+    log G at +-4.5e4: G and N_opt, D_opt saturate at inf or 0 instead of raising OverflowError,
+    and the loss at the optimum is that of the law, computed exactly (mpmath) as reference."""
+    import mpmath
+    from vidscale.scaling.study.fit import law
+    theta = np.array([0.5, la, lb, 1e-3, 1e-3])
+    p = law(theta, 6.0)
+    mp_log_g = (mpmath.log(1e-3) + la - mpmath.log(1e-3) - lb) / mpmath.mpf(2e-3)
+    assert p["log_G"] == pytest.approx(float(mp_log_g)) and p["G"] == (math.inf if la > lb else 0.0)
+    C = 1e15
+    n, d, loss = optimum(p, C)
+    mp_n = mpmath.exp(mp_log_g) * (mpmath.mpf(C) / 6) ** 0.5
+    mp_d = mpmath.mpf(C) / 6 / mp_n
+    mp_loss = mpmath.exp(0.5) + mpmath.exp(la) * mp_n ** -1e-3 + mpmath.exp(lb) * mp_d ** -1e-3
+    assert (n, d) == ((math.inf, 0.0) if la > lb else (0.0, math.inf))
+    assert loss == pytest.approx(float(mp_loss), rel=1e-9)
