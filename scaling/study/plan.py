@@ -2,7 +2,8 @@
 
     name: tiny-isoflop
     base: ../debug.yaml            # the recipe every run starts from (relative to this file)
-    set: {logging.every: 5}        # recipe overrides for every run (dotted keys or nested)
+    set: {logging.every: 5}        # recipe overrides for every run (dotted keys or nested;
+                                   # a string is the value as written, never re-read as YAML)
     models: [tiny, {name: w64, hidden: 64, depth: 2, heads: 2}]   # named sizes or shapes
     aspect: 32                     # with `depths`: shapes of hidden = aspect x depth ...
     depths: [2, 3, 4]              # ... and heads = hidden / head_dim
@@ -259,9 +260,12 @@ def _label(m: ModelSpec) -> str:
 def _base_config(sweep: Sweep) -> Config:
     """The base recipe with the sweep's `set` overrides (loaded once: OmegaConf merges are slow)."""
     if sweep.base_cfg is None:
-        over = [_override(k, v) for k, v in sweep.args.set.items()]
+        # strings are set exactly as written (a path `/data/run #2`, or 'null', 'true', stay
+        # strings); other values are YAML already and go through the override syntax
+        over = [_override(k, v) for k, v in sweep.args.set.items() if not isinstance(v, str)]
+        values = {k: v for k, v in sweep.args.set.items() if isinstance(v, str)}
         try:
-            cfg = load_config(sweep.base, over)
+            cfg = load_config(sweep.base, over, values=values)
         except RecipeError as e:
             raise RecipeError(f"{sweep.path}: {e}") from None
         if cfg.data.source != "synthetic":  # Ray workers run elsewhere: paths must be absolute

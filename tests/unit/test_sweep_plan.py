@@ -121,3 +121,14 @@ def test_sweep_without_a_validation_loss_is_refused(tmp_path, setting, key):
     (no validation videos, or a VAE) would train every run and mark it failed, for ever."""
     msg = _err(tmp_path, f"models: [debug]\nbudgets: [1e10]\nset: {{{setting}}}\n")
     assert f"key '{key}'" in msg
+
+
+def test_set_strings_are_kept_exactly(tmp_path):
+    """A string in `set:` is the value, never YAML to re-read: `#` starts no comment, 'null'
+    and 'true' stay strings."""
+    from vidscale.scaling.study.plan import _base_config
+    data = tmp_path / "data" / "run #2"
+    s = load_sweep(write_sweep(tmp_path, f'models: [debug]\nbudgets: [1e10]\n'
+                                         f'set: {{data.source: "{data}", name: "null", cluster.address: "true"}}\n'))
+    cfg = _base_config(s)
+    assert cfg.data.source == str(data) and cfg.name == "null" and cfg.cluster.address == "true"
