@@ -12,8 +12,9 @@ starts of a variable-projection grid: for fixed (alpha, beta) the model is linea
 the grid cheap enough to be dense. Under C = k N D the optimum is
     N_opt = G (C/k)^a, D_opt = (C/k)^b / G, G = (alpha A / (beta B))^(1/(alpha+beta)),
     a = beta / (alpha + beta), b = alpha / (alpha + beta).
-k is 6 without a flops column (C = 6 N D) and otherwise the median of flops / (N D)
-(our FLOPs model counts attention, so k is above 6 and grows with sequence length).
+k is 6 without a flops column (C = 6 N D) and otherwise the median of flops / (N D) over the
+rows that have one (our FLOPs model counts attention, so k is above 6 and grows with sequence
+length); a row without a positive flops value gets C = k N D.
 
 Uncertainty: a bootstrap that resamples runs with replacement within each compute budget
 (so every resample keeps the IsoFLOP design); 95% percentile intervals.
@@ -101,8 +102,10 @@ def prepare(rows: list[dict], where: str = "results") -> Runs:
                          f"(dropped: {[d['name'] + ': ' + d['reason'] for d in dropped]})")
     names = [k[0] for k in keep]
     N, D, L, C, budget = (np.array([k[j] for k in keep], dtype=np.float64) for j in (1, 2, 3, 4, 5))
-    if np.all(np.isfinite(C) & (C > 0)):
-        k = float(np.median(C / (N * D)))
+    counted = np.isfinite(C) & (C > 0)
+    if counted.any():  # rows without FLOPs (a missing cell, an old final.json's 0) take the others' k
+        k = float(np.median(C[counted] / (N[counted] * D[counted])))
+        C = np.where(counted, C, k * N * D)
     else:
         k, C = 6.0, 6.0 * N * D
     # IsoFLOP groups: the nominal budget when given, else compute rounded to 1/10 decade

@@ -89,6 +89,15 @@ def test_flops_column_sets_the_compute_constant():
     assert abs(r["approach2"]["a"] - r["a"]) < 0.03
     for m in r["isoflop"]:
         assert m["N_opt"] * m["D_opt"] * 9.0 == pytest.approx(m["budget"], rel=1e-9)
+    # one run without FLOPs (final.json's 0 of a run resumed at its last step, or an empty
+    # cell) keeps every other run's measured FLOPs and k; it gets C = k N D
+    holey = [dict(row) for row in rows]
+    holey[3]["flops"], holey[10]["flops"] = 0.0, ""
+    h = fit(holey, budgets=[1e22], bootstrap=0)
+    assert h["k"] == pytest.approx(9.0) and h["predictions"][0]["N_opt"] == pytest.approx(p["N_opt"], rel=1e-6)
+    fitted = {x["name"]: x["flops"] for x in h["residuals"]}
+    assert fitted[rows[3]["name"]] == pytest.approx(9.0 * rows[3]["params"] * rows[3]["tokens"])
+    assert fitted[rows[5]["name"]] == rows[5]["flops"]
     # without the flops column: C = 6 N D
     for row in rows:
         del row["flops"]
