@@ -357,11 +357,25 @@ def plan(sweep: Sweep) -> list[Run]:
                             if cell.model in ("", label) and cell.budget in (0, budget):
                                 c_lr, c_tpb = cell.lr or c_lr, cell.tokens_per_batch or c_tpb
                         runs.append(_plan_run(sweep, m, label, budget, c_lr, c_tpb, seed, cache))
-    names = [r.name for r in runs]
-    assert len(set(names)) == len(names), names
+    _check_names(sweep, runs)
     if a.schedule == "wsd-branches":
         runs = _branch(runs)
     return runs
+
+
+def _check_names(sweep: Sweep, runs: list[Run]) -> None:
+    """Two runs of one name would share one run dir: a one-line error naming them. (Run names
+    are how sweep dirs find their runs: their format stays, so a budget is named to 2
+    significant digits and 1.2e11 and 1.23e11 collide, as do repeated budgets, lrs or seeds.)"""
+    seen: dict[str, Run] = {}
+    for r in runs:
+        if r.name in seen:
+            o = seen[r.name]
+            what = "; ".join(f"{x.model} budget {x.budget:g} lr {x.lr:g} tokens_per_batch {x.tokens_per_batch} "
+                             f"seed {x.seed}" for x in (o, r))
+            raise RecipeError(f"{sweep.path}: two runs are both named {r.name} ({what}): run names give budgets "
+                              "and lrs to 2 significant digits; remove repeated values or make them differ there")
+        seen[r.name] = r
 
 
 def _branch(runs: list[Run]) -> list[Run]:
