@@ -17,6 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
+from vidscale.scaling.cli.fit import flops_arg
 from vidscale.scaling.config import LAUNCHERS, ClusterArgs
 from vidscale.scaling.study.plan import cost, load_sweep, plan
 from vidscale.scaling.study.report import write_sweep_report
@@ -34,7 +35,7 @@ def add_parser(sub):
     p.add_argument("--address", default="", help="Ray cluster address (default: an embedded local cluster)")
     p.add_argument("--cpus", type=int, default=0, help="Ray: CPUs of the embedded cluster (default: all)")
     p.add_argument("--sweep-dir", help="override the sweep's sweep_dir")
-    p.add_argument("--budget", type=float, nargs="+", action="extend", default=[], metavar="C",
+    p.add_argument("--budget", type=flops_arg, nargs="+", action="extend", default=[], metavar="C",
                    help="predict the optimum at these budgets in the report (default 10x, 100x the largest)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the fit's intervals")
     p.add_argument("--dry-run", action="store_true", help="print the plan (steps, tokens, FLOPs per run) and stop")

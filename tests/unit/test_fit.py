@@ -255,3 +255,31 @@ def test_degenerate_law_gives_inf_or_0_not_overflow(la, lb):
     mp_loss = mpmath.exp(0.5) + mpmath.exp(la) * mp_n ** -1e-3 + mpmath.exp(lb) * mp_d ** -1e-3
     assert (n, d) == ((math.inf, 0.0) if la > lb else (0.0, math.inf))
     assert loss == pytest.approx(float(mp_loss), rel=1e-9)
+
+
+@pytest.mark.parametrize("cmd", ["sweep", "fit"])
+@pytest.mark.parametrize("budget", ["0", "-1", "inf", "nan"])
+def test_budget_must_be_finite_and_positive(tmp_path, capsys, cmd, budget):
+    """`sweep --budget 0` trained the whole sweep to write 'No fit: math domain error';
+    `fit --budget inf` ended in an OverflowError: both are refused before anything runs."""
+    with pytest.raises(SystemExit) as e:
+        main([cmd, str(tmp_path / "whatever"), "--budget", budget])
+    assert e.value.code == 2
+    assert f"--budget: expected a finite positive FLOPs number, got '{budget}'" in capsys.readouterr().err
+
+
+def test_sweep_report_without_a_fit_removes_an_old_fit_json(tmp_path):
+    """A report with no fit this time leaves no fit.json of an earlier one (`vidscale sweep`
+    would print its held-out error as this sweep's)."""
+    from conftest import write_sweep
+    from vidscale.scaling.study.plan import load_sweep
+    from vidscale.scaling.study.report import write_sweep_report
+    sweep = load_sweep(write_sweep(tmp_path, "models: [debug]\nbudgets: [1e10]\n"))
+    rows = [dict(r, budget=r["flops"]) for r in sweep_rows(**LAWS["chinchilla"], seed=5)]
+    sweep.dir.mkdir(parents=True)
+    write_sweep_report(sweep, rows, [], bootstrap=0)
+    assert (sweep.dir / "fit.json").is_file()
+    for r in rows[3:]:
+        r["status"] = "failed"
+    report = write_sweep_report(sweep, rows, [], bootstrap=0).read_text()
+    assert "No fit: 3 finished runs" in report and not (sweep.dir / "fit.json").exists()
