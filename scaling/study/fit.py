@@ -328,13 +328,13 @@ def fit(rows: list[dict], budgets: list[float] = (), bootstrap: int = 200, seed:
     """Approach 2 and 3 with bootstrap 95% intervals and predictions at `budgets` (FLOPs).
     `holdout` expressions (`holdout_mask`) take rows out of the fit; the result then also says
     how well the law predicts them (`holdout`, `holdout_mape`)."""
+    held = []
+    if holdout:  # first: held-out runs inform no law, the hyperparameter laws included
+        mask = holdout_mask(rows, list(holdout), where)
+        held = best_per_point([r for r, m in zip(rows, mask) if m])
+        rows = [r for r, m in zip(rows, mask) if not m]
     hp = fit_hparams(rows, bootstrap=bootstrap, seed=seed)
     rows = best_per_point(rows)
-    held = []
-    if holdout:
-        mask = holdout_mask(rows, list(holdout), where)
-        held = [r for r, m in zip(rows, mask) if m]
-        rows = [r for r, m in zip(rows, mask) if not m]
     try:  # L-BFGS-B's tiny BLAS calls are ~70x slower with threaded OpenBLAS on a busy machine
         from threadpoolctl import threadpool_limits
     except ImportError:
