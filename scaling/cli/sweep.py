@@ -3,11 +3,15 @@
 Every run is a `vidscale train` of a resolved recipe (SWEEP_DIR/recipes/NAME.yaml) in its
 own process, through the launcher asked for: local runs go one after another; on Ray they
 share one cluster (an embedded local one unless --address) and run concurrently, as many
-as its CPUs hold; on Slurm they are one job array, a task per unfinished run. A run is finished when RUN_DIR/final.json
-exists (written atomically after its validation loss): rerunning the same command skips
-finished runs and restarts the others with checkpoint.resume=auto, so they continue from
-their latest complete checkpoint. SWEEP_DIR/results.csv is rewritten at every change; at
-the end the fit (`scaling/study/fit.py`) and SWEEP_DIR/report.md with its plots.
+as its CPUs hold; on Slurm they are one job array, a task per unfinished run (with
+`schedule: wsd-branches` one array per wave: the trunks, then the branches their
+checkpoints made ready). A run is finished when RUN_DIR/final.json exists (written
+atomically after its validation loss): rerunning the same command skips finished runs and
+restarts the others with checkpoint.resume=auto, so they continue from their latest
+complete checkpoint; a finished run whose recipe the sweep file has since changed, or a
+sweep directory of another sweep file, stops it with one line. SWEEP_DIR/results.csv is
+rewritten at every change; at the end the fit (`scaling/study/fit.py`) and
+SWEEP_DIR/report.md with its plots.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ def add_parser(sub):
     p.add_argument("sweep", help="sweep file, e.g. recipes/sweeps/tiny.yaml")
     p.add_argument("--launcher", choices=LAUNCHERS, default=ClusterArgs.launcher,
                    help="local: one run after another here; ray: concurrent runs on a Ray cluster; "
-                        "slurm: one job array, a task per run")
+                        "slurm: a job array, a task per run (wsd-branches: one array per wave)")
     p.add_argument("--address", default="", help="Ray cluster address (default: an embedded local cluster)")
     p.add_argument("--cpus", type=int, default=0, help="Ray: CPUs of the embedded cluster (default: all)")
     p.add_argument("--sweep-dir", help="override the sweep's sweep_dir")

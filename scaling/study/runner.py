@@ -4,7 +4,8 @@
     local   one run after another here
     ray     concurrent runs on one Ray cluster (an embedded local one unless an address is
             given), as many at once as its CPUs hold
-    slurm   one job array, a task per unfinished run (`cluster/jobarray.py`)
+    slurm   one job array, a task per unfinished run (`cluster/jobarray.py`); wsd-branches
+            one array per wave: the trunks, then the branches their checkpoints made ready
 
 A run is finished when its final.json exists (`ledger.py`): running the same sweep again
 skips finished runs and restarts the others with checkpoint.resume=auto, so they continue
@@ -288,7 +289,8 @@ class Runner:
 
 class SlurmArrayRunner(Runner):
     """Each run's own sbatch script is written as for `vidscale train --launcher slurm`
-    (`cluster/slurm.py`); one job array runs task i as run i's script (`cluster/jobarray.py`)."""
+    (`cluster/slurm.py`); one job array per wave runs task i as run i's script
+    (`cluster/jobarray.py`): every run when there are no branches, else the trunks first."""
 
     def run(self) -> None:
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
