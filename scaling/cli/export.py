@@ -3,7 +3,8 @@
 Takes the newest complete checkpoint of RUN_DIR (or the step_* directory given), gathers
 the full fp32 weights (from DeepSpeed's ZeRO shards when the run used ZeRO; no process
 group needed) or the EMA weights, and writes one safetensors file with the recipe in its
-metadata: `scaling.checkpoint.weights.load_weights(path)` rebuilds a `VideoDiT` from it, no DeepSpeed.
+metadata and what it is (`kind`: dit or vae): `scaling.checkpoint.weights.load_weights(path)`
+rebuilds a `VideoDiT` from it, `models.vae.load_vae(path)` a VAE run's `VideoVAE`; no DeepSpeed.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from vidscale.scaling.checkpoint.manager import resolve
 from vidscale.scaling.checkpoint.weights import save_weights
 from vidscale.scaling.checkpoint.zero import export_weights
 from vidscale.scaling.config import load_config
+from vidscale.scaling.train.tasks import weights_metadata
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -42,7 +44,8 @@ def export(spec: str, out: str | Path, ema: bool = False) -> tuple[Path, Path]:
         if not f.exists():
             raise ValueError(f"{ckpt}: this run kept no EMA (optim.ema_decay=0); export without --ema")
         weights = load_file(str(f))
-    path = save_weights(weights, out, cfg, ema=ema, extra={"step": state["step"], "checkpoint": str(ckpt)})
+    path = save_weights(weights, out, cfg, kind=cfg.task, ema=ema,
+                        extra={**weights_metadata(cfg), "step": state["step"], "checkpoint": str(ckpt)})
     return ckpt, path
 
 

@@ -7,19 +7,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from vidscale.scaling.study.fit import fit, public, read_results
 from vidscale.scaling.study.next_run import compute_optimal_recipe, write_recipe
 from vidscale.scaling.study.report import write_summary_plot
 
 
-def _flops(s: str) -> float:
+def flops_arg(s: str) -> float:
+    """A --budget: a finite positive number of FLOPs (argparse type)."""
     try:
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a FLOPs number like 1e21, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive FLOPs number, got {s!r}")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a finite positive FLOPs number, got {s!r}")
     return v
 
 
@@ -29,7 +31,7 @@ def add_parser(sub):
     p.add_argument("results", help="results CSV, e.g. SWEEP_DIR/results.csv")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="OUT.png", help="write the four plots into one PNG")
-    p.add_argument("--budget", type=_flops, nargs="+", action="extend", default=[], metavar="C",
+    p.add_argument("--budget", type=flops_arg, nargs="+", action="extend", default=[], metavar="C",
                    help="compute budget(s) in FLOPs to predict N_opt, D_opt and loss at")
     p.add_argument("--holdout", action="append", default=[], metavar="EXPR",
                    help="leave out the runs matching COLUMN OP VALUE (OP: >= <= > < =; e.g. 'budget>=4e10', "

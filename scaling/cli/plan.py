@@ -3,13 +3,16 @@
 Prints the per-rank memory breakdown against the GPU's memory, the step time, tokens/s and days
 for `train.steps` (scaling/train/planner.py). When the recipe does not fit, names the one knob
 whose smallest change fits (activation checkpointing, sequence parallelism, offload, tokens per
-batch) and `--write-recipe PATH` writes the recipe with that change. Without --gpus or
+batch) and `--write-recipe PATH` writes the recipe with that change (never over an existing
+file; nothing when the recipe fits as it is). Without --gpus or
 --gpu-memory, the recipe's own `plan.gpus` / `plan.gpu_memory_gb` are used. Exit status 3 when
 it does not fit."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 from vidscale.scaling.config import RecipeError, load_config, save_config, set_values
@@ -33,7 +36,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _write_new(cfg, out: Path) -> None:
+    """The recipe written whole, never over an existing file (the input recipe included)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    save_config(cfg, tmp)
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise ValueError(f"{out}: exists; --write-recipe never overwrites a file (choose another name)") from None
+    finally:
+        tmp.unlink()
+
+
 def run(args) -> int:
+    if args.write_recipe and Path(args.write_recipe).exists():  # before planning: nothing to undo
+        raise ValueError(f"{args.write_recipe}: exists; --write-recipe never overwrites a file (choose another name)")
     cfg = load_config(args.recipe, args.overrides)
     gpus = args.gpus or cfg.plan.gpus
     mem = args.gpu_memory or cfg.plan.gpu_memory_gb
@@ -48,10 +66,16 @@ def run(args) -> int:
                     "tokens_per_s": fix[2]["time"]["tokens_per_s"]}
         if args.write_recipe:
             fixed = set_values(cfg, {**fix[1], "plan.gpus": gpus, "plan.gpu_memory_gb": float(mem)})
-            save_config(fixed, Path(args.write_recipe))
+            _write_new(fixed, Path(args.write_recipe))
             p["fix"]["written"] = str(args.write_recipe)
+    unwritten = ""
+    if args.write_recipe and fix is None:
+        unwritten = (f"--write-recipe: nothing written to {args.write_recipe}: the recipe "
+                     + ("fits as it is" if p["fits"] else "has no single change that fits"))
     if args.json:
         print(json.dumps(p))
+        if unwritten:
+            print(f"vidscale plan: {unwritten}", file=sys.stderr)  # stdout holds only the JSON
     else:
         print(human(p))
         if not p["fits"]:
@@ -63,4 +87,6 @@ def run(args) -> int:
                       f"{fix[2]['time']['tokens_per_s']:,.0f} tokens/s)")
                 if args.write_recipe:
                     print(f"  written: {args.write_recipe}")
+        if unwritten:
+            print(f"  {unwritten}")
     return 0 if p["fits"] else NO_FIT

@@ -3,11 +3,15 @@
 Every run is a `vidscale train` of a resolved recipe (SWEEP_DIR/recipes/NAME.yaml) in its
 own process, through the launcher asked for: local runs go one after another; on Ray they
 share one cluster (an embedded local one unless --address) and run concurrently, as many
-as its CPUs hold; on Slurm they are one job array, a task per unfinished run. A run is finished when RUN_DIR/final.json
-exists (written atomically after its validation loss): rerunning the same command skips
-finished runs and restarts the others with checkpoint.resume=auto, so they continue from
-their latest complete checkpoint. SWEEP_DIR/results.csv is rewritten at every change; at
-the end the fit (`scaling/study/fit.py`) and SWEEP_DIR/report.md with its plots.
+as its CPUs hold; on Slurm they are one job array, a task per unfinished run (with
+`schedule: wsd-branches` one array per wave: the trunks, then the branches their
+checkpoints made ready). A run is finished when RUN_DIR/final.json exists (written
+atomically after its validation loss): rerunning the same command skips finished runs and
+restarts the others with checkpoint.resume=auto, so they continue from their latest
+complete checkpoint; a finished run whose recipe the sweep file has since changed, or a
+sweep directory of another sweep file, stops it with one line. SWEEP_DIR/results.csv is
+rewritten at every change; at the end the fit (`scaling/study/fit.py`) and
+SWEEP_DIR/report.md with its plots.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import signal
 import sys
 from pathlib import Path
 
+from vidscale.scaling.cli.fit import flops_arg
 from vidscale.scaling.config import LAUNCHERS, ClusterArgs
 from vidscale.scaling.study.plan import cost, load_sweep, plan
 from vidscale.scaling.study.report import write_sweep_report
@@ -30,11 +35,11 @@ def add_parser(sub):
     p.add_argument("sweep", help="sweep file, e.g. recipes/sweeps/tiny.yaml")
     p.add_argument("--launcher", choices=LAUNCHERS, default=ClusterArgs.launcher,
                    help="local: one run after another here; ray: concurrent runs on a Ray cluster; "
-                        "slurm: one job array, a task per run")
+                        "slurm: a job array, a task per run (wsd-branches: one array per wave)")
     p.add_argument("--address", default="", help="Ray cluster address (default: an embedded local cluster)")
     p.add_argument("--cpus", type=int, default=0, help="Ray: CPUs of the embedded cluster (default: all)")
     p.add_argument("--sweep-dir", help="override the sweep's sweep_dir")
-    p.add_argument("--budget", type=float, nargs="+", action="extend", default=[], metavar="C",
+    p.add_argument("--budget", type=flops_arg, nargs="+", action="extend", default=[], metavar="C",
                    help="predict the optimum at these budgets in the report (default 10x, 100x the largest)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the fit's intervals")
     p.add_argument("--dry-run", action="store_true", help="print the plan (steps, tokens, FLOPs per run) and stop")

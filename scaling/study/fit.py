@@ -12,8 +12,9 @@ starts of a variable-projection grid: for fixed (alpha, beta) the model is linea
 the grid cheap enough to be dense. Under C = k N D the optimum is
     N_opt = G (C/k)^a, D_opt = (C/k)^b / G, G = (alpha A / (beta B))^(1/(alpha+beta)),
     a = beta / (alpha + beta), b = alpha / (alpha + beta).
-k is 6 without a flops column (C = 6 N D) and otherwise the median of flops / (N D)
-(our FLOPs model counts attention, so k is above 6 and grows with sequence length).
+k is 6 without a flops column (C = 6 N D) and otherwise the median of flops / (N D) over the
+rows that have one (our FLOPs model counts attention, so k is above 6 and grows with sequence
+length); a row without a positive flops value gets C = k N D.
 
 Uncertainty: a bootstrap that resamples runs with replacement within each compute budget
 (so every resample keeps the IsoFLOP design); 95% percentile intervals.
@@ -101,8 +102,10 @@ def prepare(rows: list[dict], where: str = "results") -> Runs:
                          f"(dropped: {[d['name'] + ': ' + d['reason'] for d in dropped]})")
     names = [k[0] for k in keep]
     N, D, L, C, budget = (np.array([k[j] for k in keep], dtype=np.float64) for j in (1, 2, 3, 4, 5))
-    if np.all(np.isfinite(C) & (C > 0)):
-        k = float(np.median(C / (N * D)))
+    counted = np.isfinite(C) & (C > 0)
+    if counted.any():  # rows without FLOPs (a missing cell, an old final.json's 0) take the others' k
+        k = float(np.median(C[counted] / (N[counted] * D[counted])))
+        C = np.where(counted, C, k * N * D)
     else:
         k, C = 6.0, 6.0 * N * D
     # IsoFLOP groups: the nominal budget when given, else compute rounded to 1/10 decade
@@ -237,24 +240,37 @@ def fit_parametric(N, D, L, starts: list[np.ndarray] | None = None, top: int = 6
     return best
 
 
+def _exp(x: float) -> float:
+    """exp that saturates at inf instead of raising OverflowError (a degenerate law: callers
+    and `ci95` treat non-finite values as no estimate)."""
+    return math.exp(x) if x < 709.0 else math.inf
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
 def law(theta: np.ndarray, k: float) -> dict:
     """The named parameters of theta and the compute-optimal exponents."""
     e, la, lb, alpha, beta = (float(x) for x in theta)
     A, B = math.exp(la), math.exp(lb)
     a, b = beta / (alpha + beta), alpha / (alpha + beta)
+    # with alpha + beta near 0 (A or B ~ 0: a degenerate fit) log G runs to +-1e4 and beyond
     log_g = (math.log(alpha) + la - math.log(beta) - lb) / (alpha + beta)
     return {"E": math.exp(e), "A": A, "B": B, "alpha": alpha, "beta": beta, "a": a, "b": b,
-            "G": math.exp(log_g), "log_G": log_g, "k": k}
+            "G": _exp(log_g), "log_G": log_g, "k": k}
 
 
 def optimum(p: dict, C: float) -> tuple[float, float, float]:
-    """(N_opt, D_opt, loss) at compute C under the parametric law p."""
+    """(N_opt, D_opt, loss) at compute C under the parametric law p, computed in log space:
+    a degenerate law (A or B ~ 0) puts N_opt at 0 or infinity, and the loss terms, each
+    exp(log A - alpha log N), stay finite where the law does."""
     log_x = math.log(C / p["k"])
-    log_n = p.get("log_G", math.log(p["G"]) if p["G"] > 0 else -700.0) + p["a"] * log_x
-    log_n = min(max(log_n, -700.0), 700.0)  # degenerate laws (A or B ~ 0) put N_opt at 0 or infinity
+    log_n = p.get("log_G", _log(p["G"])) + p["a"] * log_x
     log_d = log_x - log_n
-    return (math.exp(log_n), math.exp(log_d),
-            p["E"] + p["A"] * math.exp(-p["alpha"] * log_n) + p["B"] * math.exp(-p["beta"] * log_d))
+    terms = [_log(p["A"]) - p["alpha"] * log_n, _log(p["B"]) - p["beta"] * log_d]
+    loss = p["E"] + sum(_exp(t) for t in terms if not math.isnan(t))
+    return _exp(log_n), _exp(log_d), loss
 
 
 # --- approach 2: IsoFLOP parabolas -----------------------------------------------------------
@@ -312,13 +328,13 @@ def fit(rows: list[dict], budgets: list[float] = (), bootstrap: int = 200, seed:
     """Approach 2 and 3 with bootstrap 95% intervals and predictions at `budgets` (FLOPs).
     `holdout` expressions (`holdout_mask`) take rows out of the fit; the result then also says
     how well the law predicts them (`holdout`, `holdout_mape`)."""
+    held = []
+    if holdout:  # first: held-out runs inform no law, the hyperparameter laws included
+        mask = holdout_mask(rows, list(holdout), where)
+        held = best_per_point([r for r, m in zip(rows, mask) if m])
+        rows = [r for r, m in zip(rows, mask) if not m]
     hp = fit_hparams(rows, bootstrap=bootstrap, seed=seed)
     rows = best_per_point(rows)
-    held = []
-    if holdout:
-        mask = holdout_mask(rows, list(holdout), where)
-        held = [r for r, m in zip(rows, mask) if m]
-        rows = [r for r, m in zip(rows, mask) if not m]
     try:  # L-BFGS-B's tiny BLAS calls are ~70x slower with threaded OpenBLAS on a busy machine
         from threadpoolctl import threadpool_limits
     except ImportError:

@@ -29,7 +29,7 @@ def read_final(run) -> dict | None:
         return None
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -75,9 +75,9 @@ class Ledger:
         return rows
 
     def save(self) -> None:
-        _atomic_write(self.path, json.dumps(self.state, indent=1))
+        atomic_write(self.path, json.dumps(self.state, indent=1))
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(self.rows())
-        _atomic_write(self.dir / RESULTS, buf.getvalue())
+        atomic_write(self.dir / RESULTS, buf.getvalue())

@@ -60,6 +60,9 @@ def compute_optimal_recipe(result: dict, rows: list[dict], budget: float, base: 
     """The recipe and what it was derived from (for the header)."""
     law = result["_law"]
     n_opt, d_opt, loss = optimum(law, budget)
+    if not (0 < n_opt < math.inf and 0 < d_opt < math.inf):
+        raise ValueError(f"--write-recipe: the fitted law puts the optimum at C = {budget:g} at N = {n_opt:.3g}, "
+                         f"D = {d_opt:.3g} (a degenerate fit: see its warnings); no recipe written")
     pred = next((p for p in result["predictions"] if p["budget"] == budget), None)
     if base:
         template = load_config(base)

@@ -2,7 +2,8 @@
 
     name: tiny-isoflop
     base: ../debug.yaml            # the recipe every run starts from (relative to this file)
-    set: {logging.every: 5}        # recipe overrides for every run (dotted keys or nested)
+    set: {logging.every: 5}        # recipe overrides for every run (dotted keys or nested;
+                                   # a string is the value as written, never re-read as YAML)
     models: [tiny, {name: w64, hidden: 64, depth: 2, heads: 2}]   # named sizes or shapes
     aspect: 32                     # with `depths`: shapes of hidden = aspect x depth ...
     depths: [2, 3, 4]              # ... and heads = hidden / head_dim
@@ -225,6 +226,14 @@ def load_sweep(path: str | Path) -> Sweep:
             bad(f"cells[{i}].budget", c.budget, f"one of the budgets {args.budgets}")
     sweep_dir = Path(args.sweep_dir or Path("runs") / "sweeps" / args.name)
     sweep = Sweep(args, path, base, sweep_dir.absolute())
+    # a run is finished when its evaluation writes final.json: without a validation loss none
+    # ever would, and every rerun would resume at its last step and fail again
+    base_cfg = _base_config(sweep)
+    if base_cfg.task != "dit":
+        bad("task", base_cfg.task, "dit: a sweep fits the DiT's validation loss (the base recipe or set: task)")
+    if base_cfg.train.val_videos < 1:
+        bad("train.val_videos", base_cfg.train.val_videos,
+            "at least 1: a sweep's runs finish with their validation loss (the base recipe or set:)")
     for m in _model_specs(args):  # every run's recipe must load (types, sizes, layout)
         base_cfg = _run_config(sweep, m, args.lr[0] if args.lr else 0, args.tokens_per_batch[0]
                                if args.tokens_per_batch else 0, args.seeds[0], steps=1)
@@ -251,9 +260,12 @@ def _label(m: ModelSpec) -> str:
 def _base_config(sweep: Sweep) -> Config:
     """The base recipe with the sweep's `set` overrides (loaded once: OmegaConf merges are slow)."""
     if sweep.base_cfg is None:
-        over = [_override(k, v) for k, v in sweep.args.set.items()]
+        # strings are set exactly as written (a path `/data/run #2`, or 'null', 'true', stay
+        # strings); other values are YAML already and go through the override syntax
+        over = [_override(k, v) for k, v in sweep.args.set.items() if not isinstance(v, str)]
+        values = {k: v for k, v in sweep.args.set.items() if isinstance(v, str)}
         try:
-            cfg = load_config(sweep.base, over)
+            cfg = load_config(sweep.base, over, values=values)
         except RecipeError as e:
             raise RecipeError(f"{sweep.path}: {e}") from None
         if cfg.data.source != "synthetic":  # Ray workers run elsewhere: paths must be absolute
@@ -345,11 +357,25 @@ def plan(sweep: Sweep) -> list[Run]:
                             if cell.model in ("", label) and cell.budget in (0, budget):
                                 c_lr, c_tpb = cell.lr or c_lr, cell.tokens_per_batch or c_tpb
                         runs.append(_plan_run(sweep, m, label, budget, c_lr, c_tpb, seed, cache))
-    names = [r.name for r in runs]
-    assert len(set(names)) == len(names), names
+    _check_names(sweep, runs)
     if a.schedule == "wsd-branches":
         runs = _branch(runs)
     return runs
+
+
+def _check_names(sweep: Sweep, runs: list[Run]) -> None:
+    """Two runs of one name would share one run dir: a one-line error naming them. (Run names
+    are how sweep dirs find their runs: their format stays, so a budget is named to 2
+    significant digits and 1.2e11 and 1.23e11 collide, as do repeated budgets, lrs or seeds.)"""
+    seen: dict[str, Run] = {}
+    for r in runs:
+        if r.name in seen:
+            o = seen[r.name]
+            what = "; ".join(f"{x.model} budget {x.budget:g} lr {x.lr:g} tokens_per_batch {x.tokens_per_batch} "
+                             f"seed {x.seed}" for x in (o, r))
+            raise RecipeError(f"{sweep.path}: two runs are both named {r.name} ({what}): run names give budgets "
+                              "and lrs to 2 significant digits; remove repeated values or make them differ there")
+        seen[r.name] = r
 
 
 def _branch(runs: list[Run]) -> list[Run]:

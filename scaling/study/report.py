@@ -81,7 +81,10 @@ def _band(result: dict, Cs: np.ndarray, which: int):
     if len(boots) < 10:
         return None
     vals = np.array([[optimum(p, c)[which] for c in Cs] for p in boots])
-    return np.percentile(vals, 2.5, axis=0), np.percentile(vals, 97.5, axis=0)
+    vals[~np.isfinite(vals)] = np.nan  # a degenerate resample's optimum at 0 or infinity: no estimate
+    if np.isnan(vals).all(axis=0).any():
+        return None
+    return np.nanpercentile(vals, 2.5, axis=0), np.nanpercentile(vals, 97.5, axis=0)
 
 
 def plot_frontier(axes, result: dict) -> None:
@@ -326,6 +329,8 @@ def write_sweep_report(sweep, rows: list[dict], budgets: list[float], bootstrap:
     """Fit the finished runs of a sweep (at least 5) and write SWEEP_DIR/fit.json and report.md;
     predictions at `budgets` (default 10x and 100x the largest budget that finished)."""
     done = [r for r in rows if r["status"] == "done"]
+    # no fit this time: a fit.json of an earlier report would be read as this one's
+    (sweep.dir / "fit.json").unlink(missing_ok=True)
     notes = [f"Sweep `{sweep.path}` (base recipe `{sweep.base}`), {len(done)}/{len(rows)} runs done. "
              f"Loss: the deterministic validation loss of each run (`scaling/train/evaluate.py`)."]
     if len(done) < 5:

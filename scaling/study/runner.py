@@ -4,7 +4,8 @@
     local   one run after another here
     ray     concurrent runs on one Ray cluster (an embedded local one unless an address is
             given), as many at once as its CPUs hold
-    slurm   one job array, a task per unfinished run (`cluster/jobarray.py`)
+    slurm   one job array, a task per unfinished run (`cluster/jobarray.py`); wsd-branches
+            one array per wave: the trunks, then the branches their checkpoints made ready
 
 A run is finished when its final.json exists (`ledger.py`): running the same sweep again
 skips finished runs and restarts the others with checkpoint.resume=auto, so they continue
@@ -13,6 +14,7 @@ at every change; progress lines go to stdout.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -21,13 +23,15 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from vidscale.cluster.jobarray import (cancel_array, common_header, follow_array, render_array, submit_array,
                                        task_id)
 from vidscale.cluster.ray_cluster import EmbeddedRay
 from vidscale.cluster.slurm import write_job
 from vidscale.scaling.checkpoint.storage import committed, step_of
-from vidscale.scaling.config import save_config
-from vidscale.scaling.study.ledger import Ledger, read_final
+from vidscale.scaling.config import RecipeError, load_config, save_config
+from vidscale.scaling.study.ledger import Ledger, atomic_write, read_final
 from vidscale.scaling.study.plan import cost
 
 
@@ -80,13 +84,84 @@ def branch_ready(run) -> bool:
     return step_of(src.name) in {s for s, _ in committed(src.parent)}
 
 
-def check_finished_runs(runs) -> None:
-    """A final.json from another plan would be silently fitted: refuse."""
+LAUNCH_KEYS = ("train.run_dir", "train.device", "checkpoint.", "cluster.", "logging.")
+"""Recipe keys (a trailing dot: a whole section) in which a finished run's saved recipe may
+differ from its planned one: where it ran, how it was launched, resumed, checkpointed and logged
+(a Ray worker without a GPU trains with train.device=cpu). What a run trains and the data it
+sees are compared; a wsd branch's start point (checkpoint.branch_from) and the world size
+(cluster.nproc) with them."""
+_COMPARED = ("checkpoint.branch_from", "cluster.nproc")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def recipe_difference(saved, planned) -> str | None:
+    """The first key (in recipe order) where a run's saved recipe and the planned one differ
+    beyond `LAUNCH_KEYS`, as `key: saved -> planned`; None when they agree."""
+    a, b = (_flat(OmegaConf.to_container(OmegaConf.structured(c))) for c in (saved, planned))
+    for key in dict.fromkeys([*b, *a]):
+        if key not in _COMPARED and any(key == k or (k.endswith(".") and key.startswith(k)) for k in LAUNCH_KEYS):
+            continue
+        if a.get(key) != b.get(key):
+            return f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
+    return None
+
+
+def check_finished_runs(sweep, runs) -> None:
+    """A finished run of another plan (other steps, another lr, schedule, data ...) would be
+    silently reused and fitted: refuse, naming the run and the first key that differs."""
     for r in runs:
         fin = read_final(r)
-        if fin is not None and fin.get("steps") != r.steps:
-            raise ValueError(f"{r.cfg.train.run_dir}/final.json: finished with {fin.get('steps')} steps but the "
-                             f"sweep now plans {r.steps}: use a new sweep_dir for a changed sweep")
+        if fin is None:
+            continue
+        hint = (f": a changed sweep needs its own sweep directory (another `name:` or sweep_dir in "
+                f"{sweep.path}, or --sweep-dir)")
+        if fin.get("steps") != r.steps:
+            raise ValueError(f"{r.cfg.train.run_dir}/final.json: run {r.name} finished with {fin.get('steps')} "
+                             f"steps but the sweep now plans {r.steps}{hint}")
+        saved = Path(r.cfg.train.run_dir) / "config.yaml"
+        try:
+            diff = recipe_difference(load_config(saved), r.cfg)
+        except (OSError, RecipeError) as e:
+            raise ValueError(f"{saved}: run {r.name} is finished but its saved recipe cannot be compared with "
+                             f"the plan ({str(e).splitlines()[0]}){hint}") from None
+        if diff is not None:
+            raise ValueError(f"{saved}: run {r.name} finished with another recipe than the sweep now plans "
+                             f"({diff}){hint}")
+
+
+OWNER = "sweep.json"
+"""SWEEP_DIR/sweep.json: the sweep file the directory belongs to (its path and a hash of its
+text), so that another sweep (two files without `name:` share runs/sweeps/sweep) is refused."""
+
+
+def claim_sweep_dir(sweep) -> None:
+    """Record which sweep file SWEEP_DIR belongs to, or refuse another one. The same file
+    (edited or not), or a moved copy of its text, is the same sweep; an old directory without
+    the record is taken over."""
+    path, text = str(Path(sweep.path).resolve()), Path(sweep.path).read_bytes()
+    digest = hashlib.sha256(text).hexdigest()
+    owner = sweep.dir / OWNER
+    try:
+        old = json.loads(owner.read_text())
+    except FileNotFoundError:
+        old = None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{owner}: unreadable ({e}); it says which sweep file this sweep directory belongs "
+                         f"to: delete it only if the directory is {sweep.path}'s") from None
+    if old is not None and old.get("sweep_file") != path and old.get("sha256") != digest:
+        raise ValueError(f"{sweep.dir}: this sweep directory belongs to another sweep ({old.get('sweep_file')}, "
+                         f"{OWNER}); give {sweep.path} its own `name:` or sweep_dir, or pass --sweep-dir")
+    sweep.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(owner, json.dumps({"sweep_file": path, "sha256": digest, "name": sweep.args.name}, indent=1))
 
 
 class Runner:
@@ -142,6 +217,10 @@ class Runner:
             if rc == 0 and fin is not None:
                 self.ledger.set(name, status="done", wall_time=wall)
                 self.say(f"finished {name}: val loss {fin['val_loss']:.4f} in {wall:.0f} s")
+            elif rc == 0:  # trained to the end but wrote no validation loss: a log tail would not say why
+                self.ledger.set(name, status="failed", wall_time=wall, exit_code=rc)
+                self.say(f"FAILED {name}: exited 0 without final.json ({run.cfg.train.run_dir}): it wrote no "
+                         f"validation loss (train.val_videos = {run.cfg.train.val_videos}, task {run.cfg.task})")
             else:
                 self.ledger.set(name, status="failed", wall_time=wall, exit_code=rc)
                 self.say(f"FAILED {name} (exit {rc}): {_tail(self.dir / 'logs' / f'{name}.log')[-400:]}")
@@ -210,7 +289,8 @@ class Runner:
 
 class SlurmArrayRunner(Runner):
     """Each run's own sbatch script is written as for `vidscale train --launcher slurm`
-    (`cluster/slurm.py`); one job array runs task i as run i's script (`cluster/jobarray.py`)."""
+    (`cluster/slurm.py`); one job array per wave runs task i as run i's script
+    (`cluster/jobarray.py`): every run when there are no branches, else the trunks first."""
 
     def run(self) -> None:
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -284,8 +364,9 @@ def run_sweep(sweep, runs, launcher: str = "local", address: str = "", cpus: int
               progress_every: float = 15.0) -> list[dict]:
     """Run every unfinished run of the plan; returns the results rows (`ledger.COLUMNS`).
     Ray without an address: an embedded cluster of `cpus` CPUs (0: all), stopped at the end."""
+    claim_sweep_dir(sweep)
+    check_finished_runs(sweep, runs)  # before anything of a refused plan is written
     write_plan(sweep, runs)
-    check_finished_runs(runs)
     if launcher == "ray":
         cpus = cpus or os.cpu_count() or 1
         if address:

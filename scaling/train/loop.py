@@ -332,8 +332,11 @@ def train(cfg: Config) -> dict:
             # every token seen (a resumed run did its earlier steps at the same FLOPs per token)
             seg_tokens = tr.tokens_seen - tokens_at_start
             seg_flops = collectives.sum_(run_flops)
+            # a run resumed at its last step (killed in its final evaluation) trained nothing here:
+            # its FLOPs per token are estimated from its own batches, as the sweep planned them
+            per_token = seg_flops / seg_tokens if seg_tokens > 0 else flops_per_token(tr.task, tr.dims)
             final = {**scores, "params": param_count(model_config(c.model)), "tokens": tr.tokens_seen,
-                     "flops": seg_flops * tr.tokens_seen / seg_tokens if seg_tokens > 0 else 0.0,
+                     "flops": per_token * tr.tokens_seen,
                      "steps": tr.step, "train_loss": last_loss, "wall_time": time.time() - t_start,
                      "eval_time": time.perf_counter() - t0, "val_videos": c.train.val_videos}
             result.update(scores)
@@ -347,6 +350,22 @@ def train(cfg: Config) -> dict:
     tr.close()
     tr.dims.destroy()
     return result
+
+
+FLOPS_PROBE_BATCHES = 8
+"""Packed batches `flops_per_token` draws (the sweep planner's estimate draws as many)."""
+
+
+def flops_per_token(task: Task, dims: ParallelDims) -> float:
+    """Training FLOPs per real token of the run's packed batches: the mean over the first
+    FLOPS_PROBE_BATCHES batches of a fresh loader of dp rank 0 (nothing recorded as consumed)."""
+    loader = task.build_loader(0, dims.dp, multiple=dims.sp)
+    flops = real = 0.0
+    for _ in range(FLOPS_PROBE_BATCHES):
+        _, meta = next(loader)
+        flops += task.flops(meta)
+        real += meta.num_real
+    return flops / real if real else 0.0
 
 
 def source_shares(local: dict[str, int], dims) -> dict:

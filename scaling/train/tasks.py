@@ -150,6 +150,12 @@ def vae_config(cfg: Config) -> VAEConfig:
                      num_res=v.num_res)
 
 
+def weights_metadata(cfg: Config) -> dict[str, str]:
+    """What a weights file of a `cfg.task` model carries besides the recipe (`vidscale export`
+    writes it too): a VAE's `vae_config`, which models/vae.load_vae rebuilds it from."""
+    return {"vae_config": json.dumps(vae_config(cfg).to_dict())} if cfg.task == "vae" else {}
+
+
 class VAETask:
     """The causal video VAE: reconstruction + beta * KL, PSNR on held-out clips."""
     name = "vae"
@@ -196,7 +202,7 @@ class VAETask:
         return {}  # the held-out PSNR is logged by after_step at the last step
 
     def weights_metadata(self) -> dict[str, str]:
-        return {"vae_config": json.dumps(self.vcfg.to_dict())}  # models/vae.load_vae rebuilds from this
+        return weights_metadata(self.cfg)
 
     @torch.no_grad()
     def val_psnr(self, engine) -> float:

@@ -89,6 +89,15 @@ def test_flops_column_sets_the_compute_constant():
     assert abs(r["approach2"]["a"] - r["a"]) < 0.03
     for m in r["isoflop"]:
         assert m["N_opt"] * m["D_opt"] * 9.0 == pytest.approx(m["budget"], rel=1e-9)
+    # one run without FLOPs (final.json's 0 of a run resumed at its last step, or an empty
+    # cell) keeps every other run's measured FLOPs and k; it gets C = k N D
+    holey = [dict(row) for row in rows]
+    holey[3]["flops"], holey[10]["flops"] = 0.0, ""
+    h = fit(holey, budgets=[1e22], bootstrap=0)
+    assert h["k"] == pytest.approx(9.0) and h["predictions"][0]["N_opt"] == pytest.approx(p["N_opt"], rel=1e-6)
+    fitted = {x["name"]: x["flops"] for x in h["residuals"]}
+    assert fitted[rows[3]["name"]] == pytest.approx(9.0 * rows[3]["params"] * rows[3]["tokens"])
+    assert fitted[rows[5]["name"]] == rows[5]["flops"]
     # without the flops column: C = 6 N D
     for row in rows:
         del row["flops"]
@@ -226,3 +235,51 @@ def test_sweep_report_checks_its_holdout(tmp_path):
     assert all(h["name"] in report for h in fitted["holdout"])
     with pytest.raises(ValueError, match=r"holdout\[0\]"):
         load_sweep(write_sweep(tmp_path, "models: [debug]\nbudgets: [1e10]\nholdout: ['budget => 1']\n", "bad.yaml"))
+
+
+@pytest.mark.parametrize("la, lb", [(60.0, -30.0), (-30.0, 60.0)])
+def test_degenerate_law_gives_inf_or_0_not_overflow(la, lb):
+    """alpha + beta near 0 (inside the fit's bounds, as a bad bootstrap resample can give) puts
+    log G at +-4.5e4: G and N_opt, D_opt saturate at inf or 0 instead of raising OverflowError,
+    and the loss at the optimum is that of the law, computed exactly (mpmath) as reference."""
+    import mpmath
+    from vidscale.scaling.study.fit import law
+    theta = np.array([0.5, la, lb, 1e-3, 1e-3])
+    p = law(theta, 6.0)
+    mp_log_g = (mpmath.log(1e-3) + la - mpmath.log(1e-3) - lb) / mpmath.mpf(2e-3)
+    assert p["log_G"] == pytest.approx(float(mp_log_g)) and p["G"] == (math.inf if la > lb else 0.0)
+    C = 1e15
+    n, d, loss = optimum(p, C)
+    mp_n = mpmath.exp(mp_log_g) * (mpmath.mpf(C) / 6) ** 0.5
+    mp_d = mpmath.mpf(C) / 6 / mp_n
+    mp_loss = mpmath.exp(0.5) + mpmath.exp(la) * mp_n ** -1e-3 + mpmath.exp(lb) * mp_d ** -1e-3
+    assert (n, d) == ((math.inf, 0.0) if la > lb else (0.0, math.inf))
+    assert loss == pytest.approx(float(mp_loss), rel=1e-9)
+
+
+@pytest.mark.parametrize("cmd", ["sweep", "fit"])
+@pytest.mark.parametrize("budget", ["0", "-1", "inf", "nan"])
+def test_budget_must_be_finite_and_positive(tmp_path, capsys, cmd, budget):
+    """`sweep --budget 0` trained the whole sweep to write 'No fit: math domain error';
+    `fit --budget inf` ended in an OverflowError: both are refused before anything runs."""
+    with pytest.raises(SystemExit) as e:
+        main([cmd, str(tmp_path / "whatever"), "--budget", budget])
+    assert e.value.code == 2
+    assert f"--budget: expected a finite positive FLOPs number, got '{budget}'" in capsys.readouterr().err
+
+
+def test_sweep_report_without_a_fit_removes_an_old_fit_json(tmp_path):
+    """A report with no fit this time leaves no fit.json of an earlier one (`vidscale sweep`
+    would print its held-out error as this sweep's)."""
+    from conftest import write_sweep
+    from vidscale.scaling.study.plan import load_sweep
+    from vidscale.scaling.study.report import write_sweep_report
+    sweep = load_sweep(write_sweep(tmp_path, "models: [debug]\nbudgets: [1e10]\n"))
+    rows = [dict(r, budget=r["flops"]) for r in sweep_rows(**LAWS["chinchilla"], seed=5)]
+    sweep.dir.mkdir(parents=True)
+    write_sweep_report(sweep, rows, [], bootstrap=0)
+    assert (sweep.dir / "fit.json").is_file()
+    for r in rows[3:]:
+        r["status"] = "failed"
+    report = write_sweep_report(sweep, rows, [], bootstrap=0).read_text()
+    assert "No fit: 3 finished runs" in report and not (sweep.dir / "fit.json").exists()

@@ -85,3 +85,15 @@ def test_fit_uses_the_best_lr_per_point_and_reports_hparams(tmp_path, capsys):
 def test_no_axis_no_hparams():
     from test_fit import LAWS, sweep_rows
     assert "hparams" not in fit(sweep_rows(**LAWS["chinchilla"]), bootstrap=0)
+
+
+def test_held_out_runs_stay_out_of_the_hyperparameter_laws():
+    """--holdout keeps runs out of every law: the lr and batch laws (which --write-recipe uses)
+    are those of the other runs alone."""
+    data = rows()
+    r = fit(data, bootstrap=0, holdout=["budget>=1e20"])
+    kept = fit_hparams([x for x in data if x["budget"] < 1e20], bootstrap=0)
+    assert len(r["hparams"]["lr"]["points"]) == 3 * 4 * 3
+    for k in ("lr", "batch"):
+        assert {q: r["hparams"][k][q] for q in ("c", "p_N", "q_C")} == {q: kept[k][q] for q in ("c", "p_N", "q_C")}
+    assert len(r["holdout"]) == 4  # the held-out budget's sizes, each at its best lr and batch

@@ -85,3 +85,19 @@ def test_a_recipe_that_does_not_fit_gets_the_change_that_fits(tmp_path, capsys):
     assert main(["plan", str(DEBUG)]) == 2  # no hardware named: a one-line error
     # a GPU kernel is planned on a machine without one
     assert main(["plan", str(ROOT / "recipes/dit-1B.yaml"), "--set", "model.attn_backend=varlen"]) == 0
+
+
+def test_write_recipe_never_overwrites_and_says_when_nothing_is_written(tmp_path, capsys):
+    """As `fit --write-recipe`: an existing file (the input recipe, say) is refused in one line
+    and left as it was; a recipe that fits as it is gets no file, and is told so."""
+    out = tmp_path / "fixed.yaml"
+    out.write_text("# mine\n")
+    rc = main(["plan", str(ROOT / "recipes/dit-30B.yaml"), "--gpus", "8", "--gpu-memory", "80",
+               "--write-recipe", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "exists; --write-recipe never overwrites" in err and len(err.splitlines()) == 1
+    assert out.read_text() == "# mine\n"
+    new = tmp_path / "new.yaml"
+    assert main(["plan", str(ROOT / "recipes/dit-1B.yaml"), "--gpus", "8", "--gpu-memory", "80",
+                 "--write-recipe", str(new)]) == 0
+    assert f"nothing written to {new}: the recipe fits as it is" in capsys.readouterr().out and not new.exists()

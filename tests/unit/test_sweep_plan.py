@@ -113,3 +113,40 @@ set: {optim.warmup: 6, optim.decay_fraction: 0.25}
 
 def test_unknown_sweep_schedule_is_one_line(tmp_path):
     assert "schedule" in _err(tmp_path, "models: [debug]\nbudgets: [1e10]\nschedule: branches\n")
+
+
+@pytest.mark.parametrize("setting, key", [("train.val_videos: 0", "train.val_videos"), ("task: vae", "task")])
+def test_sweep_without_a_validation_loss_is_refused(tmp_path, setting, key):
+    """A run finishes when its validation loss writes final.json: a sweep that would write none
+    (no validation videos, or a VAE) would train every run and mark it failed, for ever."""
+    msg = _err(tmp_path, f"models: [debug]\nbudgets: [1e10]\nset: {{{setting}}}\n")
+    assert f"key '{key}'" in msg
+
+
+def test_set_strings_are_kept_exactly(tmp_path):
+    """A string in `set:` is the value, never YAML to re-read: `#` starts no comment, 'null'
+    and 'true' stay strings."""
+    from vidscale.scaling.study.plan import _base_config
+    data = tmp_path / "data" / "run #2"
+    s = load_sweep(write_sweep(tmp_path, f'models: [debug]\nbudgets: [1e10]\n'
+                                         f'set: {{data.source: "{data}", name: "null", cluster.address: "true"}}\n'))
+    cfg = _base_config(s)
+    assert cfg.data.source == str(data) and cfg.name == "null" and cfg.cluster.address == "true"
+
+
+@pytest.mark.parametrize("grid", ["budgets: [1.2e11, 1.23e11]", "budgets: [1e11, 1e11]",
+                                  "budgets: [1e11]\nseeds: [0, 0]"])
+def test_runs_that_would_share_a_name_are_one_line(tmp_path, grid):
+    """Run names are a contract (a sweep dir finds its runs by them): two runs of one name are
+    an error naming it, never one run dir for both."""
+    s = load_sweep(write_sweep(tmp_path, f"models: [debug]\n{grid}\n", "bad.yaml"))
+    with pytest.raises(RecipeError) as e:
+        plan(s)
+    msg = str(e.value)
+    assert "\n" not in msg and "bad.yaml" in msg and "both named debug-C1" in msg
+
+
+def test_run_names_keep_their_format(tmp_path):
+    s = load_sweep(write_sweep(tmp_path, "models: [debug]\nbudgets: [1.2e11, 3e11]\nlr: [1e-3, 2e-3]\nseeds: [0, 1]\n"))
+    assert [r.name for r in plan(s)][:4] == ["debug-C1.2e11-lr0.001-s0", "debug-C1.2e11-lr0.001-s1",
+                                             "debug-C1.2e11-lr0.002-s0", "debug-C1.2e11-lr0.002-s1"]

@@ -111,3 +111,21 @@ def test_vae_task_trains_reports_psnr_and_serves_as_latent_encoder(tmp_path):
     assert z.shape == (1, 4, 3, 4, 4) and enc.decode(z).shape == x.shape
     with pytest.raises(ValueError, match="vae:"):
         build_latent_encoder(f"vae:{tmp_path / 'nothing'}")
+
+
+def test_export_of_a_vae_run_is_a_vae_file(tmp_path, capsys):
+    """`vidscale export` of a `task: vae` run writes kind vae and its vae_config (it wrote kind
+    dit without one: neither load_vae nor load_weights could use the file); load_vae rebuilds
+    the run's own final weights from it."""
+    from safetensors.torch import load_file
+    from vidscale.models.vae import load_vae
+    from vidscale.scaling.cli.main import main
+    run = tmp_path / "vae"
+    train(load_config(ROOT / "recipes/vae-debug.yaml", [f"train.run_dir={run}", "train.steps=2", "train.val_every=0",
+                                                          "vae.val_clips=1", *QUIET]))
+    out = tmp_path / "vae.safetensors"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    model = load_vae(out)
+    ref = load_file(str(run / "model.safetensors"))
+    got = model.state_dict()
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
