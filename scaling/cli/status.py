@@ -4,7 +4,8 @@ Reads RUN_DIR/job.json, asks the launcher (Slurm: squeue, then sacct, then the j
 log when accounting is off; Ray jobs: the job server; local and attached Ray runs: whether
 the launching process is alive), updates job.json, and adds the progress from
 metrics.jsonl. A Slurm job also shows how often it was requeued and, while Slurm remembers it,
-which of the cluster's nodes are down. Without RUN_DIR: every run under ./runs that has a job.json.
+which of the cluster's nodes are down. Without RUN_DIR: every run under ./runs, at any depth
+(a sweep's runs too), that has a job.json.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from vidscale.cluster.slurm import job_state
 
 def add_parser(sub):
     p = sub.add_parser("status", help="show the state of runs (any launcher)", description=__doc__)
-    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run directories (default: runs/*)")
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
+                   help="run directories (default: every run under ./runs, sweeps' runs included)")
     p.add_argument("--json", action="store_true", help="one JSON object per run")
     return p
 
@@ -82,7 +84,8 @@ def progress(run_dir: Path) -> dict:
 
 
 def run(args) -> int:
-    dirs = [Path(d) for d in args.run_dirs] or sorted(p.parent for p in Path("runs").glob("*/job.json"))
+    # every run under ./runs, at any depth (a sweep's runs live in runs/sweeps/NAME/runs/RUN)
+    dirs = [Path(d) for d in args.run_dirs] or sorted(p.parent for p in Path("runs").rglob("job.json"))
     if not dirs:
         print("no runs with a job.json under ./runs")
         return 0

@@ -87,16 +87,18 @@ def test_hangup_stops_a_two_rank_local_run_and_its_ranks(tmp_path):
 
 
 def test_status_of_every_run_goes_on_where_slurm_cannot_be_asked(tmp_path):
-    """`vidscale status` (no RUN_DIR: every run under ./runs) on a machine without the Slurm
-    commands: a Slurm run shows its last known state and why, and the other runs still show."""
+    """`vidscale status` (no RUN_DIR: every run under ./runs, a sweep's too) on a machine without
+    the Slurm commands: a Slurm run shows its last known state and why, and the other runs still show."""
     from vidscale.cluster.job import new_job
     new_job("slurm", tmp_path / "runs/a", ["vidscale", "train"], job_ids=["41"], state="RUNNING").save()
     new_job("local", tmp_path / "runs/b", ["vidscale", "train"], state="COMPLETED").save()
+    new_job("local", tmp_path / "runs/sweeps/s/runs/c", ["vidscale", "train"], state="FAILED").save()
     env = {**os.environ, "PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(ROOT)}
     r = subprocess.run(vidscale_cmd("status"), cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
-    assert len(lines) == 2, r.stdout
+    assert len(lines) == 3, r.stdout
     assert lines[0].startswith("runs/a  slurm 41  RUNNING (cannot ask Slurm: squeue: not found"), lines[0]
     assert lines[1].startswith("runs/b  local -  COMPLETED"), lines[1]
+    assert lines[2].startswith("runs/sweeps/s/runs/c  local -  FAILED"), lines[2]  # a sweep's run, too
     assert json.loads((tmp_path / "runs/a/job.json").read_text())["state"] == "RUNNING"  # nothing made up
