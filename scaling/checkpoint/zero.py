@@ -51,12 +51,15 @@ TAG = "state"
 
 @functools.cache
 def zero_globals() -> tuple:
-    """Exactly the non-tensor types DeepSpeed pickles into its checkpoints: found by saving a
-    ZeRO-3 checkpoint of recipes/debug.yaml (and its universal conversion) and listing
-    `torch.serialization.get_unsafe_globals_in_checkpoint` of every file."""
+    """Exactly the non-tensor types DeepSpeed pickles into its checkpoints: found by saving
+    ZeRO-1, -2 and -3 checkpoints of recipes/debug.yaml (and the universal conversion) and
+    listing `torch.serialization.get_unsafe_globals_in_checkpoint` of every file. Stages 1
+    and 2 also store `fragment_address` (a dataclass of two ints: where a parameter's slice
+    sits in the flat partition)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
-    return (LossScaler, ZeroStageEnum)
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return (LossScaler, ZeroStageEnum, fragment_address)
 
 
 _torch_load = torch.load

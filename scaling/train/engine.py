@@ -104,6 +104,40 @@ def make_scheduler(optimizer, o, total_steps: int):
                                                                   o.decay_fraction, o.decay_shape))
 
 
+def apply_recipe_optim(optimizer, scheduler, o) -> list[str]:
+    """After loading a checkpoint: the recipe's `optim.lr`, `betas`, `eps` and `weight_decay`
+    replace the ones the optimizer and the schedule were saved with (a resume with
+    `--set optim.lr=...`, e.g. after a divergence, must train with it), and the current rate
+    follows the recipe's schedule (its shape, e.g. `train.steps`, already does). Returns 'optim.KEY: saved -> now' for each that differs;
+    nothing is touched where none does (an unchanged resume stays exact bit for bit)."""
+    changed = []
+    groups = optimizer.param_groups
+    for key, want in (("betas", tuple(o.betas)), ("eps", o.eps), ("weight_decay", o.weight_decay)):
+        have = groups[0][key]
+        if (tuple(have) if key == "betas" else have) != want:
+            changed.append(f"optim.{key}: {have} -> {want}")
+            for g in groups:
+                g[key] = want
+    if any(base != o.lr for base in scheduler.base_lrs):
+        changed.append(f"optim.lr: {scheduler.base_lrs[0]:g} -> {o.lr:g}")
+        scheduler.base_lrs = [o.lr] * len(groups)
+    # this step's rate from the recipe's peak and schedule (train.steps, warmup, schedule may
+    # have changed too), computed as the scheduler itself does: the saved rate when nothing did
+    saved = groups[0]["lr"]
+    for g, base, f in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        g["lr"] = base * f(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in groups]
+    if groups[0]["lr"] != saved and not any(c.startswith("optim.lr:") for c in changed):
+        changed.append(f"lr at step {scheduler.last_epoch}: {saved:g} -> {groups[0]['lr']:g} (the recipe's schedule)")
+    return changed
+
+
+def say_recipe_optim(changed: list[str]) -> None:
+    if changed:
+        print(f"vidscale: the recipe's optimizer settings replace the checkpoint's (saved -> now): "
+              f"{'; '.join(changed)}", flush=True)
+
+
 class TorchEngine:
     """One process, plain torch: AdamW, warmup + cosine, clipping, an EMA of the weights."""
     kind = "torch"
@@ -112,6 +146,7 @@ class TorchEngine:
 
     def __init__(self, model: torch.nn.Module, optim, total_steps: int):
         self.module = self.model = model
+        self.optim = optim
         self.grad_clip = optim.grad_clip
         self.optimizer = make_optimizer(model.parameters(), optim)
         self.scheduler = make_scheduler(self.optimizer, optim, total_steps)
@@ -163,6 +198,7 @@ class TorchEngine:
         sch = json.loads((path / "scheduler.json").read_text())
         sch["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
         self.scheduler.load_state_dict(sch)
+        say_recipe_optim(apply_recipe_optim(self.optimizer, self.scheduler, self.optim))
         if self.ema is not None:
             if not (path / "ema.safetensors").exists():
                 raise ValueError(f"{path}: saved without EMA (optim.ema_decay=0); resume with optim.ema_decay=0")

@@ -40,7 +40,8 @@ from vidscale.scaling.config import Config
 from vidscale.scaling.parallel import collectives
 from vidscale.scaling.parallel.dims import pick_backend
 from vidscale.scaling.parallel.parallelize import build_model, parallelize
-from vidscale.scaling.train.engine import make_optimizer, make_scheduler, swapped_data
+from vidscale.scaling.train.engine import (apply_recipe_optim, make_optimizer, make_scheduler, say_recipe_optim,
+                                            swapped_data)
 
 
 def deepspeed_config(cfg: Config, dims, device: torch.device) -> dict:
@@ -101,6 +102,7 @@ class ZeroEngine:
     def __init__(self, ds, model: torch.nn.Module, optimizer, cfg: Config, dims):
         self.ds, self.model, self.optimizer, self.dims = ds, model, optimizer, dims
         self.run_dir = Path(cfg.train.run_dir)
+        self.optim = cfg.optim
         self.module = ds
         self.gas = cfg.train.grad_accum
         self.loss_scale = float(dims.world * self.gas)
@@ -159,6 +161,9 @@ class ZeroEngine:
 
     def load_checkpoint(self, path: Path, saved_layout: dict) -> None:
         ckpt_zero.load_zero(self.ds, path, saved_layout["world"], self.dims, self.run_dir)
+        changed = apply_recipe_optim(self.optimizer, self.ds.lr_scheduler, self.optim)
+        if self.dims.rank == 0:
+            say_recipe_optim(changed)
         if self.ema is not None:
             ckpt_zero.load_ema(self.ema, self.model, self.stage, path, saved_layout["world"], self.dims)
 

@@ -134,3 +134,31 @@ def test_a_background_commit_only_rank_0_sees_fail_stops_every_rank_at_the_next_
                   "another rank (its error names the cause)"}, r1
     root = run / "checkpoints"  # nothing was committed after the failure
     assert ckpt_io.committed(root) == [] and ckpt_io.read_latest(root) is None
+
+
+def test_zero2_resumes_exactly_and_with_the_recipes_optimizer_settings(tmp_path, monkeypatch, capsys):
+    """ZeRO-2 (stages 1 and 2 share DeepSpeed's optimizer code): its shards pickle a
+    `fragment_address` besides tensors, which the weights-only loader refused, so no stage 1
+    or 2 run could resume. Now: a resume continues bit for bit, and one with `--set
+    optim.lr=...` trains with that lr."""
+    from vidscale.scaling.train.engine import lr_lambda
+    from vidscale.scaling.train.loop import Trainer
+    from vidscale.scaling.train.metrics import read_metrics
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    z = ["parallel.zero_stage=2", "train.val_videos=0", "checkpoint.every=2"]
+    whole = tmp_path / "whole"
+    train(short_run(whole, "train.steps=4", *z))
+    part = tmp_path / "part"
+    train(short_run(part, "train.steps=4", *z, "checkpoint.resume=" + str(whole / "checkpoints/step_00000002")))
+    losses = {r["step"]: r["loss"] for r in read_metrics(whole)}
+    assert {r["step"]: r["loss"] for r in read_metrics(part)} == {s: losses[s] for s in (3, 4)}
+    capsys.readouterr()
+    tr = Trainer(short_run(whole, "train.steps=4", *z, "checkpoint.resume=auto", "optim.lr=5e-4"))
+    try:
+        f = lr_lambda(tr.cfg.optim.warmup, 4, tr.cfg.optim.min_lr_ratio, tr.cfg.optim.schedule)
+        assert tr.engine.ds.lr_scheduler.base_lrs == [5e-4] * len(tr.engine.optimizer.param_groups)
+        assert all(g["lr"] == 5e-4 * f(4) for g in tr.engine.optimizer.param_groups)
+    finally:
+        tr.close()
+    assert "optim.lr: 0.001 -> 0.0005" in capsys.readouterr().out

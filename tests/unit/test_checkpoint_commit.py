@@ -297,3 +297,39 @@ def test_the_recipe_inside_a_weights_file_reads_nothing_else_and_errors_name_tha
         with pytest.raises((ValueError, RecipeError)) as e:
             load_weights(path)
         assert str(path) in str(e.value) and says in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_resume_trains_with_the_recipes_optimizer_settings(tmp_path, capsys, zero_stage=0):
+    """`vidscale resume RUN --set optim.lr=...` (what the divergence message advises): the
+    checkpoint's optimizer and schedule state load, then the recipe's lr, betas, eps and
+    weight_decay replace theirs, said in one line; unchanged settings resume as they were.
+    (The DeepSpeed engine: tests/dist/test_checkpoint.py.)"""
+    from vidscale.scaling.train.engine import lr_lambda
+    run = tmp_path / "run"
+    first = ["train.steps=4", "checkpoint.every=2", "train.val_videos=0", f"parallel.zero_stage={zero_stage}",
+             "optim.lr=2e-3", "optim.weight_decay=0.0"]
+    _train(run, *first)
+    same = Trainer(short_run(run, *first[1:], "train.steps=8", "checkpoint.resume=auto"))
+    try:
+        group = same.engine.optimizer.param_groups[0]
+        f = lr_lambda(2, 8, same.cfg.optim.min_lr_ratio, same.cfg.optim.schedule)
+        assert group["lr"] == 2e-3 * f(4) and group["weight_decay"] == 0.0
+    finally:
+        same.close()
+    # a longer run (train.steps 4 -> 8): the rate at the resumed step follows the new schedule
+    assert "optimizer settings replace the checkpoint's (saved -> now): lr at step 4: 0.0002 -> 0.00155 (the " \
+           "recipe's schedule)" in capsys.readouterr().out
+    tr = Trainer(short_run(run, *first[1:], "train.steps=8", "checkpoint.resume=auto", "optim.lr=5e-4",
+                           "optim.weight_decay=0.05", "optim.betas=[0.9,0.99]"))
+    try:
+        sch = tr.engine.scheduler if zero_stage == 0 else tr.engine.ds.lr_scheduler
+        assert sch.base_lrs == [5e-4] * len(tr.engine.optimizer.param_groups)
+        for g in tr.engine.optimizer.param_groups:
+            assert g["lr"] == 5e-4 * f(4) and g["weight_decay"] == 0.05 and tuple(g["betas"]) == (0.9, 0.99)
+        tr.train_step()  # the schedule goes on from the new peak
+        assert tr.engine.lr == 5e-4 * f(5)
+    finally:
+        tr.close()
+    said = capsys.readouterr().out
+    assert "optimizer settings replace the checkpoint's (saved -> now): optim.betas: (0.9, 0.999) -> (0.9, 0.99); " \
+           "optim.weight_decay: 0.0 -> 0.05; optim.lr: 0.002 -> 0.0005" in said, said
