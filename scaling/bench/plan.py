@@ -153,8 +153,7 @@ def run(args) -> dict:
     picked.sort(key=lambda c: c[0] != args.calibrate)
     mfu = None
     for name, over, world in picked:
-        cfg = load_config(None, [*COMMON, *over, *args.overrides])
-        cfg = set_values(cfg, {"plan.bandwidth_gb_s": cfg.plan.bandwidth_gb_s})
+        cfg = load_config(None, [*COMMON, *over, *args.overrides])  # `--set plan.bandwidth_gb_s=...` included
         with tempfile.TemporaryDirectory() as d:
             cfg = set_values(cfg, {"train.run_dir": str(Path(d) / "run")})
             ranks = measure(cfg, world, args.reps, Path(d))
