@@ -128,7 +128,7 @@ def validate(cfg: Config, where: str) -> None:
              "[min, max] caption tokens with 0 <= min <= max"),
             ("data.clip_frames", c.data.clip_frames, c.data.clip_frames >= 1, "a positive number of frames"),
             ("data.max_area", c.data.max_area, c.data.max_area >= 0, "an area >= 0 (0 keeps the native size)"),
-            ("data.max_clips", c.data.max_clips, c.data.max_clips >= 1, "a positive number of clips"),
+            ("data.max_clips", c.data.max_clips, c.data.max_clips >= 0, "a number of clips >= 0 (0 = no limit)"),
             ("data.shard_max_bytes", c.data.shard_max_bytes, c.data.shard_max_bytes >= 1, "a positive size"),
             ("data.lookahead", c.data.lookahead, c.data.lookahead >= 1, "a positive number of videos"),
             ("data.shuffle_buffer", c.data.shuffle_buffer, c.data.shuffle_buffer >= 0, "a number >= 0"),

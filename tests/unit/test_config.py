@@ -173,7 +173,7 @@ def test_an_elastic_layout_must_fit_every_world_ray_may_pick(tmp_path):
     ("data.drop_min_tokens=-1", "data.drop_min_tokens", ">= 0"),
     ("data.clip_frames=0", "data.clip_frames", "positive"),
     ("data.max_area=-1", "data.max_area", ">= 0"),
-    ("data.max_clips=0", "data.max_clips", "positive"),
+    ("data.max_clips=-1", "data.max_clips", ">= 0 (0 = no limit)"),
     ("data.shard_max_bytes=0", "data.shard_max_bytes", "positive"),
     ("logging.sample_every=-5", "logging.sample_every", "0 (off) or a positive integer"),
     ("logging.split_every=-1", "logging.split_every", "0 (off) or a positive integer"),
