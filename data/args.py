@@ -90,7 +90,7 @@ class PrepareArgs:
     max_area: int = 0
     """Resize so H*W <= max_area keeping aspect (0 keeps native size)."""
     max_clips: int = 4
-    """Clips cut from one long video at most."""
+    """Clips cut from one long video at most (0 = no limit)."""
     shard_max_bytes: int = 64_000_000
     """A shard rolls over to the next once it passes this size (so it may exceed it by one sample)."""
     captions: str = ""

@@ -153,8 +153,7 @@ def run(args) -> dict:
     picked.sort(key=lambda c: c[0] != args.calibrate)
     mfu = None
     for name, over, world in picked:
-        cfg = load_config(None, [*COMMON, *over, *args.overrides])
-        cfg = set_values(cfg, {"plan.bandwidth_gb_s": cfg.plan.bandwidth_gb_s})
+        cfg = load_config(None, [*COMMON, *over, *args.overrides])  # `--set plan.bandwidth_gb_s=...` included
         with tempfile.TemporaryDirectory() as d:
             cfg = set_values(cfg, {"train.run_dir": str(Path(d) / "run")})
             ranks = measure(cfg, world, args.reps, Path(d))
@@ -163,8 +162,7 @@ def run(args) -> dict:
         measured = max(r["peak_bytes"] for r in ranks)
         step_s = max(r["step_s"] for r in ranks)
         if mfu is None:  # calibrate the assumed MFU on the calibration case
-            flops = step_time(cfg, world, 1.0, device="cpu")["flops_per_step"] / world
-            mfu = flops / (step_s * peak)
+            mfu = calibrated_mfu(cfg, world, step_s, peak)
         cal = set_values(cfg, {"plan.mfu": mfu})
         t = step_time(cal, world, peak / 1e12, device="cpu")
         cases.append({"config": name, "world": world, "predicted_bytes": predicted, "measured_bytes": measured,
@@ -175,6 +173,16 @@ def run(args) -> dict:
             "max_rel_err_time": max(c["rel_err_time"] for c in cases[1:]) if len(cases) > 1 else 0.0,
             "calibrated_mfu": mfu, "calibrated_on": cases[0]["config"], "peak_flops": peak,
             "machine": machine()}
+
+
+def calibrated_mfu(cfg, world: int, step_s: float, peak_flops: float) -> float:
+    """The MFU at which the planner's compute time for one rank of `cfg` on `world` ranks is the
+    measured `step_s`, on a rank whose peak is `peak_flops`. `flops_per_step` counts one
+    data-parallel group's step (its sp ranks share one batch), so a rank does 1/sp of it
+    whatever the number of groups: dividing by the world undercounted a dp > 1 case dp-fold."""
+    sp = cfg.parallel.ulysses * cfg.parallel.ring
+    flops = step_time(cfg, world, 1.0, device="cpu")["flops_per_step"] / sp
+    return flops / (step_s * peak_flops)
 
 
 def machine() -> dict:

@@ -39,16 +39,30 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path, cfg: Config, 
     return path
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A weights file's metadata alone (its header: no tensor is read)."""
     from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - a corrupt header or truncated file
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def is_ema(meta: dict[str, str]) -> bool:
+    """Whether a file's metadata says it holds EMA weights (`save_weights(..., ema=True)`)."""
+    return meta.get("ema") == "true"
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: weights file not found")
+    meta = read_metadata(path)
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = dict(f.metadata() or {})
         return load_file(str(path)), meta
     except Exception as e:  # noqa: BLE001 - a corrupt header or truncated file
         raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
@@ -78,7 +92,8 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu"):
 
 
 def find_weights(path: str | Path, ema: bool = True) -> Path:
-    """A .safetensors file, or a run directory (its EMA weights when `ema` and present)."""
+    """A .safetensors file, or a run directory (its EMA weights when `ema` and present), or a
+    folder of exported files (the one whose metadata says EMA, or raw, as asked)."""
     p = Path(path)
     if p.is_file():
         return p
@@ -87,9 +102,23 @@ def find_weights(path: str | Path, ema: bool = True) -> Path:
     for name in ([EMA_FILE, MODEL_FILE] if ema else [MODEL_FILE]):
         if (p / name).is_file():
             return p / name
+    # No run weights: a folder of exports. Chosen by what each file says it holds, as above: the
+    # EMA weights first when `ema`, else the raw ones; never by name. Two alike: the caller picks.
     exported = sorted(p.glob("*.safetensors"))
+    by_ema = {True: [], False: []}
+    for f in exported:
+        by_ema[is_ema(read_metadata(f))].append(f)
+    for want in ([True, False] if ema else [False]):
+        found = by_ema[want]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise ValueError(f"{p}: {len(found)} {'EMA' if want else 'raw'} weights files "
+                             f"({', '.join(f.name for f in found[:3])}{', ...' if len(found) > 3 else ''}); "
+                             f"pass the one to use")
     if exported:
-        return exported[0]
+        raise ValueError(f"{p}: only EMA weights files ({', '.join(f.name for f in exported[:3])}), and the "
+                         f"raw weights were asked for (--no-ema): pass one of them to use it")
     raise ValueError(f"{p}: no {MODEL_FILE} in the run directory (did the run finish? or pass "
                      f"the file written by 'vidscale export')")
 

@@ -2,7 +2,8 @@
 
 RUN_DIR is a run directory (its EMA weights when the run kept an EMA) or a .safetensors
 file written by training or `vidscale export`. The video is decoded with the run's latent
-encoder (data.encoder) and written with PyAV (.mp4, .gif, .webm) or as PNG frames (.png).
+encoder (data.encoder) and written with PyAV (.mp4, .gif, .webm, .mkv) or as PNG frames (.png).
+An existing output is refused before any work (choose another --out).
 
   vidscale sample runs/x --prompt "a red square moving right" --frames 17 --height 64 --width 64 \\
       --steps 50 --cfg-scale 4 --seed 0 --out red.mp4
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vidscale.scaling.inference.sample import Generator, SampleArgs, to_uint8, write_frames
+from vidscale.scaling.inference.sample import Generator, SampleArgs, check_out, to_uint8, write_frames
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -39,11 +40,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even when an EMA exists")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="OUT.mp4, OUT.gif, OUT.webm or OUT.png (frames)")
+    p.add_argument("--out", required=True,
+                   help="OUT.mp4, OUT.gif, OUT.webm, OUT.mkv or OUT.png (frames OUT_0000.png, ...); never "
+                        "overwritten: an existing OUT (or OUT_NNNN.png frame) is refused")
     return p
 
 
 def run(args) -> int:
+    check_out(args.out)  # a bad or taken --out fails before the weights load and the sampler runs
     gen = Generator.from_path(args.run, ema=not args.no_ema, device=args.device)
     a = SampleArgs(prompt=args.prompt, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
                    cfg_scale=args.cfg_scale, seed=args.seed, first_frame=args.first_frame,

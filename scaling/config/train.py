@@ -48,7 +48,8 @@ class TrainArgs:
     run_dir: str = ""
     """Run directory (default runs/<recipe>-<time>)."""
     val_every: int = 0
-    """Validation loss every N steps (0 = only at the end)."""
+    """task: vae: held-out reconstruction PSNR every N steps (0 = only at the end). A DiT run is
+    evaluated at its end (final.json), so task: dit requires 0."""
     val_videos: int = 16
     tune_malloc: bool = True
     """Keep freed activation blocks in the C library's heap instead of unmapping them

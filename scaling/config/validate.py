@@ -64,6 +64,8 @@ def validate(cfg: Config, where: str) -> None:
             "an interface name like 'eth0' or 'ib0' (or a comma list of them)")
     if len(cfg.model.patch) != 3 or min(cfg.model.patch) < 1:
         bad("model.patch", cfg.model.patch, "three positive integers [pt, ph, pw]")
+    if not cfg.vae.mults or min(cfg.vae.mults) < 1:
+        bad("vae.mults", cfg.vae.mults, "a non-empty list of positive channel multipliers")
     if len(cfg.vae.temporal_down) != len(cfg.vae.mults) - 1:
         bad("vae.temporal_down", cfg.vae.temporal_down, f"one entry per downsampling ({len(cfg.vae.mults) - 1})")
     if not 0 <= cfg.objective.caption_dropout < 1:
@@ -74,8 +76,18 @@ def validate(cfg: Config, where: str) -> None:
                    ("logging.every", cfg.logging.every)]:
         if v < 1:
             bad(key, v, "a positive integer")
-    if cfg.checkpoint.every < 0:
-        bad("checkpoint.every", cfg.checkpoint.every, "0 (only at the end) or a positive integer")
+    for key, v, zero in [("checkpoint.every", cfg.checkpoint.every, "only at the end"),
+                         ("checkpoint.keep_every", cfg.checkpoint.keep_every, "off"),
+                         ("train.val_every", cfg.train.val_every, "only at the end"),
+                         ("logging.sample_every", cfg.logging.sample_every, "off"),
+                         ("logging.split_every", cfg.logging.split_every, "off")]:
+        if v < 0:
+            bad(key, v, f"0 ({zero}) or a positive integer")
+    if cfg.train.val_every and cfg.task == "dit":
+        bad("train.val_every", cfg.train.val_every, "0 with task: dit (a DiT run is evaluated at its end, "
+            "final.json; val_every applies to task: vae)")
+    if cfg.logging.sample_every and not cfg.logging.sample_prompts:
+        bad("logging.sample_prompts", [], "at least one prompt with logging.sample_every > 0")
     for key, v in _numbers(cfg):
         if isinstance(v, float) and not math.isfinite(v):
             bad(key, v, "a finite number")
@@ -108,12 +120,28 @@ def validate(cfg: Config, where: str) -> None:
             ("model.in_channels", c.model.in_channels, c.model.in_channels >= 1, "a positive number of channels"),
             ("model.text_dim", c.model.text_dim, c.model.text_dim >= 1, "a positive width"),
             ("data.drop_tokens", c.data.drop_tokens, 0 <= c.data.drop_tokens < 1, "a fraction in [0, 1)"),
+            ("data.drop_min_tokens", c.data.drop_min_tokens, c.data.drop_min_tokens >= 0, "a number of tokens >= 0"),
+            ("data.synthetic_videos", c.data.synthetic_videos, c.data.synthetic_videos >= 1,
+             "a positive number of videos"),
+            ("data.text_tokens", c.data.text_tokens,
+             len(c.data.text_tokens) == 2 and 0 <= c.data.text_tokens[0] <= c.data.text_tokens[1],
+             "[min, max] caption tokens with 0 <= min <= max"),
+            ("data.clip_frames", c.data.clip_frames, c.data.clip_frames >= 1, "a positive number of frames"),
+            ("data.max_area", c.data.max_area, c.data.max_area >= 0, "an area >= 0 (0 keeps the native size)"),
+            ("data.max_clips", c.data.max_clips, c.data.max_clips >= 0, "a number of clips >= 0 (0 = no limit)"),
+            ("data.shard_max_bytes", c.data.shard_max_bytes, c.data.shard_max_bytes >= 1, "a positive size"),
             ("data.lookahead", c.data.lookahead, c.data.lookahead >= 1, "a positive number of videos"),
             ("data.shuffle_buffer", c.data.shuffle_buffer, c.data.shuffle_buffer >= 0, "a number >= 0"),
             ("data.workers", c.data.workers, c.data.workers >= 0, "a number of processes >= 0"),
             ("data.fps", c.data.fps, c.data.fps >= 0, "a frame rate >= 0 (0 keeps the source's)"),
             ("train.val_videos", c.train.val_videos, c.train.val_videos >= 0, "a number >= 0"),
             ("parallel.timeout_s", c.parallel.timeout_s, c.parallel.timeout_s > 0, "a positive number of seconds"),
+            ("parallel.reduce_bucket_size", c.parallel.reduce_bucket_size, c.parallel.reduce_bucket_size >= 0,
+             "a number of elements >= 0"),
+            ("parallel.prefetch_bucket_size", c.parallel.prefetch_bucket_size, c.parallel.prefetch_bucket_size >= 0,
+             "a number of elements >= 0"),
+            ("parallel.persistence_threshold", c.parallel.persistence_threshold,
+             c.parallel.persistence_threshold >= 0, "a number of elements >= 0"),
             ("parallel.max_live_parameters", c.parallel.max_live_parameters, c.parallel.max_live_parameters >= 0,
              "a number of parameters >= 0"),
             ("checkpoint.keep_last", c.checkpoint.keep_last, c.checkpoint.keep_last >= 1, "at least 1"),
@@ -123,6 +151,13 @@ def validate(cfg: Config, where: str) -> None:
              "a positive number of seconds"),
             ("cluster.min_nproc", c.cluster.min_nproc, c.cluster.min_nproc >= 1, "a world size >= 1"),
             ("vae.beta", c.vae.beta, c.vae.beta >= 0, "a number >= 0"),
+            ("vae.base", c.vae.base, c.vae.base >= 1, "a positive number of channels"),
+            ("vae.z_dim", c.vae.z_dim, c.vae.z_dim >= 1, "a positive number of channels"),
+            ("vae.num_res", c.vae.num_res, c.vae.num_res >= 0, "a number of blocks >= 0"),
+            ("vae.crop", c.vae.crop, len(c.vae.crop) == 2 and min(c.vae.crop, default=0) >= 0,
+             "[H, W] >= 0 ([0, 0] = whole frames)"),
+            ("vae.frames", c.vae.frames, c.vae.frames >= 1, "a positive number of frames"),
+            ("vae.val_clips", c.vae.val_clips, c.vae.val_clips >= 0, "a number of clips >= 0"),
             ("logging.sample_format", c.logging.sample_format, c.logging.sample_format in ("mp4", "png"),
              "mp4 or png"),
             ("logging.wandb_mode", c.logging.wandb_mode, c.logging.wandb_mode in ("", "online", "offline", "disabled"),
@@ -160,9 +195,11 @@ def validate(cfg: Config, where: str) -> None:
             f"got zero_stage={cfg.parallel.zero_stage})")
     if len(cfg.data.frames) != 2 or not 1 <= cfg.data.frames[0] <= cfg.data.frames[1]:
         bad("data.frames", cfg.data.frames, "[min, max] latent frames with 1 <= min <= max")
+    if not cfg.data.sizes:
+        bad("data.sizes", cfg.data.sizes, "at least one [H, W] latent size")
     for hw in cfg.data.sizes:
-        if len(hw) != 2 or hw[0] % cfg.model.patch[1] or hw[1] % cfg.model.patch[2]:
-            bad("data.sizes", hw, f"[H, W] divisible by the patch {cfg.model.patch[1:]}")
+        if len(hw) != 2 or min(hw) < 1 or hw[0] % cfg.model.patch[1] or hw[1] % cfg.model.patch[2]:
+            bad("data.sizes", hw, f"positive [H, W] divisible by the patch {cfg.model.patch[1:]}")
     if cfg.data.frames[0] % cfg.model.patch[0] or cfg.data.frames[1] % cfg.model.patch[0]:
         bad("data.frames", cfg.data.frames, f"frame counts divisible by pt={cfg.model.patch[0]}")
     _check_sources(cfg, where)
@@ -221,6 +258,9 @@ def check_layout(cfg: Config, world: int, where: str) -> None:
     with the world size it is about to start; ParallelDims only asserts what this ensured."""
     p = cfg.parallel
     sp = p.ulysses * p.ring
+    if cfg.task != "dit" and sp > 1:  # only the DiT has a sequence-parallel attention (parallelize.apply_sp)
+        raise RecipeError(f"{where}: parallel.ulysses={p.ulysses} x parallel.ring={p.ring}: task {cfg.task!r} has "
+                          f"no sequence-parallel attention; expected parallel.ulysses=1 parallel.ring=1")
     if world % sp:
         raise RecipeError(f"{where}: parallel.ulysses={p.ulysses} x parallel.ring={p.ring} = sp {sp} does not "
                           f"divide the world size {world} (cluster.nproc / --nproc)")

@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,9 +145,43 @@ def from_uint8(frames_THWC: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames_THWC)).permute(3, 0, 1, 2).float() / 127.5 - 1
 
 
-def write_frames(path: str | Path, frames_THWC: np.ndarray, fps: int = 8) -> list[Path]:
-    """OUT.mp4 / OUT.gif / OUT.webm via PyAV; OUT.png writes OUT_0000.png, OUT_0001.png, ..."""
+OUT_SUFFIXES = (".mp4", ".gif", ".webm", ".mkv", ".png")
+"""What `write_frames` writes: a video through PyAV, or (.png) one image per frame."""
+
+
+def _check_suffix(path: Path) -> None:
+    if path.suffix not in OUT_SUFFIXES:
+        raise ValueError(f"--out {path}: expected a {', '.join(OUT_SUFFIXES[:-1])} or {OUT_SUFFIXES[-1]} path")
+
+
+def existing_outputs(path: str | Path) -> list[Path]:
+    """The files `write_frames(path, ...)` would overwrite or leave beside its own: the video
+    itself, or (.png) every OUT_NNNN.png frame there, whatever the frame count."""
     path = Path(path)
+    if path.suffix != ".png":
+        return [path] if path.exists() else []
+    if not path.parent.is_dir():
+        return []
+    frame = re.compile(re.escape(path.stem) + r"_\d{4,}\.png")
+    return sorted(p for p in path.parent.iterdir() if frame.fullmatch(p.name))
+
+
+def check_out(path: str | Path) -> None:
+    """`vidscale sample --out`, before any work: a suffix `write_frames` takes, and nothing there
+    yet (a shorter PNG sample would otherwise leave an earlier one's last frames beside it)."""
+    path = Path(path)
+    _check_suffix(path)
+    taken = existing_outputs(path)
+    if taken:
+        more = f" (and {len(taken) - 1} more frames)" if len(taken) > 1 else ""
+        raise ValueError(f"--out {path}: {taken[0]} already exists{more}; choose another --out "
+                         f"(nothing is overwritten)")
+
+
+def write_frames(path: str | Path, frames_THWC: np.ndarray, fps: int = 8) -> list[Path]:
+    """OUT.mp4 / OUT.gif / OUT.webm / OUT.mkv via PyAV; OUT.png writes OUT_0000.png, OUT_0001.png, ..."""
+    path = Path(path)
+    _check_suffix(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".png":
         from PIL import Image
@@ -156,9 +191,6 @@ def write_frames(path: str | Path, frames_THWC: np.ndarray, fps: int = 8) -> lis
             Image.fromarray(f).save(p)
             outs.append(p)
         return outs
-    if path.suffix not in (".mp4", ".gif", ".webm", ".mkv"):
-        raise ValueError(f"--out {path}: expected a .mp4, .gif, .webm or .png path")
-
     T, H, W, _ = frames_THWC.shape
     if path.suffix != ".gif" and (H % 2 or W % 2):  # yuv420p needs even sizes
         frames_THWC = np.pad(frames_THWC, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge")

@@ -162,3 +162,46 @@ def test_an_elastic_layout_must_fit_every_world_ray_may_pick(tmp_path):
     with pytest.raises(RecipeError, match=r"^--nproc 6: cluster.elastic: .*does not divide 3"):
         check_elastic(load_config(ROOT / "recipes/debug.yaml", ["parallel.ulysses=2", "cluster.elastic=true",
                                                                 "cluster.min_nproc=2"]), 6, "--nproc 6")
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("data.text_tokens=[16,4]", "data.text_tokens", "0 <= min <= max"),
+    ("data.text_tokens=[4]", "data.text_tokens", "[min, max]"),
+    ("data.sizes=[]", "data.sizes", "at least one"),
+    ("data.sizes=[[0,8]]", "data.sizes", "positive [H, W]"),
+    ("data.synthetic_videos=0", "data.synthetic_videos", "positive"),
+    ("data.drop_min_tokens=-1", "data.drop_min_tokens", ">= 0"),
+    ("data.clip_frames=0", "data.clip_frames", "positive"),
+    ("data.max_area=-1", "data.max_area", ">= 0"),
+    ("data.max_clips=-1", "data.max_clips", ">= 0 (0 = no limit)"),
+    ("data.shard_max_bytes=0", "data.shard_max_bytes", "positive"),
+    ("logging.sample_every=-5", "logging.sample_every", "0 (off) or a positive integer"),
+    ("logging.split_every=-1", "logging.split_every", "0 (off) or a positive integer"),
+    ("checkpoint.keep_every=-3", "checkpoint.keep_every", "0 (off) or a positive integer"),
+    ("train.val_every=-2", "train.val_every", "0 (only at the end) or a positive integer"),
+    ("parallel.reduce_bucket_size=-1", "parallel.reduce_bucket_size", ">= 0"),
+    ("parallel.prefetch_bucket_size=-1", "parallel.prefetch_bucket_size", ">= 0"),
+    ("parallel.persistence_threshold=-1", "parallel.persistence_threshold", ">= 0"),
+    ("vae.mults=[]", "vae.mults", "non-empty"),
+    ("vae.base=0", "vae.base", "positive"),
+    ("vae.z_dim=0", "vae.z_dim", "positive"),
+    ("vae.num_res=-1", "vae.num_res", ">= 0"),
+    ("vae.crop=[64]", "vae.crop", "[H, W]"),
+    ("vae.frames=0", "vae.frames", "positive"),
+    ("vae.val_clips=-1", "vae.val_clips", ">= 0")])
+def test_lists_ranges_and_counts_are_checked_when_the_recipe_loads(tmp_path, override, key, expected):
+    """Values that used to pass and then fail in a rank (torch.randint on an empty or reversed
+    range) or act silently as something else (a negative period as its absolute value, or off)."""
+    msg = _err(tmp_path, "name: x\n", [override])
+    assert f"key '{key}'" in msg and expected in msg, msg
+
+
+def test_only_the_dit_is_sequence_parallel_and_only_the_vae_validates_periodically(tmp_path):
+    for layout in ("parallel.ulysses=2", "parallel.ring=2"):
+        msg = _err(tmp_path, f"base: {ROOT / 'recipes/vae-debug.yaml'}\n", [layout])
+        assert "task 'vae' has no sequence-parallel attention" in msg and "parallel.ulysses=1" in msg, msg
+    msg = _err(tmp_path, "name: x\n", ["train.val_every=10"])
+    assert "train.val_every" in msg and "final.json" in msg and "task: vae" in msg, msg
+    assert load_config(ROOT / "recipes/vae-debug.yaml", ["train.val_every=10"]).train.val_every == 10
+    msg = _err(tmp_path, "name: x\n", ["logging.sample_every=5", "logging.sample_prompts=[]"])
+    assert "logging.sample_prompts" in msg, msg

@@ -101,3 +101,25 @@ def test_write_recipe_never_overwrites_and_says_when_nothing_is_written(tmp_path
     assert main(["plan", str(ROOT / "recipes/dit-1B.yaml"), "--gpus", "8", "--gpu-memory", "80",
                  "--write-recipe", str(new)]) == 0
     assert f"nothing written to {new}: the recipe fits as it is" in capsys.readouterr().out and not new.exists()
+
+
+def test_bench_plan_calibrates_the_mfu_of_one_rank_whatever_the_data_parallel_size():
+    """`vidscale bench plan --calibrate` on measured numbers (nothing timed): a rank of a dp=2
+    case does the work of the lone rank of dp=1 (its own batch), a rank of sp=2 half of it."""
+    from vidscale.scaling.bench.plan import COMMON, calibrated_mfu
+    from vidscale.scaling.config import set_values
+    from vidscale.scaling.train.flops import forward_flops
+    from vidscale.scaling.train.planner import step_time
+
+    peak, step_s = 2.0e10, 3.0  # FLOP/s of one rank, seconds of its measured step
+    one = load_config(None, [*COMMON, "model.size=debug", "parallel.zero_stage=0"])
+    dp2 = load_config(None, [*COMMON, "model.size=debug", "parallel.zero_stage=3"])
+    sp2 = load_config(None, [*COMMON, "model.size=debug", "parallel.zero_stage=3", "parallel.ulysses=2"])
+    rank_flops = 3 * forward_flops(model_config(one.model), [one.train.tokens_per_batch], [one.data.text_tokens[1]], 1)
+    assert calibrated_mfu(one, 1, step_s, peak) == pytest.approx(rank_flops / (step_s * peak), rel=1e-12)
+    assert calibrated_mfu(dp2, 2, step_s, peak) == pytest.approx(rank_flops / (step_s * peak), rel=1e-12)
+    assert calibrated_mfu(sp2, 2, step_s, peak) == pytest.approx(rank_flops / 2 / (step_s * peak), rel=1e-12)
+    for cfg, world in ((one, 1), (dp2, 2), (sp2, 2), (dp2, 4)):  # the planner at that MFU gives back step_s
+        mfu = calibrated_mfu(cfg, world, step_s, peak)
+        cal = set_values(cfg, {"plan.mfu": mfu})
+        assert step_time(cal, world, peak / 1e12, device="cpu")["compute_s"] == pytest.approx(step_s, rel=1e-12)
