@@ -176,7 +176,8 @@ class Trainer:
         return self.split_profiler.range(category) if self.split_profiler is not None else contextlib.nullcontext()
 
     def train_step(self) -> dict:
-        """One optimizer step over `train.grad_accum` micro-batches. Returns device tensors."""
+        """One optimizer step over `train.grad_accum` micro-batches. Returns device tensors (and
+        the step's learning rate, `lr`, a float)."""
         with self._range("data_wait"):
             batches = [next(self.loader) for _ in range(self.cfg.train.grad_accum)]
         local_real = sum(m.num_real for _, m in batches)
@@ -193,6 +194,7 @@ class Trainer:
             self.engine.backward(s * scale)
             loss_sum += s.detach()
             flops += self.task.flops(meta)
+        lr = self.engine.lr  # the rate this step trains at: engine.step() moves the schedule on
         with self._range("optimizer"):
             grad_norm = self.engine.step()
         # divergence, noted on the device (no host sync here): read at logging and save steps
@@ -203,7 +205,7 @@ class Trainer:
         self._tokens_pending += global_real
         if self.consumed is not None:
             self.consumed.write(self.state.step)
-        return {"loss_sum": loss_sum, "global_real": global_real, "grad_norm": grad_norm,
+        return {"loss_sum": loss_sum, "global_real": global_real, "grad_norm": grad_norm, "lr": lr,
                 "flops": flops / max(self.dims.sp, 1), "local_tokens": sum(m.seq_len for _, m in batches)}
 
     def check_finite(self) -> None:
@@ -288,7 +290,7 @@ def train(cfg: Config) -> dict:
                 if tr.is_main and time.perf_counter() - t_peak > PEAK_EVERY_S:
                     peak = measure_peak_flops(tr.device, dtype, seconds=0.25)
                     t_peak = time.perf_counter()
-                rec = {"loss": last_loss, "tokens": tr.tokens_seen, "lr": tr.engine.lr,
+                rec = {"loss": last_loss, "tokens": tr.tokens_seen, "lr": out["lr"],
                        "grad_norm": float(out["grad_norm"]), "tokens_per_s": tok_last / dt,
                        "mfu": (flops_acc / dt) / peak if peak else 0.0, "peak_flops": peak,
                        "packing_efficiency": tr.loader.efficiency,
