@@ -2,12 +2,29 @@
 per step across restarts (metrics.jsonl, consumed/, TensorBoard), the final weights' origin,
 and a pre-emption at the last step."""
 import json
+import shutil
 
 import pytest
 
+from vidscale.scaling.checkpoint.rundir import FINISHED_FILES
 from vidscale.scaling.train import loop
+from vidscale.scaling.train.metrics import read_metrics, scalars
 
 from conftest import short_run
+
+
+def crashed_after_logging(run, saved_up_to: int) -> None:
+    """The run dir as if the process died after logging its last step but before saving it:
+    its checkpoints after `saved_up_to` and the files of a finished run are gone."""
+    for d in (run / "checkpoints").glob("step_*"):
+        if int(d.name[5:]) > saved_up_to:
+            shutil.rmtree(d)
+    for name in FINISHED_FILES:
+        (run / name).unlink()
+
+
+def consumed(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "consumed/dp00000.jsonl").read_text().splitlines()]
 
 
 def test_the_logged_lr_is_the_rate_each_step_trained_at(tmp_path):
@@ -18,3 +35,44 @@ def test_the_logged_lr_is_the_rate_each_step_trained_at(tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert [r["lr"] for r in recs] == pytest.approx([cfg.optim.lr * s / 10 for s in (1, 2, 3)], rel=1e-12)
+
+
+def test_tensorboard_after_a_restart_holds_each_step_once_with_the_restarted_values(tmp_path):
+    """Saved at step 4, logged 5 and 6, died; resumed from 4: TensorBoard (read back as its
+    EventAccumulator reads it) holds steps 1..6 of every scalar once, 5 and 6 those the resumed
+    start logged (tokens_per_s differs between the two starts)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / "run"
+    cfg = short_run(run, "train.steps=6", "checkpoint.every=4", "logging.tensorboard=true", "train.val_videos=1",
+                    "checkpoint.resume=auto")
+    loop.train(cfg)
+    before = {r["step"]: r for r in read_metrics(run)}
+    crashed_after_logging(run, saved_up_to=4)
+    loop.train(cfg)
+    after = {r["step"]: r for r in read_metrics(run)}
+    assert sorted(after) == list(range(1, 7)) and after[5]["tokens_per_s"] != before[5]["tokens_per_s"]
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    want = {s: scalars(r, dots_as_slashes=True) for s, r in after.items()}
+    tags = set(acc.Tags()["scalars"])
+    assert tags == set(want[6]) - {"step"}
+    for tag in tags:
+        got = acc.Scalars(tag)
+        assert [e.step for e in got] == list(range(1, 7)), tag
+        assert [e.value for e in got] == pytest.approx([want[s][tag] for s in range(1, 7)], rel=1e-6), tag
+
+
+def test_a_restart_without_a_checkpoint_records_each_step_once(tmp_path):
+    """checkpoint.every=0 and a crash before the end: `--resume auto` starts again from step 0,
+    and metrics.jsonl and consumed/ hold steps 1..3 once, as an uninterrupted run's."""
+    run = tmp_path / "run"
+    cfg = short_run(run, "train.steps=3", "checkpoint.every=0", "data.record_consumed=true", "train.val_videos=1",
+                    "checkpoint.resume=auto")
+    loop.train(cfg)
+    once, once_consumed = read_metrics(run), consumed(run)
+    crashed_after_logging(run, saved_up_to=0)
+    loop.train(cfg)
+    again = read_metrics(run)
+    assert [r["step"] for r in again] == [r["step"] for r in once] == [1, 2, 3]
+    assert [r["loss"] for r in again] == [r["loss"] for r in once]
+    assert consumed(run) == once_consumed and sorted({r["step"] for r in once_consumed}) == [1, 2, 3]
