@@ -145,8 +145,12 @@ class Trainer:
                                 "committed": (path / storage.MANIFEST).stat().st_mtime}
         if self.is_main:  # only now: a failed restore leaves the run's recipe as it was
             save_config(cfg, self.run_dir / "config.yaml")
-            if self.init is not None and path is None:  # where the weights of step 0 came from
-                (self.run_dir / init_from.RECORD_FILE).write_text(json.dumps(self.init.record(), indent=1) + "\n")
+            if path is None:  # where the weights of step 0 came from (the final weights say it too)
+                record = self.run_dir / init_from.RECORD_FILE
+                if self.init is not None:
+                    record.write_text(json.dumps(self.init.record(), indent=1) + "\n")
+                else:  # from scratch: an earlier start's record (it never saved a checkpoint) goes
+                    record.unlink(missing_ok=True)
             if hosts:  # which host each rank ran on, one line per start of the run
                 with open(self.run_dir / HOSTS_FILE, "a") as f:
                     f.write(json.dumps({"step": self.state.step, "world": self.dims.world, "hosts": hosts}) + "\n")
@@ -348,7 +352,10 @@ def train(cfg: Config) -> dict:
             result.update(scores)
         # consolidated weights for `vidscale sample` (every rank: a gather), then final.json, the
         # mark of a finished run, last: a run marked finished has its weights
-        init_meta = {"init_from": json.dumps(tr.init.source.record)} if tr.init is not None else {}
+        # where step 0's weights came from: this start's init_from, or what the first start recorded
+        origin = tr.init.source.record if tr.init is not None else (
+            init_from.recorded_source(tr.run_dir) if tr.is_main else None)
+        init_meta = {"init_from": json.dumps(origin)} if origin is not None else {}
         save_run_weights(tr.engine, tr.run_dir, c, tr.step, kind=tr.task.name,
                          extra={**tr.task.weights_metadata(), **init_meta})
         if scores and tr.is_main:

@@ -76,3 +76,29 @@ def test_a_restart_without_a_checkpoint_records_each_step_once(tmp_path):
     assert [r["step"] for r in again] == [r["step"] for r in once] == [1, 2, 3]
     assert [r["loss"] for r in again] == [r["loss"] for r in once]
     assert consumed(run) == once_consumed and sorted({r["step"] for r in once_consumed}) == [1, 2, 3]
+
+
+def test_the_final_weights_of_a_resumed_run_still_say_where_step_0_came_from(tmp_path):
+    """train.init_from, saved at step 2, died after step 3, resumed: the resumed start loads no
+    init_from (its weights are its checkpoint's), and its model.safetensors carries the same
+    init_from record as an uninterrupted run's."""
+    from safetensors import safe_open
+    from vidscale.scaling.checkpoint.weights import save_run_weights
+    start = tmp_path / "start"
+    tr = loop.Trainer(short_run(start))  # freshly initialised weights, as a file to start from
+    save_run_weights(tr.engine, start, tr.cfg, 0)
+    tr.close()
+    tr.dims.destroy()
+
+    def origin(run) -> dict:
+        with safe_open(str(run / "model.safetensors"), "pt") as f:
+            return json.loads(f.metadata()["init_from"])
+    run = tmp_path / "run"
+    cfg = short_run(run, "train.steps=3", "checkpoint.every=2", "train.val_videos=1", "checkpoint.resume=auto",
+                    f"train.init_from={start / 'model.safetensors'}")
+    loop.train(cfg)
+    once = origin(run)
+    assert once["init_from"] == str((start / "model.safetensors").resolve()) and once["kind"] == "file"
+    crashed_after_logging(run, saved_up_to=2)
+    loop.train(cfg)
+    assert origin(run) == once
