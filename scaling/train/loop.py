@@ -317,7 +317,9 @@ def train(cfg: Config) -> dict:
             # syncs anyway: logging steps, save steps, the last step; one process: every step
             if (not tr.dims.distributed or tr.step % c.logging.every == 0 or tr.ckpt.should_save(tr.step)
                     or tr.step == c.train.steps):
-                preempted = collectives.agree(signals.save_requested())
+                # a request at the last step stops nothing: the run saves, scores and finishes
+                # (a requeue would only score it again)
+                preempted = collectives.agree(signals.save_requested()) and tr.step < c.train.steps
             if tr.ckpt.should_save(tr.step) or preempted:
                 tr.check_finite()
                 tr.save()

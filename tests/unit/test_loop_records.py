@@ -102,3 +102,23 @@ def test_the_final_weights_of_a_resumed_run_still_say_where_step_0_came_from(tmp
     crashed_after_logging(run, saved_up_to=2)
     loop.train(cfg)
     assert origin(run) == once
+
+
+def test_a_save_request_at_the_last_step_finishes_the_run(tmp_path, monkeypatch):
+    """SIGUSR1's flag set during the last step: the run saves and finishes (final.json) and
+    does not ask to be requeued; set one step earlier it stops there, unfinished."""
+    from vidscale.scaling.train import signals, tasks
+    after_step = tasks.DiTTask.after_step
+    at = {"step": 3}
+
+    def signalled_during(self, engine, step, run_dir):  # the flag SIGUSR1's handler sets
+        if step == at["step"]:
+            signals.request_save()
+        return after_step(self, engine, step, run_dir)
+    monkeypatch.setattr(tasks.DiTTask, "after_step", signalled_during)
+    cfg = short_run(tmp_path / "last", "train.steps=3", "checkpoint.every=0", "train.val_videos=1")
+    out = loop.train(cfg)
+    assert out["preempted"] is False and out["steps"] == 3 and (tmp_path / "last/final.json").exists()
+    at["step"] = 2
+    out = loop.train(short_run(tmp_path / "before", "train.steps=3", "checkpoint.every=0", "train.val_videos=1"))
+    assert out["preempted"] is True and out["steps"] == 2 and not (tmp_path / "before/final.json").exists()
