@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from vidscale.models.sizes import param_count
-from vidscale.scaling.checkpoint.manager import Checkpointer, LoaderPart, RngPart, TrainState, truncate_metrics
+from vidscale.scaling.checkpoint.manager import Checkpointer, LoaderPart, RngPart, TrainState
 from vidscale.scaling.checkpoint import storage
 from vidscale.scaling.checkpoint.rundir import (LOCK_ENV, RunDirBusy, RunDirTaken, RunLock, check_fresh, check_shared,
                                                 held_by_launcher)
@@ -135,7 +135,7 @@ class Trainer:
         if path is None and self.is_main:  # (a restore truncates metrics.jsonl to its own step)
             # a start from step 0 logs every step again, step 0 (init_from) included: the records
             # of an earlier start that never saved a checkpoint go (`--resume auto` after a crash)
-            truncate_metrics(self.ckpt.metrics, -1)
+            self.ckpt.metrics.unlink(missing_ok=True)
         if self.consumed is not None:  # trained again after the restored step (or from 0)
             self.consumed.truncate(self.state.step, self.dims.dp)
         if path is not None:
