@@ -5,9 +5,12 @@ import json
 import shutil
 
 import pytest
+from safetensors import safe_open
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vidscale.scaling.checkpoint.rundir import FINISHED_FILES
-from vidscale.scaling.train import loop
+from vidscale.scaling.checkpoint.weights import save_run_weights
+from vidscale.scaling.train import loop, signals, tasks
 from vidscale.scaling.train.metrics import read_metrics, scalars
 
 from conftest import short_run
@@ -41,7 +44,6 @@ def test_tensorboard_after_a_restart_holds_each_step_once_with_the_restarted_val
     """Saved at step 4, logged 5 and 6, died; resumed from 4: TensorBoard (read back as its
     EventAccumulator reads it) holds steps 1..6 of every scalar once, 5 and 6 those the resumed
     start logged (tokens_per_s differs between the two starts)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run = tmp_path / "run"
     cfg = short_run(run, "train.steps=6", "checkpoint.every=4", "logging.tensorboard=true", "train.val_videos=1",
                     "checkpoint.resume=auto")
@@ -82,8 +84,6 @@ def test_the_final_weights_of_a_resumed_run_still_say_where_step_0_came_from(tmp
     """train.init_from, saved at step 2, died after step 3, resumed: the resumed start loads no
     init_from (its weights are its checkpoint's), and its model.safetensors carries the same
     init_from record as an uninterrupted run's."""
-    from safetensors import safe_open
-    from vidscale.scaling.checkpoint.weights import save_run_weights
     start = tmp_path / "start"
     tr = loop.Trainer(short_run(start))  # freshly initialised weights, as a file to start from
     save_run_weights(tr.engine, start, tr.cfg, 0)
@@ -107,7 +107,6 @@ def test_the_final_weights_of_a_resumed_run_still_say_where_step_0_came_from(tmp
 def test_a_save_request_at_the_last_step_finishes_the_run(tmp_path, monkeypatch):
     """SIGUSR1's flag set during the last step: the run saves and finishes (final.json) and
     does not ask to be requeued; set one step earlier it stops there, unfinished."""
-    from vidscale.scaling.train import signals, tasks
     after_step = tasks.DiTTask.after_step
     at = {"step": 3}
 
@@ -121,4 +120,5 @@ def test_a_save_request_at_the_last_step_finishes_the_run(tmp_path, monkeypatch)
     assert out["preempted"] is False and out["steps"] == 3 and (tmp_path / "last/final.json").exists()
     at["step"] = 2
     out = loop.train(short_run(tmp_path / "before", "train.steps=3", "checkpoint.every=0", "train.val_videos=1"))
+    signals.clear()
     assert out["preempted"] is True and out["steps"] == 2 and not (tmp_path / "before/final.json").exists()
