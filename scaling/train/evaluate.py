@@ -6,7 +6,8 @@ parallel layouts:
   * videos: synthetic data uses indices the training epoch never draws (>= 10^9) under a
     fixed seed, so the set does not depend on `train.seed`; prepared shards use a fixed,
     evenly spaced subset of the index (independent of the epoch order); a mixture
-    (`data.sources`) takes that from each source, `train.val_videos` split by weight (>= 1 each);
+    (`data.sources`) takes that from each source, `train.val_videos` split by weight
+    (`split_by_weight`: largest remainders, at least one video from every source);
   * timesteps and noise are drawn per video from a generator keyed by the video's position
     in the set, never by its batch, rank or step;
   * the videos are packed in a fixed order into batches of at most `train.tokens_per_batch`
@@ -43,16 +44,14 @@ def validation_videos(cfg) -> list[tuple[torch.Tensor, torch.Tensor]]:
     n = cfg.train.val_videos
     if n < 1:
         raise ValueError(f"train.val_videos = {n}: expected a positive number of validation videos")
-    if cfg.data.source == "synthetic":
+    d = cfg.data
+    sets = shard_sets(d)  # data.sources, or the one data.source; none for synthetic data
+    if not sets:
         c = cfg
         return [synthetic_video(VAL_OFFSET + i, VAL_SEED, c.model.in_channels, c.data.frames, c.data.sizes,
                                 c.data.text_tokens, c.model.text_dim, c.model.patch) for i in range(n)]
-    d = cfg.data
-    sets = shard_sets(d)
-    total_w = sum(w for _, _, w, _ in sets)
     out = []
-    for path, key, weight, _ in sets:
-        k = max(1, round(n * weight / total_w))  # one source: all n
+    for (path, key, _, _), k in zip(sets, split_by_weight(n, [w for _, _, w, _ in sets])):
         src = ShardSource(path, seed=cfg.train.seed, patch=cfg.model.patch, channels=cfg.model.in_channels,
                           text_dim=cfg.model.text_dim, tokens_per_batch=cfg.train.tokens_per_batch,
                           drop_tokens=d.drop_tokens, drop_min_tokens=d.drop_min_tokens, key=key)
@@ -62,6 +61,18 @@ def validation_videos(cfg) -> list[tuple[torch.Tensor, torch.Tensor]]:
             raise ValueError(f"{key}={path}: no readable validation sample among ids {ids[:8]}")
         out += got
     return out
+
+
+def split_by_weight(n: int, weights: list[float]) -> list[int]:
+    """n videos over sources by weight: the largest remainders of n * w / sum(w), at least one
+    each (then the total is the number of sources if that is more than n); one source: [n]."""
+    quota = [n * w / sum(weights) for w in weights]
+    k = [max(1, math.floor(q)) for q in quota]
+    while sum(k) < n:  # the furthest below its quota first; ties to the first source
+        k[max(range(len(k)), key=lambda i: (quota[i] - k[i], -i))] += 1
+    while sum(k) > n and max(k) > 1:  # a source raised to one took a video from the furthest above
+        k[min((i for i in range(len(k)) if k[i] > 1), key=lambda i: (quota[i] - k[i], i))] -= 1
+    return k
 
 
 def validation_batches(cfg, objective, multiple: int):

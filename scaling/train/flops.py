@@ -58,8 +58,11 @@ def measure_peak_flops(device: str | torch.device = "cpu", dtype: torch.dtype = 
     device = torch.device(device)
     cuda = device.type == "cuda"
     n = n or (8192 if cuda else 2048)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # operands from a private generator: the global RNG state, which checkpoints save, must not
+    # depend on whether (and how often: PEAK_EVERY_S of wall clock) rank 0 measured
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     for _ in range(2):
         a @ b
     if cuda:

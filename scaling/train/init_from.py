@@ -318,6 +318,18 @@ class Init:
             shutil.rmtree(Path(run_dir) / SCRATCH_DIR, ignore_errors=True)
 
 
+def recorded_source(run_dir: Path) -> dict | None:
+    """`Source.record` of the weights a run started from, as its first start wrote it to
+    RUN_DIR/init_from.json (without the plan); None for a run that started from scratch. A
+    resumed start has no `Init` (its weights are its own) but its final weights still say
+    where step 0 came from."""
+    p = Path(run_dir) / RECORD_FILE
+    if not p.is_file():
+        return None
+    plan_keys = Plan().as_json()
+    return {k: v for k, v in json.loads(p.read_text()).items() if k not in plan_keys}
+
+
 def prepare(cfg: Config, run_dir: Path, dims) -> Init:
     """Every rank: open the source (rank 0 converts a ZeRO checkpoint first), check it against
     the model, and return what loads it. Every rank raises the same error on a mismatch."""

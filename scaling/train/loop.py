@@ -132,7 +132,11 @@ class Trainer:
         path = self.ckpt.restore(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
         if path is None and cfg.checkpoint.branch_from:
             path = self.ckpt.restore(cfg.checkpoint.branch_from)
-        if path is not None and self.consumed is not None:
+        if path is None and self.is_main:  # (a restore truncates metrics.jsonl to its own step)
+            # a start from step 0 logs every step again, step 0 (init_from) included: the records
+            # of an earlier start that never saved a checkpoint go (`--resume auto` after a crash)
+            self.ckpt.metrics.unlink(missing_ok=True)
+        if self.consumed is not None:  # trained again after the restored step (or from 0)
             self.consumed.truncate(self.state.step, self.dims.dp)
         if path is not None:
             old = json.loads((path / "state.json").read_text())["layout"]["world"]
@@ -141,8 +145,12 @@ class Trainer:
                                 "committed": (path / storage.MANIFEST).stat().st_mtime}
         if self.is_main:  # only now: a failed restore leaves the run's recipe as it was
             save_config(cfg, self.run_dir / "config.yaml")
-            if self.init is not None and path is None:  # where the weights of step 0 came from
-                (self.run_dir / init_from.RECORD_FILE).write_text(json.dumps(self.init.record(), indent=1) + "\n")
+            if path is None:  # where the weights of step 0 came from (the final weights say it too)
+                record = self.run_dir / init_from.RECORD_FILE
+                if self.init is not None:
+                    record.write_text(json.dumps(self.init.record(), indent=1) + "\n")
+                else:  # from scratch: an earlier start's record (it never saved a checkpoint) goes
+                    record.unlink(missing_ok=True)
             if hosts:  # which host each rank ran on, one line per start of the run
                 with open(self.run_dir / HOSTS_FILE, "a") as f:
                     f.write(json.dumps({"step": self.state.step, "world": self.dims.world, "hosts": hosts}) + "\n")
@@ -176,7 +184,8 @@ class Trainer:
         return self.split_profiler.range(category) if self.split_profiler is not None else contextlib.nullcontext()
 
     def train_step(self) -> dict:
-        """One optimizer step over `train.grad_accum` micro-batches. Returns device tensors."""
+        """One optimizer step over `train.grad_accum` micro-batches. Returns device tensors (and
+        the step's learning rate, `lr`, a float)."""
         with self._range("data_wait"):
             batches = [next(self.loader) for _ in range(self.cfg.train.grad_accum)]
         local_real = sum(m.num_real for _, m in batches)
@@ -193,6 +202,7 @@ class Trainer:
             self.engine.backward(s * scale)
             loss_sum += s.detach()
             flops += self.task.flops(meta)
+        lr = self.engine.lr  # the rate this step trains at: engine.step() moves the schedule on
         with self._range("optimizer"):
             grad_norm = self.engine.step()
         # divergence, noted on the device (no host sync here): read at logging and save steps
@@ -203,7 +213,7 @@ class Trainer:
         self._tokens_pending += global_real
         if self.consumed is not None:
             self.consumed.write(self.state.step)
-        return {"loss_sum": loss_sum, "global_real": global_real, "grad_norm": grad_norm,
+        return {"loss_sum": loss_sum, "global_real": global_real, "grad_norm": grad_norm, "lr": lr,
                 "flops": flops / max(self.dims.sp, 1), "local_tokens": sum(m.seq_len for _, m in batches)}
 
     def check_finite(self) -> None:
@@ -288,7 +298,7 @@ def train(cfg: Config) -> dict:
                 if tr.is_main and time.perf_counter() - t_peak > PEAK_EVERY_S:
                     peak = measure_peak_flops(tr.device, dtype, seconds=0.25)
                     t_peak = time.perf_counter()
-                rec = {"loss": last_loss, "tokens": tr.tokens_seen, "lr": tr.engine.lr,
+                rec = {"loss": last_loss, "tokens": tr.tokens_seen, "lr": out["lr"],
                        "grad_norm": float(out["grad_norm"]), "tokens_per_s": tok_last / dt,
                        "mfu": (flops_acc / dt) / peak if peak else 0.0, "peak_flops": peak,
                        "packing_efficiency": tr.loader.efficiency,
@@ -307,7 +317,9 @@ def train(cfg: Config) -> dict:
             # syncs anyway: logging steps, save steps, the last step; one process: every step
             if (not tr.dims.distributed or tr.step % c.logging.every == 0 or tr.ckpt.should_save(tr.step)
                     or tr.step == c.train.steps):
-                preempted = collectives.agree(signals.save_requested())
+                # a request at the last step stops nothing: the run saves, scores and finishes
+                # (a requeue would only score it again)
+                preempted = collectives.agree(signals.save_requested()) and tr.step < c.train.steps
             if tr.ckpt.should_save(tr.step) or preempted:
                 tr.check_finite()
                 tr.save()
@@ -342,7 +354,10 @@ def train(cfg: Config) -> dict:
             result.update(scores)
         # consolidated weights for `vidscale sample` (every rank: a gather), then final.json, the
         # mark of a finished run, last: a run marked finished has its weights
-        init_meta = {"init_from": json.dumps(tr.init.source.record)} if tr.init is not None else {}
+        # where step 0's weights came from: this start's init_from, or what the first start recorded
+        origin = tr.init.source.record if tr.init is not None else (
+            init_from.recorded_source(tr.run_dir) if tr.is_main else None)
+        init_meta = {"init_from": json.dumps(origin)} if origin is not None else {}
         save_run_weights(tr.engine, tr.run_dir, c, tr.step, kind=tr.task.name,
                          extra={**tr.task.weights_metadata(), **init_meta})
         if scores and tr.is_main:

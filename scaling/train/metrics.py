@@ -25,7 +25,10 @@ class MetricsLogger:
         self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # appended on resume
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(self.run_dir / "tb"))
+            # this start logs every step after `initial` again: TensorBoard hides the earlier
+            # starts' events from there on (a SessionLog START), so a restart reads as one run;
+            # a start at step 0 logs step 0 (init_from) again too
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=initial + 1 if initial else 0)
         if progress:
             from tqdm import tqdm
             self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)

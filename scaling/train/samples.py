@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from vidscale.data.args import shard_sets
 from vidscale.data.shards import read_index
 from vidscale.models.latent import build_latent_encoder
 from vidscale.models.text import TextEncoder
@@ -40,11 +41,12 @@ class TrainingSamples:
     def _latent_shape(self):
         c = self.cfg
         C = c.model.in_channels
-        if c.data.source == "synthetic":
+        sets = shard_sets(c.data)  # data.sources, or the one data.source; none for synthetic data
+        if not sets:
             H, W = c.data.sizes[0]
             return (C, c.data.frames[1], H, W)
-        s = read_index(c.data.sources[0].path if c.data.sources else c.data.source)["shards"][0]["shapes"][0]
-        return (C, *s)
+        path, key, _, _ = sets[0]
+        return (C, *read_index(path, key)["shards"][0]["shapes"][0])
 
     def _encode(self, prompts):
         c = self.cfg

@@ -14,6 +14,7 @@ Contract with the launchers (Slurm pre-emption, `cluster/`):
 3. Every rank finishes its current step, a checkpoint is saved and committed, and
    `train(cfg)` returns `{"preempted": True, ...}`; the rank's process (`python -m
    scaling.train`, `vidscale train`, `vidscale resume`) exits with `EXIT_REQUEUE` (85).
+   At the last step a request stops nothing: the run saves, scores and finishes (exit 0).
 4. The job script sees 85 and requeues (`scontrol requeue $SLURM_JOB_ID`); the requeued
    job runs `vidscale resume RUN_DIR` (or `train ... --resume auto`) and continues.
 

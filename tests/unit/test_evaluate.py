@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from vidscale.models.diffusion import make_objective
-from vidscale.scaling.train.evaluate import VAL_OFFSET, evaluate, validation_batches
+from vidscale.data.shards import ShardSource, read_index
+from vidscale.scaling.train.evaluate import VAL_OFFSET, evaluate, split_by_weight, validation_batches, validation_videos
 from vidscale.scaling.train.loop import Trainer
+from vidscale.scaling.train.samples import TrainingSamples
 
-from conftest import debug_config  # noqa: E402
+from conftest import debug_config, write_shards  # noqa: E402
 
 
 def _cfg(*over):
@@ -52,3 +54,27 @@ def test_val_loss_does_not_depend_on_grouping(tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[1] == pytest.approx(losses[2], rel=1e-5)
     assert score(cfg) == losses[-1]  # deterministic
     assert 0.1 < losses[0] < 10
+
+
+def test_a_mixture_is_scored_on_its_own_sources_by_weight(tmp_path):
+    """data.sources: the held-out videos are its sources' samples (never synthetic ones),
+    val_videos split by weight: 5 videos over weights 1:3 -> 1 from a, 4 from b."""
+    a, b = write_shards(tmp_path / "a", n=12, seed=1), write_shards(tmp_path / "b", n=9, seed=2)
+    mix = _cfg(f"data.sources=[{{path: '{a}', weight: 1}}, {{path: '{b}', weight: 3}}]")
+    got = validation_videos(mix)
+    want = (validation_videos(_cfg(f"data.source={a}", "train.val_videos=1"))
+            + validation_videos(_cfg(f"data.source={b}", "train.val_videos=4")))
+    assert len(got) == len(want) == 5
+    assert all(torch.equal(x, y) and torch.equal(tx, ty) for (x, tx), (y, ty) in zip(got, want))
+    for (lat, text), src in zip(got, [a] + [b] * 4):  # each one is a sample of its own shards
+        shards = ShardSource(src, seed=0, patch=(1, 2, 2))
+        assert any(torch.equal(lat, s[0].float()) and torch.equal(text, s[1].float())
+                   for _, s, _ in shards.stream(list(range(len(shards)))))
+    first = read_index(a)["shards"][0]["shapes"][0]  # training samples take the first source's shape
+    assert TrainingSamples(mix, None, torch.device("cpu"))._latent_shape() == (4, *first)
+
+
+def test_split_by_weight_gives_every_source_one_and_sums_to_n():
+    assert split_by_weight(5, [1, 3]) == [1, 4] and split_by_weight(7, [1.0]) == [7]
+    assert split_by_weight(5, [1, 1, 1]) == [2, 2, 1] and split_by_weight(4, [100, 1, 1]) == [2, 1, 1]
+    assert split_by_weight(1, [1, 1]) == [1, 1]  # fewer videos than sources: one each
