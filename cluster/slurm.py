@@ -257,7 +257,9 @@ export RAY_TMPDIR=/tmp/vidscale-ray-$SLURM_JOB_ID
 # the head listens on the node's address at a predictable port: every Ray process of this job
 # (head, workers, driver; srun passes the environment on) requires a token only this job knows
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$RUN_DIR/.ray-token-$SLURM_JOB_ID"
-unset RAY_AUTH_TOKEN
+# a cluster over the allocation's nodes: not Ray's single-machine mode, which a submitting shell
+# that drove a local cluster may pass on (sbatch exports its environment)
+unset RAY_AUTH_TOKEN RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
 (umask 077 && rm -f "$RAY_AUTH_TOKEN_PATH" && {q(python)} -c 'import secrets; print(secrets.token_hex(32))' > "$RAY_AUTH_TOKEN_PATH") \
   || {{ echo "vidscale: cannot write the Ray token $RAY_AUTH_TOKEN_PATH"; exit 1; }}
 srun --nodes=1 --ntasks=1 --cpus-per-task={cpus} -w "${{nodes[0]}}" \\

@@ -103,8 +103,13 @@ def test_detached_job_is_followed_and_cancelled(ray_cluster, tmp_path):
     # until its rank 0 takes the run lock (seconds), only the job's record says the run is
     # taken: a second launch on the run dir is refused by what the job server says of the job
     from vidscale.cluster.launch import check_no_queued_job
-    with pytest.raises(ValueError, match=f"Ray job {job_id} of this run is still (PENDING|RUNNING)"):
-        check_no_queued_job(run)
+    env = dict(os.environ)  # a Ray client sets variables in this process: keep later tests' as they were
+    try:
+        with pytest.raises(ValueError, match=f"Ray job {job_id} of this run is still (PENDING|RUNNING)"):
+            check_no_queued_job(run)
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
 
     def state():
         return json.loads(vidscale("status", str(run), "--json").stdout)
@@ -112,7 +117,11 @@ def test_detached_job_is_followed_and_cancelled(ray_cluster, tmp_path):
     c = vidscale("cancel", str(run))
     assert c.returncode == 0, c.stderr
     wait_for(lambda: state()["state"] == "STOPPED", 120, "STOPPED", 1.0)
-    check_no_queued_job(run)  # ended: the run dir is free for the next launch
+    try:
+        check_no_queued_job(run)  # ended: the run dir is free for the next launch
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
 
 
 @pytest.mark.parametrize("over,words", [
