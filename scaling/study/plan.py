@@ -145,11 +145,12 @@ class Sweep:
     base_cfg: Config | None = None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a nested mapping as dotted recipe keys."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -176,7 +177,7 @@ def load_sweep(path: str | Path) -> Sweep:
     if isinstance(raw.get("models"), list):
         raw["models"] = [{"size": m} if isinstance(m, str) else m for m in raw["models"]]
     if isinstance(raw.get("set"), dict):
-        raw["set"] = _flatten(raw["set"])
+        raw["set"] = flatten(raw["set"])
     try:
         merged = OmegaConf.merge(OmegaConf.structured(SweepArgs), OmegaConf.create(raw))
         args: SweepArgs = OmegaConf.to_object(merged)  # type: ignore[assignment]

@@ -32,7 +32,7 @@ from vidscale.cluster.slurm import write_job
 from vidscale.scaling.checkpoint.storage import committed, step_of
 from vidscale.scaling.config import RecipeError, load_config, save_config
 from vidscale.scaling.study.ledger import Ledger, atomic_write, read_final
-from vidscale.scaling.study.plan import cost
+from vidscale.scaling.study.plan import cost, flatten
 
 
 def run_command(recipe: Path, launcher: str, address: str) -> list[str]:
@@ -93,20 +93,10 @@ sees are compared; a wsd branch's start point (checkpoint.branch_from) and the w
 _COMPARED = ("checkpoint.branch_from", "cluster.nproc")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def recipe_difference(saved, planned) -> str | None:
     """The first key (in recipe order) where a run's saved recipe and the planned one differ
     beyond `LAUNCH_KEYS`, as `key: saved -> planned`; None when they agree."""
-    a, b = (_flat(OmegaConf.to_container(OmegaConf.structured(c))) for c in (saved, planned))
+    a, b = (flatten(OmegaConf.to_container(OmegaConf.structured(c))) for c in (saved, planned))
     for key in dict.fromkeys([*b, *a]):
         if key not in _COMPARED and any(key == k or (k.endswith(".") and key.startswith(k)) for k in LAUNCH_KEYS):
             continue
